@@ -1,0 +1,58 @@
+"""The Python API: the same configs and recipes the CLI and YAML use."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from torch import nn
+
+from .config import MethodConfig
+from .errors import RecipeError
+from .pipeline import StepContext, run_recipe
+from .recipe import Recipe
+from .registry import list_methods
+from .specs.tasks import Task, build_task
+
+
+def _entry_for(config: MethodConfig):
+    matches = [e for e in list_methods() if type(config) is e.config_cls]
+    if len(matches) == 1:
+        return matches[0]
+    raise RecipeError(f"{type(config).__name__} is registered under {len(matches)} methods "
+                      f"({', '.join(e.key for e in matches) or 'none'}); use apply_(model, config, method=KEY)")
+
+
+def apply_(model: nn.Module, config: MethodConfig, *, task: Task | str | None = None,
+           method: str | None = None, data_dir: str | None = None) -> nn.Module:
+    """Apply one method to ``model`` in place (trailing underscore); returns the result.
+
+    A method that replaces the model (distillation returns the student) returns the new one.
+    """
+    if isinstance(task, str):
+        task = build_task(task, data_dir)
+    if method is not None:
+        verb, _, name = method.partition(".")
+        from .registry import get_method
+        entry = get_method(verb, name)
+    else:
+        entry = _entry_for(config)
+    if not isinstance(config, entry.config_cls):
+        raise RecipeError(f"{entry.key} expects a {entry.config_cls.__name__}, got {type(config).__name__}")
+    return entry.handler(model, config, StepContext(task=task, data_dir=data_dir))
+
+
+def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
+    """Apply one method to a deep copy of ``model``; the input is left untouched."""
+    return apply_(copy.deepcopy(model), config, **kwargs)
+
+
+def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, *,
+             data_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe (object, mapping or YAML path) into ``out``; returns metrics.json's content."""
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = Recipe.from_yaml(recipe)
+    return run_recipe(recipe, out, data_dir=data_dir, resume=resume)

@@ -1,0 +1,208 @@
+"""The ``torchslim`` command (CONTRACT section 3).
+
+Exit codes: 0 success, 2 bad input (usage, recipe, spec, data, checkpoint), 1 internal failure.
+Bad input prints one ``error:`` line without a traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from ._version import __version__
+from .errors import UserError
+
+log = logging.getLogger("torchslim")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(args.out, data_dir=args.data_dir, print_fn=_out)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from . import distributed as tsdist
+    from .pipeline import preflight, run_recipe
+    from .recipe import Recipe
+    from .report import format_table
+
+    recipe = Recipe.from_yaml(args.recipe, overrides=args.set or [])
+    if args.dry_run:
+        model = preflight(recipe, args.data_dir)
+        _out("# resolved recipe (validated; nothing was run)")
+        _out(recipe.to_yaml().rstrip())
+        _out("# plan")
+        _out(f"  00 baseline: {recipe.model.spec} ({sum(p.numel() for p in model.parameters()):,} params)"
+             + (" + train" if recipe.train and not recipe.model.pretrained else ""))
+        for i, s in enumerate(recipe.steps, 1):
+            _out(f"  {i:02d} {s.key}")
+        return 0
+    tsdist.init_from_env()
+    metrics = run_recipe(recipe, args.out, data_dir=args.data_dir, resume=args.resume)
+    if tsdist.is_main():
+        _out(format_table(metrics))
+        _out(f"wrote {args.out}")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import measure
+    from .report import format_table
+    from .specs import build_model, build_task
+
+    task = build_task(args.task, args.data_dir)
+    model = build_model(args.model, weights=args.weights)
+    row = {"name": "measure", "verb": "measure", "method": None,
+           **measure(model, task, batch_sizes=args.batch_sizes)}
+    _out(format_table({"steps": [row]}))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    md, page = write_report(args.dir)
+    _out(f"wrote {md} and {page}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifact import load
+    from .methods.export import check_onnx, export_onnx
+    from .specs import build_task
+
+    d = Path(args.dir)
+    if (d / "model" / "manifest.json").is_file():
+        art, out = d / "model", d / "onnx" / "model.onnx"
+        task_spec = args.task
+        if task_spec is None and (d / "metrics.json").is_file():
+            task_spec = json.loads((d / "metrics.json").read_text()).get("task")
+    elif (d / "manifest.json").is_file():
+        art, out, task_spec = d, d.parent / "onnx" / "model.onnx", args.task
+    else:
+        raise UserError(f"{d}: neither a run directory (with model/) nor an artifact (with manifest.json)")
+    if not task_spec:
+        raise UserError("export: --task is needed to know the model's input shape (e.g. --task digits)")
+    task = build_task(task_spec, args.data_dir)
+    model = load(art)
+    path = export_onnx(model, task.example_inputs(1), Path(args.out) if args.out else out, args.opset)
+    diff = check_onnx(model, path, task.example_inputs(4), atol=1e-4)
+    _out(f"wrote {path} (ONNX Runtime vs PyTorch max abs diff {diff:.2e})")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import list_methods
+    for e in list_methods(args.pattern):
+        _out(f"{e.key}  ({e.config_cls.__name__}): {e.summary}")
+        for f in e.config_cls.describe_fields():
+            allowed = f"  [{f['allowed']}]" if f["allowed"] else ""
+            _out(f"    {f['name']}: {f['type']} = {json.dumps(f['default'])}{allowed}  {f['doc']}")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchslim", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"torchslim {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("demo", parents=[common], help="end-to-end example on the built-in digits task")
+    s.add_argument("--out", default="torchslim-demo", help="output directory (default ./torchslim-demo)")
+    s.add_argument("--data-dir", help="data directory (not needed for digits)")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("compress", parents=[common], help="run a recipe")
+    s.add_argument("recipe", help="recipe YAML file")
+    s.add_argument("--out", help="output directory (required unless --dry-run)")
+    s.add_argument("--data-dir", help="data directory (default $TORCHSLIM_DATA or ./data)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe field by dotted path, e.g. steps.0.prune.sparsity=0.8")
+    s.add_argument("--resume", action="store_true", help="continue a failed run from its checkpoints")
+    s.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("measure", parents=[common], help="measure one model")
+    s.add_argument("model", help="model spec, e.g. zoo:lenet-5 or artifact:DIR")
+    s.add_argument("--task", required=True, help="task spec, e.g. digits or shape:3x224x224")
+    s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
+    s.add_argument("--data-dir", help="data directory")
+    s.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 32), help="latency batch sizes (1,32)")
+    s.add_argument("--json", help="write the measurement as one metrics.json step object")
+    s.set_defaults(fn=cmd_measure)
+
+    s = sub.add_parser("report", parents=[common], help="(re)write report.md/.html from metrics.json")
+    s.add_argument("dir", help="a run's output directory")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("export", parents=[common], help="export a saved model")
+    s.add_argument("dir", help="a run's output directory, or an artifact directory")
+    s.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    s.add_argument("--task", help="task spec giving the input shape (default: the run's task)")
+    s.add_argument("--data-dir", help="data directory")
+    s.add_argument("--out", help="output file (default DIR/onnx/model.onnx)")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("methods", parents=[common], help="list registered methods and their fields")
+    s.add_argument("pattern", nargs="?", default="*", help="glob over VERB.NAME, e.g. 'prune.*'")
+    s.set_defaults(fn=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compress" and not args.dry_run and not args.out:
+        parser.error("compress: --out DIR is required (or use --dry-run)")
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s" if not args.debug else
+                        "%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception as exc:  # internal failure
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: internal failure: {type(exc).__name__}: {exc}\n"
+                         "(rerun with --debug for the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

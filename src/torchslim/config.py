@@ -1,0 +1,250 @@
+"""Typed, frozen method configs and their dict/YAML round trip.
+
+Every method is configured by a frozen dataclass deriving from :class:`MethodConfig`. Fields
+carry their constraints as data (``field(metadata=...)`` built by :func:`option`), so
+validation, ``torchslim methods`` and error messages all read the same source.
+
+Examples
+--------
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True)
+... class Demo(MethodConfig):
+...     sparsity: float = option(0.5, low=0.0, high=1.0, high_open=True, doc="fraction removed")
+>>> Demo(sparsity=0.9).to_dict()
+{'sparsity': 0.9}
+>>> Demo.from_dict({"sparsity": 0.25})
+Demo(sparsity=0.25)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from .errors import RecipeError, did_you_mean
+
+_MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any = _MISSING,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple | None = None,
+    doc: str = "",
+    default_factory: Any = _MISSING,
+) -> Any:
+    """A dataclass field with its constraints stored as metadata."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": choices, "doc": doc}
+    if default_factory is not _MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list of " + _describe_type(typing.get_args(tp)[0])
+    if origin is dict:
+        return "mapping"
+    if isinstance(tp, type) and issubclass(tp, MethodConfig):
+        return "mapping of " + tp.__name__
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a plain YAML/JSON value into the field's declared type, or raise RecipeError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # try the more specific types first: int before float, so 3 stays 3
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, MethodConfig):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return tp.from_dict(value, where=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise RecipeError(f"{where}: expected null, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """The YAML/JSON form of a field value."""
+    if isinstance(value, MethodConfig):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config: frozen, validated on construction, dict round trip.
+
+    Subclasses declare fields with :func:`option`; a subclass that needs extra checks defines
+    ``validate(self)`` and raises :class:`~torchslim.errors.RecipeError` there.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            tp = hints[f.name]
+            where = f"{type(self).__name__}.{f.name}"
+            coerced = _coerce(value, tp, where)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+            _check_constraints(where, coerced, f.metadata)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise RecipeError with the field name and the allowed values."""
+
+    # -- round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, defaults included, as plain YAML/JSON values."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "") -> "MethodConfig":
+        """Build from a mapping; unknown keys are errors with a suggestion."""
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        where = where or cls.__name__
+        for key in data:
+            if key not in names:
+                raise RecipeError(
+                    f"{where}: unknown key {key!r}{did_you_mean(key, names)}; "
+                    f"accepted keys: {', '.join(names) or '(none)'}"
+                )
+        hints = _type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except RecipeError as exc:
+            # re-anchor messages raised in __post_init__ at the recipe location
+            msg = str(exc)
+            prefix = f"{cls.__name__}."
+            if msg.startswith(prefix):
+                msg = f"{where}.{msg[len(prefix):]}"
+            raise RecipeError(msg) from None
+
+    @classmethod
+    def describe_fields(cls) -> list[dict[str, Any]]:
+        """One entry per field: name, type, default, constraint and doc (for ``methods``)."""
+        hints = _type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.default is not _MISSING:
+                default = _plain(f.default)
+            elif f.default_factory is not _MISSING:  # type: ignore[misc]
+                default = _plain(f.default_factory())  # type: ignore[misc]
+            else:
+                default = None
+            out.append({
+                "name": f.name,
+                "type": _describe_type(hints[f.name]),
+                "default": default,
+                "allowed": _constraint_text(f.metadata),
+                "doc": f.metadata.get("doc", ""),
+            })
+        return out
+
+
+def _constraint_text(meta: Any) -> str:
+    if not meta:
+        return ""
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return ""
+    lo = "(" if meta.get("low_open") else "["
+    hi = ")" if meta.get("high_open") else "]"
+    return f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+
+
+def _check_constraints(where: str, value: Any, meta: Any) -> None:
+    if not meta or value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None:
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if item not in choices:
+                raise RecipeError(
+                    f"{where}: {item!r} is not accepted{did_you_mean(str(item), map(str, choices))}; "
+                    f"accepted: {', '.join(map(str, choices))}"
+                )
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None or high is not None) and isinstance(value, (int, float)):
+        bad = (
+            (low is not None and (value < low or (meta.get("low_open") and value == low)))
+            or (high is not None and (value > high or (meta.get("high_open") and value == high)))
+        )
+        if bad:
+            raise RecipeError(f"{where}: {value!r} is out of range; accepted: {_constraint_text(meta)}")

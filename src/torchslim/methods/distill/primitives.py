@@ -1,0 +1,23 @@
+"""Distillation losses on tensors only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE``.
+
+    ``student_logits``, ``teacher_logits``: ``(N, C)``; ``targets``: ``(N,)`` class indices (may be
+    None when ``alpha == 1``). KL is averaged over the batch (``batchmean``); the ``T^2`` factor
+    keeps the soft-target gradients on the scale of the hard-target ones.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    if alpha >= 1.0 or targets is None:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, targets)

@@ -1,0 +1,99 @@
+"""``export`` step: write the model in shipping formats next to the artifact.
+
+- ``artifact``: DIR/model (always written at the end of a run; listing it is allowed);
+- ``onnx``: DIR/onnx/model.onnx, checked against PyTorch with ONNX Runtime, whose latency is
+  recorded in the step's metrics as ``onnx_latency_ms``;
+- ``torch-export``: DIR/torch-export/model.pt2 (``torch.export``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, option
+from ..errors import UserError
+from ..registry import register_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportConfig(MethodConfig):
+    """Formats to write.
+
+    Examples
+    --------
+    >>> ExportConfig(formats=["artifact", "onnx"]).formats
+    ('artifact', 'onnx')
+    """
+
+    formats: tuple[str, ...] = option(("artifact",), choices=("artifact", "onnx", "torch-export"),
+                                      doc="formats to write")
+    opset: int = option(18, low=13, high=23, doc="ONNX opset")
+    atol: float = option(1e-4, low=0.0, low_open=True, doc="max abs difference ONNX Runtime vs PyTorch")
+
+
+def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) -> Path:
+    """Export to ONNX with a dynamic batch dimension; atomic (temporary file, then rename)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UserError("ONNX export needs the onnx extra: pip install 'torchslim[onnx]'") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    model = model.eval()
+    names = [f"input{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["output"],
+                          dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    tmp.replace(path)
+    return path
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(model: nn.Module, path: Path, inputs: tuple, atol: float) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch outputs; raises above ``atol``."""
+    sess = onnx_session(path)
+    feed = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    with torch.no_grad():
+        want = model.eval()(*inputs)
+    diff = float((got - want.cpu()).abs().max())
+    if diff > atol:
+        raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> atol {atol})")
+    return diff
+
+
+@register_method("export.default", ExportConfig)
+def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
+    """Write ONNX / torch.export files next to the artifact."""
+    if ctx.out_dir is None:
+        raise UserError("export needs an output directory (run it in a recipe or call export_onnx)")
+    task = ctx.require_task("export")
+    metrics = ctx.info.setdefault("metrics", {})
+    inputs = task.example_inputs(1)
+    if "onnx" in config.formats:
+        from ..measure import measure_latency_onnx
+        path = export_onnx(model, inputs, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
+        metrics["onnx_max_abs_diff"] = check_onnx(model, path, task.example_inputs(4), config.atol)
+        metrics["onnx_latency_ms"] = measure_latency_onnx(path, task)
+        log.info("exported %s (max abs diff vs PyTorch %.2e)", path, metrics["onnx_max_abs_diff"])
+    if "torch-export" in config.formats:
+        out = Path(ctx.out_dir) / "torch-export" / "model.pt2"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ep = torch.export.export(model.eval(), inputs)
+        torch.export.save(ep, str(out))
+    return model

@@ -1,0 +1,56 @@
+"""Round-to-nearest linear weight quantization (``quantize: {method: linear}``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...config import MethodConfig, option
+from ...errors import RecipeError
+from ...modules import replace_module, select_modules
+from ...registry import register_method
+from .modules import QuantConv2d, QuantLinear
+
+
+@dataclass(frozen=True)
+class LinearQuantConfig(MethodConfig):
+    """Quantize Linear/Conv2d weights to ``bits``-bit integer codes with float scales.
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> m = torchslim.build_model("zoo:lenet-300-100")
+    >>> q = torchslim.apply(m, LinearQuantConfig(bits=8))
+    >>> q[1].weight_q.dtype
+    torch.int8
+    """
+
+    bits: int = option(8, low=2, high=8, doc="bits per weight code")
+    granularity: str = option("channel", choices=("tensor", "channel", "group"),
+                              doc="one scale per tensor, output channel, or group of inputs")
+    group_size: int = option(128, low=1, doc="inputs per scale for granularity: group")
+    symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
+    activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
+    targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
+    ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
+
+    def validate(self) -> None:
+        if self.granularity == "group" and self.group_size < 2:
+            raise RecipeError("LinearQuantConfig.group_size: must be >= 2 for granularity: group")
+
+
+@register_method("quantize.linear", LinearQuantConfig)
+def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module:
+    """Round-to-nearest affine/symmetric weight quantization, per tensor, channel or group."""
+    qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
+                 symmetric=config.symmetric)
+    for name, module in select_modules(model, config.targets, config.ignore, what="quantize.targets"):
+        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+        if config.granularity == "group":
+            k = module.weight[0].numel()
+            if k % config.group_size:
+                raise RecipeError(f"quantize.group_size: {config.group_size} does not divide the {k} inputs "
+                                  f"per channel of {name}; pick a divisor or add it to ignore")
+        replace_module(model, name, cls.from_float(module, **qargs))
+    return model

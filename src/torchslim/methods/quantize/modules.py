@@ -1,0 +1,121 @@
+"""Layers holding integer weights: ``QuantLinear`` and ``QuantConv2d``.
+
+Weights are stored as int8 codes plus float32 scales (and zero points when affine); the forward
+dequantizes and runs the float kernel, so the layer is exact to what is stored and exports to
+ONNX as plain ops. Faster integer kernels plug in here later without changing the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...modules import register_module_class
+from . import primitives as P
+
+
+class _QuantWeight(nn.Module):
+    def _init_q(self, weight_shape: tuple[int, ...], bits: int, granularity: str, group_size: int,
+                symmetric: bool) -> None:
+        self.bits, self.granularity, self.group_size, self.symmetric = bits, granularity, group_size, symmetric
+        out = weight_shape[0]
+        k = int(torch.tensor(weight_shape[1:]).prod()) if len(weight_shape) > 1 else 1
+        qshape = {"tensor": (1, 1), "channel": (out, 1), "group": (out, max(k // group_size, 1))}[granularity]
+        self.register_buffer("weight_q", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(qshape))
+        if not symmetric:
+            self.register_buffer("zero_point", torch.zeros(qshape))
+        else:
+            self.zero_point = None
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        scale, zero = P.choose_qparams(w, self.bits, self.granularity, self.group_size, self.symmetric)
+        self.weight_q.copy_(P.quantize(w, scale, zero, self.bits, self.granularity, self.group_size,
+                                       self.symmetric))
+        self.scale.copy_(scale)
+        if self.zero_point is not None:
+            self.zero_point.copy_(zero)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        zero = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        return P.dequantize(self.weight_q, self.scale, zero, self.granularity, self.group_size)
+
+    def _q_args(self) -> dict[str, Any]:
+        return dict(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
+                    symmetric=self.symmetric)
+
+
+@register_module_class
+class QuantLinear(_QuantWeight):
+    """``nn.Linear`` with an int8-coded weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
+                 granularity: str = "channel", group_size: int = 128, symmetric: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_q((out_features, in_features), bits, granularity, group_size, symmetric)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **qargs: Any) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, **qargs)
+        q.set_weight(linear.weight.detach().cpu())
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def rebuild_args(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None, **self._q_args())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, {self.granularity}"
+
+
+@register_module_class
+class QuantConv2d(_QuantWeight):
+    """``nn.Conv2d`` with an int8-coded weight."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: list[int], stride: list[int],
+                 padding: list[int] | str, dilation: list[int], groups: int = 1, bias: bool = True, *,
+                 bits: int = 8, granularity: str = "channel", group_size: int = 128,
+                 symmetric: bool = True) -> None:
+        super().__init__()
+        self.conv_args = dict(in_channels=in_channels, out_channels=out_channels,
+                              kernel_size=list(kernel_size), stride=list(stride),
+                              padding=padding if isinstance(padding, str) else list(padding),
+                              dilation=list(dilation), groups=groups, bias=bias)
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        self._init_q(shape, bits, granularity, group_size, symmetric)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **qargs: Any) -> "QuantConv2d":
+        if conv.padding_mode != "zeros":
+            raise ValueError("QuantConv2d supports padding_mode='zeros' only")
+        q = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
+                conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
+                conv.groups, conv.bias is not None, **qargs)
+        q.set_weight(conv.weight.detach().cpu())
+        if conv.bias is not None:
+            q.bias.data.copy_(conv.bias.detach())
+        return q.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv_args
+        padding = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
+        return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, tuple(a["stride"]), padding,
+                        tuple(a["dilation"]), a["groups"])
+
+    def rebuild_args(self) -> dict[str, Any]:
+        return dict(**self.conv_args, **self._q_args())
+
+    def extra_repr(self) -> str:
+        a = self.conv_args
+        return f"{a['in_channels']}, {a['out_channels']}, k={a['kernel_size']}, bits={self.bits}, {self.granularity}"

@@ -1,0 +1,247 @@
+"""Recipes: the single source of what a run does (CONTRACT section 4).
+
+A recipe is a model, a task, an optional baseline ``train`` block and an ordered list of steps,
+each ``VERB: {method: NAME, ...fields}``. YAML, the CLI and Python all go through
+:meth:`Recipe.from_dict`, which validates the whole recipe (every step's config) before any
+work starts; errors name the YAML line and key and suggest close names.
+
+Examples
+--------
+>>> r = Recipe.from_dict({"model": "zoo:digits-cnn", "task": "digits",
+...                       "steps": [{"prune": {"method": "magnitude", "sparsity": 0.8}}]})
+>>> r.steps[0].config.sparsity
+0.8
+>>> Recipe.from_dict(r.to_dict()) == r
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import MethodConfig, option
+from .errors import RecipeError, did_you_mean
+from .registry import DEFAULT_METHOD, VERBS, get_method
+from .train.config import TrainConfig
+
+TOP_KEYS = ("model", "task", "train", "steps", "measure", "search")
+
+
+@dataclass(frozen=True)
+class ModelRef(MethodConfig):
+    """A model spec with optional local weights and builder arguments."""
+
+    spec: str = option("zoo:digits-cnn", doc="zoo:, torchvision:, hf:, py: or artifact: spec")
+    weights: str | None = option(None, doc="local safetensors or state_dict file")
+    args: dict = option(default_factory=dict, doc="builder keyword arguments")
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the model arrives with trained weights (no baseline training needed)."""
+        return self.weights is not None or self.spec.startswith(("hf:", "artifact:"))
+
+
+@dataclass(frozen=True)
+class MeasureConfig(MethodConfig):
+    """How every step is measured."""
+
+    batch_sizes: tuple[int, ...] = option((1, 32), low=1, doc="latency batch sizes")
+
+
+@dataclass(frozen=True)
+class Step:
+    verb: str
+    method: str
+    config: MethodConfig
+
+    @property
+    def key(self) -> str:
+        return f"{self.verb}.{self.method}"
+
+    def to_dict(self) -> dict[str, Any]:
+        body = self.config.to_dict()
+        if self.verb == "train":
+            body.pop("optimizer", None)
+        return {self.verb: {"method": self.method, **body}}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelRef
+    task: str
+    train: TrainConfig | None = None
+    steps: tuple[Step, ...] = ()
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    search: dict = field(default_factory=dict)
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, lines: dict[str, int] | None = None, source: str = "recipe") -> "Recipe":
+        try:
+            return cls._from_dict(data)
+        except RecipeError as exc:
+            raise RecipeError(_locate(str(exc), lines or {}, source)) from None
+
+    @classmethod
+    def _from_dict(cls, data: Any) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError("recipe: the top level must be a mapping with keys "
+                              + ", ".join(TOP_KEYS))
+        for key in data:
+            if key not in TOP_KEYS:
+                raise RecipeError(f"{key}: unknown recipe key{did_you_mean(key, TOP_KEYS)}; "
+                                  f"accepted: {', '.join(TOP_KEYS)}")
+        if "model" not in data:
+            raise RecipeError("model: missing; give a spec such as zoo:lenet-5")
+        if "task" not in data:
+            raise RecipeError("task: missing; give a task such as digits or mnist")
+        model = data["model"]
+        model = ModelRef.from_dict({"spec": model} if isinstance(model, str) else model, where="model")
+        task = data["task"]
+        if not isinstance(task, str) or not task:
+            raise RecipeError(f"task: expected a task spec string, got {task!r}")
+        train = data.get("train")
+        train_cfg = None if train is None else TrainConfig.from_dict(train, where="train")
+        raw_steps = data.get("steps") or []
+        if not isinstance(raw_steps, list):
+            raise RecipeError("steps: expected a list of steps (each 'VERB: {method: NAME, ...}')")
+        steps = tuple(parse_step(s, f"steps.{i}") for i, s in enumerate(raw_steps))
+        measure = MeasureConfig.from_dict(data.get("measure") or {}, where="measure")
+        search = data.get("search") or {}
+        if not isinstance(search, dict):
+            raise RecipeError("search: expected a mapping of dotted paths to search spaces")
+        return cls(model, task, train_cfg, steps, measure, dict(search))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
+        data, lines = load_yaml(path)
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data, lines, source=str(path))
+
+    # -- output --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe: every default written out."""
+        out: dict[str, Any] = {"model": self.model.to_dict(), "task": self.task}
+        if self.train is not None:
+            out["train"] = self.train.to_dict()
+        out["steps"] = [s.to_dict() for s in self.steps]
+        out["measure"] = self.measure.to_dict()
+        if self.search:
+            out["search"] = copy.deepcopy(self.search)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def parse_step(raw: Any, where: str) -> Step:
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise RecipeError(f"{where}: a step is a mapping with one verb, e.g. "
+                          "'prune: {method: magnitude, sparsity: 0.9}'; verbs: " + ", ".join(VERBS))
+    ((verb, body),) = raw.items()
+    if verb not in VERBS:
+        raise RecipeError(f"{where}: unknown step verb {verb!r}{did_you_mean(str(verb), VERBS)}; "
+                          f"verbs: {', '.join(VERBS)}")
+    body = dict(body or {})
+    if not isinstance(body, dict):
+        raise RecipeError(f"{where}.{verb}: expected a mapping of fields")
+    method = body.pop("method", DEFAULT_METHOD.get(verb))
+    try:
+        entry = get_method(verb, method)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}.{verb}.method: {exc}") from None
+    if verb == "train":
+        body["optimizer"] = entry.name  # the train verb's methods are optimizers
+    config = entry.config_cls.from_dict(body, where=f"{where}.{verb}")
+    return Step(verb, entry.name, config)
+
+
+# -- YAML with line numbers ----------------------------------------------------------------
+def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """Parse YAML safely; returns (data, {dotted.path: line}) for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    lines: dict[str, int] = {}
+
+    def walk(n: Any, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                p = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                p = f"{prefix}.{i}" if prefix else str(i)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    if node is not None:
+        walk(node, "")
+    return data, lines
+
+
+def _locate(msg: str, lines: dict[str, int], source: str) -> str:
+    """Prefix an error ``dotted.path: ...`` with ``file:line:`` of the deepest known key."""
+    head = msg.split(":", 1)[0].strip()
+    path = re.sub(r"\[(\d+)\]", r".\1", head)
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        p = ".".join(parts[:n])
+        if p in lines:
+            return f"{source}:{lines[p]}: {msg}"
+    return f"{source}: {msg}" if source != "recipe" else msg
+
+
+def apply_override(data: Any, item: str) -> None:
+    """Apply ``--set dotted.path=VALUE`` (VALUE parsed as YAML) to a raw recipe mapping."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps.0.prune.sparsity=0.8")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    set_path(data, key, value, what="--set")
+
+
+def set_path(data: Any, key: str, value: Any, what: str = "path") -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"{what} {key}: {here} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                if isinstance(node[part], str) and here == "model":
+                    node[part] = {"spec": node[part]}
+                node = node[part]
+        else:
+            raise RecipeError(f"{what} {key}: {'.'.join(parts[:i]) or 'recipe'} is not a mapping or list")

@@ -1,0 +1,187 @@
+"""Model specs: ``zoo:``, ``torchvision:``, ``hf:``, ``py:``, ``artifact:``.
+
+Every model built here carries a *source record* (a small JSON-able dict) on the module. The
+artifact writer stores it so that :func:`torchslim.load` can rebuild the architecture without
+the user's recipe; weights then come from the artifact's tensors.
+
+A new model source is one function registered with :func:`register_model_source`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import SpecError, did_you_mean
+from ..modules import SOURCE_ATTR
+from .zoo import ZOO
+
+log = logging.getLogger(__name__)
+
+# prefix -> fn(rest_of_spec, args) -> (module, source_record)
+_SOURCES: dict[str, Callable[[str, dict], tuple[nn.Module, dict]]] = {}
+
+
+def register_model_source(prefix: str) -> Callable:
+    def deco(fn: Callable[[str, dict], tuple[nn.Module, dict]]) -> Callable:
+        _SOURCES[prefix] = fn
+        return fn
+    return deco
+
+
+def build_model(spec: str, *, weights: str | os.PathLike | None = None,
+                args: dict[str, Any] | None = None) -> nn.Module:
+    """Build a model from a spec string, optionally loading weights from a local file.
+
+    Parameters
+    ----------
+    spec : str
+        ``zoo:NAME``, ``torchvision:NAME``, ``hf:PATH``, ``py:FILE.py:FACTORY`` or ``artifact:DIR``.
+    weights : path, optional
+        A safetensors file or a ``torch.save`` state_dict (read with ``weights_only=True``).
+    args : dict, optional
+        Keyword arguments for the builder (``num_classes``, ``channels``, ...).
+
+    Examples
+    --------
+    >>> m = build_model("zoo:lenet-5")
+    >>> sum(p.numel() for p in m.parameters())
+    431080
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise SpecError(
+            f"model spec {spec!r} is not of the form PREFIX:NAME; prefixes: {', '.join(sorted(_SOURCES))}")
+    prefix, _, rest = spec.partition(":")
+    if prefix not in _SOURCES:
+        raise SpecError(f"unknown model source {prefix!r} in {spec!r}{did_you_mean(prefix, _SOURCES)}; "
+                        f"accepted: {', '.join(p + ':' for p in sorted(_SOURCES))}")
+    model, record = _SOURCES[prefix](rest, dict(args or {}))
+    record = {"spec": spec, **record}  # an artifact's record names its own base spec
+    if weights is not None:
+        from ..weights import load_weights_into
+        load_weights_into(model, weights)
+        record["weights"] = str(weights)
+    object.__setattr__(model, SOURCE_ATTR, record)
+    if not hasattr(model, "_torchslim_overrides"):
+        object.__setattr__(model, "_torchslim_overrides", {})
+    return model
+
+
+def rebuild_from_source(record: dict[str, Any]) -> nn.Module:
+    """Rebuild the bare architecture (random init) described by a source record."""
+    spec = record.get("spec", "")
+    prefix = spec.partition(":")[0]
+    rebuild = _REBUILDERS.get(prefix)
+    if rebuild is not None:
+        model = rebuild(record)
+        object.__setattr__(model, SOURCE_ATTR, dict(record))
+        object.__setattr__(model, "_torchslim_overrides", {})
+        return model
+    return build_model(spec, args=record.get("args"))
+
+
+# prefix -> fn(record) -> module, for sources whose spec alone cannot rebuild (hf: config inline)
+_REBUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_rebuilder(prefix: str) -> Callable:
+    def deco(fn: Callable[[dict], nn.Module]) -> Callable:
+        _REBUILDERS[prefix] = fn
+        return fn
+    return deco
+
+
+def _call_with_args(fn: Callable, args: dict, what: str) -> nn.Module:
+    try:
+        inspect.signature(fn).bind(**args)
+    except TypeError as exc:
+        raise SpecError(f"{what}: bad arguments {args}: {exc}") from None
+    except ValueError:
+        pass  # builtins without a signature
+    return fn(**args)
+
+
+@register_model_source("zoo")
+def _zoo(name: str, args: dict) -> tuple[nn.Module, dict]:
+    if name not in ZOO:
+        raise SpecError(f"unknown zoo model {name!r}{did_you_mean(name, ZOO)}; "
+                        f"accepted: {', '.join('zoo:' + n for n in sorted(ZOO))}")
+    return _call_with_args(ZOO[name], args, f"zoo:{name}"), {"args": args}
+
+
+@register_model_source("torchvision")
+def _torchvision(name: str, args: dict) -> tuple[nn.Module, dict]:
+    import torchvision.models as tvm
+
+    available = tvm.list_models()
+    if name not in available:
+        raise SpecError(f"unknown torchvision model {name!r}{did_you_mean(name, available)}")
+    if "weights" in args:
+        raise SpecError("torchvision models are built with random init here; give a local weights file "
+                        "with --weights or model.weights instead of a torchvision weights name")
+    try:
+        return tvm.get_model(name, weights=None, **args), {"args": args}
+    except TypeError as exc:
+        raise SpecError(f"torchvision:{name}: bad arguments {args}: {exc}") from None
+
+
+def _load_py_factory(ref: str) -> Callable:
+    # ref = FILE.py:FACTORY ; FILE may itself contain ':' on some systems, so split from the right
+    path_s, sep, factory = ref.rpartition(":")
+    if not sep or not path_s.endswith(".py") or not factory:
+        raise SpecError(f"py: spec must be py:FILE.py:FACTORY, got 'py:{ref}'")
+    path = Path(path_s).expanduser()
+    if not path.is_file():
+        raise SpecError(f"py: file not found: {path} (a Python file defining {factory}())")
+    mod_name = f"_torchslim_user_{abs(hash(str(path.resolve())))}"
+    if mod_name in sys.modules:
+        module = sys.modules[mod_name]
+    else:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[mod_name]
+            raise SpecError(f"py: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise SpecError(f"py: {path} has no callable {factory!r}{did_you_mean(factory, names)}")
+    return fn
+
+
+@register_model_source("py")
+def _py(ref: str, args: dict) -> tuple[nn.Module, dict]:
+    fn = _load_py_factory(ref)
+    model = _call_with_args(fn, args, f"py:{ref}")
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"py:{ref} returned {type(model).__name__}, not an nn.Module")
+    path_s, _, factory = ref.rpartition(":")
+    return model, {"args": args, "file": str(Path(path_s).resolve()), "factory": factory}
+
+
+@register_rebuilder("py")
+def _py_rebuild(record: dict) -> nn.Module:
+    return _py(f"{record['file']}:{record['factory']}", dict(record.get("args") or {}))[0]
+
+
+@register_model_source("artifact")
+def _artifact(path: str, args: dict) -> tuple[nn.Module, dict]:
+    from ..artifact import load
+
+    if args:
+        raise SpecError("artifact: models take no builder arguments")
+    model = load(path)
+    # keep the artifact's own source record: it rebuilds the architecture without the artifact
+    return model, dict(getattr(model, SOURCE_ATTR, {}))

@@ -1,0 +1,281 @@
+"""Task specs: data, loss and metric (CONTRACT section 2).
+
+A :class:`Task` gives the trainer its data splits and loss, the measurement its example inputs
+and metric. Tasks never download anything: data comes from the data directory
+(``--data-dir``, else ``$TORCHSLIM_DATA``, else ``./data``) or from a package.
+
+A new task is one builder registered with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ..errors import DataError, SpecError, did_you_mean
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir``, else ``$TORCHSLIM_DATA``, else ``./data``."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("TORCHSLIM_DATA")
+    return Path(env).expanduser() if env else Path("data")
+
+
+class Task:
+    """What a model is trained and judged on.
+
+    Subclasses set :attr:`metric_name` (``None`` for latency/size-only tasks) and implement
+    :meth:`_load_splits`. Batches are tuples ``(inputs, targets)`` unless a subclass overrides
+    :meth:`forward`, :meth:`loss` and :meth:`evaluate`.
+    """
+
+    metric_name: str | None = "accuracy"
+    higher_is_better: bool = True
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._splits: dict[str, Dataset] | None = None
+
+    # -- data ----------------------------------------------------------------------------
+    def _load_splits(self) -> dict[str, Dataset]:
+        raise NotImplementedError
+
+    def split(self, name: str) -> Dataset:
+        """``train``, ``val`` or ``test``."""
+        if self._splits is None:
+            self._splits = self._load_splits()
+        return self._splits[name]
+
+    def collate(self, items: list) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def example_inputs(self, batch_size: int = 1) -> tuple:
+        """Inputs for one forward pass with ``batch_size`` rows (latency, MACs, export)."""
+        ds = self.split("test")
+        n = len(ds)
+        batch = self.collate([ds[i % n] for i in range(batch_size)])
+        return (batch[0],)
+
+    # -- model I/O -----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(batch[0])
+
+    def targets(self, batch: Any) -> torch.Tensor:
+        return batch[1]
+
+    def loss(self, outputs: torch.Tensor, batch: Any, label_smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(outputs, self.targets(batch), label_smoothing=label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 512) -> float | None:
+        """The task metric of ``model`` on a split (accuracy by default)."""
+        if self.metric_name is None:
+            return None
+        was_training = model.training
+        model.eval()
+        loader = torch.utils.data.DataLoader(self.split(split), batch_size=batch_size,
+                                             collate_fn=self.collate)
+        correct = total = 0
+        device = _device_of(model)
+        for batch in loader:
+            batch = to_device(batch, device)
+            pred = self.forward(model, batch).argmax(dim=-1)
+            tgt = self.targets(batch)
+            correct += int((pred == tgt).sum())
+            total += int(tgt.numel())
+        model.train(was_training)
+        return correct / max(total, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# -- registry -----------------------------------------------------------------------------
+_TASKS: dict[str, Callable[[str, Path], Task]] = {}
+
+
+def register_task(name: str) -> Callable:
+    """Register ``builder(argument, data_dir) -> Task`` for ``name`` or ``name:ARG`` specs."""
+    def deco(fn: Callable[[str, Path], Task]) -> Callable:
+        _TASKS[name] = fn
+        return fn
+    return deco
+
+
+def build_task(spec: str, data_dir: str | os.PathLike | None = None) -> Task:
+    """Resolve a task spec such as ``digits``, ``mnist``, ``shape:3x224x224``."""
+    if not isinstance(spec, str) or not spec:
+        raise SpecError(f"task spec must be a non-empty string, got {spec!r}")
+    name, _, arg = spec.partition(":")
+    if name not in _TASKS:
+        raise SpecError(f"unknown task {spec!r}{did_you_mean(name, _TASKS)}; "
+                        f"accepted: {', '.join(sorted(_TASKS))}")
+    task = _TASKS[name](arg, resolve_data_dir(data_dir))
+    task.spec = spec
+    return task
+
+
+# -- digits (built in, no files) ---------------------------------------------------------
+class DigitsTask(Task):
+    """scikit-learn's bundled 8x8 digits; fixed stratified split 1257 train / 180 val / 360 test."""
+
+    def _load_splits(self) -> dict[str, Dataset]:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        x, y = load_digits(return_X_y=True)
+        x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)   # (N, 1, 8, 8) in [0, 1]
+        idx = np.arange(len(y))
+        rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
+        train, val = train_test_split(rest, test_size=180, stratify=y[rest], random_state=0)
+        t = lambda ids: TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]).long())  # noqa: E731
+        return {"train": t(train), "val": t(val), "test": t(test)}
+
+
+@register_task("digits")
+def _digits(arg: str, data_dir: Path) -> Task:
+    if arg:
+        raise SpecError(f"task 'digits' takes no argument, got 'digits:{arg}'")
+    return DigitsTask("digits")
+
+
+# -- MNIST-style IDX files ---------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic 2051 images or 2049 labels, big-endian."""
+    if not path.is_file():
+        raise DataError(f"missing data file {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short to be an IDX file")
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic == 2049:
+        data = np.frombuffer(raw, dtype=np.uint8, offset=8)
+        shape: tuple[int, ...] = (count,)
+    elif magic == 2051:
+        rows, cols = struct.unpack(">II", raw[8:16])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=16)
+        shape = (count, rows, cols)
+    else:
+        raise DataError(f"{path}: bad IDX magic number {magic} (expected 2049 labels or 2051 images)")
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated: header says {shape}, file holds {data.size} values")
+    return data.reshape(shape)
+
+
+class IdxClassificationTask(Task):
+    """MNIST / Fashion-MNIST from the four original IDX files; val = last 5000 of train."""
+
+    FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+    def __init__(self, spec: str, root: Path, mean: float, std: float) -> None:
+        super().__init__(spec)
+        self.root, self.mean, self.std = root, mean, std
+
+    def _find(self, stem: str) -> Path:
+        for cand in (self.root / (stem + ".gz"), self.root / stem):
+            if cand.is_file():
+                return cand
+        raise DataError(
+            f"missing data file {self.root / (stem + '.gz')}: the {self.spec} task needs the four IDX "
+            f"files ({', '.join(s + '.gz' for s in self.FILES)}) in {self.root}; "
+            "set --data-dir or TORCHSLIM_DATA to the folder holding "
+            f"'{self.root.name}/'. Nothing is downloaded."
+        )
+
+    def _load_splits(self) -> dict[str, Dataset]:
+        arrays = [read_idx(self._find(s)) for s in self.FILES]
+        xtr, ytr, xte, yte = arrays
+
+        def prep(x: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, 28, 28)
+            return (t - self.mean) / self.std
+
+        xtr_t, xte_t = prep(xtr), prep(xte)
+        ytr_t, yte_t = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
+        return {
+            "train": TensorDataset(xtr_t[:-5000], ytr_t[:-5000]),
+            "val": TensorDataset(xtr_t[-5000:], ytr_t[-5000:]),
+            "test": TensorDataset(xte_t, yte_t),
+        }
+
+
+@register_task("mnist")
+def _mnist(arg: str, data_dir: Path) -> Task:
+    return IdxClassificationTask("mnist", data_dir / "mnist", 0.1307, 0.3081)
+
+
+@register_task("fashion-mnist")
+def _fashion(arg: str, data_dir: Path) -> Task:
+    return IdxClassificationTask("fashion-mnist", data_dir / "fashion-mnist", 0.2860, 0.3530)
+
+
+# -- shape: random inputs, no metric -----------------------------------------------------
+class ShapeTask(Task):
+    """Random inputs of a fixed shape: for size and latency only (no metric, no training)."""
+
+    metric_name = None
+
+    def __init__(self, spec: str, shape: tuple[int, ...], tokens: bool) -> None:
+        super().__init__(spec)
+        self.shape, self.tokens = shape, tokens
+
+    def example_inputs(self, batch_size: int = 1) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        if self.tokens:
+            ids = torch.randint(1000, 2000, (batch_size, *self.shape), generator=g)
+            return (ids,)
+        return (torch.randn(batch_size, *self.shape, generator=g),)
+
+    def split(self, name: str) -> Dataset:
+        raise SpecError(f"task {self.spec!r} has random inputs only: it cannot train or evaluate; "
+                        "use a task with data (digits, mnist, ...) for training steps")
+
+    def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 512) -> None:
+        return None
+
+
+@register_task("shape")
+def _shape(arg: str, data_dir: Path) -> Task:
+    if not re.fullmatch(r"\d+(x\d+)*", arg or ""):
+        raise SpecError(f"shape task must look like shape:CxHxW or shape:L (tokens), got 'shape:{arg}'")
+    dims = tuple(int(d) for d in arg.split("x"))
+    if any(d <= 0 for d in dims):
+        raise SpecError(f"shape:{arg}: every dimension must be positive")
+    return ShapeTask(f"shape:{arg}", dims, tokens=len(dims) == 1)

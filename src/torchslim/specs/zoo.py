@@ -1,0 +1,55 @@
+"""Built-in architectures for ``zoo:NAME`` specs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+ZOO: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_zoo(name: str) -> Callable:
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ZOO[name] = fn
+        return fn
+    return deco
+
+
+@register_zoo("lenet-300-100")
+def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Module:
+    """LeNet-300-100: the fully connected MNIST net of Han et al. (266K params)."""
+    return nn.Sequential(
+        nn.Flatten(),                      # (N, 1, 28, 28) -> (N, 784)
+        nn.Linear(in_features, 300), nn.ReLU(),
+        nn.Linear(300, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+@register_zoo("lenet-5")
+def lenet_5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """LeNet-5, Caffe variant: conv20 -> pool -> conv50 -> pool -> fc500 -> fc10 (431,080 params)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 20, 5), nn.MaxPool2d(2),   # (N, 20, 12, 12)
+        nn.Conv2d(20, 50, 5), nn.MaxPool2d(2),            # (N, 50, 4, 4)
+        nn.Flatten(),
+        nn.Linear(50 * 4 * 4, 500), nn.ReLU(),
+        nn.Linear(500, num_classes),
+    )
+
+
+@register_zoo("digits-cnn")
+def digits_cnn(num_classes: int = 10, channels: tuple[int, int] | list[int] = (32, 64),
+               hidden: int = 128, dropout: float = 0.2) -> nn.Module:
+    """A small CNN for 8x8 digit images; ``channels``/``hidden`` shrink it into a student."""
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),        # (N, c1, 8, 8)
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),                                   # (N, c2, 4, 4)
+        nn.Flatten(),
+        nn.Linear(c2 * 16, hidden), nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )

@@ -1,0 +1,52 @@
+"""Shared test fixtures: data directory, small real models, a trained digits model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path | None:
+    """$TORCHSLIM_DATA, else ../shared/data beside the repository, else None."""
+    env = os.environ.get("TORCHSLIM_DATA")
+    for cand in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture
+def data_root() -> Path:
+    d = data_dir()
+    if d is None or not (d / "mnist").is_dir():
+        pytest.skip("benchmark data not found: set TORCHSLIM_DATA to the folder holding mnist/")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    import torchslim
+    return torchslim.build_task("digits")
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_task):
+    """A digits-cnn trained for a few epochs (shared; tests must deepcopy before changing it)."""
+    import torchslim
+    from torchslim.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:digits-cnn")
+    train(model, digits_task, TrainConfig(optimizer="adamw", epochs=8, lr=0.003, loggers=()))
+    return model
