@@ -49,7 +49,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     recipe = Recipe.from_yaml(args.recipe, overrides=args.set or [])
     if args.dry_run:
-        model = preflight(recipe, args.data_dir)
+        model, _ = preflight(recipe, args.data_dir)
         _out("# resolved recipe (validated; nothing was run)")
         _out(recipe.to_yaml().rstrip())
         _out("# plan")

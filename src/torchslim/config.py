@@ -164,6 +164,12 @@ class MethodConfig:
     def validate(self) -> None:
         """Cross-field checks; raise RecipeError with the field name and the allowed values."""
 
+    @classmethod
+    def example(cls) -> "MethodConfig":
+        """A small valid config that runs in seconds on a tiny model (used by contract tests);
+        configs with required fields override it."""
+        return cls()
+
     # -- round trip -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Every field, defaults included, as plain YAML/JSON values."""

@@ -136,7 +136,11 @@ def module_rebuild_record(module: nn.Module) -> dict[str, Any]:
 def build_from_record(record: dict[str, Any]) -> nn.Module:
     key = record.get("class")
     if key not in _MODULE_CLASSES:
-        raise RecipeError(
+        from .registry import _load_builtin
+        _load_builtin()  # method modules register their layer classes on import
+    if key not in _MODULE_CLASSES:
+        from .errors import ArtifactError
+        raise ArtifactError(
             f"artifact names module class {key!r}, which this torchslim does not know"
             f"{did_you_mean(str(key), _MODULE_CLASSES)}"
         )

@@ -39,6 +39,11 @@ class LogitsDistillConfig(TrainConfig):
     alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on CE")
 
     @classmethod
+    def example(cls) -> "LogitsDistillConfig":
+        return cls(student={"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
+                   epochs=2, loggers=())
+
+    @classmethod
     def from_dict(cls, data, where: str = ""):
         data = dict(data or {})
         if isinstance(data.get("student"), str):

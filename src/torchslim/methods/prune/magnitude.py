@@ -30,7 +30,7 @@ class MagnitudePruneConfig(MethodConfig):
     --------
     >>> import torchslim
     >>> m = torchslim.build_model("zoo:lenet-300-100")
-    >>> small = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.9))
+    >>> small = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.9, scope="layer"))
     >>> round(float((small[1].weight == 0).float().mean()), 2)
     0.9
     """

@@ -1,0 +1,211 @@
+"""Bad input: exit code 2, one clear ``error:`` line, nothing half-written, inputs untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.cli import main
+
+GOOD = """\
+model: zoo:digits-cnn
+task: digits
+train: {epochs: 1, lr: 0.003, optimizer: adamw}
+steps:
+  - prune: {method: magnitude, sparsity: 0.5}
+  - quantize: {method: linear, bits: 8}
+"""
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def assert_clean_error(code, err, out_dir: Path | None, *needles):
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error: "), err
+    assert len(lines) <= 3, f"error message too long:\n{err}"
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+    if out_dir is not None:
+        assert not out_dir.exists(), "nothing may be written on bad input"
+        assert not any(p.name.startswith(f".{out_dir.name}.") for p in out_dir.parent.iterdir())
+
+
+@pytest.mark.parametrize("text,needles", [
+    (GOOD.replace("magnitude", "magnitud"), ["did you mean 'magnitude'", ":5:"]),
+    (GOOD.replace("sparsity: 0.5", "sparsty: 0.5"), ["unknown key 'sparsty'", "did you mean 'sparsity'", ":5:"]),
+    (GOOD.replace("sparsity: 0.5", "sparsity: 1.5"), ["sparsity", "1.5", "out of range", "[0.0, 1.0)"]),
+    (GOOD.replace("bits: 8", "bits: 0"), ["bits", "out of range", ":6:"]),
+    (GOOD.replace("prune:", "prun:"), ["unknown step verb 'prun'", "did you mean 'prune'"]),
+    (GOOD.replace("train:", "trian:"), ["unknown recipe key", "did you mean 'train'"]),
+    (GOOD.replace("{epochs: 1,", "{epochs: [1,"), ["YAML syntax error", ":3:"]),
+    (GOOD.replace("zoo:digits-cnn", "zoo:digit-cnn"), ["unknown zoo model 'digit-cnn'", "did you mean 'digits-cnn'"]),
+    (GOOD.replace("zoo:digits-cnn", "nope:thing"), ["unknown model source 'nope'"]),
+    (GOOD.replace("task: digits", "task: digitz"), ["unknown task", "did you mean 'digits'"]),
+    (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, targets: ['fc9']}"), ["matches no module", "fc9"]),
+    (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, targets: ['re:(']}"), ["bad regular expression"]),
+    (GOOD.replace("epochs: 1", "epochs: one"), ["epochs", "expected an integer"]),
+])
+def test_bad_recipes(tmp_path, capsys, text, needles):
+    recipe = write(tmp_path, text)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compress", recipe, "--out", out], capsys)
+    assert_clean_error(code, err, out, *needles)
+    # --dry-run validates the same way
+    code, _, err = run_cli(["compress", recipe, "--dry-run"], capsys)
+    assert code == 2 and err.startswith("error: ")
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    recipe = write(tmp_path, GOOD)
+    code, out, err = run_cli(["compress", recipe, "--dry-run", "--set", "steps.0.prune.sparsity=0.75"], capsys)
+    assert code == 0, err
+    assert "sparsity: 0.75" in out and "01 prune.magnitude" in out and "02 quantize.linear" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("item,needle", [("steps.5.prune.sparsity=0.3", "not an index"),
+                                         ("nokey", "expected KEY=VALUE"),
+                                         ("steps.0.prune.sparsity=2", "out of range")])
+def test_bad_set_overrides(tmp_path, capsys, item, needle):
+    recipe = write(tmp_path, GOOD)
+    code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o", "--set", item], capsys)
+    assert_clean_error(code, err, tmp_path / "o", needle)
+
+
+def test_missing_data_files_name_the_path(tmp_path, capsys):
+    recipe = write(tmp_path, GOOD.replace("task: digits", "task: mnist"))
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o", "--data-dir", empty], capsys)
+    assert_clean_error(code, err, tmp_path / "o", str(empty / "mnist"), "train-images-idx3-ubyte.gz")
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    code, _, err = run_cli(["compress", tmp_path / "nope.yaml", "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "nope.yaml")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_pickle_weights_are_refused_and_never_executed(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"0.weight": _Evil()}, evil)           # a pickle that would run a command
+    code, _, err = run_cli(["measure", "zoo:digits-cnn", "--task", "digits", "--weights", evil], capsys)
+    assert_clean_error(code, err, None, "refused", "weights_only")
+    assert not marker.exists(), "the pickle was executed"
+    # a plain pickle (not a torch.save zip) is refused too
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(_Evil()))
+    code, _, err = run_cli(["measure", "zoo:digits-cnn", "--task", "digits", "--weights", raw], capsys)
+    assert code == 2 and not marker.exists()
+
+
+def test_weights_that_do_not_fit(tmp_path, capsys):
+    w = tmp_path / "lenet.pt"
+    torch.save(torchslim.build_model("zoo:lenet-5").state_dict(), w)
+    code, _, err = run_cli(["measure", "zoo:digits-cnn", "--task", "digits", "--weights", w], capsys)
+    assert_clean_error(code, err, None, "do not fit")
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    m = torchslim.build_model("zoo:digits-cnn")
+    torchslim.save(m, tmp_path / "art")
+    return tmp_path / "art"
+
+
+def _measure_artifact(path, capsys):
+    return run_cli(["measure", f"artifact:{path}", "--task", "digits", "--batch-sizes", "1"], capsys)
+
+
+def test_good_artifact_measures(artifact, capsys):
+    code, out, err = _measure_artifact(artifact, capsys)
+    assert code == 0, err
+    assert "accuracy" in out
+
+
+def test_truncated_artifact(artifact, capsys):
+    f = artifact / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = _measure_artifact(artifact, capsys)
+    assert_clean_error(code, err, None, "checksum mismatch")
+
+
+def test_tampered_artifact(artifact, capsys):
+    f = artifact / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF                                      # same size, one byte changed
+    f.write_bytes(bytes(data))
+    code, _, err = _measure_artifact(artifact, capsys)
+    assert_clean_error(code, err, None, "checksum mismatch")
+
+
+def test_future_artifact_version_refused(artifact, capsys):
+    mf = artifact / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["format_version"] = 99
+    mf.write_text(json.dumps(manifest))
+    code, _, err = _measure_artifact(artifact, capsys)
+    assert_clean_error(code, err, None, "format version 99", "upgrade torchslim")
+
+
+def test_corrupt_manifest_refused(artifact, capsys):
+    (artifact / "manifest.json").write_text("{not json")
+    code, _, err = _measure_artifact(artifact, capsys)
+    assert_clean_error(code, err, None, "corrupt manifest")
+
+
+def test_unknown_module_class_in_manifest(artifact, capsys):
+    mf = artifact / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["modules"] = {"0": {"class": "evil.Module", "args": {}}}
+    mf.write_text(json.dumps(manifest))
+    code, _, err = _measure_artifact(artifact, capsys)
+    assert_clean_error(code, err, None, "evil.Module")
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(["compress", write(tmp_path, GOOD), "--out", out], capsys)
+    assert code == 2 and "already exists" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_usage_errors_exit_2(tmp_path):
+    for args in (["compress", "x.yaml"], ["frobnicate"], ["measure", "zoo:lenet-5"]):
+        r = subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "error" in r.stderr
+
+
+def test_every_command_has_help():
+    for cmd in ("demo", "compress", "measure", "report", "export", "methods"):
+        r = subprocess.run([sys.executable, "-m", "torchslim", cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage:" in r.stdout, cmd

@@ -1,0 +1,110 @@
+"""End to end: the demo, metrics.json against the contract, reproducibility, measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.measure import count_macs, count_params
+
+STEP_KEYS = {"name", "verb", "method", "params", "nonzero_params", "size_bytes", "macs", "latency_ms",
+             "metric", "wall_s"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "torchslim", "demo", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout, wall
+
+
+def test_demo_meets_its_promises(demo_run):
+    out, stdout, wall = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["steps"]
+    base, final = steps[0], steps[-1]
+    assert base["name"] == "baseline" and base["metric"]["value"] >= 0.97
+    assert base["size_bytes"] / final["size_bytes"] >= 4.0
+    assert final["metric"]["value"] >= base["metric"]["value"] - 0.01
+    assert wall < 180, f"demo took {wall:.0f} s"
+    # the artifact reloads to the same accuracy
+    model = torchslim.load(out / "model")
+    acc = torchslim.build_task("digits").evaluate(model)
+    assert acc == pytest.approx(final["metric"]["value"], abs=1e-6)
+    # the console shows the before/after table
+    assert "baseline" in stdout and "size x" in stdout and "reloaded" in stdout
+    for f in ("recipe.yaml", "report.md", "report.html", "onnx/model.onnx", "model/manifest.json"):
+        assert (out / f).is_file(), f
+    assert not list(out.parent.glob(".run.*")), "temporary directories left behind"
+
+
+def test_metrics_json_follows_the_contract(demo_run):
+    out, _, _ = demo_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["schema_version"] == 1 and m["torchslim_version"] == torchslim.__version__
+    assert m["model"] == "zoo:digits-cnn" and m["task"] == "digits"
+    assert {"torch", "threads", "device", "cpu", "world_size"} <= set(m["environment"])
+    assert m["environment"]["world_size"] == 1
+    for s in m["steps"]:
+        assert STEP_KEYS <= set(s), STEP_KEYS - set(s)
+        assert set(s["latency_ms"]) == {"1", "32"} and all(v > 0 for v in s["latency_ms"].values())
+        assert s["metric"]["name"] == "accuracy" and s["metric"]["higher_is_better"] is True
+        assert 0 < s["nonzero_params"] <= s["params"]
+    # size_bytes is the real size on disk of each step's saved artifact
+    for i, s in enumerate(m["steps"]):
+        d = next((out / "steps").glob(f"{i:02d}-*"))
+        on_disk = sum(f.stat().st_size for f in (d / "model").rglob("*") if f.is_file())
+        assert s["size_bytes"] == on_disk
+    assert m["steps"][0]["verb"] == "baseline" and m["steps"][0]["method"] is None
+
+
+def test_saved_recipe_reproduces_the_run(tmp_path):
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "train": {"optimizer": "adamw", "epochs": 3, "lr": 0.003, "loggers": []},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.6,
+                                   "finetune": {"epochs": 1, "lr": 0.001, "loggers": []}}},
+                        {"quantize": {"method": "linear"}}]}
+    m1 = torchslim.compress(recipe, tmp_path / "a")
+    m2 = torchslim.compress(tmp_path / "a" / "recipe.yaml", tmp_path / "b")
+    for s1, s2 in zip(m1["steps"], m2["steps"]):
+        for k in ("params", "nonzero_params", "size_bytes", "macs", "metric"):
+            assert s1[k] == s2[k], (s1["name"], k)
+    assert (tmp_path / "a" / "recipe.yaml").read_text() == (tmp_path / "b" / "recipe.yaml").read_text()
+
+
+def test_count_params_and_macs_against_hand_counts():
+    m = torchslim.build_model("zoo:lenet-5")
+    assert count_params(m) == (431080, 431080)
+    # conv1: 20*24*24*25, conv2: 50*8*8*(20*25), fc1: 800*500, fc2: 500*10
+    expected = 20 * 24 * 24 * 25 + 50 * 8 * 8 * 20 * 25 + 800 * 500 + 500 * 10
+    assert count_macs(m, (torch.zeros(1, 1, 28, 28),)) == expected
+
+
+def test_macs_count_attention_matmuls():
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    L = 10
+    # projections: q,k,v,out (4 * L*32*32) + ffn (2 * L*32*64) + scores and values (2 * L*L*32)
+    expected = 4 * L * 32 * 32 + 2 * L * 32 * 64 + 2 * L * L * 32
+    assert count_macs(layer, (torch.zeros(1, L, 32),)) == expected
+
+
+def test_measure_cli_json(tmp_path):
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, "-m", "torchslim", "measure", "zoo:lenet-300-100", "--task",
+                        "shape:1x28x28", "--batch-sizes", "1,4", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())
+    assert row["params"] == 266610 and row["metric"] is None
+    assert row["macs"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert set(row["latency_ms"]) == {"1", "4"}

@@ -1,0 +1,126 @@
+"""Magnitude pruning: exact sparsity, the right weights removed, schedules, storage on disk."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.errors import RecipeError
+from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+from torchslim.methods.prune.primitives import cubic_sparsity, global_masks, layer_masks, topk_mask
+from torchslim.train import TrainConfig
+
+
+def test_topk_mask_removes_exactly_the_smallest():
+    scores = torch.tensor([0.5, 3.0, 0.1, 2.0, 0.0, 0.0, 1.0, 4.0])
+    keep = topk_mask(scores, 0.5)
+    assert keep.tolist() == [False, True, False, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
+def test_global_masks_exact_count_with_ties(sparsity):
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randint(0, 5, (37, 11), generator=g).float(), torch.zeros(100)]  # many ties
+    masks = global_masks(scores, sparsity)
+    n = sum(s.numel() for s in scores)
+    removed = sum(int((~m).sum()) for m in masks)
+    assert removed == round(sparsity * n)
+    # every removed score <= every kept score (the global threshold)
+    flat_s = torch.cat([s.reshape(-1) for s in scores])
+    flat_m = torch.cat([m.reshape(-1) for m in masks])
+    if 0 < removed < n:
+        assert flat_s[~flat_m].max() <= flat_s[flat_m].min()
+
+
+def test_layer_masks_same_sparsity_each_layer():
+    scores = [torch.rand(50, 20), torch.rand(10, 10)]
+    masks = layer_masks(scores, 0.7)
+    assert [int((~m).sum()) for m in masks] == [700, 70]
+
+
+def test_cubic_schedule_reference_values():
+    # s_t = s_f + (s_i - s_f)(1 - t/n)^3, hand-computed
+    assert cubic_sparsity(0, 100, 0.9, 0.1) == pytest.approx(0.1)
+    assert cubic_sparsity(50, 100, 0.9, 0.1) == pytest.approx(0.9 + (0.1 - 0.9) * 0.125)
+    assert cubic_sparsity(100, 100, 0.9, 0.1) == pytest.approx(0.9)
+    assert cubic_sparsity(150, 100, 0.9) == pytest.approx(0.9)
+    vals = [cubic_sparsity(t, 20, 0.8) for t in range(21)]
+    assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def _linear_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_oneshot_sparsity_exact_and_input_untouched(scope):
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-300-100")
+    before = copy.deepcopy(model.state_dict())
+    pruned = torchslim.apply(model, MagnitudePruneConfig(sparsity=0.8, scope=scope))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"input changed: {k}"
+    ws = _linear_weights(pruned)
+    total = sum(w.numel() for w in ws)
+    zeros = sum(int((w == 0).sum()) for w in ws)
+    assert zeros == round(0.8 * total) if scope == "global" else zeros == sum(round(0.8 * w.numel()) for w in ws)
+    # the kept weights are the largest ones and are unchanged
+    for w_new, w_old in zip(ws, _linear_weights(model)):
+        kept = w_new != 0
+        assert torch.equal(w_new[kept], w_old[kept])
+        if scope == "layer":
+            assert w_old[~kept].abs().max() <= w_old[kept].abs().min()
+
+
+def test_targets_and_ignore_respected():
+    model = torchslim.build_model("zoo:lenet-300-100")
+    pruned = torchslim.apply(model, MagnitudePruneConfig(sparsity=0.5, targets=("re:[13]",), ignore=("3",)))
+    assert float((pruned[1].weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    assert int((pruned[3].weight == 0).sum()) == 0
+    assert int((pruned[5].weight == 0).sum()) == 0
+
+
+def test_unmatched_target_is_an_error_with_nearest_names():
+    model = torchslim.build_model("zoo:lenet-5")
+    with pytest.raises(RecipeError, match="matches no module"):
+        torchslim.apply(model, MagnitudePruneConfig(sparsity=0.5, targets=("fc1",)))
+
+
+@pytest.mark.parametrize("bad", [dict(sparsity=1.5), dict(sparsity=-0.1), dict(scope="globl"),
+                                 dict(schedule="gradual"), dict(granularity="2:4x")])
+def test_bad_configs_raise(bad):
+    with pytest.raises(RecipeError):
+        MagnitudePruneConfig(**bad)
+
+
+def test_did_you_mean_on_bad_choice():
+    with pytest.raises(RecipeError, match="did you mean 'global'"):
+        MagnitudePruneConfig(scope="globl")
+
+
+@pytest.mark.parametrize("schedule", ["oneshot", "gradual", "iterative"])
+def test_schedules_with_finetune_keep_accuracy(schedule, trained_digits, digits_task):
+    base_acc = digits_task.evaluate(trained_digits)
+    cfg = MagnitudePruneConfig(sparsity=0.75, schedule=schedule, iterations=2,
+                               finetune=TrainConfig(optimizer="adamw", epochs=2, lr=0.001, loggers=()))
+    pruned = torchslim.apply(trained_digits, cfg, task=digits_task)
+    ws = _linear_weights(pruned)
+    assert sum(int((w == 0).sum()) for w in ws) == round(0.75 * sum(w.numel() for w in ws))
+    acc = digits_task.evaluate(pruned)
+    assert acc >= base_acc - 0.03, (schedule, base_acc, acc)
+
+
+def test_sparse_weights_are_stored_sparsely(tmp_path):
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-300-100")
+    dense_bytes = torchslim.save(model, tmp_path / "dense")
+    pruned = torchslim.apply(model, MagnitudePruneConfig(sparsity=0.9))
+    sparse_bytes = torchslim.save(pruned, tmp_path / "sparse")
+    # bitmask (1/32 of fp32) + 10% of the values: well under a quarter of the dense size
+    assert sparse_bytes < 0.2 * dense_bytes, (dense_bytes, sparse_bytes)
+    back = torchslim.load(tmp_path / "sparse")
+    for k, v in pruned.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
