@@ -61,6 +61,8 @@ def onnx_session(path: Path):
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    # no busy-waiting worker threads: they would steal the cores from later PyTorch timings
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
