@@ -1,5 +1,11 @@
-"""Spec strings -> models and tasks (CONTRACT section 2)."""
+"""Spec strings -> models and tasks (CONTRACT section 2).
 
+Importing this package registers every built-in source and task: ``zoo:``, ``torchvision:``,
+``py:``, ``artifact:`` (models.py), ``hf:`` (hf.py), ``digits``, ``mnist``, ``fashion-mnist``,
+``shape`` (tasks.py), ``stsb`` (stsb.py), ``imagefolder`` and ``py`` (extra_tasks.py).
+"""
+
+from . import extra_tasks, hf, stsb  # noqa: F401  (registration happens on import)
 from .models import build_model, register_model_source
 from .tasks import Task, build_task, register_task
 
