@@ -71,3 +71,12 @@ def test_bad_distill_configs(bad):
 def test_student_spec_string_is_accepted():
     c = LogitsDistillConfig.from_dict({"student": "zoo:digits-cnn", "epochs": 2})
     assert c.student == {"spec": "zoo:digits-cnn"} and c.epochs == 2
+
+
+def test_logit_distillation_refuses_embedding_tasks():
+    from torchslim.specs.tasks import ShapeTask
+
+    task = ShapeTask("shape:4", (4,), tokens=True)
+    task.outputs = "embeddings"
+    with pytest.raises(RecipeError, match="class logits"):
+        torchslim.apply(torchslim.build_model("zoo:lenet-300-100"), LogitsDistillConfig.example(), task=task)

@@ -108,3 +108,45 @@ def test_measure_cli_json(tmp_path):
     assert row["params"] == 266610 and row["metric"] is None
     assert row["macs"] == 784 * 300 + 300 * 100 + 100 * 10
     assert set(row["latency_ms"]) == {"1", "4"}
+
+
+def test_export_cli_from_a_run_dir(demo_run, tmp_path):
+    out, _, _ = demo_run
+    target = tmp_path / "again.onnx"
+    r = subprocess.run([sys.executable, "-m", "torchslim", "export", str(out), "--format", "onnx",
+                        "--out", str(target)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    x = torchslim.build_task("digits").example_inputs(5)[0]
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        want = torchslim.load(out / "model")(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_underscore_works_in_place():
+    from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+    m = torchslim.build_model("zoo:lenet-300-100")
+    same = torchslim.apply_(m, MagnitudePruneConfig(sparsity=0.5))
+    assert same is m and float((m[1].weight == 0).float().mean()) > 0.3
+
+
+def test_methods_command_lists_fields():
+    r = subprocess.run([sys.executable, "-m", "torchslim", "methods"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for key in ("prune.magnitude", "quantize.linear", "distill.logits", "train.sgd", "export.default"):
+        assert key in r.stdout
+    assert "sparsity: float = 0.5" in r.stdout
+
+
+def test_macs_count_cpu_sdpa_attention():
+    import torch.nn.functional as F
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.zeros(1, 4, 10, 8)       # (B, heads, L, head_dim)
+    # scores Q K^T and the weighted sum with V: 2 * B*h*L*L*d
+    assert count_macs(Attn(), (q, q, q)) == 2 * 4 * 10 * 10 * 8

@@ -35,9 +35,12 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     """``(params, nonzero_params)`` over parameters and weight-holding buffers."""
     total = nonzero = 0
     seen: set[int] = set()
+    # buffers count when they hold weights: float tensors or 8-bit codes; int64 index buffers
+    # (BERT's position_ids), BatchNorm statistics, scales and zero points do not
     tensors = list(model.named_parameters()) + [
         (n, b) for n, b in model.named_buffers() if not n.endswith(_STAT_BUFFERS)
-        and b.dtype not in (torch.bool,) and not n.endswith(("mask", "scale", "zero_point"))]
+        and (b.is_floating_point() or b.dtype in (torch.int8, torch.uint8))
+        and not n.endswith(("mask", "scale", "zero_point"))]
     for _, t in tensors:
         if id(t) in seen:       # tied weights count once
             continue
@@ -53,12 +56,31 @@ def count_macs(model: nn.Module, inputs: tuple) -> int:
 
     was_training = model.training
     model.eval()
+    # nn.MultiheadAttention's inference fast path is one fused op the counter cannot see into
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
             _call(model, inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return int(counter.get_total_flops() // 2)
+
+
+def _extra_flop_formulas() -> dict:
+    """FLOP formulas PyTorch's counter lacks: the CPU flash-attention kernel that
+    ``scaled_dot_product_attention`` dispatches to on CPU (same formula as the GPU kernels)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: cpu_flash}
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

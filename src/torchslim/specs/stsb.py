@@ -122,6 +122,7 @@ class STSBTask(Task):
     """
 
     metric_name = "spearman"
+    outputs = "embeddings"
 
     def __init__(self, spec: str, root: Path, tokenizer_dir: Path, max_length: int = MAX_LENGTH) -> None:
         super().__init__(spec)

@@ -44,6 +44,9 @@ class Task:
 
     metric_name: str | None = "accuracy"
     higher_is_better: bool = True
+    #: what ``forward`` returns: "logits" (class scores) or "embeddings"; logit distillation
+    #: needs "logits"
+    outputs: str = "logits"
 
     def __init__(self, spec: str) -> None:
         self.spec = spec

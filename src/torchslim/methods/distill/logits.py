@@ -71,6 +71,9 @@ class LogitsDistillConfig(TrainConfig):
 def _distill_logits(model: nn.Module, config: LogitsDistillConfig, ctx) -> nn.Module:
     """Hinton KD: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE into a new student."""
     task = ctx.require_task("distill")
+    if task.outputs != "logits":
+        raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class logits; "
+                          "logit distillation needs a classification task")
     teacher = model if config.teacher is None else build_model(config.teacher, weights=config.teacher_weights)
     teacher.eval()
     for p in teacher.parameters():
