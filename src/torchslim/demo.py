@@ -26,7 +26,7 @@ def demo_recipe(onnx: bool = True) -> dict:
         "model": {"spec": "zoo:digits-cnn"},
         "task": "digits",
         "train": {"optimizer": "adamw", "epochs": 30, "lr": 0.003, "batch_size": 64,
-                  "schedule": "cosine", "weight_decay": 0.0001, "seed": 0},
+                  "schedule": "cosine", "weight_decay": 0.0001, "label_smoothing": 0.1, "seed": 0},
         "steps": [
             {"distill": {"method": "logits", "student": {"spec": "zoo:digits-cnn",
                                                          "args": {"channels": [16, 32], "hidden": 64}},
