@@ -38,6 +38,25 @@ class ExportConfig(MethodConfig):
     atol: float = option(1e-4, low=0.0, low_open=True, doc="max abs difference ONNX Runtime vs PyTorch")
 
 
+class TensorIO(nn.Module):
+    """Tensors in, one tensor out: Hugging Face models take keyword arguments and return output
+    objects, which ONNX export and ONNX Runtime checks cannot use."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "config") and hasattr(self.model, "main_input_name"):  # transformers
+            names = ("input_ids", "attention_mask", "token_type_ids")
+            out = self.model(**dict(zip(names, inputs)), return_dict=False)
+        else:
+            out = self.model(*inputs)
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        return out
+
+
 def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) -> Path:
     """Export to ONNX with a dynamic batch dimension; atomic (temporary file, then rename)."""
     try:
@@ -46,7 +65,7 @@ def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) ->
         raise UserError("ONNX export needs the onnx extra: pip install 'torchslim[onnx]'") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    model = model.eval()
+    model = TensorIO(model).eval()
     names = [f"input{i}" for i in range(len(inputs))]
     with torch.no_grad():
         torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["output"],
@@ -72,7 +91,7 @@ def check_onnx(model: nn.Module, path: Path, inputs: tuple, atol: float) -> floa
     feed = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
     with torch.no_grad():
-        want = model.eval()(*inputs)
+        want = TensorIO(model).eval()(*inputs)
     diff = float((got - want.cpu()).abs().max())
     if diff > atol:
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> atol {atol})")

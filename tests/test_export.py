@@ -1,0 +1,49 @@
+"""Export: ONNX checked against PyTorch with ONNX Runtime, torch.export, Hugging Face models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.methods.export import ExportConfig, check_onnx, export_onnx
+from torchslim.methods.quantize.linear import LinearQuantConfig
+from torchslim.pipeline import StepContext
+
+
+def test_export_step_writes_onnx_and_torch_export(tmp_path, digits_task):
+    torch.manual_seed(0)
+    model = torchslim.apply(torchslim.build_model("zoo:digits-cnn"), LinearQuantConfig(bits=8)).eval()
+    entry = torchslim.list_methods("export.default")[0]
+    ctx = StepContext(task=digits_task, out_dir=tmp_path)
+    entry.handler(model, ExportConfig(formats=("artifact", "onnx", "torch-export")), ctx)
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert (tmp_path / "torch-export" / "model.pt2").is_file()
+    m = ctx.info["metrics"]
+    assert m["onnx_max_abs_diff"] < 1e-4 and set(m["onnx_latency_ms"]) == {"1", "32"}
+    ep = torch.export.load(str(tmp_path / "torch-export" / "model.pt2"))
+    x = digits_task.example_inputs(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_onnx_has_a_dynamic_batch(tmp_path, digits_task):
+    model = torchslim.build_model("zoo:digits-cnn").eval()
+    path = export_onnx(model, digits_task.example_inputs(1), tmp_path / "m.onnx")
+    for bs in (1, 7):
+        assert check_onnx(model, path, digits_task.example_inputs(bs), atol=1e-4) < 1e-4
+
+
+def test_hf_model_exports_to_onnx(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    model = torchslim.build_model(f"hf:{tmp_path / 'bert'}").eval()
+    ids = torch.randint(0, 200, (1, 12))
+    path = export_onnx(model, (ids, torch.ones_like(ids)), tmp_path / "bert.onnx")
+    ids3 = torch.randint(0, 200, (3, 12))
+    mask3 = torch.ones_like(ids3)
+    mask3[0, 8:] = 0
+    assert check_onnx(model, path, (ids3, mask3), atol=1e-4) < 1e-4
