@@ -110,12 +110,15 @@ def step_dirname(index: int, step: Step | None) -> str:
     return f"{index:02d}-{step.verb}-{step.method}"
 
 
-def preflight(recipe: Recipe, data_dir: str | None = None) -> nn.Module:
-    """Check what can be checked before any work: task spec, model spec and weights, and every
-    step's module patterns (up to the first step that replaces the model). Returns the model."""
+def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, Task]:
+    """Check what can be checked before any work: task spec and its data files, model spec and
+    weights, and every step's module patterns (up to the first step that replaces the model).
+    Returns the built model and task."""
     from .modules import check_patterns
 
-    build_task(recipe.task, data_dir)
+    task = build_task(recipe.task, data_dir)
+    if task.metric_name is not None:
+        task.split("train"), task.split("test")  # missing or broken data files fail here
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
     for i, step in enumerate(recipe.steps, start=1):
@@ -125,7 +128,7 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> nn.Module:
             patterns = getattr(step.config, key, ())
             if patterns:
                 check_patterns(model, patterns, f"steps.{i - 1}.{step.verb}.{key}")
-    return model
+    return model, task
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None = None,
@@ -133,25 +136,33 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     """Run ``recipe`` into ``out``; returns the metrics dict (also written to out/metrics.json)."""
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {out} already exists and is not empty; "
-                        "choose another --out or remove it")
-    if partial.exists() and not resume:
-        raise UserError(f"a failed run left its checkpoints in {partial}; pass --resume to continue it "
-                        "or remove that directory to start over")
-    # validate everything that can be validated before any work
-    first_model = preflight(recipe, data_dir)
-    task = build_task(recipe.task, data_dir)
-    resolved = recipe.to_yaml()
     main = tsdist.is_main()
+    # under torchrun rank 0 alone looks at the file system (it creates `partial` below, which
+    # the other ranks must not mistake for a failed run's) and every rank raises its verdict
+    problem = None
+    if main and out.exists() and any(out.iterdir()):
+        problem = (f"output directory {out} already exists and is not empty; "
+                   "choose another --out or remove it")
+    elif main and partial.exists() and not resume:
+        problem = (f"a failed run left its checkpoints in {partial}; pass --resume to continue it "
+                   "or remove that directory to start over")
+    problem = tsdist.broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+    # validate everything that can be validated before any work
+    first_model, task = preflight(recipe, data_dir)
+    resolved = recipe.to_yaml()
     if main:
         partial.mkdir(parents=True, exist_ok=True)
         saved = partial / "recipe.yaml"
         if resume and saved.is_file() and saved.read_text() != resolved:
-            raise UserError(f"--resume: the recipe differs from the one the failed run used ({saved}); "
-                            "resume with the same recipe and --set values, or start a new --out")
-        saved.write_text(resolved)
-    tsdist.barrier()
+            problem = (f"--resume: the recipe differs from the one the failed run used ({saved}); "
+                       "resume with the same recipe and --set values, or start a new --out")
+        else:
+            saved.write_text(resolved)
+    problem = tsdist.broadcast_object(problem)  # also the barrier before the other ranks go on
+    if problem:
+        raise UserError(problem)
     (partial / "steps").mkdir(parents=True, exist_ok=True) if main else None
 
     metrics: dict[str, Any] = {
@@ -211,7 +222,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
             continue
         log.info("step %d/%d: %s", i, len(recipe.steps), step.key)
         ctx = StepContext(workdir=partial / "steps" / name, **ctx_base)
-        model = apply_step(model, step, ctx)
+        if step.verb != "export" or main:  # export only writes files, which rank 0 alone does
+            model = apply_step(model, step, ctx)
         finish_step(i, step, model, t0, ctx.info.get("metrics"))
 
     # -- final outputs ---------------------------------------------------------------------

@@ -25,19 +25,26 @@ class TrainConfig(MethodConfig):
     lr: float = option(0.01, low=0.0, low_open=True, doc="peak learning rate")
     batch_size: int = option(64, low=1, doc="per-process batch size")
     schedule: str = option("cosine", choices=SCHEDULES, doc="learning-rate schedule")
-    warmup: float = option(0.0, low=0.0, doc="linear warm-up length in epochs (fractions allowed)")
+    warmup: float = option(0.0, low=0.0, doc="linear warm-up length in epochs (fractions allowed; "
+                                             "onecycle: the rising phase, at least 5% of the run)")
     step_size: int = option(5, low=1, doc="epochs between decays for schedule: step")
-    gamma: float = option(0.1, low=0.0, high=1.0, low_open=True, doc="decay factor (step, plateau)")
+    gamma: float = option(0.1, low=0.0, high=1.0, low_open=True,
+                          doc="decay factor (step; plateau: after 2 epochs without val improvement)")
     weight_decay: float = option(0.0, low=0.0, doc="L2 / decoupled weight decay")
     momentum: float = option(0.9, low=0.0, high=1.0, high_open=True, doc="SGD momentum")
     label_smoothing: float = option(0.0, low=0.0, high=1.0, high_open=True, doc="cross-entropy label smoothing")
     dropout: float | None = option(None, low=0.0, high=1.0, high_open=True,
-                                   doc="set p of every nn.Dropout (null: keep the model's)")
+                                   doc="set p of every dropout layer (null: keep the model's)")
     early_stopping: int = option(0, low=0, doc="stop after this many epochs without val improvement (0: off)")
     grad_clip: float | None = option(None, low=0.0, low_open=True, doc="clip the gradient norm to this")
-    seed: int = option(0, doc="seed for init-independent randomness (shuffling, dropout)")
+    seed: int = option(0, doc="seed of the shuffling and dropout (each epoch's from seed and epoch, "
+                              "so resumed runs repeat exactly)")
     loggers: tuple[str, ...] = option(("tensorboard",), choices=("tensorboard", "mlflow", "wandb"),
                                       doc="where training curves go (DIR/logs for tensorboard)")
+
+    @classmethod
+    def example(cls) -> "TrainConfig":
+        return cls(epochs=2, loggers=())
 
     @classmethod
     def from_dict(cls, data, where: str = ""):

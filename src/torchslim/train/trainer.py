@@ -3,7 +3,9 @@
 - optimizers SGD (momentum) / AdamW; schedules constant, step, cosine, onecycle, plateau, with
   linear warm-up; weight decay, label smoothing, gradient clipping, dropout override;
 - early stopping on the validation metric, restoring the best weights;
-- a checkpoint after every epoch (``ckpt_dir/last.pt``), resumed automatically when present;
+- a checkpoint after every epoch (``ckpt_dir/last.pt``), resumed automatically when present; a
+  resumed run ends with exactly the weights of an uninterrupted one (every epoch's shuffling and
+  dropout are seeded from ``(seed, epoch, rank)`` alone);
 - data-parallel under torchrun (DDP + DistributedSampler; rank 0 logs and writes);
 - callbacks after each optimizer step (pruning masks, gradual schedules);
 - TensorBoard event files in ``log_dir`` (and MLflow / Weights & Biases when installed and named).
@@ -11,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import distributed as tsdist
-from ..errors import UserError
+from ..errors import ArtifactError, UserError
 from ..specs.tasks import Task, _device_of, to_device
 from .config import TrainConfig
 
@@ -36,14 +37,43 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 StepCallback = Callable[[nn.Module, int, int], None]   # (model, global_step, total_steps)
 
+CKPT_FORMAT = 2   # bump when the content of last.pt changes
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high, most often)."""
+
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators.
+
+    Examples
+    --------
+    >>> seed_everything(3); a = torch.rand(2)
+    >>> seed_everything(3); torch.equal(a, torch.rand(2))
+    True
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
+def mix_seed(*parts: int) -> int:
+    """A well-spread non-negative 63-bit seed from integers such as ``(seed, epoch, rank)``.
+
+    Plain ``seed + epoch`` would make seed 1 replay seed 0's shuffles one epoch later.
+
+    Examples
+    --------
+    >>> mix_seed(0, 1) == mix_seed(0, 1) != mix_seed(1, 0)
+    True
+    """
+    state = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Factor of ``cfg.lr`` used by optimizer step ``step`` (0-based) for constant/step/cosine."""
     total = max(cfg.epochs * steps_per_epoch, 1)
     warm = int(cfg.warmup * steps_per_epoch)
 
@@ -65,7 +95,7 @@ class Trainer:
     Parameters
     ----------
     model : nn.Module
-        Trained in place.
+        Trained in place, on the device it is on.
     task : Task
         Supplies splits, forward, loss and the validation metric.
     config : TrainConfig
@@ -73,10 +103,46 @@ class Trainer:
         ``loss_fn(model, batch) -> loss``; default is the task loss (with label smoothing).
     callbacks : list of callables, optional
         ``cb(model, global_step, total_steps)`` after each optimizer step (on the bare model).
+        A callback with ``state_dict()`` / ``load_state_dict()`` has its state checkpointed
+        (tensors and plain containers only: the checkpoint is read with ``weights_only=True``).
     ckpt_dir : path, optional
         Where ``last.pt`` is written after each epoch and resumed from.
     log_dir : path, optional
         TensorBoard event files.
+    desc : str, default="train"
+        Name used in logs, progress bars and errors.
+
+    Attributes
+    ----------
+    history : list of dict
+        One entry per epoch: ``epoch``, ``train/loss``, ``train/lr`` and ``val/<metric>``.
+    optimizer, scheduler
+        Set by :meth:`fit` (callbacks may read the current learning rate from ``optimizer``).
+
+    Raises
+    ------
+    TrainingDivergedError
+        When the loss becomes NaN or infinite.
+    ArtifactError
+        When ``ckpt_dir/last.pt`` cannot be read or belongs to another configuration or model.
+
+    Notes
+    -----
+    The learning rate of ``schedule: plateau`` is divided by ``1/gamma`` after 2 epochs without
+    improvement of the validation metric (``ReduceLROnPlateau`` with ``patience=1``).
+    Resuming needs the same configuration and the same number of processes (the schedule is
+    counted in optimizer steps).
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> torch.manual_seed(0) and None
+    >>> model = torchslim.build_model("zoo:digits-cnn", args={"channels": [4, 8], "hidden": 16})
+    >>> task = torchslim.build_task("digits")
+    >>> t = Trainer(model, task, TrainConfig(epochs=2, lr=0.05, loggers=()))
+    >>> _ = t.fit()
+    >>> [h["epoch"] for h in t.history]
+    [1, 2]
     """
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, *,
@@ -91,6 +157,8 @@ class Trainer:
         self.log_dir = Path(log_dir) if log_dir else None
         self.desc = desc
         self.history: list[dict[str, float]] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
 
     # -- pieces --------------------------------------------------------------------------
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -102,6 +170,7 @@ class Trainer:
     def _scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int):
         c = self.cfg
         if c.schedule == "onecycle":
+            # warm-up (at least 5% of the run) is the rising half of the cycle
             return torch.optim.lr_scheduler.OneCycleLR(
                 opt, max_lr=c.lr, total_steps=max(c.epochs * steps_per_epoch, 1),
                 pct_start=min(max(c.warmup / max(c.epochs, 1), 0.05), 0.95))
@@ -153,66 +222,132 @@ class Trainer:
             return True
         return a > b if self.task.higher_is_better else a < b
 
+    def _fingerprint(self) -> dict[str, Any]:
+        """The configuration a checkpoint must match to be resumed (loggers do not matter)."""
+        return {k: v for k, v in self.cfg.to_dict().items() if k != "loggers"}
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically (temp file, then ``os.replace``)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_checkpoint(self, path: Path, steps_per_epoch: int) -> dict[str, Any]:
+        """Read and check ``last.pt``; every error says how to start the run over."""
+        again = f"delete {path} to restart this training from epoch 1"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, foreign or unsafe pickle
+            why = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise ArtifactError(f"{self.desc}: cannot read the training checkpoint {path} "
+                                f"({type(exc).__name__}: {why}); {again}") from None
+        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ArtifactError(f"{self.desc}: {path} is not a torchslim training checkpoint of "
+                                f"format {CKPT_FORMAT} (found {found!r}); {again}")
+        saved, now = state["config"], self._fingerprint()
+        if saved != now:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise ArtifactError(f"{self.desc}: {path} was written with another training "
+                                f"configuration ({diff}); resume with the same configuration or {again}")
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ArtifactError(
+                f"{self.desc}: {path} was written by a run with {state['steps_per_epoch']} steps per "
+                f"epoch ({state['world_size']} process(es)); this run has {steps_per_epoch} "
+                f"({tsdist.world_size()} process(es)); resume with the same number of processes or {again}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ArtifactError(f"{self.desc}: {path} does not fit this model "
+                                f"({first[0] if first else exc}); {again}") from None
+        return state
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> nn.Module:
+        """Train (or resume training) and return the model; see the class docstring."""
         c = self.cfg
         model = self.model
+        self.history = []
         if c.epochs == 0:
             return model
         seed_everything(c.seed)
         if c.dropout is not None:
             for m in model.modules():
-                if isinstance(m, nn.Dropout):
+                if isinstance(m, nn.modules.dropout._DropoutNd):
                     m.p = c.dropout
-        world = tsdist.world_size()
+        world, rank = tsdist.world_size(), tsdist.rank()
         dataset = self.task.split("train")
+        if len(dataset) == 0:
+            raise UserError(f"{self.desc}: the training split of task {self.task.spec!r} is empty")
+        # each rank reads a disjoint 1/world of every epoch (DistributedSampler pads to equal shares)
         sampler = DistributedSampler(dataset, shuffle=True, seed=c.seed) if world > 1 else None
-        gen = torch.Generator().manual_seed(c.seed)
+        gen = torch.Generator() if sampler is None else None
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=sampler is None,
-                            sampler=sampler, generator=gen if sampler is None else None,
-                            collate_fn=self.task.collate, drop_last=len(dataset) > c.batch_size * world)
-        steps_per_epoch = max(len(loader), 1)
+                            sampler=sampler, generator=gen, collate_fn=self.task.collate,
+                            drop_last=len(dataset) > c.batch_size * world)
+        steps_per_epoch = len(loader)
         total_steps = c.epochs * steps_per_epoch
+        warm = int(c.warmup * steps_per_epoch)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise UserError("nothing to train: the model has no trainable parameters")
-        opt = self._optimizer(params)
-        sched = self._scheduler(opt, steps_per_epoch)
+            raise UserError(f"{self.desc}: nothing to train: the model has no trainable parameters")
+        opt = self.optimizer = self._optimizer(params)
+        sched = self.scheduler = self._scheduler(opt, steps_per_epoch)
         device = _device_of(model)
 
         start_epoch, best_metric, best_state, bad_epochs = 0, None, None, 0
         ckpt = self.ckpt_dir / "last.pt" if self.ckpt_dir else None
         if ckpt is not None and ckpt.is_file():
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            model.load_state_dict(state["model"])
+            state = self._load_checkpoint(ckpt, steps_per_epoch)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            start_epoch, best_metric = state["epoch"] + 1, state.get("best_metric")
-            best_state, bad_epochs = state.get("best_state"), state.get("bad_epochs", 0)
-            self.history = list(state.get("history", []))
-            torch.set_rng_state(state["rng"])
-            log.info("%s: resumed from %s at epoch %d/%d", self.desc, ckpt, start_epoch, c.epochs)
+            for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+                if cb_state is not None and hasattr(cb, "load_state_dict"):
+                    cb.load_state_dict(cb_state)
+            start_epoch = c.epochs if state["stopped"] else state["epoch"] + 1
+            best_metric, best_state = state["best_metric"], state["best_state"]
+            bad_epochs = state["bad_epochs"]
+            self.history = list(state["history"])
+            if tsdist.is_main():
+                log.info("%s: resumed from %s after epoch %d/%d", self.desc, ckpt, state["epoch"] + 1,
+                         c.epochs)
 
         ddp_model: nn.Module = model
         if world > 1:
-            ddp_model = nn.parallel.DistributedDataParallel(model)
+            # DDP broadcasts rank 0's parameters and buffers, then averages gradients
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
         loggers = self._loggers()
         step = start_epoch * steps_per_epoch
         bar = tqdm(total=total_steps, initial=step, desc=self.desc, unit="step", leave=False,
                    disable=None if tsdist.is_main() else True)
         try:
             for epoch in range(start_epoch, c.epochs):
+                # the epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
+                # shuffles and drops out exactly like an uninterrupted one
+                seed_everything(mix_seed(c.seed, epoch, rank))
                 if sampler is not None:
                     sampler.set_epoch(epoch)
+                else:
+                    gen.manual_seed(mix_seed(c.seed, epoch))
                 ddp_model.train()
-                running, seen = 0.0, 0
+                running, seen, lr = 0.0, 0, opt.param_groups[0]["lr"]
                 for batch in loader:
+                    if c.schedule == "plateau" and warm and step <= warm:
+                        for g in opt.param_groups:  # linear warm-up; then the plateau rule decides
+                            g["lr"] = c.lr * min((step + 1) / warm, 1.0)
+                    lr = opt.param_groups[0]["lr"]
                     batch = to_device(batch, device)
                     loss = self.loss_fn(ddp_model, batch)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{self.desc}: loss became {loss.item()} at epoch {epoch}; lower lr "
-                            f"(now {c.lr}) or set grad_clip")
+                        raise TrainingDivergedError(
+                            f"{self.desc}: the training loss became {loss.item()} at epoch {epoch + 1}, "
+                            f"step {step + 1} (lr {lr:.3g}); lower lr (now {c.lr}), add warmup, "
+                            "or set grad_clip")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if c.grad_clip is not None:
@@ -223,38 +358,45 @@ class Trainer:
                     step += 1
                     for cb in self.callbacks:
                         cb(model, step, total_steps)
-                    running += float(loss.detach()) * len(self.task.targets(batch))
-                    seen += len(self.task.targets(batch))
+                    n = len(self.task.targets(batch))
+                    running += float(loss.detach()) * n
+                    seen += n
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(seen, 1):.4f}")
+                running, seen = tsdist.all_reduce_sum([running, seen])  # the loss over all ranks
                 val = self._validate(model)
-                record = {"train/loss": running / max(seen, 1), "train/lr": opt.param_groups[0]["lr"]}
+                record = {"train/loss": running / max(seen, 1), "train/lr": lr}
                 if val is not None:
                     record["val/" + (self.task.metric_name or "metric")] = val
                 self.history.append({"epoch": epoch + 1, **record})
                 self._log(loggers, record, epoch + 1)
-                if c.schedule == "plateau" and val is not None:
+                if c.schedule == "plateau" and val is not None and step >= warm:
                     sched.step(val)
+                stop = False
                 if val is not None and c.early_stopping:
                     if self._better(val, best_metric):
                         best_metric, bad_epochs = val, 0
-                        best_state = copy.deepcopy(model.state_dict())
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     else:
                         bad_epochs += 1
+                    stop = bad_epochs >= c.early_stopping
                 if ckpt is not None and tsdist.is_main():
-                    ckpt.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = ckpt.with_suffix(".tmp")
-                    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "best_metric": best_metric,
-                                "best_state": best_state, "bad_epochs": bad_epochs,
-                                "history": self.history, "rng": torch.get_rng_state()}, tmp)
-                    os.replace(tmp, ckpt)
+                    self._save_checkpoint(ckpt, {
+                        "format": CKPT_FORMAT, "config": self._fingerprint(), "epoch": epoch,
+                        "steps_per_epoch": steps_per_epoch, "world_size": world, "stopped": stop,
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "best_metric": best_metric,
+                        "best_state": best_state, "bad_epochs": bad_epochs, "history": self.history,
+                        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
+                                      for cb in self.callbacks]})
                 tsdist.barrier()
-                log.info("%s epoch %d/%d loss %.4f%s", self.desc, epoch + 1, c.epochs,
-                         record["train/loss"], f" val {val:.4f}" if val is not None else "")
-                if c.early_stopping and bad_epochs >= c.early_stopping:
-                    log.info("%s: early stop after epoch %d (best val %.4f)", self.desc, epoch + 1,
-                             best_metric)
+                if tsdist.is_main():
+                    log.info("%s epoch %d/%d loss %.4f%s", self.desc, epoch + 1, c.epochs,
+                             record["train/loss"], f" val {val:.4f}" if val is not None else "")
+                if stop:
+                    if tsdist.is_main():
+                        log.info("%s: early stop after epoch %d (best val %.4f)", self.desc,
+                                 epoch + 1, best_metric)
                     break
         finally:
             bar.close()
@@ -267,5 +409,13 @@ class Trainer:
 
 
 def train(model: nn.Module, task: Task, config: TrainConfig | None = None, **kwargs: Any) -> nn.Module:
-    """Train ``model`` in place and return it (see :class:`Trainer` for keyword arguments)."""
+    """Train ``model`` in place and return it (see :class:`Trainer` for keyword arguments).
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> model = torchslim.build_model("zoo:digits-cnn", args={"channels": [4, 8], "hidden": 16})
+    >>> train(model, torchslim.build_task("digits"), TrainConfig(epochs=1, loggers=())) is model
+    True
+    """
     return Trainer(model, task, config or TrainConfig(), **kwargs).fit()
