@@ -124,3 +124,39 @@ def test_sparse_weights_are_stored_sparsely(tmp_path):
     back = torchslim.load(tmp_path / "sparse")
     for k, v in pruned.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_gradual_pruning_resumes_bit_exactly(trained_digits, digits_task, tmp_path):
+    """Regression: after a resume the gradual schedule kept applying the masks computed before
+    fine-tuning until its next update, so a resumed run ended with other weights."""
+    from torchslim.pipeline import StepContext
+
+    class CrashingContext(StepContext):
+        crash_at: int | None = None
+
+        def train(self, model, config, *, callbacks=None, **kw):
+            def crash(m, step, total):
+                if step == self.crash_at:
+                    raise _Interrupt
+            return super().train(model, config, callbacks=[*(callbacks or []), crash], **kw)
+
+    cfg = MagnitudePruneConfig(sparsity=0.8, schedule="gradual", updates=7,
+                               finetune=TrainConfig(optimizer="adamw", epochs=4, lr=0.002, loggers=()))
+    entry = torchslim.list_methods("prune.magnitude")[0]
+
+    def run(workdir, crash_at=None):
+        ctx = CrashingContext(task=digits_task, workdir=workdir)
+        ctx.crash_at = crash_at
+        return entry.handler(copy.deepcopy(trained_digits), cfg, ctx)
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "b", crash_at=2 * 19 + 5)        # 19 steps per epoch: in epoch 3, mid-ramp
+    resumed = run(tmp_path / "b")
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+

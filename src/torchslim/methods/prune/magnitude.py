@@ -87,6 +87,46 @@ class _Masker:
         for w, m in zip(self.weights(model), self.masks):
             w.mul_(m)
 
+    # the trainer checkpoints these with each epoch, so a resumed run continues with the masks
+    # in force when it stopped (the gradual schedule changes them during training)
+    def state_dict(self) -> dict:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masks = state["masks"]
+
+
+class _GradualSchedule:
+    """Trainer callback: raise sparsity along the cubic schedule, keep pruned weights at zero."""
+
+    def __init__(self, masker: _Masker, config: "MagnitudePruneConfig") -> None:
+        self.masker, self.config = masker, config
+
+    def __call__(self, model: nn.Module, step: int, total: int) -> None:
+        c = self.config
+        ramp_steps = max(int(c.ramp * total), 1)
+        every = max(ramp_steps // c.updates, 1)
+        if step <= ramp_steps and (step % every == 0 or step == ramp_steps):
+            self.masker.prune_to(model, cubic_sparsity(step, ramp_steps, c.sparsity, c.initial_sparsity))
+        else:
+            self.masker.apply(model)
+
+    def state_dict(self) -> dict:
+        return self.masker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masker.load_state_dict(state)
+
+
+class _KeepMasks:
+    """Trainer callback: keep pruned weights at zero after each optimizer step."""
+
+    def __init__(self, masker: _Masker) -> None:
+        self.masker = masker
+
+    def __call__(self, model: nn.Module, step: int, total: int) -> None:
+        self.masker.apply(model)
+
 
 @register_method("prune.magnitude", MagnitudePruneConfig)
 def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module:
@@ -97,26 +137,15 @@ def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module
     if config.schedule == "oneshot":
         masker.prune_to(model, config.sparsity)
         if ft is not None and ft.epochs > 0:
-            ctx.train(model, ft, desc="prune-finetune", callbacks=[lambda m, s, t: masker.apply(m)])
+            ctx.train(model, ft, desc="prune-finetune", callbacks=[_KeepMasks(masker)])
     elif config.schedule == "gradual":
         masker.prune_to(model, config.initial_sparsity)
-
-        def gradual(m: nn.Module, step: int, total: int) -> None:
-            ramp_steps = max(int(config.ramp * total), 1)
-            every = max(ramp_steps // config.updates, 1)
-            if step % every == 0 or step == ramp_steps:
-                masker.prune_to(m, cubic_sparsity(min(step, ramp_steps), ramp_steps,
-                                                  config.sparsity, config.initial_sparsity))
-            else:
-                masker.apply(m)
-
-        ctx.train(model, ft, desc="prune-gradual", callbacks=[gradual])
+        ctx.train(model, ft, desc="prune-gradual", callbacks=[_GradualSchedule(masker, config)])
     else:  # iterative: equal-ratio rounds, each followed by fine-tuning
         keep_per_round = (1.0 - config.sparsity) ** (1.0 / config.iterations)
         for r in range(1, config.iterations + 1):
             masker.prune_to(model, 1.0 - keep_per_round ** r)
-            ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}",
-                      callbacks=[lambda m, s, t: masker.apply(m)])
+            ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", callbacks=[_KeepMasks(masker)])
     # the exact target at the end, whatever early stopping restored
     masker.prune_to(model, config.sparsity)
     log.info("magnitude pruning: %d layers at %.1f%% sparsity (%s)", len(chosen), 100 * config.sparsity,
