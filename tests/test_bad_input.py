@@ -61,7 +61,7 @@ def assert_clean_error(code, err, out_dir: Path | None, *needles):
     (GOOD.replace("zoo:digits-cnn", "zoo:digit-cnn"), ["unknown zoo model 'digit-cnn'", "did you mean 'digits-cnn'"]),
     (GOOD.replace("zoo:digits-cnn", "nope:thing"), ["unknown model source 'nope'"]),
     (GOOD.replace("task: digits", "task: digitz"), ["unknown task", "did you mean 'digits'"]),
-    (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, targets: ['fc9']}"), ["matches no module", "fc9"]),
+    (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, targets: ['fc9']}"), ["matches no module", "fc9", ":5:"]),
     (GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, targets: ['re:(']}"), ["bad regular expression"]),
     (GOOD.replace("epochs: 1", "epochs: one"), ["epochs", "expected an integer"]),
 ])

@@ -150,3 +150,13 @@ def test_macs_count_cpu_sdpa_attention():
     q = torch.zeros(1, 4, 10, 8)       # (B, heads, L, head_dim)
     # scores Q K^T and the weighted sum with V: 2 * B*h*L*L*d
     assert count_macs(Attn(), (q, q, q)) == 2 * 4 * 10 * 10 * 8
+
+
+def test_repeated_steps_get_unique_names():
+    from torchslim.pipeline import step_name
+    from torchslim.recipe import Recipe
+    r = Recipe.from_dict({"model": "zoo:digits-cnn", "task": "digits", "steps": [
+        {"prune": {"method": "magnitude", "sparsity": 0.3}}, {"quantize": {"method": "linear"}},
+        {"prune": {"method": "magnitude", "sparsity": 0.5}}]})
+    assert [step_name(r, i) for i in range(4)] == ["baseline", "prune-magnitude", "quantize-linear",
+                                                   "prune-magnitude-2"]

@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed as tsdist
 from ._version import __version__
 from .artifact import load, save
-from .errors import UserError
+from .errors import RecipeError, UserError
 from .measure import measure
 from .recipe import Recipe, Step
 from .registry import get_method
@@ -127,8 +127,22 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
         for key in ("targets", "ignore"):
             patterns = getattr(step.config, key, ())
             if patterns:
-                check_patterns(model, patterns, f"steps.{i - 1}.{step.verb}.{key}")
+                try:
+                    check_patterns(model, patterns, f"steps.{i - 1}.{step.verb}.{key}")
+                except RecipeError as exc:
+                    raise RecipeError(recipe.locate(str(exc))) from None
     return model, task
+
+
+def step_name(recipe: Recipe, index: int) -> str:
+    """The metrics.json name of step ``index`` (0 = baseline): ``verb-method``, with ``-2``, ``-3``
+    appended when the same verb and method come again, so names stay unique."""
+    if index == 0:
+        return "baseline"
+    names = [step_dirname(i, s)[3:] for i, s in enumerate(recipe.steps, start=1)]
+    name = names[index - 1]
+    repeat = names[:index].count(name)
+    return name if repeat == 1 else f"{name}-{repeat}"
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None = None,
@@ -176,7 +190,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
         if main:
             sdir.mkdir(parents=True, exist_ok=True)
             save(model, sdir / "model", extra={"step": step_dirname(index, step)})
-            row = {"name": "baseline" if step is None else step_dirname(index, step)[3:],
+            row = {"name": step_name(recipe, index),
                    "verb": "baseline" if step is None else step.verb,
                    "method": None if step is None else step.method}
             row.update(measure(model, task, batch_sizes=recipe.measure.batch_sizes,

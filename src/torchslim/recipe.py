@@ -84,9 +84,17 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, lines: dict[str, int] | None = None, source: str = "recipe") -> "Recipe":
         try:
-            return cls._from_dict(data)
+            recipe = cls._from_dict(data)
         except RecipeError as exc:
             raise RecipeError(_locate(str(exc), lines or {}, source)) from None
+        # where each key came from, for errors found later (target patterns vs the real model)
+        object.__setattr__(recipe, "_origin", (dict(lines or {}), source))
+        return recipe
+
+    def locate(self, message: str) -> str:
+        """Prefix ``message`` (``dotted.path: ...``) with the recipe file and line it refers to."""
+        lines, source = getattr(self, "_origin", ({}, "recipe"))
+        return _locate(message, lines, source)
 
     @classmethod
     def _from_dict(cls, data: Any) -> "Recipe":
