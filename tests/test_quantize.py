@@ -110,3 +110,22 @@ def test_group_size_must_divide_inputs():
     model = torchslim.build_model("zoo:lenet-300-100")
     with pytest.raises(RecipeError, match="does not divide"):
         torchslim.apply(model, LinearQuantConfig(granularity="group", group_size=7))
+
+
+def test_inference_cache_follows_weight_changes():
+    """The dequantized weight kept for inference must be refreshed when the codes change."""
+    lin = torch.nn.Linear(16, 8)
+    q = QuantLinear.from_float(lin)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y1 = q(x)
+        q.set_weight(torch.randn(8, 16))        # new codes and scales
+        y2 = q(x)
+        assert not torch.allclose(y1, y2)
+        torch.testing.assert_close(y2, torch.nn.functional.linear(x, q._dequantize(), q.bias), rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(q(x), y2, rtol=0, atol=0)
+    q.train()
+    y3 = q(x)                                    # with gradients: computed fresh, differentiable
+    y3.sum().backward()
+    assert q.bias.grad is not None

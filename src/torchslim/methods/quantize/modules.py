@@ -1,8 +1,11 @@
 """Layers holding integer weights: ``QuantLinear`` and ``QuantConv2d``.
 
 Weights are stored as int8 codes plus float32 scales (and zero points when affine); the forward
-dequantizes and runs the float kernel, so the layer is exact to what is stored and exports to
-ONNX as plain ops. Faster integer kernels plug in here later without changing the artifact.
+dequantizes and runs the float kernel, so the layer computes exactly what is stored and exports
+to ONNX as plain ops. Under ``no_grad``/``inference_mode`` the dequantized weight is kept until
+the codes or scales change (decompress once, like loading a compressed checkpoint), so
+inference runs at float speed with float memory; with gradients on it is recomputed every call.
+Integer kernels plug in here later without changing the artifact.
 """
 
 from __future__ import annotations
@@ -39,9 +42,20 @@ class _QuantWeight(nn.Module):
         if self.zero_point is not None:
             self.zero_point.copy_(zero)
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def _dequantize(self) -> torch.Tensor:
         zero = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
         return P.dequantize(self.weight_q, self.scale, zero, self.granularity, self.group_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return self._dequantize()
+        tensors = [t for t in (self.weight_q, self.scale, self.zero_point) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+        cache = self.__dict__.get("_deq_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._dequantize())
+            self.__dict__["_deq_cache"] = cache
+        return cache[1]
 
     def _q_args(self) -> dict[str, Any]:
         return dict(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
