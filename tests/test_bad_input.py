@@ -209,3 +209,9 @@ def test_every_command_has_help():
     for cmd in ("demo", "compress", "measure", "report", "export", "methods"):
         r = subprocess.run([sys.executable, "-m", "torchslim", cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
+
+
+def test_bad_builder_arguments(tmp_path, capsys):
+    recipe = write(tmp_path, 'model: {spec: "zoo:digits-cnn", args: {channels: "abc"}}\ntask: digits\n')
+    code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "zoo:digits-cnn", "cannot build")

@@ -128,6 +128,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def as_mapping(data: Any, where: str) -> dict[str, Any]:
+    """``data`` as a dict with string keys (None -> {}), or a RecipeError saying what was found."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of fields, got {data!r}")
+    for key in data:
+        if not isinstance(key, str):
+            raise RecipeError(f"{where}: keys must be field names (strings), got {key!r}")
+    return dict(data)
+
+
 def _plain(value: Any) -> Any:
     """The YAML/JSON form of a field value."""
     if isinstance(value, MethodConfig):
@@ -178,9 +190,9 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "") -> "MethodConfig":
         """Build from a mapping; unknown keys are errors with a suggestion."""
-        data = dict(data or {})
-        names = [f.name for f in dataclasses.fields(cls)]
         where = where or cls.__name__
+        data = as_mapping(data, where)
+        names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
                 raise RecipeError(

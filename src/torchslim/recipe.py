@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .config import MethodConfig, option
+from .config import MethodConfig, as_mapping, option
 from .errors import RecipeError, did_you_mean
 from .registry import DEFAULT_METHOD, VERBS, get_method
 from .train.config import TrainConfig
@@ -157,9 +157,7 @@ def parse_step(raw: Any, where: str) -> Step:
     if verb not in VERBS:
         raise RecipeError(f"{where}: unknown step verb {verb!r}{did_you_mean(str(verb), VERBS)}; "
                           f"verbs: {', '.join(VERBS)}")
-    body = dict(body or {})
-    if not isinstance(body, dict):
-        raise RecipeError(f"{where}.{verb}: expected a mapping of fields")
+    body = as_mapping(body, f"{where}.{verb}")
     method = body.pop("method", DEFAULT_METHOD.get(verb))
     try:
         entry = get_method(verb, method)

@@ -106,7 +106,10 @@ def _call_with_args(fn: Callable, args: dict, what: str) -> nn.Module:
         raise SpecError(f"{what}: bad arguments {args}: {exc}") from None
     except ValueError:
         pass  # builtins without a signature
-    return fn(**args)
+    try:
+        return fn(**args)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{what}: cannot build with arguments {args}: {exc}") from None
 
 
 @register_model_source("zoo")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodConfig, option
+from ..config import MethodConfig, as_mapping, option
 from ..errors import RecipeError
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
@@ -49,7 +49,7 @@ class TrainConfig(MethodConfig):
     @classmethod
     def from_dict(cls, data, where: str = ""):
         """``method:`` is accepted as another name for ``optimizer`` (the train verb's method)."""
-        data = dict(data or {})
+        data = as_mapping(data, where or cls.__name__)
         if "method" in data:
             if "optimizer" in data and data["optimizer"] != data["method"]:
                 raise RecipeError(f"{where or cls.__name__}: give 'method' or 'optimizer', not both")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...config import option
+from ...config import as_mapping, option
 from ...errors import RecipeError
 from ...registry import register_method
 from ...specs.models import build_model
@@ -45,7 +45,7 @@ class LogitsDistillConfig(TrainConfig):
 
     @classmethod
     def from_dict(cls, data, where: str = ""):
-        data = dict(data or {})
+        data = as_mapping(data, where or cls.__name__)
         if isinstance(data.get("student"), str):
             data["student"] = {"spec": data["student"]}
         return super().from_dict(data, where=where)
