@@ -215,3 +215,18 @@ def test_bad_builder_arguments(tmp_path, capsys):
     recipe = write(tmp_path, 'model: {spec: "zoo:digits-cnn", args: {channels: "abc"}}\ntask: digits\n')
     code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, tmp_path / "o", "zoo:digits-cnn", "cannot build")
+
+
+def test_training_on_a_task_without_data_fails_before_any_work(tmp_path, capsys):
+    recipe = write(tmp_path, GOOD.replace("task: digits", "task: shape:1x8x8"))
+    code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "random inputs only")
+
+
+def test_missing_onnx_runtime_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    recipe = write(tmp_path, GOOD + "  - export: {formats: [artifact, onnx]}\n")
+    code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "onnxruntime", "torchslim[onnx]", ":7:")

@@ -176,6 +176,10 @@ class MethodConfig:
     def validate(self) -> None:
         """Cross-field checks; raise RecipeError with the field name and the allowed values."""
 
+    def check_ready(self) -> None:
+        """Raise a UserError when this machine cannot run the method (a missing optional
+        package, say); called for every step before a recipe starts any work."""
+
     @classmethod
     def example(cls) -> "MethodConfig":
         """A small valid config that runs in seconds on a tiny model (used by contract tests);

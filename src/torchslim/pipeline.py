@@ -117,18 +117,29 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     from .modules import check_patterns
 
     task = build_task(recipe.task, data_dir)
+    trains = (recipe.train is not None and not recipe.model.pretrained) or any(
+        isinstance(s.config, TrainConfig) or getattr(s.config, "finetune", None) is not None
+        for s in recipe.steps)
+    if trains or task.metric_name is not None:
+        task.split("train")  # missing or broken data files fail here, as does a task without data
     if task.metric_name is not None:
-        task.split("train"), task.split("test")  # missing or broken data files fail here
+        task.split("test")
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
+    model_known = True
     for i, step in enumerate(recipe.steps, start=1):
+        where = f"steps.{i - 1}.{step.verb}"
+        try:
+            step.config.check_ready()
+        except UserError as exc:
+            raise type(exc)(recipe.locate(f"{where}: {exc}")) from None
         if step.verb in ("distill", "merge"):
-            break  # later steps target a model that does not exist yet
+            model_known = False  # later steps target a model that does not exist yet
         for key in ("targets", "ignore"):
             patterns = getattr(step.config, key, ())
-            if patterns:
+            if patterns and model_known:
                 try:
-                    check_patterns(model, patterns, f"steps.{i - 1}.{step.verb}.{key}")
+                    check_patterns(model, patterns, f"{where}.{key}")
                 except RecipeError as exc:
                     raise RecipeError(recipe.locate(str(exc))) from None
     return model, task

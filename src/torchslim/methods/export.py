@@ -38,6 +38,10 @@ class ExportConfig(MethodConfig):
     atol: float = option(1e-4, low=0.0, low_open=True, doc="ONNX Runtime vs PyTorch: absolute tolerance")
     rtol: float = option(1e-4, low=0.0, doc="ONNX Runtime vs PyTorch: tolerance relative to max |output|")
 
+    def check_ready(self) -> None:
+        if "onnx" in self.formats:
+            _require_onnx()
+
 
 class TensorIO(nn.Module):
     """Tensors in, one tensor out: Hugging Face models take keyword arguments and return output
@@ -58,12 +62,17 @@ class TensorIO(nn.Module):
         return out
 
 
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"ONNX export needs {' and '.join(missing)}: pip install 'torchslim[onnx]'")
+
+
 def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) -> Path:
     """Export to ONNX with a dynamic batch dimension; atomic (temporary file, then rename)."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise UserError("ONNX export needs the onnx extra: pip install 'torchslim[onnx]'") from None
+    _require_onnx()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     model = TensorIO(model).eval()
