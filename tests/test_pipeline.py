@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchslim
+import torchslim.errors
 from torchslim.measure import count_macs, count_params
 
 STEP_KEYS = {"name", "verb", "method", "params", "nonzero_params", "size_bytes", "macs", "latency_ms",
@@ -160,3 +161,32 @@ def test_repeated_steps_get_unique_names():
         {"prune": {"method": "magnitude", "sparsity": 0.5}}]})
     assert [step_name(r, i) for i in range(4)] == ["baseline", "prune-magnitude", "quantize-linear",
                                                    "prune-magnitude-2"]
+
+
+def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
+    import torchslim.pipeline as pl
+
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "train": {"optimizer": "adamw", "epochs": 2, "lr": 0.003, "loggers": []},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "linear"}}]}
+    real_apply = pl.apply_step
+    calls = []
+
+    def flaky(model, step, ctx):
+        calls.append(step.key)
+        if step.verb == "quantize" and calls.count(step.key) == 1:
+            raise RuntimeError("simulated crash in step 2")
+        return real_apply(model, step, ctx)
+
+    monkeypatch.setattr(pl, "apply_step", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        torchslim.compress(recipe, out)
+    assert not out.exists() and (tmp_path / ".run.partial" / "steps" / "01-prune-magnitude" / "step.json").is_file()
+    with pytest.raises(torchslim.errors.UserError, match="--resume"):
+        torchslim.compress(recipe, out)
+    first_rows = json.loads((tmp_path / ".run.partial" / "metrics.json").read_text())["steps"]
+    m = torchslim.compress(recipe, out, resume=True)
+    assert calls == ["prune.magnitude", "quantize.linear", "quantize.linear"]   # prune ran once
+    assert m["steps"][:2] == first_rows and [s["name"] for s in m["steps"]][2] == "quantize-linear"
+    assert torchslim.load(out / "model") is not None and not (tmp_path / ".run.partial").exists()

@@ -224,8 +224,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     # -- baseline --------------------------------------------------------------------------
     t0 = time.perf_counter()
     row = done_row(0, None) if resume else None
+    done_model: Path | None = None  # a finished step's artifact, loaded only if a later step needs it
     if row is not None:
-        model = load(partial / "steps" / step_dirname(0, None) / "model")
+        done_model = partial / "steps" / step_dirname(0, None) / "model"
         metrics["steps"].append(row)
         log.info("resume: baseline already done")
     else:
@@ -241,10 +242,12 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
         name = step_dirname(i, step)
         row = done_row(i, step) if resume else None
         if row is not None:
-            model = load(partial / "steps" / name / "model")
+            done_model = partial / "steps" / name / "model"
             metrics["steps"].append(row)
             log.info("resume: step %s already done", name)
             continue
+        if done_model is not None:
+            model, done_model = load(done_model), None
         log.info("step %d/%d: %s", i, len(recipe.steps), step.key)
         ctx = StepContext(workdir=partial / "steps" / name, **ctx_base)
         if step.verb != "export" or main:  # export only writes files, which rank 0 alone does
