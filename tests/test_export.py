@@ -47,3 +47,22 @@ def test_hf_model_exports_to_onnx(tmp_path):
     mask3 = torch.ones_like(ids3)
     mask3[0, 8:] = 0
     assert check_onnx(model, path, (ids3, mask3), atol=1e-4) < 1e-4
+
+
+@pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("channel", False), ("tensor", True)])
+def test_int8_layers_export_as_dequantize_linear(tmp_path, granularity, symmetric):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-5").eval()
+    q = torchslim.apply(model, LinearQuantConfig(bits=8, granularity=granularity, symmetric=symmetric)).eval()
+    x = torch.randn(1, 1, 28, 28)
+    f_path = export_onnx(model, (x,), tmp_path / "float.onnx")
+    q_path = export_onnx(q, (x,), tmp_path / "int8.onnx")
+    graph = onnx.load(str(q_path)).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 4
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert sum(int(torch.tensor(i.dims).prod()) for i in int8) >= 430000       # the weight codes
+    assert q_path.stat().st_size < 0.3 * f_path.stat().st_size
+    assert check_onnx(q, q_path, (torch.randn(5, 1, 28, 28),), atol=1e-4) < 1e-4
+    # outside export the layer still runs its PyTorch path
+    assert not torch.onnx.is_in_onnx_export()

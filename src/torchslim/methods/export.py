@@ -2,7 +2,9 @@
 
 - ``artifact``: DIR/model (always written at the end of a run; listing it is allowed);
 - ``onnx``: DIR/onnx/model.onnx, checked against PyTorch with ONNX Runtime, whose latency is
-  recorded in the step's metrics as ``onnx_latency_ms``;
+  recorded in the step's metrics as ``onnx_latency_ms``; int8 weights are stored as int8
+  initializers behind ``DequantizeLinear`` (open it with the session option
+  ``session.disable_quant_qdq=1`` to have ONNX Runtime fold them to float once at load);
 - ``torch-export``: DIR/torch-export/model.pt2 (``torch.export``).
 """
 
@@ -92,6 +94,9 @@ def onnx_session(path: Path):
     opts.intra_op_num_threads = torch.get_num_threads()
     # no busy-waiting worker threads: they would steal the cores from later PyTorch timings
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # int8 weight-only layers are DequantizeLinear on initializers: let ORT fold them into float
+    # weights once at load instead of dequantizing on every run (the file stays int8)
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -20,6 +20,22 @@ from ...modules import register_module_class
 from . import primitives as P
 
 
+class _DequantizeLinear(torch.autograd.Function):
+    """``(q - zero) * scale`` along ``axis`` that exports as ONNX ``DequantizeLinear``, so an
+    ONNX file keeps the int8 codes instead of folding them into float constants."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = [1] * q.dim()
+        if scale.dim():
+            shape[axis] = -1
+        return (q.float() - zero.float().view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero, axis):  # ONNX graph construction
+        return g.op("DequantizeLinear", q, scale, zero, axis_i=axis)
+
+
 class _QuantWeight(nn.Module):
     def _init_q(self, weight_shape: tuple[int, ...], bits: int, granularity: str, group_size: int,
                 symmetric: bool) -> None:
@@ -46,7 +62,21 @@ class _QuantWeight(nn.Module):
         zero = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
         return P.dequantize(self.weight_q, self.scale, zero, self.granularity, self.group_size)
 
+    def _onnx_dequantize(self) -> torch.Tensor:
+        """Per-tensor and per-channel codes as an ONNX DequantizeLinear node (int8 in the file);
+        per-group needs opset 21 block quantization, so it is exported as float."""
+        if self.granularity == "group":
+            return self._dequantize()
+        zero = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
+        if self.granularity == "tensor":
+            scale, zero = self.scale.reshape(()), zero.reshape(())
+        else:
+            scale, zero = self.scale.reshape(-1), zero.reshape(-1)
+        return _DequantizeLinear.apply(self.weight_q, scale, zero.to(torch.int8), 0)
+
     def dequantized_weight(self) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_dequantize()
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             return self._dequantize()
         tensors = [t for t in (self.weight_q, self.scale, self.zero_point) if t is not None]
