@@ -97,7 +97,8 @@ model = torchslim.build_model("zoo:digits-cnn", args={"channels": [8, 16], "hidd
 seen, steps = [], []
 
 def loss_fn(m, b):
-    seen.append(b[2].clone())
+    if m.training:              # the trainer's eval-mode probe for unused parameters is not a step
+        seen.append(b[2].clone())
     return task.loss(task.forward(m, b), b)
 
 def cb(m, step, total):
@@ -178,3 +179,25 @@ def test_torchrun_bad_input_exits_2_on_every_rank(tmp_path, resume):
     assert "2" in codes and set(codes) <= {"2", "-15"}, codes
     assert r.stderr.count(msg) == 2 or "-15" in codes
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_trains_a_model_with_unused_parameters(tmp_path):
+    """Regression: BERT's pooler gets no gradient under mean pooling, and DDP waited for it
+    ("Expected to have finished reduction in the prior iteration")."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    from conftest import data_dir
+    data = data_dir()
+    if data is None or not (data / "stsbenchmark").is_dir():
+        pytest.skip("STS Benchmark files not found (TORCHSLIM_DATA)")
+    (tmp_path / "recipe.yaml").write_text(
+        f"model: hf:{tmp_path / 'bert'}\ntask: stsb\n"
+        "steps:\n  - train: {method: adamw, epochs: 1, lr: 0.001, batch_size: 128, loggers: []}\n")
+    r = torchrun(tmp_path, "-m", "torchslim", "compress", "recipe.yaml", "--out", "run",
+                 "--data-dir", str(data), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["environment"]["world_size"] == 2 and m["steps"][1]["metric"]["name"] == "spearman"

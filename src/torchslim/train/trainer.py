@@ -266,6 +266,23 @@ class Trainer:
                                 f"({first[0] if first else exc}); {again}") from None
         return state
 
+    def _has_unused_params(self, params: list[nn.Parameter], dataset, device: torch.device) -> bool:
+        """Whether some trainable parameter gets no gradient from the loss (BERT's pooler under
+        mean pooling, say). DDP must then be told, or it waits for those gradients forever.
+        Probed with one eval-mode forward/backward; RNG state, weights and statistics untouched."""
+        was_training = self.model.training
+        batch = to_device(self.task.collate([dataset[i] for i in range(min(2, len(dataset)))]), device)
+        with torch.random.fork_rng(devices=[]):
+            self.model.eval()
+            try:
+                self.loss_fn(self.model, batch).backward()
+                unused = any(p.grad is None for p in params)
+            finally:
+                for p in params:
+                    p.grad = None
+                self.model.train(was_training)
+        return unused
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> nn.Module:
         """Train (or resume training) and return the model; see the class docstring."""
@@ -320,7 +337,8 @@ class Trainer:
         if world > 1:
             # DDP broadcasts rank 0's parameters and buffers, then averages gradients
             ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self._has_unused_params(params, dataset, device))
         loggers = self._loggers()
         step = start_epoch * steps_per_epoch
         bar = tqdm(total=total_steps, initial=step, desc=self.desc, unit="step", leave=False,
