@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compress" and not args.dry_run and not args.out:
         parser.error("compress: --out DIR is required (or use --dry-run)")
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # our progress bars and those of libraries we call
     logging.basicConfig(level=level, format="%(message)s" if not args.debug else
                         "%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx"):

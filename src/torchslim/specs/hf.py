@@ -40,6 +40,8 @@ def require_transformers(what: str) -> Any:
     except ImportError:
         raise SpecError(f"{what} needs the transformers package, which is not installed: "
                         f"{NLP_HINT}") from None
+    if os.environ.get("TQDM_DISABLE"):  # torchslim -q: no "Loading weights" bars either
+        transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
