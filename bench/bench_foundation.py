@@ -47,8 +47,8 @@ def row(name: str, model: nn.Module, task, size: int, extra: dict | None = None)
     x1, x32 = task.example_inputs(1), task.example_inputs(32)
     params, nnz = count_params(model)
     return {"name": name, "params": params, "nonzero": nnz, "size_bytes": size,
-            "latency_ms_bs1": round(measure_latency(model, x1, repeats=50), 4),
-            "latency_ms_bs32": round(measure_latency(model, x32, repeats=50), 4),
+            "latency_ms_bs1": round(measure_latency(model, x1), 4),
+            "latency_ms_bs32": round(measure_latency(model, x32), 4),
             "accuracy": round(task.evaluate(model), 4), **(extra or {})}
 
 

@@ -230,3 +230,70 @@ def test_missing_onnx_runtime_fails_before_any_work(tmp_path, capsys, monkeypatc
     recipe = write(tmp_path, GOOD + "  - export: {formats: [artifact, onnx]}\n")
     code, _, err = run_cli(["compress", recipe, "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, tmp_path / "o", "onnxruntime", "torchslim[onnx]", ":7:")
+
+
+# -- regressions from review: each was an exit 1 (internal failure) or a late failure -------------
+@pytest.mark.parametrize("item,needle", [
+    ("steps.0.prune.sparsity=.nan", "finite number"),
+    ("measure.batch_sizes=[0]", "out of range"),
+    ("model.args={num_classes: -1}", "cannot build"),
+])
+def test_bad_values_caught_before_any_work(tmp_path, capsys, item, needle):
+    code, _, err = run_cli(["compress", write(tmp_path, GOOD), "--out", tmp_path / "o", "--set", item], capsys)
+    assert_clean_error(code, err, tmp_path / "o", needle)
+
+
+def test_exponent_without_dot_is_a_number(tmp_path, capsys):
+    """Regression: YAML 1.1 reads 1e-3 as a string, which was refused as 'expected a number'."""
+    code, out, err = run_cli(["compress", write(tmp_path, GOOD.replace("lr: 0.003", "lr: 3e-3")), "--dry-run"],
+                             capsys)
+    assert code == 0, err
+    assert "lr: 0.003" in out
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("model: zoo:digits-cnn\ntask: digits\ntask: mnist\n", "appears twice"),
+    ("model: &a [*a]\ntask: digits\n", "expected a mapping"),
+    ("model: {}\ntask: digits\n", "model.spec: missing"),
+    ("model: zoo:digits-cnn\ntask: mnist:foo\n", "takes no argument"),
+    ("model: zoo:digits-cnn\ntask: digits\nsteps:\n  - prune: {methd: magnitude}\n", "did you mean 'method'"),
+    ("model: zoo:lenet-5\ntask: digits\n", "does not run on the inputs of task 'digits'"),
+    ("model: {spec: 'torchvision:resnet18', args: {num_classes: -1}}\ntask: digits\n", "cannot build"),
+    ("model: zoo:digits-cnn\ntask: digits\ntrain: {epochs: 1}\n"
+     "steps:\n  - distill: {method: logits, student: zoo:digits-cnnn}\n", "did you mean 'digits-cnn'"),
+    ("model: zoo:digits-cnn\ntask: digits\ntrain: {epochs: 1}\n"
+     "steps:\n  - distill: {method: logits, student: zoo:lenet-5}\n", "student zoo:lenet-5 does not run"),
+])
+def test_more_bad_recipes(tmp_path, capsys, text, needle):
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", needle)
+
+
+def test_non_utf8_recipe(tmp_path, capsys):
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe model")
+    code, _, err = run_cli(["compress", bad, "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "not a UTF-8")
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep")
+    code, _, err = run_cli(["compress", write(tmp_path, GOOD), "--out", f], capsys)
+    assert code == 2 and "not a directory" in err and f.read_text() == "keep"
+
+
+def test_measure_model_that_does_not_fit_task(capsys):
+    code, _, err = run_cli(["measure", "zoo:lenet-300-100", "--task", "shape:10"], capsys)
+    assert_clean_error(code, err, None, "does not run on the inputs", "int64")
+
+
+def test_methods_pattern_that_matches_nothing(capsys):
+    code, _, err = run_cli(["methods", "prune.magnitud"], capsys)
+    assert code == 2 and "did you mean 'prune.magnitude'" in err
+
+
+def test_export_opset_out_of_range():
+    r = subprocess.run([sys.executable, "-m", "torchslim", "export", ".", "--opset", "5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "13 to 23" in r.stderr

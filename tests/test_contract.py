@@ -46,6 +46,7 @@ def test_method_contract(entry, trained_digits, digits_task, tmp_path):
     before = copy.deepcopy(model.state_dict())
     x = digits_task.example_inputs(8)[0]
 
+    _example(entry).check_ready(digits_task)   # the pre-flight check passes for a runnable config
     out = _run(entry, model, digits_task, tmp_path / "a")
     # 1. the input is untouched
     for k, v in model.state_dict().items():

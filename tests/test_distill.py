@@ -80,3 +80,13 @@ def test_logit_distillation_refuses_embedding_tasks():
     task.outputs = "embeddings"
     with pytest.raises(RecipeError, match="class logits"):
         torchslim.apply(torchslim.build_model("zoo:lenet-300-100"), LogitsDistillConfig.example(), task=task)
+
+
+def test_label_smoothing_reaches_the_hard_term():
+    """Regression: distill accepted label_smoothing but kd_loss ignored it."""
+    import torch.nn.functional as F
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    soft = kd_loss(s, t, y, 2.0, 1.0)
+    got = kd_loss(s, t, y, 2.0, 0.6, label_smoothing=0.2)
+    want = 0.6 * soft + 0.4 * F.cross_entropy(s, y, label_smoothing=0.2)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)

@@ -21,10 +21,12 @@ def test_export_step_writes_onnx_and_torch_export(tmp_path, digits_task):
     assert (tmp_path / "torch-export" / "model.pt2").is_file()
     m = ctx.info["metrics"]
     assert m["onnx_max_abs_diff"] < 1e-4 and set(m["onnx_latency_ms"]) == {"1", "32"}
+    assert m["torch_export_dynamic_batch"] is True
     ep = torch.export.load(str(tmp_path / "torch-export" / "model.pt2"))
-    x = digits_task.example_inputs(1)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(ep.module()(x), model(x))
+    for bs in (1, 5):  # regression: the export used to accept batch size 1 only
+        x = digits_task.example_inputs(bs)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x))
 
 
 def test_onnx_has_a_dynamic_batch(tmp_path, digits_task):

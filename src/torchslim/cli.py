@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from ._version import __version__
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 log = logging.getLogger("torchslim")
 
@@ -33,6 +34,16 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
     return sizes
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 13 <= value <= 23:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; accepted: 13 to 23")
+    return value
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -68,14 +79,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .measure import measure
+    from .measure import check_runs, measure
     from .report import format_table
     from .specs import build_model, build_task
 
+    t0 = time.perf_counter()
     task = build_task(args.task, args.data_dir)
     model = build_model(args.model, weights=args.weights)
+    check_runs(model, task, f"model {args.model}")
     row = {"name": "measure", "verb": "measure", "method": None,
            **measure(model, task, batch_sizes=args.batch_sizes)}
+    row["wall_s"] = round(time.perf_counter() - t0, 3)
     _out(format_table({"steps": [row]}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +106,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .artifact import load
+    from .measure import check_runs
     from .methods.export import check_onnx, export_onnx
     from .specs import build_task
 
@@ -109,6 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("export: --task is needed to know the model's input shape (e.g. --task digits)")
     task = build_task(task_spec, args.data_dir)
     model = load(art)
+    check_runs(model, task, f"the model in {art}")
     path = export_onnx(model, task.example_inputs(1), Path(args.out) if args.out else out, args.opset)
     diff = check_onnx(model, path, task.example_inputs(4), atol=1e-4)
     _out(f"wrote {path} (ONNX Runtime vs PyTorch max abs diff {diff:.2e})")
@@ -117,7 +133,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import list_methods
-    for e in list_methods(args.pattern):
+    entries = list_methods(args.pattern)
+    if not entries:
+        keys = [e.key for e in list_methods()]
+        raise UserError(f"no method matches {args.pattern!r}{did_you_mean(args.pattern, keys)}; "
+                        f"methods: {', '.join(keys)}")
+    for e in entries:
         _out(f"{e.key}  ({e.config_cls.__name__}): {e.summary}")
         for f in e.config_cls.describe_fields():
             allowed = f"  [{f['allowed']}]" if f["allowed"] else ""
@@ -168,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="task spec giving the input shape (default: the run's task)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--out", help="output file (default DIR/onnx/model.onnx)")
-    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 13 to 23 (default 18)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("methods", parents=[common], help="list registered methods and their fields")

@@ -19,6 +19,7 @@ Demo(sparsity=0.25)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,8 +115,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise RecipeError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what float() reads, except nan/inf
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if math.isnan(value) or math.isinf(value):
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, str):
@@ -176,9 +185,10 @@ class MethodConfig:
     def validate(self) -> None:
         """Cross-field checks; raise RecipeError with the field name and the allowed values."""
 
-    def check_ready(self) -> None:
-        """Raise a UserError when this machine cannot run the method (a missing optional
-        package, say); called for every step before a recipe starts any work."""
+    def check_ready(self, task: Any = None) -> None:
+        """Raise a UserError when the method cannot run here: a missing optional package, a
+        model spec it names that does not build or does not fit ``task``. Called for every step
+        before a recipe starts any work."""
 
     @classmethod
     def example(cls) -> "MethodConfig":
@@ -263,10 +273,14 @@ def _check_constraints(where: str, value: Any, meta: Any) -> None:
                     f"accepted: {', '.join(map(str, choices))}"
                 )
     low, high = meta.get("low"), meta.get("high")
-    if (low is not None or high is not None) and isinstance(value, (int, float)):
+    if low is None and high is None:
+        return
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
         bad = (
-            (low is not None and (value < low or (meta.get("low_open") and value == low)))
-            or (high is not None and (value > high or (meta.get("high_open") and value == high)))
+            (low is not None and (item < low or (meta.get("low_open") and item == low)))
+            or (high is not None and (item > high or (meta.get("high_open") and item == high)))
         )
         if bad:
-            raise RecipeError(f"{where}: {value!r} is out of range; accepted: {_constraint_text(meta)}")
+            raise RecipeError(f"{where}: {item!r} is out of range; accepted: {_constraint_text(meta)}")

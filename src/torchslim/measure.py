@@ -8,8 +8,9 @@
   forward with ``torch.utils.flop_counter.FlopCounterMode`` (aten ``mm``/``addmm``/``bmm``/
   ``convolution``/``scaled_dot_product_attention``, FLOPs / 2). Attention score and value
   matmuls are therefore counted, elementwise ops are not; zeros are counted (dense MACs).
-- ``latency_ms``: median wall time of a forward pass per batch size, after warm-up, in eager
-  PyTorch under ``torch.inference_mode`` with the process's thread count.
+- ``latency_ms``: milliseconds of a forward pass per batch size in eager PyTorch under
+  ``torch.inference_mode`` with the process's thread count: after warm-up, the smallest of 5
+  round medians (see :func:`time_call`).
 - ``metric``: the task metric on the test split (``None`` for ``shape:`` tasks).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +90,57 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs)
 
 
-def measure_latency(model: nn.Module, inputs: tuple, *, warmup: int = 3, repeats: int = 15,
-                    min_time_s: float = 0.2) -> float:
-    """Median milliseconds of ``model(*inputs)`` after warm-up."""
+def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> None:
+    """Raise a SpecError unless ``model`` runs on ``task``'s example inputs (a model built for
+    28x28 images given 8x8 digits, token ids given to an image model, ...)."""
+    if task is None:
+        return
+    from .errors import SpecError
+
+    inputs = task.example_inputs(2)
+    was_training = model.training
     model.eval()
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            _call(model, inputs)
-        start_all = time.perf_counter()
-        while len(times) < repeats or (time.perf_counter() - start_all < min_time_s and len(times) < 200):
+    try:
+        with torch.no_grad():
+            _call(model, to_device(inputs, _device_of(model)))
+    except Exception as exc:  # whatever the model raises on inputs it cannot take
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs
+                           if isinstance(t, torch.Tensor))
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise SpecError(f"{what} does not run on the inputs of task {task.spec!r} ({shapes}): "
+                        f"{type(exc).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, rounds: int = 5, min_runs: int = 5,
+              min_round_s: float = 0.05) -> float:
+    """Milliseconds per call of ``fn``: the smallest of ``rounds`` round medians, after warm-up.
+
+    Each round runs ``fn`` at least ``min_runs`` times and for at least ``min_round_s``. On a
+    shared machine other work only ever adds time, so the least disturbed round is the closest
+    to the model's own cost; a burst of contention spoils one round, not the figure.
+    """
+    for _ in range(warmup):
+        fn()
+    medians = []
+    for _ in range(rounds):
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < min_runs or (time.perf_counter() - start < min_round_s and len(times) < 1000):
             t0 = time.perf_counter()
-            _call(model, inputs)
+            fn()
             times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+        medians.append(statistics.median(times))
+    return min(medians)
+
+
+def measure_latency(model: nn.Module, inputs: tuple, **kwargs: Any) -> float:
+    """Milliseconds per forward pass of ``model`` on ``inputs`` in eager PyTorch
+    (``inference_mode``, eval mode); see :func:`time_call` for how the figure is taken."""
+    model.eval()
+    with torch.inference_mode():
+        return time_call(lambda: _call(model, inputs), **kwargs)
 
 
 def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] = (1, 32),
@@ -137,7 +175,8 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
 
 
 def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int] = (1, 32)) -> dict[str, float]:
-    """Median ms per batch size of an ONNX model under ONNX Runtime (CPU provider)."""
+    """Milliseconds per run of an ONNX model under ONNX Runtime (CPU provider), per batch size,
+    taken as :func:`time_call` says."""
     from .methods.export import onnx_session
 
     sess = onnx_session(Path(path))
@@ -145,13 +184,5 @@ def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int
     out = {}
     for bs in batch_sizes:
         feed = {n: t.cpu().numpy() for n, t in zip(names, task.example_inputs(bs))}
-        for _ in range(3):
-            sess.run(None, feed)
-        times = []
-        t_start = time.perf_counter()
-        while len(times) < 15 or (time.perf_counter() - t_start < 0.2 and len(times) < 200):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        out[str(bs)] = round(statistics.median(times), 4)
+        out[str(bs)] = round(time_call(lambda: sess.run(None, feed)), 4)
     return out

@@ -26,7 +26,7 @@ from . import distributed as tsdist
 from ._version import __version__
 from .artifact import load, save
 from .errors import RecipeError, UserError
-from .measure import measure
+from .measure import check_runs, measure
 from .recipe import Recipe, Step
 from .registry import get_method
 from .specs.models import build_model
@@ -126,11 +126,15 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
         task.split("test")
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
+    try:
+        check_runs(model, task, f"model {recipe.model.spec}")
+    except UserError as exc:
+        raise type(exc)(recipe.locate(f"model: {exc}")) from None
     model_known = True
     for i, step in enumerate(recipe.steps, start=1):
         where = f"steps.{i - 1}.{step.verb}"
         try:
-            step.config.check_ready()
+            step.config.check_ready(task)
         except UserError as exc:
             raise type(exc)(recipe.locate(f"{where}: {exc}")) from None
         if step.verb in ("distill", "merge"):
@@ -165,7 +169,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     # under torchrun rank 0 alone looks at the file system (it creates `partial` below, which
     # the other ranks must not mistake for a failed run's) and every rank raises its verdict
     problem = None
-    if main and out.exists() and any(out.iterdir()):
+    if main and (out.exists() or out.is_symlink()) and not out.is_dir():
+        problem = f"--out {out} exists and is not a directory; choose another --out"
+    elif main and out.exists() and any(out.iterdir()):
         problem = (f"output directory {out} already exists and is not empty; "
                    "choose another --out or remove it")
     elif main and partial.exists() and not resume:
@@ -178,7 +184,10 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     first_model, task = preflight(recipe, data_dir)
     resolved = recipe.to_yaml()
     if main:
-        partial.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the output directory next to {out}: {exc.strerror or exc}") from None
         saved = partial / "recipe.yaml"
         if resume and saved.is_file() and saved.read_text() != resolved:
             problem = (f"--resume: the recipe differs from the one the failed run used ({saved}); "

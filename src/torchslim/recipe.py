@@ -37,9 +37,13 @@ TOP_KEYS = ("model", "task", "train", "steps", "measure", "search")
 class ModelRef(MethodConfig):
     """A model spec with optional local weights and builder arguments."""
 
-    spec: str = option("zoo:digits-cnn", doc="zoo:, torchvision:, hf:, py: or artifact: spec")
+    spec: str = option("", doc="zoo:, torchvision:, hf:, py: or artifact: spec (required)")
     weights: str | None = option(None, doc="local safetensors or state_dict file")
     args: dict = option(default_factory=dict, doc="builder keyword arguments")
+
+    def validate(self) -> None:
+        if not self.spec:
+            raise RecipeError("ModelRef.spec: missing; give a model spec such as zoo:lenet-5")
 
     @property
     def pretrained(self) -> bool:
@@ -158,6 +162,10 @@ def parse_step(raw: Any, where: str) -> Step:
         raise RecipeError(f"{where}: unknown step verb {verb!r}{did_you_mean(str(verb), VERBS)}; "
                           f"verbs: {', '.join(VERBS)}")
     body = as_mapping(body, f"{where}.{verb}")
+    if "method" not in body:
+        for key in body:
+            if did_you_mean(str(key), ["method"]):
+                raise RecipeError(f"{where}.{verb}: unknown key {key!r} (did you mean 'method'?)")
     method = body.pop("method", DEFAULT_METHOD.get(verb))
     try:
         entry = get_method(verb, method)
@@ -170,23 +178,52 @@ def parse_step(raw: Any, where: str) -> Step:
 
 
 # -- YAML with line numbers ----------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
 def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     """Parse YAML safely; returns (data, {dotted.path: line}) for error messages."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML refers to itself (a recursive anchor)") from None
     lines: dict[str, int] = {}
 
+    seen: set[int] = set()
+
     def walk(n: Any, prefix: str) -> None:
+        if id(n) in seen:  # an alias (*a) points back at a node already walked
+            return
+        seen.add(id(n))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 p = f"{prefix}.{k.value}" if prefix else str(k.value)

@@ -40,7 +40,7 @@ class ExportConfig(MethodConfig):
     atol: float = option(1e-4, low=0.0, low_open=True, doc="ONNX Runtime vs PyTorch: absolute tolerance")
     rtol: float = option(1e-4, low=0.0, doc="ONNX Runtime vs PyTorch: tolerance relative to max |output|")
 
-    def check_ready(self) -> None:
+    def check_ready(self, task=None) -> None:
         if "onnx" in self.formats:
             _require_onnx()
 
@@ -132,8 +132,33 @@ def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
         metrics["onnx_latency_ms"] = measure_latency_onnx(path, task)
         log.info("exported %s (max abs diff vs PyTorch %.2e)", path, metrics["onnx_max_abs_diff"])
     if "torch-export" in config.formats:
-        out = Path(ctx.out_dir) / "torch-export" / "model.pt2"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ep = torch.export.export(model.eval(), inputs)
-        torch.export.save(ep, str(out))
+        path = export_torch(model, task, Path(ctx.out_dir) / "torch-export" / "model.pt2", config)
+        metrics["torch_export_dynamic_batch"] = path[1]
     return model
+
+
+def export_torch(model: nn.Module, task, path: Path, config: ExportConfig) -> tuple[Path, bool]:
+    """``torch.export`` with a dynamic batch dimension when the model allows one (else the
+    example's batch size, with a warning); checked against eager PyTorch. Returns (path, dynamic)."""
+    model = TensorIO(model).eval()
+    inputs = task.example_inputs(2)          # batch 2: size-1 dimensions would be specialized
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = True
+    try:
+        # TensorIO.forward(*inputs): one varargs parameter holding every input
+        ep = torch.export.export(model, inputs, dynamic_shapes=(tuple({0: batch} for _ in inputs),))
+    except Exception as exc:  # data-dependent shapes, specialized batch, ...
+        log.warning("torch.export: no dynamic batch for this model (%s); exporting batch size %d only",
+                    str(exc).splitlines()[0][:160], inputs[0].shape[0])
+        ep, dynamic = torch.export.export(model, inputs), False
+    check = task.example_inputs(3 if dynamic else 2)
+    with torch.no_grad():
+        want, got = model(*check), ep.module()(*check)
+    diff = float((got - want).abs().max())
+    if diff > config.atol + config.rtol * float(want.abs().max()):
+        raise RuntimeError(f"torch.export output differs from eager PyTorch by {diff:.3g}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.export.save(ep, str(tmp))
+    tmp.replace(path)
+    return path, dynamic

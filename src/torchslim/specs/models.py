@@ -108,8 +108,10 @@ def _call_with_args(fn: Callable, args: dict, what: str) -> nn.Module:
         pass  # builtins without a signature
     try:
         return fn(**args)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{what}: cannot build with arguments {args}: {exc}") from None
+    except SpecError:
+        raise
+    except Exception as exc:  # a builder's own checks (assert, RuntimeError, ...) on bad arguments
+        raise SpecError(f"{what}: cannot build with arguments {args}: {type(exc).__name__}: {exc}") from None
 
 
 @register_model_source("zoo")
@@ -130,10 +132,8 @@ def _torchvision(name: str, args: dict) -> tuple[nn.Module, dict]:
     if "weights" in args:
         raise SpecError("torchvision models are built with random init here; give a local weights file "
                         "with --weights or model.weights instead of a torchvision weights name")
-    try:
-        return tvm.get_model(name, weights=None, **args), {"args": args}
-    except TypeError as exc:
-        raise SpecError(f"torchvision:{name}: bad arguments {args}: {exc}") from None
+    return _call_with_args(lambda **kw: tvm.get_model(name, weights=None, **kw), args,
+                           f"torchvision:{name}"), {"args": args}
 
 
 def _load_py_factory(ref: str) -> Callable:

@@ -168,8 +168,7 @@ class DigitsTask(Task):
 
 @register_task("digits")
 def _digits(arg: str, data_dir: Path) -> Task:
-    if arg:
-        raise SpecError(f"task 'digits' takes no argument, got 'digits:{arg}'")
+    _no_arg("digits", arg)
     return DigitsTask("digits")
 
 
@@ -239,13 +238,20 @@ class IdxClassificationTask(Task):
         }
 
 
+def _no_arg(name: str, arg: str) -> None:
+    if arg:
+        raise SpecError(f"task {name!r} takes no argument, got '{name}:{arg}'")
+
+
 @register_task("mnist")
 def _mnist(arg: str, data_dir: Path) -> Task:
+    _no_arg("mnist", arg)
     return IdxClassificationTask("mnist", data_dir / "mnist", 0.1307, 0.3081)
 
 
 @register_task("fashion-mnist")
 def _fashion(arg: str, data_dir: Path) -> Task:
+    _no_arg("fashion-mnist", arg)
     return IdxClassificationTask("fashion-mnist", data_dir / "fashion-mnist", 0.2860, 0.3530)
 
 

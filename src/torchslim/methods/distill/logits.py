@@ -43,6 +43,19 @@ class LogitsDistillConfig(TrainConfig):
         return cls(student={"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
                    epochs=2, loggers=())
 
+    def check_ready(self, task=None) -> None:
+        """Build the student (and a named teacher) now, so a bad spec fails before any work."""
+        from ...measure import check_runs
+
+        if task is not None and getattr(task, "outputs", "logits") != "logits":
+            raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class "
+                              "logits; logit distillation needs a classification task")
+        s = self.student
+        student = build_model(s["spec"], weights=s.get("weights"), args=s.get("args") or {})
+        check_runs(student, task, f"student {s['spec']}")
+        if self.teacher is not None:
+            check_runs(build_model(self.teacher, weights=self.teacher_weights), task, f"teacher {self.teacher}")
+
     @classmethod
     def from_dict(cls, data, where: str = ""):
         data = as_mapping(data, where or cls.__name__)
@@ -89,7 +102,8 @@ def _distill_logits(model: nn.Module, config: LogitsDistillConfig, ctx) -> nn.Mo
         if s_out.shape != t_out.shape:
             raise RecipeError(f"distill: student outputs {tuple(s_out.shape)} but the teacher outputs "
                               f"{tuple(t_out.shape)}; they must match")
-        return kd_loss(s_out, t_out, task.targets(batch), config.temperature, config.alpha)
+        return kd_loss(s_out, t_out, task.targets(batch), config.temperature, config.alpha,
+                       config.label_smoothing)
 
     train_cfg = TrainConfig.from_dict({k: v for k, v in config.to_dict().items()
                                        if k in TrainConfig.__dataclass_fields__})

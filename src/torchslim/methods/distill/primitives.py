@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None,
-            temperature: float, alpha: float) -> torch.Tensor:
+            temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Hinton et al. (2015): ``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE``.
 
     ``student_logits``, ``teacher_logits``: ``(N, C)``; ``targets``: ``(N,)`` class indices (may be
-    None when ``alpha == 1``). KL is averaged over the batch (``batchmean``); the ``T^2`` factor
+    None when ``alpha == 1``); ``label_smoothing`` applies to the CE term. KL is averaged over the batch (``batchmean``); the ``T^2`` factor
     keeps the soft-target gradients on the scale of the hard-target ones.
     """
     t = temperature
@@ -20,4 +20,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
     if alpha >= 1.0 or targets is None:
         return soft
-    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, targets)
+    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    return alpha * soft + (1.0 - alpha) * hard

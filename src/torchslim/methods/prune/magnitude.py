@@ -54,6 +54,10 @@ class MagnitudePruneConfig(MethodConfig):
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"MagnitudePruneConfig.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")
+        if self.schedule == "gradual" and self.finetune is not None and self.finetune.early_stopping:
+            raise RecipeError("MagnitudePruneConfig.finetune.early_stopping: not available with schedule "
+                              "gradual: epochs are pruned to different sparsities, so the best one is an "
+                              "early, denser epoch; set early_stopping: 0 or use schedule: oneshot/iterative")
         if self.initial_sparsity > self.sparsity:
             raise RecipeError("MagnitudePruneConfig.initial_sparsity: must not exceed sparsity "
                               f"({self.initial_sparsity} > {self.sparsity})")

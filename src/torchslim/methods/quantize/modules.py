@@ -5,6 +5,9 @@ dequantizes and runs the float kernel, so the layer computes exactly what is sto
 to ONNX as plain ops. Under ``no_grad``/``inference_mode`` the dequantized weight is kept until
 the codes or scales change (decompress once, like loading a compressed checkpoint), so
 inference runs at float speed with float memory; with gradients on it is recomputed every call.
+The kept weight is dropped by ``set_weight``, ``load_state_dict``, ``train()``/``eval()`` and
+any in-place change of the buffers that bumps their version; writing through ``.data`` bypasses
+version counting, so change codes through those methods.
 Integer kernels plug in here later without changing the artifact.
 """
 
@@ -50,6 +53,14 @@ class _QuantWeight(nn.Module):
         else:
             self.zero_point = None
 
+    def train(self, mode: bool = True) -> "_QuantWeight":
+        self.__dict__.pop("_deq_cache", None)
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__.pop("_deq_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def set_weight(self, w: torch.Tensor) -> None:
         scale, zero = P.choose_qparams(w, self.bits, self.granularity, self.group_size, self.symmetric)
         self.weight_q.copy_(P.quantize(w, scale, zero, self.bits, self.granularity, self.group_size,
@@ -57,6 +68,7 @@ class _QuantWeight(nn.Module):
         self.scale.copy_(scale)
         if self.zero_point is not None:
             self.zero_point.copy_(zero)
+        self.__dict__.pop("_deq_cache", None)
 
     def _dequantize(self) -> torch.Tensor:
         zero = self.zero_point if self.zero_point is not None else torch.zeros_like(self.scale)
