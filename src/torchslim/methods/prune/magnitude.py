@@ -89,7 +89,7 @@ class _Masker:
         if self.masks is None:
             return
         for w, m in zip(self.weights(model), self.masks):
-            w.mul_(m)
+            w.masked_fill_(~m, 0.0)  # +0.0: a product with 0 would leave -0.0 for negative weights
 
     # the trainer checkpoints these with each epoch, so a resumed run continues with the masks
     # in force when it stopped (the gradual schedule changes them during training)
