@@ -297,3 +297,14 @@ def test_export_opset_out_of_range():
     r = subprocess.run([sys.executable, "-m", "torchslim", "export", ".", "--opset", "5"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "13 to 23" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["train", "finetune"])
+def test_logger_not_installed_is_caught_before_any_work(tmp_path, capsys, monkeypatch, where):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    text = GOOD.replace("optimizer: adamw}", "optimizer: adamw, loggers: [mlflow]}") if where == "train" else \
+        GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, finetune: {epochs: 1, loggers: [mlflow]}}")
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", "'mlflow' is named but not installed")

@@ -188,7 +188,12 @@ class MethodConfig:
     def check_ready(self, task: Any = None) -> None:
         """Raise a UserError when the method cannot run here: a missing optional package, a
         model spec it names that does not build or does not fit ``task``. Called for every step
-        before a recipe starts any work."""
+        before a recipe starts any work. The default checks nested configs (``finetune``);
+        overrides call ``super().check_ready(task)``."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MethodConfig):
+                value.check_ready(task)
 
     @classmethod
     def example(cls) -> "MethodConfig":

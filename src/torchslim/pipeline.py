@@ -124,6 +124,11 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
         task.split("train")  # missing or broken data files fail here, as does a task without data
     if task.metric_name is not None:
         task.split("test")
+    if recipe.train is not None:
+        try:
+            recipe.train.check_ready(task)
+        except UserError as exc:
+            raise type(exc)(recipe.locate(f"train.{exc}")) from None
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
     try:

@@ -41,6 +41,7 @@ class ExportConfig(MethodConfig):
     rtol: float = option(1e-4, low=0.0, doc="ONNX Runtime vs PyTorch: tolerance relative to max |output|")
 
     def check_ready(self, task=None) -> None:
+        super().check_ready(task)
         if "onnx" in self.formats:
             _require_onnx()
 

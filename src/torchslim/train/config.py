@@ -42,6 +42,17 @@ class TrainConfig(MethodConfig):
     loggers: tuple[str, ...] = option(("tensorboard",), choices=("tensorboard", "mlflow", "wandb"),
                                       doc="where training curves go (DIR/logs for tensorboard)")
 
+    def check_ready(self, task=None) -> None:
+        import importlib.util
+
+        from ..errors import UserError
+
+        super().check_ready(task)
+        for name in self.loggers:
+            module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+            if importlib.util.find_spec(module) is None:
+                raise UserError(f"loggers: {name!r} is named but not installed (pip install {module})")
+
     @classmethod
     def example(cls) -> "TrainConfig":
         return cls(epochs=2, loggers=())

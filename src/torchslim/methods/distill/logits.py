@@ -47,6 +47,7 @@ class LogitsDistillConfig(TrainConfig):
         """Build the student (and a named teacher) now, so a bad spec fails before any work."""
         from ...measure import check_runs
 
+        super().check_ready(task)
         if task is not None and getattr(task, "outputs", "logits") != "logits":
             raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class "
                               "logits; logit distillation needs a classification task")
