@@ -6,9 +6,14 @@
 - ``source``: how to rebuild the bare architecture (``zoo:``/``torchvision:``/``hf:``/``py:``);
 - ``modules``: module swaps to replay on it (quantized layers, reshaped layers), in order;
 - ``tensors``: per state_dict entry its encoding, shape, dtype and parts in the safetensors file;
-- ``files``: sha256 and size of every data file, checked before anything is read.
+- ``aliases``: state_dict names that share another entry's tensor (tied weights), stored once:
+  ``{"alias": "stored name"}``; absent in artifacts written before aliases existed;
+- ``files``: sha256 and size of every data file (``tensors.safetensors`` at least), checked
+  before anything is read.
 
 Nothing is unpickled: the architecture comes from registered builders, tensors from safetensors.
+The manifest's whole structure is checked before any of it is used, and a ``py:`` source (the
+user's own Python file, which rebuilding would import) is only rebuilt when the caller trusts it.
 """
 
 from __future__ import annotations
@@ -25,13 +30,26 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .encodings import decode_tensor, encode_tensor
-from .errors import ArtifactError
+from .encodings import ENCODINGS, decode_tensor, encode_tensor
+from .errors import ArtifactError, UserError
 from .modules import OVERRIDES_ATTR, SOURCE_ATTR, build_from_record, get_submodule
 
-FORMAT_VERSION = 1
+#: the newest format this code reads. Artifacts without tied tensors are written as version 1,
+#: which every torchslim reads; ones with ``aliases`` as version 2, so that an older torchslim
+#: says "upgrade" instead of failing on the missing tied keys.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+#: setting this environment variable to 1 has the effect of ``load(..., trust_code=True)``
+TRUST_ENV = "TORCHSLIM_TRUST_CODE"
+
+#: dtypes a manifest may name (the canonical ``torch`` names that safetensors stores)
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                 "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
 
 
 def _sha256(path: Path) -> str:
@@ -44,6 +62,21 @@ def _sha256(path: Path) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _storage_identity(t: torch.Tensor) -> tuple | None:
+    """What makes two state_dict entries the same tensor (tied weights), or None if unknowable.
+
+    ``state_dict()`` detaches each entry into a new tensor object, so ties show as the same
+    storage viewed the same way. Empty tensors all sit at address 0 and are never tied.
+    """
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without storage
+        return None
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> int:
@@ -73,7 +106,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
     try:
         parts: dict[str, torch.Tensor] = {}
         tensors: dict[str, Any] = {}
+        aliases: dict[str, str] = {}
+        stored: dict[tuple, str] = {}  # storage identity -> the name it is stored under
         for name, t in model.state_dict().items():
+            if _dtype_name(t.dtype) not in DTYPES:
+                raise ArtifactError(f"cannot save {name}: dtype {_dtype_name(t.dtype)} is not storable "
+                                    f"(accepted: {', '.join(DTYPES)})")
+            ident = _storage_identity(t)
+            if ident is not None and ident in stored:  # a tied tensor: store it once
+                aliases[name] = stored[ident]
+                continue
+            if ident is not None:
+                stored[ident] = name
             enc, enc_parts, meta = encode_tensor(t)
             keys = {}
             for part, value in enc_parts.items():
@@ -85,11 +129,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         save_file(parts, str(tmp / TENSORS))
         manifest = {
             "format": "torchslim-artifact",
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if aliases else 1,
             "torchslim_version": __version__,
             "source": source,
             "modules": getattr(model, OVERRIDES_ATTR, {}),
             "tensors": tensors,
+            "aliases": aliases,
             "files": {TENSORS: {"sha256": _sha256(tmp / TENSORS), "bytes": (tmp / TENSORS).stat().st_size}},
             "extra": extra or {},
         }
@@ -113,65 +158,247 @@ def artifact_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+# -- reading ------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    """A short description of a manifest value for an error message."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return f"a list {json.dumps(value)[:40]}" if len(json.dumps(value)) <= 40 else "a list"
+    if value is None:
+        return "null (or missing)"
+    return f"{type(value).__name__} {json.dumps(value)[:60]}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Raises ArtifactError naming the manifest key whose value has the wrong form."""
+
+    def __init__(self, mf: Path) -> None:
+        self.mf = mf
+
+    def need(self, ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            raise ArtifactError(f"{self.mf}: malformed manifest: {key} must be {expected}, got {_show(value)}; "
+                                "the artifact is damaged or was edited: save the model again")
+
+    def mapping(self, value: Any, key: str) -> dict:
+        self.need(isinstance(value, dict), key, "a mapping", value)
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        self.need(isinstance(value, str) and value != "", key, "a non-empty string", value)
+        return value
+
+
+def validate_manifest(manifest: dict[str, Any], mf: Path) -> None:
+    """Check the structure of every manifest key that loading uses, before any of it is used."""
+    c = _Checker(mf)
+    files = c.mapping(manifest.get("files"), '"files"')
+    c.need(TENSORS in files, '"files"', f"a mapping with an entry for {TENSORS}", files)
+    for fname, info in files.items():
+        key = f'"files"[{fname!r}]'
+        c.need(fname not in ("", ".", "..") and Path(fname).name == fname and "\\" not in fname, key,
+               "named by a plain file name inside the artifact directory", fname)
+        info = c.mapping(info, key)
+        sha = info.get("sha256")
+        c.need(isinstance(sha, str) and len(sha) == 64 and all(ch in "0123456789abcdef" for ch in sha),
+               f"{key}.sha256", "64 hexadecimal digits", sha)
+        c.need(_is_int(info.get("bytes")) and info["bytes"] >= 0, f"{key}.bytes",
+               "a non-negative integer", info.get("bytes"))
+
+    source = c.mapping(manifest.get("source"), '"source"')
+    spec = c.string(source.get("spec"), '"source".spec')
+    c.need(source.get("args") is None or isinstance(source["args"], dict), '"source".args',
+           "a mapping of builder arguments", source.get("args"))
+    prefix = spec.partition(":")[0]
+    c.need(prefix != "artifact", '"source".spec', "the spec of a base architecture (zoo:, torchvision:, "
+           "hf:, py:), not another artifact", spec)
+    if prefix == "py":
+        c.string(source.get("file"), '"source".file')
+        c.string(source.get("factory"), '"source".factory')
+
+    modules = c.mapping(manifest.get("modules", {}), '"modules"')
+    for name, record in modules.items():
+        key = f'"modules"[{name!r}]'
+        c.need(name != "", '"modules"', "keyed by module names", name)
+        record = c.mapping(record, key)
+        c.string(record.get("class"), f"{key}.class")
+        c.need(isinstance(record.get("args", {}), dict), f"{key}.args", "a mapping of constructor arguments",
+               record.get("args"))
+
+    tensors = c.mapping(manifest.get("tensors"), '"tensors"')
+    for name, info in tensors.items():
+        key = f'"tensors"[{name!r}]'
+        info = c.mapping(info, key)
+        enc = info.get("encoding")
+        c.need(isinstance(enc, str) and enc in ENCODINGS, f"{key}.encoding", f"one of {', '.join(ENCODINGS)}", enc)
+        shape = info.get("shape")
+        c.need(isinstance(shape, list) and all(_is_int(d) and 0 <= d < 2**62 for d in shape), f"{key}.shape",
+               "a list of non-negative integers", shape)
+        c.need(info.get("dtype") in DTYPES, f"{key}.dtype", f"one of {', '.join(DTYPES)}", info.get("dtype"))
+        parts = c.mapping(info.get("parts"), f"{key}.parts")
+        c.need(all(isinstance(k, str) for k in parts.values()), f"{key}.parts",
+               "a mapping of part names to tensor names in the safetensors file", parts)
+        c.need(isinstance(info.get("meta", {}), dict), f"{key}.meta", "a mapping", info.get("meta"))
+
+    aliases = c.mapping(manifest.get("aliases", {}), '"aliases"')
+    for alias, target in aliases.items():
+        key = f'"aliases"[{alias!r}]'
+        c.need(alias not in tensors, key, "a name that is not also stored in \"tensors\"", alias)
+        c.need(isinstance(target, str) and target in tensors, key, "the name of a stored tensor", target)
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed and structurally checked ``manifest.json`` of the artifact at ``path``."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise ArtifactError(f"{path} is not a torchslim artifact: {MANIFEST} is missing")
     try:
         manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{mf}: corrupt manifest: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{mf}: corrupt manifest: {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{mf}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "torchslim-artifact":
         raise ArtifactError(f"{mf}: not a torchslim artifact manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise ArtifactError(f"{mf}: malformed manifest: \"format_version\" must be a positive integer, "
+                            f"got {_show(version)}")
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{mf}: artifact format version {version!r} is newer than this torchslim "
                             f"({__version__}) reads (<= {FORMAT_VERSION}); upgrade torchslim")
+    validate_manifest(manifest, mf)
     return manifest
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the model saved at ``path``, checking checksums, keys and shapes."""
-    from safetensors import SafetensorError
+def _code_trusted(trust_code: bool) -> bool:
+    return trust_code or os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line: the message of a UserError, else type and message."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, UserError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding state_dict entry ``name`` and its attribute name there."""
+    module_name, _, attr = name.rpartition(".")
+    return get_submodule(model, module_name), attr
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias the very tensor it was saved as (the rebuild may not tie by itself)."""
+    for alias, target in aliases.items():
+        try:
+            owner_a, attr_a = _owner(model, alias)
+            owner_t, attr_t = _owner(model, target)
+        except AttributeError:
+            continue  # a state_dict name that is not a plain attribute path: values are loaded anyway
+        want = getattr(owner_t, attr_t, None)
+        if getattr(owner_a, attr_a, None) is want:
+            continue
+        if (attr_a in owner_a._parameters and isinstance(want, nn.Parameter)) or (
+                attr_a in owner_a._buffers and attr_t in owner_t._buffers):
+            setattr(owner_a, attr_a, want)
+
+
+def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild the model saved at ``path``, checking the manifest, checksums, keys, shapes, dtypes.
+
+    Parameters
+    ----------
+    path : path
+        An artifact directory written by :func:`save`.
+    trust_code : bool
+        An artifact of a ``py:FILE.py:FACTORY`` model names a Python file that rebuilding the
+        architecture imports (runs). That is refused unless ``trust_code=True`` or the
+        environment variable ``TORCHSLIM_TRUST_CODE=1``: pass it only for artifacts you trust,
+        as anyone who can edit ``manifest.json`` can point it at another file.
+    """
     from safetensors.torch import load_file
 
     from .specs.models import rebuild_from_source
+    from .weights import check_state_dict
 
     path = Path(path)
     manifest = read_manifest(path)
-    for fname, info in manifest.get("files", {}).items():
+    source, tensors = manifest["source"], manifest["tensors"]
+    modules, aliases = manifest.get("modules", {}), manifest.get("aliases", {})
+    for fname, info in manifest["files"].items():
         f = path / fname
         if not f.is_file():
             raise ArtifactError(f"{path}: data file {fname} is missing")
-        if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
+        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise ArtifactError(f"{f}: checksum mismatch: the file is truncated or was modified")
+    if source["spec"].partition(":")[0] == "py" and not _code_trusted(trust_code):
+        raise ArtifactError(
+            f"{path}: refused: rebuilding this model imports and runs the Python file {source['file']} "
+            f"(source {source['spec']!r}); if you trust it, pass trust_code=True to torchslim.load "
+            f"or set the environment variable {TRUST_ENV}=1")
     try:
         parts = load_file(str(path / TENSORS))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path / TENSORS}: unreadable: {exc}") from None
+    except Exception as exc:  # SafetensorError, OSError, ... : the checksum matched a bad file
+        raise ArtifactError(f"{path / TENSORS}: unreadable: {_reason(exc)}") from None
 
-    model = rebuild_from_source(manifest["source"])
-    for name, record in manifest.get("modules", {}).items():
+    # -- the architecture, then the recorded module swaps ----------------------------------
+    try:
+        model = rebuild_from_source(source)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the builder returned {type(model).__name__}, not an nn.Module")
+    except Exception as exc:  # any failure of a builder on these arguments is a bad manifest
+        raise ArtifactError(f"{path}: cannot rebuild the architecture from source {source['spec']!r} "
+                            f"with args {source.get('args') or {}}: {_reason(exc)}") from None
+    for name, record in modules.items():
         parent_name, _, child = name.rpartition(".")
         try:
             parent = get_submodule(model, parent_name)
         except AttributeError:
-            raise ArtifactError(f"{path}: module {name!r} named in the manifest is not in the model") from None
-        setattr(parent, child, build_from_record(record))
-    object.__setattr__(model, OVERRIDES_ATTR, dict(manifest.get("modules", {})))
-
-    state = {}
-    for name, info in manifest["tensors"].items():
+            parent = None
+        if parent is None or child not in parent._modules:
+            raise ArtifactError(f"{path}: module {name!r} named in the manifest is not in the model")
         try:
-            dtype = getattr(torch, info["dtype"])
-            enc_parts = {p: parts[k] for p, k in info["parts"].items()}
-            state[name] = decode_tensor(info["encoding"], enc_parts, info.get("meta", {}),
-                                        tuple(info["shape"]), dtype)
-        except (KeyError, ValueError, RuntimeError, AttributeError) as exc:
-            raise ArtifactError(f"{path}: tensor {name!r} cannot be decoded ({type(exc).__name__}: {exc})") from None
-    from .weights import check_state_dict
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
+            new = build_from_record(record)
+            if not isinstance(new, nn.Module):
+                raise TypeError(f"the builder returned {type(new).__name__}, not an nn.Module")
+        except Exception as exc:
+            raise ArtifactError(f"{path}: cannot rebuild module {name!r} ({record['class']} with args "
+                                f"{record.get('args', {})}): {_reason(exc)}") from None
+        setattr(parent, child, new)
+    object.__setattr__(model, OVERRIDES_ATTR, dict(modules))
+
+    # -- names, shapes and dtypes against the model, before any tensor is decoded -----------
+    try:
+        declared = {n: torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")
+                    for n, info in tensors.items()}
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        raise ArtifactError(f"{path}: malformed manifest: a tensor shape is impossible: {_reason(exc)}") from None
+    declared.update({alias: declared[target] for alias, target in aliases.items()})
+    check_state_dict(model, declared, str(path))
+
+    state: dict[str, torch.Tensor] = {}
+    for name, info in tensors.items():
+        missing = [k for k in info["parts"].values() if k not in parts]
+        if missing:
+            raise ArtifactError(f"{path}: tensor {name!r}: part {missing[0]!r} is not in {TENSORS}")
+        try:
+            state[name] = decode_tensor(info["encoding"], {p: parts[k] for p, k in info["parts"].items()},
+                                        info.get("meta", {}), tuple(info["shape"]), DTYPES[info["dtype"]])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise ArtifactError(f"{path}: tensor {name!r} cannot be decoded: {_reason(exc)}") from None
+    state.update({alias: state[target] for alias, target in aliases.items()})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: tensors do not load into the model: {_reason(exc)}") from None
+    _retie(model, aliases)
     model.eval()
     return model

@@ -10,6 +10,7 @@ register here with :func:`register_encoding`.
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,16 +56,40 @@ def encode_tensor(t: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[s
 
 def decode_tensor(name: str, parts: dict[str, torch.Tensor], meta: dict[str, Any],
                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rebuild a tensor of ``shape`` and ``dtype``; ``ValueError`` when the parts do not fit.
+
+    Stored values must already have ``dtype``: nothing is cast, so a manifest whose dtype was
+    edited is refused instead of silently changing the weights.
+    """
     if name not in ENCODINGS:
-        raise KeyError(name)
-    return ENCODINGS[name].decode(parts, meta, shape, dtype)
+        raise ValueError(f"unknown encoding {name!r}; known: {', '.join(sorted(ENCODINGS))}")
+    try:
+        return ENCODINGS[name].decode(parts, meta, shape, dtype)
+    except KeyError as exc:
+        raise ValueError(f"encoding {name!r} needs part {exc}, the manifest lists {sorted(parts)}") from None
+
+
+def check_part(parts: dict[str, torch.Tensor], part: str, dtype: torch.dtype,
+               numel: int | None = None) -> torch.Tensor:
+    """``parts[part]``, checked to be stored as ``dtype`` (and to hold ``numel`` elements)."""
+    t = parts[part]
+    if t.dtype != dtype:
+        raise ValueError(f"part {part!r} is stored as {str(t.dtype).removeprefix('torch.')} but the "
+                         f"manifest says {str(dtype).removeprefix('torch.')}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"part {part!r} holds {t.numel()} elements, {numel} expected")
+    return t
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
 
 
 # -- dense --------------------------------------------------------------------------------
 register_encoding(Encoding(
     "dense",
     lambda t: ({"data": t.clone()}, {}),
-    lambda parts, meta, shape, dtype: parts["data"].reshape(shape).to(dtype),
+    lambda parts, meta, shape, dtype: check_part(parts, "data", dtype, _numel(shape)).reshape(shape),
 ))
 
 
@@ -75,20 +100,23 @@ def _bitmask_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str,
         return None
     flat = t.reshape(-1)
     mask = flat != 0
+    if t.is_floating_point():
+        mask |= torch.signbit(flat)  # -0.0 is kept as a value: the decoder fills +0.0 only
     packed = np.packbits(mask.numpy(), bitorder="little")          # (ceil(n/8),) uint8
     return {"mask": torch.from_numpy(packed), "values": flat[mask].clone()}, {}
 
 
 def _bitmask_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
                     dtype: torch.dtype) -> torch.Tensor:
-    n = int(np.prod(shape)) if shape else 1
-    bits = np.unpackbits(parts["mask"].numpy(), bitorder="little", count=n).astype(bool)
+    n = _numel(shape)
+    packed = check_part(parts, "mask", torch.uint8, (n + 7) // 8)
+    bits = np.unpackbits(packed.numpy(), bitorder="little", count=n).astype(bool)
     mask = torch.from_numpy(bits)
-    values = parts["values"].to(dtype)
+    values = check_part(parts, "values", dtype)
     if int(mask.sum()) != values.numel():
         raise ValueError(f"bitmask holds {int(mask.sum())} ones but {values.numel()} values")
     out = torch.zeros(n, dtype=dtype)
-    out[mask] = values
+    out[mask] = values.reshape(-1)
     return out.reshape(shape)
 
 

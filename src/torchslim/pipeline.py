@@ -261,7 +261,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
             log.info("resume: step %s already done", name)
             continue
         if done_model is not None:
-            model, done_model = load(done_model), None
+            model, done_model = load(done_model, trust_code=True), None  # this run's own checkpoints
         log.info("step %d/%d: %s", i, len(recipe.steps), step.key)
         ctx = StepContext(workdir=partial / "steps" / name, **ctx_base)
         if step.verb != "export" or main:  # export only writes files, which rank 0 alone does

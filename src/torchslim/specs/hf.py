@@ -123,7 +123,7 @@ def _hf_rebuild(record: dict) -> nn.Module:
                             "the artifact was not written by torchslim's hf: source")
     try:
         config = tf.AutoConfig.for_model(model_type, **cfg)
-        kwargs = {}
+        kwargs = {"trust_remote_code": False}  # a manifest never makes transformers import code
         if record.get("attn_implementation"):
             # same attention kernel as the saved model, so outputs match exactly
             kwargs["attn_implementation"] = record["attn_implementation"]
