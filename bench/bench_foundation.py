@@ -67,6 +67,7 @@ def main() -> int:
     base.eval()
     print(f"trained baseline in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp())
+    row("warm-up", base, task, 0)  # the process's first timings pay for thread-pool start-up
     rows = [row("dense baseline (torch.save)", base, task, torch_save_bytes(base))]
     rows[-1]["size_bytes_torchslim_artifact"] = torchslim.save(base, tmp / "base")
 

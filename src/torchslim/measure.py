@@ -184,5 +184,5 @@ def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int
     out = {}
     for bs in batch_sizes:
         feed = {n: t.cpu().numpy() for n, t in zip(names, task.example_inputs(bs))}
-        out[str(bs)] = round(time_call(lambda: sess.run(None, feed)), 4)
+        out[str(bs)] = round(time_call(lambda feed=feed: sess.run(None, feed)), 4)
     return out
