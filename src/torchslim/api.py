@@ -29,6 +29,29 @@ def apply_(model: nn.Module, config: MethodConfig, *, task: Task | str | None = 
     """Apply one method to ``model`` in place (trailing underscore); returns the result.
 
     A method that replaces the model (distillation returns the student) returns the new one.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place.
+    config : MethodConfig
+        A registered method's config; the method is found from its type.
+    task : Task or str, optional
+        Needed by methods that train or evaluate (fine-tuning, distillation, export).
+    method : str, optional
+        ``"verb.name"`` when one config class serves several methods (``train.sgd``).
+    data_dir : str, optional
+        Data directory for a task given as a string.
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> from torchslim.methods.quantize.linear import LinearQuantConfig
+    >>> m = torchslim.build_model("zoo:lenet-300-100")
+    >>> torchslim.apply_(m, LinearQuantConfig(bits=8)) is m
+    True
+    >>> type(m[1]).__name__
+    'QuantLinear'
     """
     if isinstance(task, str):
         task = build_task(task, data_dir)
@@ -44,13 +67,36 @@ def apply_(model: nn.Module, config: MethodConfig, *, task: Task | str | None = 
 
 
 def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
-    """Apply one method to a deep copy of ``model``; the input is left untouched."""
+    """Apply one method to a deep copy of ``model``; the input is left untouched.
+
+    Takes the same arguments as :func:`apply_`.
+
+    Examples
+    --------
+    >>> import torch, torchslim
+    >>> from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+    >>> m = torchslim.build_model("zoo:lenet-300-100")
+    >>> p = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.75, scope="layer"))
+    >>> float((p[1].weight == 0).float().mean()), bool((m[1].weight == 0).any())
+    (0.75, False)
+    """
     return apply_(copy.deepcopy(model), config, **kwargs)
 
 
 def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, *,
              data_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run a recipe (object, mapping or YAML path) into ``out``; returns metrics.json's content."""
+    """Run a recipe (object, mapping or YAML path) into ``out``; returns metrics.json's content.
+
+    Examples
+    --------
+    >>> import tempfile, torchslim
+    >>> out = tempfile.mkdtemp() + "/run"
+    >>> m = torchslim.compress({"model": "zoo:digits-cnn", "task": "digits",
+    ...                         "train": {"epochs": 1, "loggers": []},
+    ...                         "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}}]}, out)
+    >>> [s["name"] for s in m["steps"]]
+    ['baseline', 'prune-magnitude']
+    """
     if isinstance(recipe, dict):
         recipe = Recipe.from_dict(recipe)
     elif not isinstance(recipe, Recipe):

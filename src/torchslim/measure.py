@@ -150,6 +150,14 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
 
     ``artifact_dir``: where the model was (or is to be) saved; its size on disk is reported.
     When not given the model is saved to a temporary directory to measure its size.
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> r = torchslim.measure(torchslim.build_model("zoo:lenet-5"), torchslim.build_task("shape:1x28x28"),
+    ...                       batch_sizes=(1,))
+    >>> r["params"], r["macs"], r["metric"]
+    (431080, 2293000, None)
     """
     params, nonzero = count_params(model)
     out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
