@@ -190,3 +190,27 @@ def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
     assert calls == ["prune.magnitude", "quantize.linear", "quantize.linear"]   # prune ran once
     assert m["steps"][:2] == first_rows and [s["name"] for s in m["steps"]][2] == "quantize-linear"
     assert torchslim.load(out / "model") is not None and not (tmp_path / ".run.partial").exists()
+
+
+def test_transformer_recipe_end_to_end(tmp_path, data_root):
+    """A Hugging Face encoder through the whole pipeline: prune, int8, ONNX, reload."""
+    transformers = pytest.importorskip("transformers")
+    if not (data_root / "stsbenchmark").is_dir():
+        pytest.skip("STS Benchmark files not found")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    recipe = {"model": f"hf:{tmp_path / 'bert'}", "task": "stsb", "steps": [
+        {"prune": {"method": "magnitude", "sparsity": 0.5, "scope": "layer", "targets": ["re:encoder.*"]}},
+        {"quantize": {"method": "linear", "targets": ["re:encoder.*"]}},
+        {"export": {"formats": ["artifact", "onnx"]}}]}
+    m = torchslim.compress(recipe, tmp_path / "run", data_dir=str(data_root))
+    names = [s["name"] for s in m["steps"]]
+    assert names == ["baseline", "prune-magnitude", "quantize-linear", "export"]
+    assert all(s["metric"]["name"] == "spearman" for s in m["steps"])
+    assert m["steps"][2]["size_bytes"] < m["steps"][1]["size_bytes"] < m["steps"][0]["size_bytes"]
+    assert m["steps"][3]["onnx_max_abs_diff"] < 1e-3
+    back = torchslim.load(tmp_path / "run" / "model")
+    task = torchslim.build_task("stsb", str(data_root))
+    assert task.evaluate(back) == pytest.approx(m["steps"][-1]["metric"]["value"], abs=1e-6)
