@@ -47,6 +47,9 @@ def test_demo_meets_its_promises(demo_run):
     for f in ("recipe.yaml", "report.md", "report.html", "onnx/model.onnx", "model/manifest.json"):
         assert (out / f).is_file(), f
     assert not list(out.parent.glob(".run.*")), "temporary directories left behind"
+    # training curves of every training stage as TensorBoard event files under DIR/logs
+    for stage in ("baseline", "distill", "prune-gradual"):
+        assert list((out / "logs" / stage).glob("events.out.tfevents.*")), stage
 
 
 def test_metrics_json_follows_the_contract(demo_run):
