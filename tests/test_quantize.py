@@ -11,7 +11,7 @@ import torchslim
 from torchslim.errors import RecipeError
 from torchslim.methods.quantize import primitives as P
 from torchslim.methods.quantize.linear import LinearQuantConfig
-from torchslim.methods.quantize.modules import QuantConv2d, QuantLinear
+from torchslim.layers import QuantConv2d, QuantLinear
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

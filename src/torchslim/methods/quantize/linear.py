@@ -8,9 +8,10 @@ from torch import nn
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
-from ...modules import replace_module, select_modules
+from ...edits import replace_module
+from ...modules import select_modules
 from ...registry import register_method
-from .modules import QuantConv2d, QuantLinear
+from ...layers import QuantConv2d, QuantLinear
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     """Round-to-nearest affine/symmetric weight quantization, per tensor, channel or group."""
     qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
                  symmetric=config.symmetric)
+    done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     for name, module in select_modules(model, config.targets, config.ignore, what="quantize.targets"):
         cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
         if config.granularity == "group":
@@ -52,5 +54,10 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             if k % config.group_size:
                 raise RecipeError(f"quantize.group_size: {config.group_size} does not divide the {k} inputs "
                                   f"per channel of {name}; pick a divisor or add it to ignore")
-        replace_module(model, name, cls.from_float(module, **qargs))
+        q = cls.from_float(module, **qargs)
+        first = done.get(id(module.weight))
+        if first is not None and type(first) is cls and first.weight_q.shape == q.weight_q.shape:
+            q.share_codes_with(first)
+        done.setdefault(id(module.weight), q)
+        replace_module(model, name, q)
     return model

@@ -1,6 +1,12 @@
 """Layers holding integer weights: ``QuantLinear`` and ``QuantConv2d``.
 
-Weights are stored as int8 codes plus float32 scales (and zero points when affine); the forward
+These live in the core (not in a method package) so that an artifact loads in a fresh process
+without any method being imported first. Each declares its logical weights through
+:meth:`slim_weights` (see :mod:`torchslim.layers`), so parameter and non-zero counts never guess
+from dtypes or buffer names: a code equal to its zero point is a zero weight.
+
+Weights are stored as int8 codes (``bits`` <= 8 used; the artifact packs sub-byte codes) plus
+float32 scales (and zero points when affine); the forward
 dequantizes and runs the float kernel, so the layer computes exactly what is stored and exports
 to ONNX as plain ops. Under ``no_grad``/``inference_mode`` the dequantized weight is kept until
 the codes or scales change (decompress once, like loading a compressed checkpoint), so
@@ -13,14 +19,15 @@ Integer kernels plug in here later without changing the artifact.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modules import register_module_class
-from . import primitives as P
+from ..methods.quantize import primitives as P  # pure tensor math, no method registration
+from ..modules import register_module_class
 
 
 class _DequantizeLinear(torch.autograd.Function):
@@ -44,7 +51,7 @@ class _QuantWeight(nn.Module):
                 symmetric: bool) -> None:
         self.bits, self.granularity, self.group_size, self.symmetric = bits, granularity, group_size, symmetric
         out = weight_shape[0]
-        k = int(torch.tensor(weight_shape[1:]).prod()) if len(weight_shape) > 1 else 1
+        k = math.prod(weight_shape[1:])
         qshape = {"tensor": (1, 1), "channel": (out, 1), "group": (out, max(k // group_size, 1))}[granularity]
         self.register_buffer("weight_q", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(qshape))
@@ -99,12 +106,40 @@ class _QuantWeight(nn.Module):
             self.__dict__["_deq_cache"] = cache
         return cache[1]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads a child's ``.weight`` (``nn.MultiheadAttention``
+        reads ``out_proj.weight``). Assigning to it is an error: use :meth:`set_weight`."""
+        return self.dequantized_weight()
+
+    def slim_weights(self) -> dict[str, tuple[int, int]]:
+        """Logical weights by the attribute holding them: ``{"weight_q": (numel, non-zeros),
+        "bias": ...}``; a weight is zero where its code equals the zero point."""
+        q = self.weight_q
+        if self.zero_point is None:
+            nonzero = int(torch.count_nonzero(q))
+        else:
+            g = P._grouped(q, self.granularity, self.group_size)            # (rows, groups, k)
+            nonzero = int((g != self.zero_point.to(q.dtype).unsqueeze(-1)).sum())
+        out = {"weight_q": (q.numel(), nonzero)}
+        if self.bias is not None:
+            out["bias"] = (self.bias.numel(), int(torch.count_nonzero(self.bias.detach())))
+        return out
+
+    def share_codes_with(self, other: "_QuantWeight") -> None:
+        """Use ``other``'s code, scale and zero-point tensors (a weight tied in the float model
+        stays one tensor once quantized: stored once, counted once)."""
+        for name in ("weight_q", "scale", "zero_point"):
+            if getattr(other, name) is not None:
+                self._buffers[name] = other._buffers[name]
+        self.__dict__.pop("_deq_cache", None)
+
     def _q_args(self) -> dict[str, Any]:
         return dict(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
                     symmetric=self.symmetric)
 
 
-@register_module_class
+@register_module_class(aliases=("torchslim.methods.quantize.modules.QuantLinear",))
 class QuantLinear(_QuantWeight):
     """``nn.Linear`` with an int8-coded weight."""
 
@@ -119,12 +154,13 @@ class QuantLinear(_QuantWeight):
     def from_float(cls, linear: nn.Linear, **qargs: Any) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, **qargs)
         q.set_weight(linear.weight.detach().cpu())
-        if linear.bias is not None:
-            q.bias.data.copy_(linear.bias.detach())
+        if linear.bias is not None:  # keeps its dtype: an fp16 model stays fp16
+            q.bias = nn.Parameter(linear.bias.detach().cpu().clone(), requires_grad=linear.bias.requires_grad)
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def rebuild_args(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features,
@@ -134,7 +170,7 @@ class QuantLinear(_QuantWeight):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, {self.granularity}"
 
 
-@register_module_class
+@register_module_class(aliases=("torchslim.methods.quantize.modules.QuantConv2d",))
 class QuantConv2d(_QuantWeight):
     """``nn.Conv2d`` with an int8-coded weight."""
 
@@ -160,13 +196,14 @@ class QuantConv2d(_QuantWeight):
                 conv.groups, conv.bias is not None, **qargs)
         q.set_weight(conv.weight.detach().cpu())
         if conv.bias is not None:
-            q.bias.data.copy_(conv.bias.detach())
+            q.bias = nn.Parameter(conv.bias.detach().cpu().clone(), requires_grad=conv.bias.requires_grad)
         return q.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv_args
         padding = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
-        return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, tuple(a["stride"]), padding,
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.dequantized_weight().to(x.dtype), bias, tuple(a["stride"]), padding,
                         tuple(a["dilation"]), a["groups"])
 
     def rebuild_args(self) -> dict[str, Any]:

@@ -1,0 +1,20 @@
+"""Rebuildable layers of the core, and the protocol by which a layer declares its weights.
+
+A layer class that holds weights in a form other than plain parameters (integer codes in
+buffers, packed codes, factors) implements::
+
+    def slim_weights(self) -> dict[str, tuple[int, int]]:
+        # local tensor name -> (logical number of weights, logical non-zeros)
+
+:func:`torchslim.measure.count_params` then counts that module's own tensors from it instead of
+from its parameters, so ``params`` / ``nonzero_params`` are never guessed from dtypes or names.
+Modules without it count their parameters (tied ones once); buffers are not weights (BatchNorm
+statistics, index tables).
+
+The classes here are registered with :func:`torchslim.modules.register_module_class` on import,
+which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
+"""
+
+from .quantized import QuantConv2d, QuantLinear
+
+__all__ = ["QuantLinear", "QuantConv2d"]
