@@ -93,7 +93,7 @@ def test_manifest_describes_every_tensor(tmp_path):
     m = torchslim.build_model("zoo:lenet-5")
     torchslim.save(m, tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 3 and manifest["edits"] == []
     assert manifest["source"]["spec"] == "zoo:lenet-5"
     assert set(manifest["tensors"]) == set(m.state_dict())
     assert len(manifest["files"]["tensors.safetensors"]["sha256"]) == 64
@@ -201,14 +201,28 @@ BAD_MANIFESTS = {
     "tensors missing": (_set(["tensors"], ...), '"tensors" must be a mapping'),
     "tensors a list": (_set(["tensors"], []), '"tensors" must be a mapping'),
     "tensor record a list": (_set(["tensors", "0.weight"], []), "'0.weight'"),
-    "modules a list": (_set(["modules"], []), '"modules" must be a mapping'),
-    "module record a string": (_set(["modules", "9"], "x"), '"modules"'),
-    "module with unknown args": (_set(["modules", "9"], {"class": "torch.nn.Linear", "args": {
-        "in_features": 128, "out_features": 10, "bogus": 1}}), "cannot rebuild module '9'"),
-    "module with negative args": (_set(["modules", "9"], {"class": "torch.nn.Linear", "args": {
-        "in_features": 128, "out_features": -1}}), "cannot rebuild module '9'"),
-    "module not in the model": (_set(["modules", "nope"], {"class": "torch.nn.Identity", "args": {}}),
-                                "not in the model"),
+    "edits a mapping": (_set(["edits"], {}), '"edits" must be a list'),
+    "edit record a string": (_set(["edits"], ["x"]), '"edits"[0] must be a mapping'),
+    "edit op unknown": (_set(["edits"], [{"op": "explode", "target": "9"}]), "unknown op 'explode'"),
+    "edit without target": (_set(["edits"], [{"op": "delete"}]), "needs a string 'target'"),
+    "edit args a list": (_set(["edits"], [{"op": "module", "target": "9", "class": "torch.nn.Linear",
+                                           "args": []}]), "needs 'args' of type dict"),
+    "module with unknown args": (_set(["edits"], [{"op": "module", "target": "9", "class": "torch.nn.Linear",
+                                                   "args": {"in_features": 128, "out_features": 10, "bogus": 1}}]),
+                                 "cannot replay edit 0 (module '9')"),
+    "module with negative args": (_set(["edits"], [{"op": "module", "target": "9", "class": "torch.nn.Linear",
+                                                    "args": {"in_features": 128, "out_features": -1}}]),
+                                  "cannot replay edit 0 (module '9')"),
+    "module not in the model": (_set(["edits"], [{"op": "module", "target": "nope", "class": "torch.nn.Identity",
+                                                  "args": {}}]), "has no child module 'nope'"),
+    "module class unknown": (_set(["edits"], [{"op": "module", "target": "9", "class": "evil.Module",
+                                               "args": {}}]), "does not know"),
+    "setattr on a missing attribute": (_set(["edits"], [{"op": "setattr", "target": "", "attr": "nope.x",
+                                                         "value": 1}]), "cannot replay edit 0 (setattr"),
+    "tensor shape negative": (_set(["edits"], [{"op": "tensor", "target": "0.weight", "shape": [-1]}]),
+                              "non-negative"),
+    "v2 modules a list": (lambda m: (_set(["format_version"], 2)(m), _set(["modules"], [])(m)),
+                          '"modules" must be a mapping'),
     "dtype load": (_set(["tensors", "0.weight", "dtype"], "load"), "dtype must be one of"),
     "dtype missing": (_set(["tensors", "0.weight", "dtype"], ...), "dtype must be one of"),
     "shape abc": (_set(["tensors", "0.weight", "shape"], "abc"), "shape must be a list"),
@@ -326,7 +340,7 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     size_untied = torchslim.save(untied, tmp_path / "u")
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["aliases"] == {"b.weight": "a.weight"}
-    assert "b.weight" not in manifest["tensors"] and manifest["format_version"] == 2
+    assert "b.weight" not in manifest["tensors"] and manifest["format_version"] == 3
     assert size_untied - size_tied >= 32 * 32 * 4 - 200    # one weight matrix less (manifest differs a bit)
     back = torchslim.load(tmp_path / "t", trust_code=True)
     assert back.b.weight is back.a.weight

@@ -183,7 +183,7 @@ def test_corrupt_manifest_refused(artifact, capsys):
 def test_unknown_module_class_in_manifest(artifact, capsys):
     mf = artifact / "manifest.json"
     manifest = json.loads(mf.read_text())
-    manifest["modules"] = {"0": {"class": "evil.Module", "args": {}}}
+    manifest["edits"] = [{"op": "module", "target": "0", "class": "evil.Module", "args": {}}]
     mf.write_text(json.dumps(manifest))
     code, _, err = _measure_artifact(artifact, capsys)
     assert_clean_error(code, err, None, "evil.Module")

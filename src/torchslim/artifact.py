@@ -4,7 +4,9 @@
 
 - ``format_version``: refused if newer than this torchslim understands;
 - ``source``: how to rebuild the bare architecture (``zoo:``/``torchvision:``/``hf:``/``py:``);
-- ``modules``: module swaps to replay on it (quantized layers, reshaped layers), in order;
+- ``edits``: the ordered edit log replayed on it (module swaps, resized layers, attributes set,
+  modules deleted, tensors resized; see :mod:`torchslim.edits`). Versions 1 and 2 held a
+  ``modules`` mapping of swaps instead, still read;
 - ``tensors``: per state_dict entry its encoding, shape, dtype and parts in the safetensors file;
 - ``aliases``: state_dict names that share another entry's tensor (tied weights), stored once:
   ``{"alias": "stored name"}``; absent in artifacts written before aliases existed;
@@ -12,17 +14,22 @@
   before anything is read.
 
 Nothing is unpickled: the architecture comes from registered builders, tensors from safetensors.
+Loading rebuilds the architecture with its weights on the meta device (nothing allocated) and
+assigns the stored tensors, so stored dtypes win (a bf16 model reloads as bf16) and no weight
+exists twice.
 The manifest's whole structure is checked before any of it is used, and a ``py:`` source (the
 user's own Python file, which rebuilding would import) is only rebuilt when the caller trusts it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +37,17 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from . import layers as _layers  # noqa: F401  (registers the core layer classes)
+from .edits import edits_of, replay, validate_edits
 from .encodings import ENCODINGS, decode_tensor, encode_tensor
 from .errors import ArtifactError, UserError
-from .modules import OVERRIDES_ATTR, SOURCE_ATTR, build_from_record, get_submodule
+from .modules import SOURCE_ATTR, get_submodule
+from .specs.models import rebuild_from_source, register_model_source
 
-#: the newest format this code reads. Artifacts without tied tensors are written as version 1,
-#: which every torchslim reads; ones with ``aliases`` as version 2, so that an older torchslim
-#: says "upgrade" instead of failing on the missing tied keys.
-FORMAT_VERSION = 2
+#: the newest format this code reads and the one it writes: 1 had module swaps (``modules``),
+#: 2 added ``aliases`` (tied tensors), 3 the ``edits`` log and packed / filled encodings, so an
+#: older torchslim says "upgrade" instead of misreading them.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 #: setting this environment variable to 1 has the effect of ``load(..., trust_code=True)``
@@ -129,10 +139,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         save_file(parts, str(tmp / TENSORS))
         manifest = {
             "format": "torchslim-artifact",
-            "format_version": 2 if aliases else 1,
+            "format_version": FORMAT_VERSION,
             "torchslim_version": __version__,
             "source": source,
-            "modules": getattr(model, OVERRIDES_ATTR, {}),
+            "edits": edits_of(model),
             "tensors": tensors,
             "aliases": aliases,
             "files": {TENSORS: {"sha256": _sha256(tmp / TENSORS), "bytes": (tmp / TENSORS).stat().st_size}},
@@ -221,14 +231,17 @@ def validate_manifest(manifest: dict[str, Any], mf: Path) -> None:
         c.string(source.get("file"), '"source".file')
         c.string(source.get("factory"), '"source".factory')
 
-    modules = c.mapping(manifest.get("modules", {}), '"modules"')
-    for name, record in modules.items():
-        key = f'"modules"[{name!r}]'
-        c.need(name != "", '"modules"', "keyed by module names", name)
-        record = c.mapping(record, key)
-        c.string(record.get("class"), f"{key}.class")
-        c.need(isinstance(record.get("args", {}), dict), f"{key}.args", "a mapping of constructor arguments",
-               record.get("args"))
+    if manifest["format_version"] >= 3:
+        validate_edits(manifest.get("edits", []), str(mf))
+    else:  # versions 1-2: {module name: {class, args}} swaps, read as "module" edits
+        modules = c.mapping(manifest.get("modules", {}), '"modules"')
+        for name, record in modules.items():
+            key = f'"modules"[{name!r}]'
+            c.need(name != "", '"modules"', "keyed by module names", name)
+            record = c.mapping(record, key)
+            c.string(record.get("class"), f"{key}.class")
+            c.need(isinstance(record.get("args", {}), dict), f"{key}.args", "a mapping of constructor arguments",
+                   record.get("args"))
 
     tensors = c.mapping(manifest.get("tensors"), '"tensors"')
     for name, info in tensors.items():
@@ -311,6 +324,67 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(owner_a, attr_a, want)
 
 
+@contextlib.contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """While building: every parameter and persistent buffer is moved to the meta device as it
+    is registered (the artifact's tensors replace them), while non-persistent buffers (position
+    ids, rotary tables, which no state_dict holds) keep the values the constructor computed.
+    Each weight exists on the CPU only for the moment between its creation and registration.
+    (The two registration methods are patched for the duration: no other thread may build
+    modules meanwhile.)"""
+    reg_param, reg_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self: nn.Module, name: str, param: Any) -> None:
+        reg_param(self, name, param)
+        p = self._parameters.get(name)
+        if type(p) is nn.Parameter and p.device.type != "meta":  # subclasses (lazy ones) stay as built
+            new = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+            new.__dict__.update(p.__dict__)
+            self._parameters[name] = new
+
+    def register_buffer(self: nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        reg_buffer(self, name, tensor, persistent)
+        b = self._buffers.get(name)
+        if persistent and b is not None and b.device.type != "meta":
+            self._buffers[name] = b.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = reg_param, reg_buffer
+
+
+def _rebuild(path: Path, source: dict[str, Any], edits: list[dict[str, Any]], *, mode: str) -> nn.Module:
+    """The source architecture with ``edits`` replayed. ``mode``: ``meta`` (every tensor on the
+    meta device: nothing allocated, whatever the manifest's sizes), ``weights`` (weights on meta,
+    non-persistent buffers computed for real, see :func:`_weights_on_meta`) or ``cpu``."""
+    def where() -> Any:
+        return {"meta": lambda: torch.device("meta"), "weights": _weights_on_meta,
+                "cpu": contextlib.nullcontext}[mode]()
+
+    try:
+        with where():
+            model = rebuild_from_source(source)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the builder returned {type(model).__name__}, not an nn.Module")
+    except Exception as exc:  # any failure of a builder on these arguments is a bad manifest
+        if mode != "cpu":  # a builder that computes with its tensors at construction needs real ones
+            return _rebuild(path, source, edits, mode="cpu")
+        raise ArtifactError(f"{path}: cannot rebuild the architecture from source {source['spec']!r} "
+                            f"with args {source.get('args') or {}}: {_reason(exc)}") from None
+    with where():
+        replay(model, edits, str(path))
+    return model
+
+
+def _on_meta(model: nn.Module, exclude: dict[str, Any]) -> bool:
+    """Whether a parameter or buffer that ``exclude`` does not replace is still on meta."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return any(t.device.type == "meta" for n, t in named.items() if n not in exclude)
+
+
 def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
     """Rebuild the model saved at ``path``, checking the manifest, checksums, keys, shapes, dtypes.
 
@@ -326,13 +400,17 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    from .specs.models import rebuild_from_source
     from .weights import check_state_dict
 
     path = Path(path)
     manifest = read_manifest(path)
     source, tensors = manifest["source"], manifest["tensors"]
-    modules, aliases = manifest.get("modules", {}), manifest.get("aliases", {})
+    aliases = manifest.get("aliases", {})
+    if manifest["format_version"] >= 3:
+        edits = manifest.get("edits", [])
+    else:
+        edits = [{"op": "module", "target": name, "class": rec["class"], "args": rec.get("args", {})}
+                 for name, rec in manifest.get("modules", {}).items()]
     for fname, info in manifest["files"].items():
         f = path / fname
         if not f.is_file():
@@ -349,39 +427,16 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
     except Exception as exc:  # SafetensorError, OSError, ... : the checksum matched a bad file
         raise ArtifactError(f"{path / TENSORS}: unreadable: {_reason(exc)}") from None
 
-    # -- the architecture, then the recorded module swaps ----------------------------------
-    try:
-        model = rebuild_from_source(source)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"the builder returned {type(model).__name__}, not an nn.Module")
-    except Exception as exc:  # any failure of a builder on these arguments is a bad manifest
-        raise ArtifactError(f"{path}: cannot rebuild the architecture from source {source['spec']!r} "
-                            f"with args {source.get('args') or {}}: {_reason(exc)}") from None
-    for name, record in modules.items():
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = get_submodule(model, parent_name)
-        except AttributeError:
-            parent = None
-        if parent is None or child not in parent._modules:
-            raise ArtifactError(f"{path}: module {name!r} named in the manifest is not in the model")
-        try:
-            new = build_from_record(record)
-            if not isinstance(new, nn.Module):
-                raise TypeError(f"the builder returned {type(new).__name__}, not an nn.Module")
-        except Exception as exc:
-            raise ArtifactError(f"{path}: cannot rebuild module {name!r} ({record['class']} with args "
-                                f"{record.get('args', {})}): {_reason(exc)}") from None
-        setattr(parent, child, new)
-    object.__setattr__(model, OVERRIDES_ATTR, dict(modules))
-
-    # -- names, shapes and dtypes against the model, before any tensor is decoded -----------
+    # -- names, shapes and dtypes of the stored tensors ---------------------------------------
     try:
         declared = {n: torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")
                     for n, info in tensors.items()}
     except (RuntimeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"{path}: malformed manifest: a tensor shape is impossible: {_reason(exc)}") from None
     declared.update({alias: declared[target] for alias, target in aliases.items()})
+
+    # -- the architecture on the meta device, the edit log replayed, checked against the tensors
+    model = _rebuild(path, source, edits, mode="meta")
     check_state_dict(model, declared, str(path))
 
     state: dict[str, torch.Tensor] = {}
@@ -395,10 +450,29 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
             raise ArtifactError(f"{path}: tensor {name!r} cannot be decoded: {_reason(exc)}") from None
     state.update({alias: state[target] for alias, target in aliases.items()})
+    if _on_meta(model, exclude=state):
+        # non-persistent buffers (position ids, rotary tables) are in no state_dict and have no
+        # values on meta: build again with only the weights on meta (the shapes are checked, so
+        # each weight's brief CPU allocation is bounded by the artifact), else for real
+        model = _rebuild(path, source, edits, mode="weights")
+        if _on_meta(model, exclude=state):
+            model = _rebuild(path, source, edits, mode="cpu")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)  # stored dtypes win
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: tensors do not load into the model: {_reason(exc)}") from None
     _retie(model, aliases)
     model.eval()
     return model
+
+
+@register_model_source("artifact")
+def _artifact_source(path: str, args: dict) -> tuple[nn.Module, dict]:
+    """``artifact:DIR``: a model saved by torchslim; it keeps its own source record, which
+    rebuilds the architecture without the artifact."""
+    from .errors import SpecError
+
+    if args:
+        raise SpecError("artifact: models take no builder arguments")
+    model = load(path)
+    return model, dict(getattr(model, SOURCE_ATTR, {}))

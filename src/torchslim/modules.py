@@ -3,16 +3,17 @@
 Modules are always named, never passed as objects: ``targets`` and ``ignore`` are lists of
 exact module names or ``re:`` patterns (``re:.*fc\\d``), matched against the full name.
 
-Every structural change goes through :func:`replace_module`, which records how to rebuild the
-new module (class name + constructor arguments) on the model itself. The artifact writer saves
-that record, and :func:`torchslim.load` replays it on a freshly built architecture before
-loading the tensors. A module class takes part by being registered with
-:func:`register_module_class` and offering ``rebuild_args()`` / ``from_rebuild_args(**args)``;
+Structural changes go through :mod:`torchslim.edits` (``replace_module``, ``set_attribute``,
+``delete_module``, ``resize_tensor``), which apply them and append a record to the model's
+edit log; :func:`torchslim.load` replays that log on a freshly built architecture. A module
+class can be put in place by an edit when it is registered here with
+:func:`register_module_class` and offers ``rebuild_args()`` / ``from_rebuild_args(**args)``;
 common ``torch.nn`` layers are registered here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +24,8 @@ from torch import nn
 
 from .errors import RecipeError, did_you_mean
 
-OVERRIDES_ATTR = "_torchslim_overrides"
+#: the model attribute holding its edit log (a list of JSON records, see torchslim.edits)
+EDITS_ATTR = "_torchslim_edits"
 SOURCE_ATTR = "_torchslim_source"
 
 
@@ -84,25 +86,26 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at ``name`` and record how to rebuild it (see module docstring)."""
-    if not name:
-        raise ValueError("cannot replace the root module")
-    parent_name, _, child = name.rpartition(".")
-    parent = get_submodule(model, parent_name)
-    setattr(parent, child, new)
-    record = module_rebuild_record(new)
-    overrides: dict[str, Any] = dict(getattr(model, OVERRIDES_ATTR, {}))
-    # a replaced subtree invalidates records below it
-    for key in [k for k in overrides if k.startswith(name + ".")]:
-        del overrides[key]
-    overrides.pop(name, None)
-    overrides[name] = record
-    object.__setattr__(model, OVERRIDES_ATTR, overrides)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its training flag afterwards, even
+    when the block raises.
 
-
-def overrides_of(model: nn.Module) -> dict[str, Any]:
-    return dict(getattr(model, OVERRIDES_ATTR, {}))
+    Examples
+    --------
+    >>> m = nn.Dropout().train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training
+    True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # -- rebuildable module classes -------------------------------------------------------------
@@ -110,17 +113,31 @@ _MODULE_CLASSES: dict[str, tuple[type, Callable[[nn.Module], dict], Callable[...
 
 
 def register_module_class(
-    cls: type,
+    cls: type | None = None,
     name: str | None = None,
     get_args: Callable[[nn.Module], dict] | None = None,
     build: Callable[..., nn.Module] | None = None,
-) -> type:
-    """Make ``cls`` rebuildable from an artifact manifest (usable as a class decorator)."""
+    *,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """Make ``cls`` rebuildable from an artifact manifest.
+
+    Usable as ``register_module_class(cls, ...)``, as a bare class decorator, or as
+    ``@register_module_class(aliases=(...))``. ``aliases`` are older names of the class (it
+    moved), still accepted when reading artifacts; the first name is the one written.
+    """
+    if cls is None:
+        return lambda c: register_module_class(c, name, get_args, build, aliases=aliases)
     key = name or f"{cls.__module__}.{cls.__qualname__}"
     get_args = get_args or (lambda m: m.rebuild_args())
     build = build or getattr(cls, "from_rebuild_args", None) or cls
     _MODULE_CLASSES[key] = (cls, get_args, build)
+    for alias in aliases:
+        _ALIASES[alias] = key
     return cls
+
+
+_ALIASES: dict[str, str] = {}
 
 
 def module_rebuild_record(module: nn.Module) -> dict[str, Any]:
@@ -135,9 +152,10 @@ def module_rebuild_record(module: nn.Module) -> dict[str, Any]:
 
 def build_from_record(record: dict[str, Any]) -> nn.Module:
     key = record.get("class")
+    key = _ALIASES.get(key, key)
     if key not in _MODULE_CLASSES:
-        from .registry import _load_builtin
-        _load_builtin()  # method modules register their layer classes on import
+        from .registry import load_plugins
+        load_plugins()  # third-party method plugins may register layer classes on import
     if key not in _MODULE_CLASSES:
         from .errors import ArtifactError
         raise ArtifactError(

@@ -78,6 +78,19 @@ def _load_builtin() -> None:
 
     for info in pkgutil.walk_packages(methods.__path__, prefix=methods.__name__ + "."):
         importlib.import_module(info.name)
+    load_plugins()
+
+
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> None:
+    """Import the third-party packages of the ``torchslim.methods`` entry-point group (once);
+    the artifact loader calls this alone for a layer class it does not know."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
     for ep in metadata.entry_points(group="torchslim.methods"):
         try:
             ep.load()

@@ -1,4 +1,4 @@
-"""Model specs: ``zoo:``, ``torchvision:``, ``hf:``, ``py:``, ``artifact:``.
+"""Model specs: ``zoo:``, ``torchvision:``, ``hf:``, ``py:`` (and ``artifact:``, registered by :mod:`torchslim.artifact`).
 
 Every model built here carries a *source record* (a small JSON-able dict) on the module. The
 artifact writer stores it so that :func:`torchslim.load` can rebuild the architecture without
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import SpecError, did_you_mean
-from ..modules import SOURCE_ATTR
+from ..modules import EDITS_ATTR, SOURCE_ATTR
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def build_model(spec: str, *, weights: str | os.PathLike | None = None,
         load_weights_into(model, weights)
         record["weights"] = str(weights)
     object.__setattr__(model, SOURCE_ATTR, record)
-    if not hasattr(model, "_torchslim_overrides"):
-        object.__setattr__(model, "_torchslim_overrides", {})
+    if not hasattr(model, EDITS_ATTR):
+        object.__setattr__(model, EDITS_ATTR, [])
     return model
 
 
@@ -83,7 +83,7 @@ def rebuild_from_source(record: dict[str, Any]) -> nn.Module:
     if rebuild is not None:
         model = rebuild(record)
         object.__setattr__(model, SOURCE_ATTR, dict(record))
-        object.__setattr__(model, "_torchslim_overrides", {})
+        object.__setattr__(model, EDITS_ATTR, [])
         return model
     return build_model(spec, args=record.get("args"))
 
@@ -177,14 +177,3 @@ def _py(ref: str, args: dict) -> tuple[nn.Module, dict]:
 @register_rebuilder("py")
 def _py_rebuild(record: dict) -> nn.Module:
     return _py(f"{record['file']}:{record['factory']}", dict(record.get("args") or {}))[0]
-
-
-@register_model_source("artifact")
-def _artifact(path: str, args: dict) -> tuple[nn.Module, dict]:
-    from ..artifact import load
-
-    if args:
-        raise SpecError("artifact: models take no builder arguments")
-    model = load(path)
-    # keep the artifact's own source record: it rebuilds the architecture without the artifact
-    return model, dict(getattr(model, SOURCE_ATTR, {}))
