@@ -83,17 +83,22 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from .report import format_table
     from .specs import build_model, build_task
 
+    from .fileio import write_json
+    from .recipe import MeasureConfig
+
     t0 = time.perf_counter()
+    how = MeasureConfig(batch_sizes=args.batch_sizes, runtime=args.runtime, split=args.split)
     task = build_task(args.task, args.data_dir)
+    how.check_ready(task)
     model = build_model(args.model, weights=args.weights)
     check_runs(model, task, f"model {args.model}")
     row = {"name": "measure", "verb": "measure", "method": None,
-           **measure(model, task, batch_sizes=args.batch_sizes)}
+           **measure(model, task, batch_sizes=how.batch_sizes, runtime=how.runtime, split=how.split)}
     row["wall_s"] = round(time.perf_counter() - t0, 3)
     _out(format_table({"steps": [row]}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(row, indent=2))
+        write_json(args.json, row)
     return 0
 
 
@@ -107,7 +112,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .artifact import load
     from .measure import check_runs
-    from .methods.export import check_onnx, export_onnx
+    from .onnx_io import check_onnx, export_onnx
     from .specs import build_task
 
     d = Path(args.dir)
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 32), help="latency batch sizes (1,32)")
+    s.add_argument("--runtime", default="eager", help="what latency is timed on: eager, compile, onnxruntime")
+    s.add_argument("--split", default="test", choices=("test", "val"), help="split of the metric")
     s.add_argument("--json", help="write the measurement as one metrics.json step object")
     s.set_defaults(fn=cmd_measure)
 

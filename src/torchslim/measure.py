@@ -8,18 +8,25 @@
   forward with ``torch.utils.flop_counter.FlopCounterMode`` (aten ``mm``/``addmm``/``bmm``/
   ``convolution``/``scaled_dot_product_attention``, FLOPs / 2). Attention score and value
   matmuls are therefore counted, elementwise ops are not; zeros are counted (dense MACs).
-- ``latency_ms``: milliseconds of a forward pass per batch size in eager PyTorch under
-  ``torch.inference_mode`` with the process's thread count: after warm-up, the smallest of 5
-  round medians (see :func:`time_call`).
-- ``metric``: the task metric on the test split (``None`` for ``shape:`` tasks).
+- ``latency_ms``: per batch size (as a string), the median milliseconds of one forward pass on
+  the step's runtime (``eager`` by default: eval mode, ``torch.inference_mode``) with the
+  process's thread count, timed by ``torch.utils.benchmark`` after warm-up (see :func:`time_fn`).
+- ``latency``: per batch size, ``median_ms``, ``iqr_ms``, ``cpu_ms`` (process CPU time per
+  call), ``runs``, ``threads``, and ``unstable: true`` when IQR / median stayed above 0.25.
+- ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing.
+- ``metric``: the task metric on the ``split`` asked for (test by default; ``None`` for
+  ``shape:`` tasks).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +34,12 @@ import torch
 from torch import nn
 
 from .artifact import artifact_size, save
+from .runtime import RuntimeSession, get_runtime, omp_wait_policy
 from .specs.tasks import Task, _device_of, to_device
 
-_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """``(params, nonzero_params)`` over parameters and weight-holding buffers."""
-    total = nonzero = 0
-    seen: set[int] = set()
-    # buffers count when they hold weights: float tensors or 8-bit codes; int64 index buffers
-    # (BERT's position_ids), BatchNorm statistics, scales and zero points do not
-    tensors = list(model.named_parameters()) + [
-        (n, b) for n, b in model.named_buffers() if not n.endswith(_STAT_BUFFERS)
-        and (b.is_floating_point() or b.dtype in (torch.int8, torch.uint8))
-        and not n.endswith(("mask", "scale", "zero_point"))]
-    for _, t in tensors:
-        if id(t) in seen:       # tied weights count once
-            continue
-        seen.add(id(t))
-        total += t.numel()
-        nonzero += int(torch.count_nonzero(t.detach()))
-    return total, nonzero
+from .layers.counting import count_params  # noqa: E402  (re-exported: measure.count_params)
 
 
 def count_macs(model: nn.Module, inputs: tuple) -> int:
@@ -113,43 +104,167 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> 
         model.train(was_training)
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 3, rounds: int = 5, min_runs: int = 5,
-              min_round_s: float = 0.05) -> float:
-    """Milliseconds per call of ``fn``: the smallest of ``rounds`` round medians, after warm-up.
+#: IQR / median above which a timing is taken again (and flagged ``unstable`` if it stays so)
+UNSTABLE_ABOVE = 0.25
 
-    Each round runs ``fn`` at least ``min_runs`` times and for at least ``min_round_s``. On a
-    shared machine other work only ever adds time, so the least disturbed round is the closest
-    to the model's own cost; a burst of contention spoils one round, not the figure.
+
+@dataclass(frozen=True)
+class Timing:
+    """One latency figure: per-call statistics of a timed callable.
+
+    ``median_ms`` / ``iqr_ms``: median and interquartile range of the timed blocks (milliseconds
+    per call); ``cpu_ms``: process CPU time per call (all threads); ``runs``: timed calls;
+    ``threads``: torch intra-op threads in force; ``unstable``: IQR / median stayed above
+    :data:`UNSTABLE_ABOVE` in every attempt.
     """
-    for _ in range(warmup):
-        fn()
-    medians = []
-    for _ in range(rounds):
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < min_runs or (time.perf_counter() - start < min_round_s and len(times) < 1000):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000.0)
-        medians.append(statistics.median(times))
-    return min(medians)
+
+    median_ms: float
+    iqr_ms: float
+    cpu_ms: float
+    runs: int
+    threads: int
+    unstable: bool = False
+
+    @property
+    def dispersion(self) -> float:
+        """IQR / median."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``latency`` entry of a metrics row (``unstable`` only when true)."""
+        out = {"median_ms": round(self.median_ms, 4), "iqr_ms": round(self.iqr_ms, 4),
+               "cpu_ms": round(self.cpu_ms, 4), "runs": self.runs, "threads": self.threads}
+        if self.unstable:
+            out["unstable"] = True
+        return out
+
+
+@functools.cache
+def _timer_class() -> type:
+    """The timer class, built on first use: importing ``torch.utils.benchmark`` pulls in the C++
+    extension helpers, which on a CUDA build without a GPU log a CUDA_HOME warning at import;
+    the import is kept out of ``import torchslim`` and that one warning is muted."""
+    lg = logging.getLogger("torch.utils.cpp_extension")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+        from torch.utils.benchmark.utils.common import set_torch_threads
+    finally:
+        lg.setLevel(level)
+
+    class _Timer(benchmark.Timer):
+        """``torch.utils.benchmark.Timer`` with smaller blocks, and a count of every call it makes.
+
+        torch blocks calls until the timer's own overhead is 0.01% of a block, so a block of a
+        0.1 ms forward holds 1000 calls and averages their spread away. Here a block grows only
+        until that overhead is under 1% (single calls from about 20 µs on), so the IQR shows the
+        spread of calls. (Overrides a private hook; on a torch without it, torch's blocks are used.)
+        """
+
+        calls = 0
+
+        def _timeit(self, number: int) -> float:
+            self.calls += number
+            return super()._timeit(number)
+
+        def _estimate_block_size(self, min_run_time: float) -> int:
+            with set_torch_threads(self._task_spec.num_threads):
+                overhead = statistics.median(self._timeit(0) for _ in range(5))
+                number = 1
+                while True:
+                    taken = self._timeit(number)
+                    if taken >= 100 * overhead or taken > min_run_time or number >= 10**8:
+                        return number
+                    number *= 10
+
+    return _Timer
+
+
+def time_fn(fn: Callable[[], Any], *, min_run_time: float = 0.2, warmup: int = 3, attempts: int = 3,
+            threads: int | None = None, device: torch.device | str = "cpu",
+            unstable_above: float = UNSTABLE_ABOVE) -> Timing:
+    """Time ``fn`` with ``torch.utils.benchmark``: ``blocked_autorange(min_run_time)`` after
+    ``warmup`` calls, at ``threads`` intra-op threads (default: the current count).
+
+    When IQR / median is above ``unstable_above`` the measurement is taken again, up to
+    ``attempts`` in all; the attempt with the smallest IQR / median is kept, flagged
+    ``unstable`` if even that one is above. ``device``: an accelerator is synchronized around
+    each block. CPU time per call is the process's CPU time over the measurement (every thread,
+    so spinning worker threads show) divided by the calls it made.
+    """
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    timer = dict(timer=time.perf_counter) if torch.device(device).type == "cpu" else {}
+    t = _timer_class()(stmt="fn()", globals={"fn": fn}, num_threads=threads, **timer)
+    if warmup > 0:
+        t.timeit(warmup)
+    best: Timing | None = None
+    for _ in range(max(1, attempts)):
+        calls, cpu0 = t.calls, time.process_time()
+        m = t.blocked_autorange(min_run_time=min_run_time)
+        cpu = (time.process_time() - cpu0) / max(t.calls - calls, 1)
+        timing = Timing(m.median * 1e3, m.iqr * 1e3, cpu * 1e3, len(m.times) * m.number_per_run, threads)
+        if best is None or timing.dispersion < best.dispersion:
+            best = timing
+        if best.dispersion <= unstable_above:
+            return best
+    return replace(best, unstable=True)
+
+
+def time_session(session: RuntimeSession, inputs: tuple, **kwargs: Any) -> Timing:
+    """Time one forward pass of a runtime session on ``inputs`` (see :func:`time_fn`; the
+    session's thread count and device are used)."""
+    with session.bind(inputs) as run:
+        return time_fn(run, **{"threads": session.threads, "device": session.device, **kwargs})
+
+
+def time_call(fn: Callable[[], Any], **kwargs: Any) -> float:
+    """Milliseconds per call of ``fn``: the median of :func:`time_fn` (``min_run_time``,
+    ``warmup``, ``attempts``, ``threads`` pass through).
+
+    Examples
+    --------
+    >>> time_call(lambda: sum(range(100)), min_run_time=0.01) > 0
+    True
+    """
+    return time_fn(fn, **kwargs).median_ms
 
 
 def measure_latency(model: nn.Module, inputs: tuple, **kwargs: Any) -> float:
     """Milliseconds per forward pass of ``model`` on ``inputs`` in eager PyTorch
-    (``inference_mode``, eval mode); see :func:`time_call` for how the figure is taken."""
-    model.eval()
-    with torch.inference_mode():
-        return time_call(lambda: _call(model, inputs), **kwargs)
+    (``inference_mode``, eval mode); see :func:`time_fn` for how the figure is taken."""
+    with get_runtime("eager") as rt:
+        return time_session(rt.prepare(model, inputs), inputs, **kwargs).median_ms
+
+
+def measure_runtime_latency(model: nn.Module, task: Task, runtime: str = "eager",
+                            batch_sizes: Sequence[int] = (1, 32), **kwargs: Any) -> dict[str, Timing]:
+    """``{batch size: Timing}`` of ``model``'s forward pass on ``runtime`` (prepared once, on
+    the batch-size-1 inputs), on ``task``'s example inputs; ``kwargs`` go to :func:`time_fn`."""
+    device = _device_of(model)
+    with get_runtime(runtime) as rt:
+        session = rt.prepare(model, to_device(task.example_inputs(1), device))
+        return {str(bs): time_session(session, to_device(task.example_inputs(bs), device), **kwargs)
+                for bs in batch_sizes}
+
+
+def runtime_info(runtime: str = "eager", threads: int | None = None) -> dict[str, Any]:
+    """The ``runtime`` field of a metrics row: name, intra-op threads, OpenMP wait policy."""
+    return {"name": runtime, "threads": torch.get_num_threads() if threads is None else threads,
+            "omp_wait_policy": omp_wait_policy()}
 
 
 def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] = (1, 32),
             artifact_dir: str | Path | None = None, metric: bool = True,
-            latency: bool = True) -> dict[str, Any]:
+            latency: bool = True, runtime: str = "eager", split: str = "test",
+            min_run_time: float = 0.2) -> dict[str, Any]:
     """Measure a model the same way for every step; returns the fields of a metrics.json step.
 
     ``artifact_dir``: where the model was (or is to be) saved; its size on disk is reported.
     When not given the model is saved to a temporary directory to measure its size.
+    ``runtime``: the registered runtime (:mod:`torchslim.runtime`) whose forward pass is timed;
+    ``split``: the split the metric is computed on (``test`` for reports, ``val`` for searches);
+    ``min_run_time``: seconds of timed calls per batch size and attempt (:func:`time_fn`).
 
     Examples
     --------
@@ -171,26 +286,22 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
         inputs = to_device(task.example_inputs(1), device)
         out["macs"] = count_macs(model, inputs)
         if latency:
-            out["latency_ms"] = {
-                str(bs): round(measure_latency(model, to_device(task.example_inputs(bs), device)), 4)
-                for bs in batch_sizes
-            }
-        value = task.evaluate(model) if metric else None
+            timings = measure_runtime_latency(model, task, runtime, batch_sizes, min_run_time=min_run_time)
+            out["latency_ms"] = {bs: round(t.median_ms, 4) for bs, t in timings.items()}
+            out["latency"] = {bs: t.to_dict() for bs, t in timings.items()}
+            out["runtime"] = runtime_info(runtime, next(iter(timings.values())).threads if timings else None)
+        value = task.evaluate(model, split=split) if metric else None
         out["metric"] = None if value is None or task.metric_name is None else {
             "name": task.metric_name, "value": round(float(value), 6),
             "higher_is_better": task.higher_is_better}
     return out
 
 
-def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int] = (1, 32)) -> dict[str, float]:
-    """Milliseconds per run of an ONNX model under ONNX Runtime (CPU provider), per batch size,
-    taken as :func:`time_call` says."""
-    from .methods.export import onnx_session
-
-    sess = onnx_session(Path(path))
-    names = [i.name for i in sess.get_inputs()]
-    out = {}
-    for bs in batch_sizes:
-        feed = {n: t.cpu().numpy() for n, t in zip(names, task.example_inputs(bs))}
-        out[str(bs)] = round(time_call(lambda feed=feed: sess.run(None, feed)), 4)
-    return out
+def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int] = (1, 32),
+                         **kwargs: Any) -> dict[str, float]:
+    """Median milliseconds per run of an ONNX file under the ``onnxruntime`` runtime (CPU
+    provider), per batch size, timed as every runtime is (:func:`time_session`)."""
+    with get_runtime("onnxruntime") as rt:
+        session = rt.load(path)
+        return {str(bs): round(time_session(session, task.example_inputs(bs), **kwargs).median_ms, 4)
+                for bs in batch_sizes}
