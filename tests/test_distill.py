@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import torchslim
+from torchslim.config import ModelRef
 from torchslim.errors import RecipeError
 from torchslim.methods.distill.logits import LogitsDistillConfig
 from torchslim.methods.distill.primitives import kd_loss
@@ -48,8 +49,9 @@ def test_kd_gradient_flows_only_to_student():
 def test_distill_into_smaller_student(trained_digits, digits_task):
     teacher_acc = digits_task.evaluate(trained_digits)
     before = {k: v.clone() for k, v in trained_digits.state_dict().items()}
-    cfg = LogitsDistillConfig(student={"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
-                              optimizer="adamw", epochs=8, lr=0.005, loggers=())
+    cfg = LogitsDistillConfig.from_dict({
+        "student": {"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
+        "optimizer": "adamw", "epochs": 8, "lr": 0.005, "loggers": []})
     student = torchslim.apply(trained_digits, cfg, task=digits_task)
     n_t = sum(p.numel() for p in trained_digits.parameters())
     n_s = sum(p.numel() for p in student.parameters())
@@ -70,7 +72,58 @@ def test_bad_distill_configs(bad):
 
 def test_student_spec_string_is_accepted():
     c = LogitsDistillConfig.from_dict({"student": "zoo:digits-cnn", "epochs": 2})
-    assert c.student == {"spec": "zoo:digits-cnn"} and c.epochs == 2
+    assert c.student == ModelRef(spec="zoo:digits-cnn") and c.train.epochs == 2
+    # the nested form is what the resolved recipe writes, and it reads back the same
+    assert LogitsDistillConfig.from_dict(c.to_dict()) == c
+    assert c.to_dict()["train"]["epochs"] == 2 and "epochs" not in c.to_dict()
+
+
+def test_training_fields_given_twice_are_refused():
+    with pytest.raises(RecipeError, match="'epochs' given both"):
+        LogitsDistillConfig.from_dict({"student": "zoo:digits-cnn", "epochs": 2, "train": {"epochs": 3}})
+
+
+def test_teacher_weights_of_earlier_recipes_become_a_model_reference():
+    c = LogitsDistillConfig.from_dict({"student": "zoo:digits-cnn", "teacher": "zoo:digits-cnn",
+                                       "teacher_weights": "w.safetensors"})
+    assert c.teacher == ModelRef(spec="zoo:digits-cnn", weights="w.safetensors")
+
+
+def test_one_distillation_plugin_serves_two_methods(trained_digits, digits_task, monkeypatch):
+    """distill.logits and a pruning fine-tune with ``distill: {teacher: baseline}`` both train
+    through the LogitDistillation plugin of the one trainer; pruning's mask plugin composes with it."""
+    from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+    from torchslim.train.plugins import LogitDistillation
+
+    calls: list[int] = []
+    real = LogitDistillation.loss
+
+    def spy(self, model, batch, outputs, loss):
+        calls.append(id(self))
+        return real(self, model, batch, outputs, loss)
+
+    monkeypatch.setattr(LogitDistillation, "loss", spy)
+    student = torchslim.apply(trained_digits, LogitsDistillConfig.example(), task=digits_task)
+    n_distill = len(calls)
+    assert n_distill > 0 and isinstance(student, torch.nn.Module)
+
+    def kl_to_teacher(model):
+        x = digits_task.example_inputs(256)[0]
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(torch.log_softmax(model(x), -1),
+                                                    torch.log_softmax(trained_digits(x), -1),
+                                                    reduction="batchmean", log_target=True))
+
+    oneshot = torchslim.apply(trained_digits, MagnitudePruneConfig(sparsity=0.8, scope="layer"))
+    cfg = MagnitudePruneConfig.from_dict({"sparsity": 0.8, "scope": "layer", "finetune": {
+        "epochs": 2, "lr": 0.002, "optimizer": "adamw", "loggers": [],
+        "distill": {"teacher": "baseline", "temperature": 2.0, "alpha": 1.0}}})
+    pruned = torchslim.apply(trained_digits, cfg, task=digits_task)
+    assert len(calls) > n_distill and len(set(calls)) == 2      # a second plugin instance, same class
+    w = pruned[0].weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.8, abs=0.01)   # the mask plugin held
+    assert kl_to_teacher(pruned) < kl_to_teacher(oneshot)        # trained toward the teacher
+
 
 
 def test_logit_distillation_refuses_embedding_tasks():

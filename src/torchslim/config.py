@@ -99,6 +99,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and issubclass(tp, MethodConfig):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and tp.SCALAR_FIELD:  # "zoo:lenet-5" for {spec: zoo:lenet-5}
+            value = {tp.SCALAR_FIELD: value}
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return tp.from_dict(value, where=where)
@@ -169,6 +171,13 @@ class MethodConfig:
     """
 
     VERSION: ClassVar[int] = 1
+    #: a field that a plain string value stands for (``ModelRef``: ``spec``), or None
+    SCALAR_FIELD: ClassVar[str | None] = None
+    #: capability: the step returns a new model (distillation's student, a merge), so later
+    #: steps' target patterns cannot be checked against the model before the run
+    REPLACES_MODEL: ClassVar[bool] = False
+    #: capability: the step only writes files, which rank 0 alone does under torchrun
+    RANK0_ONLY: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))
@@ -194,6 +203,22 @@ class MethodConfig:
             value = getattr(self, f.name)
             if isinstance(value, MethodConfig):
                 value.check_ready(task)
+
+    # -- capabilities the pipeline reads (instead of verbs and attribute names) ------------
+    def trains(self) -> bool:
+        """Whether the step trains (reads the training split): a nested training config with
+        epochs > 0 (``finetune``, ``train``) or this config itself being one."""
+        epochs = getattr(self, "epochs", None)
+        if isinstance(epochs, int) and epochs > 0 and "optimizer" in {f.name for f in dataclasses.fields(self)}:
+            return True
+        return any(isinstance(v, MethodConfig) and v.trains()
+                   for v in (getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    def target_patterns(self) -> dict[str, tuple[str, ...]]:
+        """Module-name patterns this config points at, by field (``targets``, ``ignore``); the
+        pipeline checks each against the model before any work."""
+        return {k: tuple(getattr(self, k)) for k in ("targets", "ignore")
+                if isinstance(getattr(self, k, None), tuple) and getattr(self, k)}
 
     @classmethod
     def example(cls) -> "MethodConfig":
@@ -289,3 +314,35 @@ def _check_constraints(where: str, value: Any, meta: Any) -> None:
         )
         if bad:
             raise RecipeError(f"{where}: {item!r} is out of range; accepted: {_constraint_text(meta)}")
+
+
+@dataclass(frozen=True)
+class ModelRef(MethodConfig):
+    """A model: spec, optional local weights and builder arguments (the recipe's ``model:``,
+    teachers and students). A plain spec string is accepted wherever a ModelRef is.
+
+    Examples
+    --------
+    >>> ModelRef.from_dict({"spec": "zoo:lenet-5"}).build()[0].out_channels
+    20
+    """
+
+    SCALAR_FIELD: ClassVar[str | None] = "spec"
+
+    spec: str = option("", doc="zoo:, torchvision:, hf:, py: or artifact: spec (required)")
+    weights: str | None = option(None, doc="local safetensors or state_dict file")
+    args: dict = option(default_factory=dict, doc="builder keyword arguments")
+
+    def validate(self) -> None:
+        if not self.spec:
+            raise RecipeError("ModelRef.spec: missing; give a model spec such as zoo:lenet-5")
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the model arrives with trained weights (no baseline training needed)."""
+        return self.weights is not None or self.spec.startswith(("hf:", "artifact:"))
+
+    def build(self) -> Any:
+        """The model (``torchslim.build_model(spec, weights=, args=)``); SpecError when it fails."""
+        from .specs.models import build_model
+        return build_model(self.spec, weights=self.weights, args=self.args)

@@ -95,3 +95,12 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average each tensor over all processes, in place (no-op when not distributed)."""
+    if world_size() <= 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world_size())

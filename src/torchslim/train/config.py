@@ -4,10 +4,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodConfig, as_mapping, option
+from ..config import MethodConfig, ModelRef, as_mapping, option
 from ..errors import RecipeError
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+#: teachers named by role: the recipe's baseline model, or the model as it entered the step
+TEACHER_ROLES = ("baseline", "current")
+
+
+@dataclass(frozen=True)
+class DistillTerm(MethodConfig):
+    """Logit distillation added to a training run (the :class:`~torchslim.train.plugins.LogitDistillation`
+    plugin): ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * task loss``.
+
+    ``teacher``: ``baseline`` (the recipe's baseline model; with ``torchslim.apply``, the model
+    given), ``current`` (the model as it entered the step), or a model spec / ``{spec, weights,
+    args}``.
+
+    Examples
+    --------
+    >>> DistillTerm.from_dict({"teacher": "zoo:lenet-5"}).teacher.spec
+    'zoo:lenet-5'
+    """
+
+    teacher: str | ModelRef = option("baseline", doc="baseline, current, or a model spec / {spec, weights, args}")
+    temperature: float = option(4.0, low=0.0, low_open=True, doc="softmax temperature T")
+    alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on the task loss")
+
+    def validate(self) -> None:
+        if isinstance(self.teacher, str) and self.teacher not in TEACHER_ROLES:
+            object.__setattr__(self, "teacher", ModelRef(spec=self.teacher))
+
+    def check_ready(self, task=None) -> None:
+        from ..errors import SpecError
+        from ..measure import check_runs
+
+        super().check_ready(task)
+        if task is not None and getattr(task, "outputs", "logits") != "logits":
+            raise RecipeError(f"distill: task {task.spec!r} produces {task.outputs}, not class logits; "
+                              "logit distillation needs a classification task")
+        if isinstance(self.teacher, ModelRef):
+            try:
+                teacher = self.teacher.build()
+            except SpecError as exc:
+                raise SpecError(f"teacher: {exc}") from None
+            check_runs(teacher, task, f"teacher {self.teacher.spec}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +82,8 @@ class TrainConfig(MethodConfig):
                               "so resumed runs repeat exactly)")
     loggers: tuple[str, ...] = option(("tensorboard",), choices=("tensorboard", "mlflow", "wandb"),
                                       doc="where training curves go (DIR/logs for tensorboard)")
+    distill: DistillTerm | None = option(None, doc="add logit distillation from a teacher: "
+                                                   "{teacher: baseline|current|SPEC, temperature, alpha}")
 
     def check_ready(self, task=None) -> None:
         import importlib.util
@@ -70,3 +113,24 @@ class TrainConfig(MethodConfig):
     def validate(self) -> None:
         if self.warmup > self.epochs and self.epochs > 0:
             raise RecipeError(f"TrainConfig.warmup: {self.warmup} epochs of warm-up exceeds epochs={self.epochs}")
+
+
+def teacher_roles(config: MethodConfig) -> set[str]:
+    """The teacher roles (``baseline``, ``current``) that ``config`` or a config nested in it asks
+    for, so the pipeline keeps what they need (a copy of the step's input model, say).
+
+    Examples
+    --------
+    >>> teacher_roles(TrainConfig(distill=DistillTerm(teacher="current")))
+    {'current'}
+    """
+    import dataclasses
+
+    roles: set[str] = set()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "teacher" and isinstance(value, str) and value in TEACHER_ROLES:
+            roles.add(value)
+        if isinstance(value, MethodConfig):
+            roles |= teacher_roles(value)
+    return roles

@@ -7,7 +7,9 @@
   resumed run ends with exactly the weights of an uninterrupted one (every epoch's shuffling and
   dropout are seeded from ``(seed, epoch, rank)`` alone);
 - data-parallel under torchrun (DDP + DistributedSampler; rank 0 logs and writes);
-- callbacks after each optimizer step (pruning masks, gradual schedules);
+- training plugins (:mod:`torchslim.train.plugins`): extra loss terms (distillation), extra
+  trainable parameters, hooks after each optimizer step (pruning masks, gradual schedules), state
+  saved with each checkpoint;
 - TensorBoard event files in ``log_dir`` (and MLflow / Weights & Biases when installed and named).
 """
 
@@ -29,15 +31,18 @@ from tqdm.auto import tqdm
 
 from .. import distributed as tsdist
 from ..errors import ArtifactError, UserError
+from ..fileio import atomic_path
+from ..modules import eval_mode
 from ..specs.tasks import Task, _device_of, to_device
 from .config import TrainConfig
+from .plugins import CallbackPlugin, TrainingPlugin
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 StepCallback = Callable[[nn.Module, int, int], None]   # (model, global_step, total_steps)
 
-CKPT_FORMAT = 2   # bump when the content of last.pt changes
+CKPT_FORMAT = 3   # bump when the content of last.pt changes (3: "plugins" state)
 
 
 class TrainingDivergedError(UserError, FloatingPointError):
@@ -100,9 +105,14 @@ class Trainer:
         Supplies splits, forward, loss and the validation metric.
     config : TrainConfig
     loss_fn : callable, optional
-        ``loss_fn(model, batch) -> loss``; default is the task loss (with label smoothing).
+        ``loss_fn(model, batch) -> loss``; default is the task loss (with label smoothing) of
+        ``task.forward``'s outputs.
+    plugins : list of TrainingPlugin, optional
+        Loss terms, extra parameters, after-step hooks and checkpointed state
+        (see :mod:`torchslim.train.plugins`), applied in list order.
     callbacks : list of callables, optional
-        ``cb(model, global_step, total_steps)`` after each optimizer step (on the bare model).
+        ``cb(model, global_step, total_steps)`` after each optimizer step (on the bare model),
+        each wrapped as a :class:`~torchslim.train.plugins.CallbackPlugin` after ``plugins``.
         A callback with ``state_dict()`` / ``load_state_dict()`` has its state checkpointed
         (tensors and plain containers only: the checkpoint is read with ``weights_only=True``).
     ckpt_dir : path, optional
@@ -146,13 +156,13 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, *,
-                 loss_fn: LossFn | None = None, callbacks: list[StepCallback] | None = None,
+                 loss_fn: LossFn | None = None, plugins: list[TrainingPlugin] | None = None,
+                 callbacks: list[StepCallback] | None = None,
                  ckpt_dir: str | os.PathLike | None = None, log_dir: str | os.PathLike | None = None,
                  desc: str = "train") -> None:
         self.model, self.task, self.cfg = model, task, config
-        self.loss_fn = loss_fn or (lambda m, b: task.loss(task.forward(m, b), b,
-                                                          label_smoothing=config.label_smoothing))
-        self.callbacks = list(callbacks or [])
+        self.custom_loss = loss_fn
+        self.plugins: list[TrainingPlugin] = [*(plugins or []), *(CallbackPlugin(cb) for cb in callbacks or [])]
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
         self.desc = desc
@@ -161,6 +171,17 @@ class Trainer:
         self.scheduler: Any = None
 
     # -- pieces --------------------------------------------------------------------------
+    def loss_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of one batch: the task loss (or ``loss_fn``), then each plugin's."""
+        if self.custom_loss is not None:
+            outputs, loss = None, self.custom_loss(model, batch)
+        else:
+            outputs = self.task.forward(model, batch)
+            loss = self.task.loss(outputs, batch, label_smoothing=self.cfg.label_smoothing)
+        for plugin in self.plugins:
+            loss = plugin.loss(model, batch, outputs, loss)
+        return loss
+
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.cfg
         if c.optimizer == "adamw":
@@ -230,9 +251,8 @@ class Trainer:
     def _save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Write ``state`` atomically (temp file, then ``os.replace``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     def _load_checkpoint(self, path: Path, steps_per_epoch: int) -> dict[str, Any]:
         """Read and check ``last.pt``; every error says how to start the run over."""
@@ -270,17 +290,14 @@ class Trainer:
         """Whether some trainable parameter gets no gradient from the loss (BERT's pooler under
         mean pooling, say). DDP must then be told, or it waits for those gradients forever.
         Probed with one eval-mode forward/backward; RNG state, weights and statistics untouched."""
-        was_training = self.model.training
         batch = to_device(self.task.collate([dataset[i] for i in range(min(2, len(dataset)))]), device)
-        with torch.random.fork_rng(devices=[]):
-            self.model.eval()
+        with torch.random.fork_rng(devices=[]), eval_mode(self.model):
             try:
                 self.loss_fn(self.model, batch).backward()
                 unused = any(p.grad is None for p in params)
             finally:
                 for p in params:
                     p.grad = None
-                self.model.train(was_training)
         return unused
 
     # -- the loop ------------------------------------------------------------------------
@@ -309,10 +326,13 @@ class Trainer:
         steps_per_epoch = len(loader)
         total_steps = c.epochs * steps_per_epoch
         warm = int(c.warmup * steps_per_epoch)
+        for plugin in self.plugins:
+            plugin.setup(self)
         params = [p for p in model.parameters() if p.requires_grad]
+        extra = [p for plugin in self.plugins for p in plugin.parameters() if p.requires_grad]
         if not params:
             raise UserError(f"{self.desc}: nothing to train: the model has no trainable parameters")
-        opt = self.optimizer = self._optimizer(params)
+        opt = self.optimizer = self._optimizer(params + extra)
         sched = self.scheduler = self._scheduler(opt, steps_per_epoch)
         device = _device_of(model)
 
@@ -322,9 +342,9 @@ class Trainer:
             state = self._load_checkpoint(ckpt, steps_per_epoch)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            for cb, cb_state in zip(self.callbacks, state["callbacks"]):
-                if cb_state is not None and hasattr(cb, "load_state_dict"):
-                    cb.load_state_dict(cb_state)
+            for plugin, pl_state in zip(self.plugins, state["plugins"]):
+                if pl_state is not None:
+                    plugin.load_state_dict(pl_state)
             start_epoch = c.epochs if state["stopped"] else state["epoch"] + 1
             best_metric, best_state = state["best_metric"], state["best_state"]
             bad_epochs = state["bad_epochs"]
@@ -368,14 +388,16 @@ class Trainer:
                             "or set grad_clip")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if world > 1 and extra:  # DDP averages the model's gradients, not the plugins'
+                        tsdist.all_reduce_mean_([p.grad for p in extra if p.grad is not None])
                     if c.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(params, c.grad_clip)
+                        nn.utils.clip_grad_norm_(params + extra, c.grad_clip)
                     opt.step()
                     if c.schedule != "plateau":
                         sched.step()
                     step += 1
-                    for cb in self.callbacks:
-                        cb(model, step, total_steps)
+                    for plugin in self.plugins:
+                        plugin.after_step(model, step, total_steps)
                     n = len(self.task.targets(batch))
                     running += float(loss.detach()) * n
                     seen += n
@@ -405,8 +427,7 @@ class Trainer:
                         "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "best_metric": best_metric,
                         "best_state": best_state, "bad_epochs": bad_epochs, "history": self.history,
-                        "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
-                                      for cb in self.callbacks]})
+                        "plugins": [plugin.state_dict() for plugin in self.plugins]})
                 tsdist.barrier()
                 if tsdist.is_main():
                     log.info("%s epoch %d/%d loss %.4f%s", self.desc, epoch + 1, c.epochs,

@@ -1,84 +1,105 @@
-"""Logit distillation: train a student to match the teacher's softened outputs."""
+"""Logit distillation: train a new student to match the teacher's softened outputs."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
-from ...config import as_mapping, option
+from ...config import MethodConfig, ModelRef, as_mapping, option
 from ...errors import RecipeError
 from ...registry import register_method
-from ...specs.models import build_model
-from ...train.config import TrainConfig
-from .primitives import kd_loss
+from ...train.config import TEACHER_ROLES, TrainConfig
+from ...train.plugins import LogitDistillation
 
 log = logging.getLogger(__name__)
 
+_TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
 
 @dataclass(frozen=True)
-class LogitsDistillConfig(TrainConfig):
-    """Knowledge distillation on logits; also takes every training field (epochs, lr, ...).
+class LogitsDistillConfig(MethodConfig):
+    """Knowledge distillation on logits into a new student (Hinton et al. 2015, eq. 2).
 
-    ``teacher``: a model spec, or null for the recipe's current model. ``student``: a spec
-    string or ``{spec, args, weights}``.
+    The student is trained with ``alpha * T^2 * KL(p_T^teacher || p_T^student) + (1 - alpha) * CE``
+    by the shared trainer and the :class:`~torchslim.train.plugins.LogitDistillation` plugin
+    (the same plugin that ``finetune: {distill: ...}`` adds to any fine-tuning).
+
+    ``teacher``: ``current`` (the model entering the step, default), ``baseline``, or a model
+    spec / ``{spec, weights, args}``. ``student``: a model spec or ``{spec, weights, args}``.
+    ``train``: the training run; training fields given beside the others (``epochs: 8``) are
+    read into it, as earlier versions wrote them.
 
     Examples
     --------
-    >>> c = LogitsDistillConfig(student={"spec": "zoo:digits-cnn", "args": {"channels": [8, 16]}})
-    >>> c.temperature, c.alpha
-    (4.0, 0.9)
+    >>> c = LogitsDistillConfig.from_dict({"student": "zoo:digits-cnn", "epochs": 3})
+    >>> c.student.spec, c.train.epochs, c.temperature, c.alpha
+    ('zoo:digits-cnn', 3, 4.0, 0.9)
     """
 
-    teacher: str | None = option(None, doc="teacher spec (null: the current model)")
-    teacher_weights: str | None = option(None, doc="weights file for a teacher spec")
-    student: str | dict | None = option(None, doc="student spec string or {spec, args, weights}")
+    REPLACES_MODEL = True
+
+    teacher: str | ModelRef = option("current", doc="current, baseline, or a model spec / {spec, weights, args}")
+    student: ModelRef | None = option(None, doc="student spec or {spec, args, weights} (required)")
     temperature: float = option(4.0, low=0.0, low_open=True, doc="softmax temperature T")
     alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on CE")
+    train: TrainConfig = option(default_factory=TrainConfig, doc="the student's training run")
 
     @classmethod
     def example(cls) -> "LogitsDistillConfig":
-        return cls(student={"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
-                   epochs=2, loggers=())
+        return cls(student=ModelRef(spec="zoo:digits-cnn", args={"channels": [8, 16], "hidden": 32}),
+                   train=TrainConfig(epochs=2, loggers=()))
+
+    @classmethod
+    def from_dict(cls, data, where: str = ""):
+        """Training fields beside the others go into ``train``; ``teacher_weights`` into ``teacher``."""
+        data = as_mapping(data, where or cls.__name__)
+        flat = {k: data.pop(k) for k in list(data) if k in _TRAIN_KEYS and k != "distill"}
+        if flat:
+            train = as_mapping(data.get("train"), f"{where or cls.__name__}.train")
+            clash = sorted(set(flat) & set(train))
+            if clash:
+                raise RecipeError(f"{where or cls.__name__}: {clash[0]!r} given both beside the fields and "
+                                  "in train:; give it once")
+            data["train"] = {**train, **flat}
+        if "teacher_weights" in data:
+            weights = data.pop("teacher_weights")
+            teacher = data.get("teacher")
+            if weights is not None:
+                if not isinstance(teacher, str) or teacher in TEACHER_ROLES:
+                    raise RecipeError(f"{where or cls.__name__}.teacher_weights: needs a teacher spec string; "
+                                      "or give teacher: {spec: ..., weights: ...}")
+                data["teacher"] = {"spec": teacher, "weights": weights}
+        return super().from_dict(data, where=where)
+
+    def validate(self) -> None:
+        if self.student is None:
+            raise RecipeError("LogitsDistillConfig.student: missing; give a spec such as zoo:digits-cnn "
+                              "or {spec: ..., args: {...}}")
+        if isinstance(self.teacher, str) and self.teacher not in TEACHER_ROLES:
+            object.__setattr__(self, "teacher", ModelRef(spec=self.teacher))
+        if self.train.distill is not None:
+            raise RecipeError("LogitsDistillConfig.train.distill: this step distills already; set teacher, "
+                              "temperature and alpha on the step")
 
     def check_ready(self, task=None) -> None:
         """Build the student (and a named teacher) now, so a bad spec fails before any work."""
+        from ...errors import SpecError
         from ...measure import check_runs
 
         super().check_ready(task)
         if task is not None and getattr(task, "outputs", "logits") != "logits":
             raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class "
                               "logits; logit distillation needs a classification task")
-        s = self.student
-        student = build_model(s["spec"], weights=s.get("weights"), args=s.get("args") or {})
-        check_runs(student, task, f"student {s['spec']}")
-        if self.teacher is not None:
-            check_runs(build_model(self.teacher, weights=self.teacher_weights), task, f"teacher {self.teacher}")
-
-    @classmethod
-    def from_dict(cls, data, where: str = ""):
-        data = as_mapping(data, where or cls.__name__)
-        if isinstance(data.get("student"), str):
-            data["student"] = {"spec": data["student"]}
-        return super().from_dict(data, where=where)
-
-    def validate(self) -> None:
-        super().validate()
-        s = self.student
-        if s is None:
-            raise RecipeError("LogitsDistillConfig.student: missing; give a spec such as zoo:digits-cnn "
-                              "or {spec: ..., args: {...}}")
-        if isinstance(s, str):
-            object.__setattr__(self, "student", {"spec": s})
-            s = self.student
-        unknown = set(s) - {"spec", "args", "weights"}
-        if "from_teacher" in s:
-            raise RecipeError("LogitsDistillConfig.student: from_teacher (layer reduction) is not available "
-                              "in this version; give a student spec")
-        if unknown or "spec" not in s:
-            raise RecipeError(f"LogitsDistillConfig.student: expected keys spec, args, weights; got {sorted(s)}")
+        for role, ref in (("student", self.student), ("teacher", self.teacher)):
+            if isinstance(ref, ModelRef):
+                try:
+                    model = ref.build()
+                except SpecError as exc:
+                    raise SpecError(f"{role}: {exc}") from None
+                check_runs(model, task, f"{role} {ref.spec}")
 
 
 @register_method("distill.logits", LogitsDistillConfig)
@@ -88,25 +109,9 @@ def _distill_logits(model: nn.Module, config: LogitsDistillConfig, ctx) -> nn.Mo
     if task.outputs != "logits":
         raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class logits; "
                           "logit distillation needs a classification task")
-    teacher = model if config.teacher is None else build_model(config.teacher, weights=config.teacher_weights)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    s = config.student
-    torch.manual_seed(config.seed)  # reproducible student init
-    student = build_model(s["spec"], weights=s.get("weights"), args=s.get("args") or {})
-
-    def loss_fn(st: nn.Module, batch) -> torch.Tensor:
-        with torch.no_grad():
-            t_out = task.forward(teacher, batch)
-        s_out = task.forward(st, batch)
-        if s_out.shape != t_out.shape:
-            raise RecipeError(f"distill: student outputs {tuple(s_out.shape)} but the teacher outputs "
-                              f"{tuple(t_out.shape)}; they must match")
-        return kd_loss(s_out, t_out, task.targets(batch), config.temperature, config.alpha,
-                       config.label_smoothing)
-
-    train_cfg = TrainConfig.from_dict({k: v for k, v in config.to_dict().items()
-                                       if k in TrainConfig.__dataclass_fields__})
-    ctx.train(student, train_cfg, desc="distill", loss_fn=loss_fn)
+    teacher = model if config.teacher == "current" else ctx.teacher(config.teacher)
+    torch.manual_seed(config.train.seed)  # reproducible student init
+    student = config.student.build()
+    plugin = LogitDistillation(teacher, config.temperature, config.alpha)
+    ctx.train(student, config.train, desc="distill", plugins=[plugin])
     return student

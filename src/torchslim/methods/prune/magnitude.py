@@ -17,6 +17,7 @@ from ...errors import RecipeError
 from ...modules import select_modules
 from ...registry import register_method
 from ...train.config import TrainConfig
+from ...train.plugins import TrainingPlugin
 from .primitives import cubic_sparsity, global_masks, layer_masks
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,14 @@ def _compute_masks(weights: list[torch.Tensor], sparsity: float, scope: str) -> 
     return global_masks(scores, sparsity) if scope == "global" else layer_masks(scores, sparsity)
 
 
-class _Masker:
-    """Holds masks for the target weights and keeps pruned weights at zero after each step."""
+class MaskPlugin(TrainingPlugin):
+    """Holds masks for the target weights and keeps pruned weights at zero after each step.
 
-    def __init__(self, model: nn.Module, names: list[str], scope: str) -> None:
+    The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
+    in force when it stopped (the gradual schedule changes them during training).
+    """
+
+    def __init__(self, names: list[str], scope: str) -> None:
         self.names, self.scope = names, scope
         self.masks: list[torch.Tensor] | None = None
 
@@ -91,8 +96,9 @@ class _Masker:
         for w, m in zip(self.weights(model), self.masks):
             w.masked_fill_(~m, 0.0)  # +0.0: a product with 0 would leave -0.0 for negative weights
 
-    # the trainer checkpoints these with each epoch, so a resumed run continues with the masks
-    # in force when it stopped (the gradual schedule changes them during training)
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
+        self.apply(model)
+
     def state_dict(self) -> dict:
         return {"masks": self.masks}
 
@@ -100,56 +106,43 @@ class _Masker:
         self.masks = state["masks"]
 
 
-class _GradualSchedule:
-    """Trainer callback: raise sparsity along the cubic schedule, keep pruned weights at zero."""
+class GradualSchedule(MaskPlugin):
+    """Raise sparsity along the cubic schedule of Zhu & Gupta (2017, eq. 1) during training,
+    ``updates`` times over the first ``ramp`` fraction of the steps; masks hold in between."""
 
-    def __init__(self, masker: _Masker, config: "MagnitudePruneConfig") -> None:
-        self.masker, self.config = masker, config
+    def __init__(self, names: list[str], config: "MagnitudePruneConfig") -> None:
+        super().__init__(names, config.scope)
+        self.config = config
 
-    def __call__(self, model: nn.Module, step: int, total: int) -> None:
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
         c = self.config
         ramp_steps = max(int(c.ramp * total), 1)
         every = max(ramp_steps // c.updates, 1)
         if step <= ramp_steps and (step % every == 0 or step == ramp_steps):
-            self.masker.prune_to(model, cubic_sparsity(step, ramp_steps, c.sparsity, c.initial_sparsity))
+            self.prune_to(model, cubic_sparsity(step, ramp_steps, c.sparsity, c.initial_sparsity))
         else:
-            self.masker.apply(model)
-
-    def state_dict(self) -> dict:
-        return self.masker.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.masker.load_state_dict(state)
-
-
-class _KeepMasks:
-    """Trainer callback: keep pruned weights at zero after each optimizer step."""
-
-    def __init__(self, masker: _Masker) -> None:
-        self.masker = masker
-
-    def __call__(self, model: nn.Module, step: int, total: int) -> None:
-        self.masker.apply(model)
+            self.apply(model)
 
 
 @register_method("prune.magnitude", MagnitudePruneConfig)
 def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module:
     """Unstructured magnitude pruning (global or per layer; one-shot, gradual or iterative)."""
     chosen = select_modules(model, config.targets, config.ignore, what="prune.targets")
-    masker = _Masker(model, [n for n, _ in chosen], config.scope)
+    names = [n for n, _ in chosen]
+    masker = MaskPlugin(names, config.scope) if config.schedule != "gradual" else GradualSchedule(names, config)
     ft = config.finetune
     if config.schedule == "oneshot":
         masker.prune_to(model, config.sparsity)
         if ft is not None and ft.epochs > 0:
-            ctx.train(model, ft, desc="prune-finetune", callbacks=[_KeepMasks(masker)])
+            ctx.train(model, ft, desc="prune-finetune", plugins=[masker])
     elif config.schedule == "gradual":
         masker.prune_to(model, config.initial_sparsity)
-        ctx.train(model, ft, desc="prune-gradual", callbacks=[_GradualSchedule(masker, config)])
+        ctx.train(model, ft, desc="prune-gradual", plugins=[masker])
     else:  # iterative: equal-ratio rounds, each followed by fine-tuning
         keep_per_round = (1.0 - config.sparsity) ** (1.0 / config.iterations)
         for r in range(1, config.iterations + 1):
             masker.prune_to(model, 1.0 - keep_per_round ** r)
-            ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", callbacks=[_KeepMasks(masker)])
+            ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
     # the exact target at the end, whatever early stopping restored
     masker.prune_to(model, config.sparsity)
     log.info("magnitude pruning: %d layers at %.1f%% sparsity (%s)", len(chosen), 100 * config.sparsity,

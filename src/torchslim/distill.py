@@ -1,0 +1,14 @@
+"""Distillation: the configs of the ``distill`` verb and the distillation training plugin.
+
+Examples
+--------
+>>> from torchslim.distill import LogitsDistillConfig
+>>> LogitsDistillConfig(student="zoo:digits-cnn").teacher
+'current'
+"""
+
+from .methods.distill.logits import LogitsDistillConfig
+from .train.config import DistillTerm
+from .train.plugins import LogitDistillation
+
+__all__ = ["LogitsDistillConfig", "DistillTerm", "LogitDistillation"]

@@ -1,0 +1,12 @@
+"""Pruning: the configs of the ``prune`` verb, importable from a stable path.
+
+Examples
+--------
+>>> from torchslim.prune import MagnitudePruneConfig
+>>> MagnitudePruneConfig(sparsity=0.9).scope
+'global'
+"""
+
+from .methods.prune.magnitude import GradualSchedule, MagnitudePruneConfig, MaskPlugin
+
+__all__ = ["MagnitudePruneConfig", "MaskPlugin", "GradualSchedule"]
