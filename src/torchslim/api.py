@@ -10,10 +10,12 @@ from torch import nn
 
 from .config import MethodConfig
 from .errors import RecipeError
-from .pipeline import StepContext, run_recipe
+from .pipeline import run_recipe
+from .session import Session
 from .recipe import Recipe
 from .registry import list_methods
-from .specs.tasks import Task, build_task
+from .specs.tasks import Task, _device_of, build_task
+from .train.config import teacher_roles
 
 
 def _entry_for(config: MethodConfig):
@@ -63,7 +65,11 @@ def apply_(model: nn.Module, config: MethodConfig, *, task: Task | str | None = 
         entry = _entry_for(config)
     if not isinstance(config, entry.config_cls):
         raise RecipeError(f"{entry.key} expects a {entry.config_cls.__name__}, got {type(config).__name__}")
-    return entry.handler(model, config, StepContext(task=task, data_dir=data_dir))
+    ctx = Session(task=task, data_dir=data_dir, device=_device_of(model))
+    if teacher_roles(config):  # "baseline" and "current" are both the model given here
+        snapshot = copy.deepcopy(model)
+        ctx.step_input, ctx.baseline = snapshot, lambda: copy.deepcopy(snapshot)
+    return entry.handler(model, config, ctx)
 
 
 def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:

@@ -25,37 +25,53 @@ from typing import Any
 
 import yaml
 
-from .config import MethodConfig, as_mapping, option
+from .config import MethodConfig, ModelRef, as_mapping, option
 from .errors import RecipeError, did_you_mean
 from .registry import DEFAULT_METHOD, VERBS, get_method
 from .train.config import TrainConfig
 
-TOP_KEYS = ("model", "task", "train", "steps", "measure", "search")
-
-
-@dataclass(frozen=True)
-class ModelRef(MethodConfig):
-    """A model spec with optional local weights and builder arguments."""
-
-    spec: str = option("", doc="zoo:, torchvision:, hf:, py: or artifact: spec (required)")
-    weights: str | None = option(None, doc="local safetensors or state_dict file")
-    args: dict = option(default_factory=dict, doc="builder keyword arguments")
-
-    def validate(self) -> None:
-        if not self.spec:
-            raise RecipeError("ModelRef.spec: missing; give a model spec such as zoo:lenet-5")
-
-    @property
-    def pretrained(self) -> bool:
-        """True when the model arrives with trained weights (no baseline training needed)."""
-        return self.weights is not None or self.spec.startswith(("hf:", "artifact:"))
+TOP_KEYS = ("version", "model", "task", "train", "steps", "measure", "search", "device")
+#: the recipe format this torchslim writes (``version:`` of a resolved recipe) and reads at most
+RECIPE_VERSION = 1
+#: search space kinds (CONTRACT section 4) and how many values each takes
+SEARCH_SPACES = ("uniform", "log_uniform", "int", "choice")
 
 
 @dataclass(frozen=True)
 class MeasureConfig(MethodConfig):
-    """How every step is measured."""
+    """How every step is measured.
+
+    Examples
+    --------
+    >>> MeasureConfig(split="val").runtime
+    'eager'
+    >>> MeasureConfig(runtime="eagr")
+    Traceback (most recent call last):
+    ...
+    torchslim.errors.RecipeError: MeasureConfig.runtime: unknown runtime 'eagr' (did you mean 'eager'?); runtimes: compile, eager, onnxruntime
+    """
 
     batch_sizes: tuple[int, ...] = option((1, 32), low=1, doc="latency batch sizes")
+    split: str = option("test", choices=("test", "val"),
+                        doc="split the metric is computed on: test for reports, val for searches")
+    runtime: str = option("eager", doc="runtime whose forward pass latency is timed (torchslim.runtime "
+                                       "registry: eager, compile, onnxruntime, ...)")
+    latency: bool = option(True, doc="time the forward pass (latency_ms); false skips it")
+
+    def validate(self) -> None:
+        from .runtime import runtime_class
+
+        try:
+            runtime_class(self.runtime)
+        except RecipeError as exc:
+            raise RecipeError(f"MeasureConfig.runtime: {exc}") from None
+
+    def check_ready(self, task=None) -> None:
+        """Raise a UserError when the runtime cannot run here (``pip install 'torchslim[onnx]'``)."""
+        super().check_ready(task)
+        from .runtime import runtime_class
+
+        runtime_class(self.runtime).check_available()
 
 
 @dataclass(frozen=True)
@@ -72,7 +88,7 @@ class Step:
         body = self.config.to_dict()
         if self.verb == "train":
             body.pop("optimizer", None)
-        return {self.verb: {"method": self.method, **body}}
+        return {self.verb: {"method": self.method, "version": self.config.VERSION, **body}}
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,7 @@ class Recipe:
     steps: tuple[Step, ...] = ()
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     search: dict = field(default_factory=dict)
+    device: str = "auto"
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -109,6 +126,12 @@ class Recipe:
             if key not in TOP_KEYS:
                 raise RecipeError(f"{key}: unknown recipe key{did_you_mean(key, TOP_KEYS)}; "
                                   f"accepted: {', '.join(TOP_KEYS)}")
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise RecipeError(f"version: expected a positive integer, got {version!r}")
+        if version > RECIPE_VERSION:
+            raise RecipeError(f"version: this recipe is of format version {version}, newer than this "
+                              f"torchslim reads (<= {RECIPE_VERSION}); upgrade torchslim")
         if "model" not in data:
             raise RecipeError("model: missing; give a spec such as zoo:lenet-5")
         if "task" not in data:
@@ -128,7 +151,12 @@ class Recipe:
         search = data.get("search") or {}
         if not isinstance(search, dict):
             raise RecipeError("search: expected a mapping of dotted paths to search spaces")
-        return cls(model, task, train_cfg, steps, measure, dict(search))
+        device = data.get("device", "auto")
+        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise RecipeError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        recipe = cls(model, task, train_cfg, steps, measure, dict(search), device)
+        validate_search(recipe.search, recipe.to_dict())
+        return recipe
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
@@ -140,17 +168,68 @@ class Recipe:
     # -- output --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe: every default written out."""
-        out: dict[str, Any] = {"model": self.model.to_dict(), "task": self.task}
+        out: dict[str, Any] = {"version": RECIPE_VERSION, "model": self.model.to_dict(), "task": self.task}
         if self.train is not None:
             out["train"] = self.train.to_dict()
         out["steps"] = [s.to_dict() for s in self.steps]
         out["measure"] = self.measure.to_dict()
         if self.search:
             out["search"] = copy.deepcopy(self.search)
+        if self.device != "auto":
+            out["device"] = self.device
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_search(search: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """Check a ``search:`` block: each key a dotted path to a field of the resolved recipe, each
+    value one search space (``{uniform: [lo, hi]}``, ``{log_uniform: [lo, hi]}`` with lo > 0,
+    ``{int: [lo, hi]}``, ``{choice: [a, ...]}``); RecipeError naming the key otherwise."""
+    for key, space in search.items():
+        where = f"search.{key}"
+        if not isinstance(key, str) or not key:
+            raise RecipeError(f"search: keys are dotted field paths such as train.lr, got {key!r}")
+        node: Any = resolved
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            here = ".".join(parts[: i + 1])
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                options = list(node) if isinstance(node, dict) else (
+                    [str(j) for j in range(len(node))] if isinstance(node, list) else [])
+                raise RecipeError(f"{where}: {here} is not a field of the recipe{did_you_mean(part, options)}"
+                                  + (f"; fields there: {', '.join(map(str, options[:12]))}" if options else ""))
+        if isinstance(node, (dict, list)):
+            raise RecipeError(f"{where}: names a whole section, not one field")
+        if not isinstance(space, dict) or len(space) != 1:
+            raise RecipeError(f"{where}: expected one search space, e.g. {{uniform: [0.1, 0.9]}}; "
+                              f"kinds: {', '.join(SEARCH_SPACES)}")
+        ((kind, values),) = space.items()
+        if kind not in SEARCH_SPACES:
+            raise RecipeError(f"{where}: unknown search space {kind!r}{did_you_mean(str(kind), SEARCH_SPACES)}; "
+                              f"kinds: {', '.join(SEARCH_SPACES)}")
+        if kind == "choice":
+            if not isinstance(values, list) or not values:
+                raise RecipeError(f"{where}.choice: expected a non-empty list of values")
+            continue
+        if not (isinstance(values, list) and len(values) == 2 and all(map(_number, values))):
+            raise RecipeError(f"{where}.{kind}: expected [low, high] numbers, got {values!r}")
+        lo, hi = values
+        if not lo < hi:
+            raise RecipeError(f"{where}.{kind}: low {lo} must be below high {hi}")
+        if kind == "log_uniform" and lo <= 0:
+            raise RecipeError(f"{where}.log_uniform: low must be > 0, got {lo}")
+        if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
+            raise RecipeError(f"{where}.int: bounds must be integers, got {values!r}")
 
 
 def parse_step(raw: Any, where: str) -> Step:
@@ -171,6 +250,12 @@ def parse_step(raw: Any, where: str) -> Step:
         entry = get_method(verb, method)
     except RecipeError as exc:
         raise RecipeError(f"{where}.{verb}.method: {exc}") from None
+    version = body.pop("version", entry.config_cls.VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RecipeError(f"{where}.{verb}.version: expected a positive integer, got {version!r}")
+    if version > entry.config_cls.VERSION:
+        raise RecipeError(f"{where}.{verb}.version: written for version {version} of {entry.key}; this "
+                          f"torchslim has version {entry.config_cls.VERSION}; upgrade torchslim")
     if verb == "train":
         body["optimizer"] = entry.name  # the train verb's methods are optimizers
     config = entry.config_cls.from_dict(body, where=f"{where}.{verb}")

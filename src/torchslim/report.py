@@ -12,17 +12,16 @@ points when both values lie in [-1, 1] (accuracy, Spearman).
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import atomic_open, write_text
 
 # Keys every step has (CONTRACT section 6) or that the table already shows; anything else a step
 # carries (a handler's own figures such as onnx_latency_ms) goes to the "step details" section.
@@ -296,7 +295,7 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
     def save(fig, fname: str) -> None:
         fig.tight_layout()
         path = plot_dir / fname
-        with _atomic_open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             fig.savefig(f, format="png")
         paths.append(path)
 
@@ -405,27 +404,6 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
 
 
 # -- files -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _atomic_open(path: Path, mode: str = "w"):
-    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
-
-    The sibling is created with ``open`` (mode "x"), not ``mkstemp``, so the file gets the usual
-    umask permissions rather than 0600.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with _atomic_open(path, "w") as f:
-        f.write(text)
-
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``run_dir/metrics.json``.
@@ -592,6 +570,6 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     metrics = read_metrics(run_dir)
     plots = make_plots(metrics, run_dir / "plots")
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    _atomic_write(md_path, _markdown(metrics, plots))
-    _atomic_write(html_path, _html(metrics, plots))
+    write_text(md_path, _markdown(metrics, plots))
+    write_text(html_path, _html(metrics, plots))
     return md_path, html_path

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import DataError, SpecError
+from ..modules import eval_mode
 from .hf import load_tokenizer, minilm_dir
 from .tasks import Task, _device_of, register_task, to_device
 
@@ -182,19 +183,17 @@ class STSBTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 128) -> float:
         """Spearman correlation of cosine similarity with the gold score."""
-        was_training = model.training
-        model.eval()
         ds = self.split(split)
         # longest pairs first, so each batch pads to similar lengths (order does not change ranks)
         order = sorted(range(len(ds)), key=lambda i: -max(len(ds[i][0]), len(ds[i][1])))
         device = _device_of(model)
         sims = torch.empty(len(ds))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = to_device(self.collate([ds[i] for i in idx]), device)
-            out = self.forward(model, batch)
-            sims[idx] = F.cosine_similarity(out[:, 0], out[:, 1], dim=-1).float().cpu()
-        model.train(was_training)
+        with eval_mode(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = to_device(self.collate([ds[i] for i in idx]), device)
+                out = self.forward(model, batch)
+                sims[idx] = F.cosine_similarity(out[:, 0], out[:, 1], dim=-1).float().cpu()
         gold = torch.tensor(ds.scores, dtype=torch.float64)
         return spearman(sims, gold)
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DataError, SpecError, did_you_mean
+from ..modules import eval_mode
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -87,19 +88,17 @@ class Task:
         """The task metric of ``model`` on a split (accuracy by default)."""
         if self.metric_name is None:
             return None
-        was_training = model.training
-        model.eval()
         loader = torch.utils.data.DataLoader(self.split(split), batch_size=batch_size,
                                              collate_fn=self.collate)
         correct = total = 0
         device = _device_of(model)
-        for batch in loader:
-            batch = to_device(batch, device)
-            pred = self.forward(model, batch).argmax(dim=-1)
-            tgt = self.targets(batch)
-            correct += int((pred == tgt).sum())
-            total += int(tgt.numel())
-        model.train(was_training)
+        with eval_mode(model):
+            for batch in loader:
+                batch = to_device(batch, device)
+                pred = self.forward(model, batch).argmax(dim=-1)
+                tgt = self.targets(batch)
+                correct += int((pred == tgt).sum())
+                total += int(tgt.numel())
         return correct / max(total, 1)
 
     def __repr__(self) -> str:

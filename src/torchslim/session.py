@@ -1,0 +1,264 @@
+"""The session a method handler works in: task, device, calibration data, capture, training.
+
+A handler is ``handler(model, config, session) -> nn.Module``. Everything it needs besides the
+model and its config comes from the :class:`Session`, so a handler never opens a data loader or
+calls ``torch.distributed`` itself:
+
+- ``session.task``, ``session.device`` (the recipe's ``device:``; under torchrun each rank on
+  ``cuda:LOCAL_RANK`` when CUDA exists, else the CPU);
+- :meth:`Session.calibration_batches`: seeded batches from a named split, the same on every
+  rank (GPTQ, SmoothQuant, Taylor and activation importance read these);
+- :meth:`Session.capture`: inputs, outputs and gradients of named modules;
+- :meth:`Session.sequential`: a layer-by-layer runner for calibration methods that change a
+  layer and need the next layer's inputs computed by the changed model (GPTQ);
+- :meth:`Session.train`: the one trainer, with plugins (:mod:`torchslim.train.plugins`);
+- rank helpers :meth:`Session.all_reduce_sum`, :meth:`Session.broadcast`, ``rank``,
+  ``world_size``, ``is_main``.
+
+``StepContext`` is this class's earlier name and stays importable from :mod:`torchslim.pipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as tsdist
+from .config import ModelRef
+from .errors import RecipeError, UserError
+from .specs.tasks import Task, to_device
+from .train.config import TrainConfig
+from .train.plugins import LogitDistillation
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device a recipe's ``device:`` names for this process.
+
+    ``auto``: CUDA when present (under torchrun ``cuda:LOCAL_RANK``), else CPU; ``cuda`` without
+    CUDA is a UserError.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"device: {device!r} asked for, but this machine has no CUDA device; use auto or cpu")
+    if device.startswith("cuda:"):
+        return torch.device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return torch.device("cuda", local)
+
+
+class _Captured(dict):
+    """``{module name: {"inputs": [...], "outputs": [...], "grads": [...]}}`` of a capture."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer has run."""
+
+
+@dataclass
+class Session:
+    """What a handler may use besides the model and its config.
+
+    Attributes
+    ----------
+    task : Task or None
+        The recipe's task (None when a method is applied without one).
+    device : torch.device
+        Where the model lives and computes.
+    workdir : Path or None
+        This step's scratch directory (training checkpoints); None outside a pipeline.
+    out_dir : Path or None
+        The run's output directory being written (for export).
+    log_dir : Path or None
+        TensorBoard directory.
+    data_dir : str or None
+    info : dict
+        A handler's own figures for the step's metrics row: ``info["metrics"] = {...}``.
+    baseline : callable or None
+        Returns the recipe's baseline model (a fresh copy each call): the ``baseline`` teacher.
+    step_input : nn.Module or None
+        A copy of the model as it entered the step, kept when the config asks for the
+        ``current`` teacher.
+    """
+
+    task: Task | None = None
+    workdir: Path | None = None
+    out_dir: Path | None = None
+    log_dir: Path | None = None
+    data_dir: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    baseline: Callable[[], nn.Module] | None = None
+    step_input: nn.Module | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # -- task and teachers ---------------------------------------------------------------
+    def require_task(self, what: str) -> Task:
+        if self.task is None:
+            raise UserError(f"{what} needs a task with data; pass task=... (e.g. 'digits')")
+        return self.task
+
+    def teacher(self, ref: str | ModelRef) -> nn.Module:
+        """The model a teacher reference names: ``baseline``, ``current`` or a ModelRef."""
+        if isinstance(ref, ModelRef):
+            return ref.build().to(self.device)
+        found = self.baseline() if ref == "baseline" and self.baseline else (
+            self.step_input if ref == "current" else None)
+        if found is None:
+            raise UserError(f"teacher {ref!r} is not available here: give a model spec as teacher")
+        return found
+
+    # -- calibration data ----------------------------------------------------------------
+    def calibration_batches(self, samples: int = 128, *, split: str = "train", batch_size: int = 32,
+                            seed: int = 0) -> list[Any]:
+        """``samples`` examples of ``split`` drawn without replacement by a generator seeded with
+        ``seed`` alone, in batches of ``batch_size``, on :attr:`device`.
+
+        The draw does not depend on the rank, so every process of a torchrun job calibrates on
+        the same examples (methods that compute statistics get equal results on every rank).
+
+        Raises
+        ------
+        UserError
+            Without a task, or when the split is empty.
+        """
+        task = self.require_task("calibration")
+        if samples < 1 or batch_size < 1:
+            raise RecipeError(f"calibration: samples and batch_size must be >= 1, got {samples}, {batch_size}")
+        ds = task.split(split)
+        if len(ds) == 0:
+            raise UserError(f"calibration: the {split!r} split of task {task.spec!r} is empty")
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ds), generator=gen)[: min(samples, len(ds))].tolist()
+        return [to_device(task.collate([ds[i] for i in idx[k:k + batch_size]]), self.device)
+                for k in range(0, len(idx), batch_size)]
+
+    # -- activations and gradients -------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, names: Sequence[str], *, inputs: bool = True,
+                outputs: bool = False, grads: bool = False) -> Iterator[_Captured]:
+        """Record, for each named module, its inputs (the first positional argument), outputs
+        and output gradients during the forward/backward passes run inside the block.
+
+        Tensors are detached and kept where they were computed. Hooks are removed on exit.
+
+        Examples
+        --------
+        >>> import torchslim
+        >>> m = torchslim.build_model("zoo:lenet-300-100")
+        >>> with Session().capture(m, ["1"], outputs=True) as got:
+        ...     _ = m(torch.zeros(2, 1, 28, 28))
+        >>> got["1"]["inputs"][0].shape, got["1"]["outputs"][0].shape
+        (torch.Size([2, 784]), torch.Size([2, 300]))
+        """
+        got = _Captured({n: {"inputs": [], "outputs": [], "grads": []} for n in names})
+        handles = []
+        for name in names:
+            module = model.get_submodule(name)
+
+            def fwd(mod, args, out, name=name):
+                if inputs and args:
+                    got[name]["inputs"].append(args[0].detach())
+                if outputs:
+                    got[name]["outputs"].append(out.detach() if isinstance(out, torch.Tensor) else out)
+                if grads and isinstance(out, torch.Tensor) and out.requires_grad:
+                    # d(loss)/d(output), recorded when backward reaches this output
+                    out.register_hook(lambda g, name=name: got[name]["grads"].append(g.detach()))
+
+            handles.append(module.register_forward_hook(fwd))
+        try:
+            yield got
+        finally:
+            for h in handles:
+                h.remove()
+
+    def sequential(self, model: nn.Module, names: Sequence[str], batches: Sequence[Any],
+                   fn: Callable[[str, nn.Module, list[torch.Tensor]], None]) -> None:
+        """Layer by layer, in the order given: collect the inputs that ``batches`` bring to
+        module ``name`` through the model *as changed so far*, then call
+        ``fn(name, module, inputs)``, which may change that module in place.
+
+        Each forward stops right after the wanted module (no work past it). This is the
+        sequential calibration GPTQ uses (Frantar et al. 2023, sec. 3): later layers see the
+        quantization error of earlier ones.
+        """
+        task = self.require_task("sequential calibration")
+        for name in names:
+            module = model.get_submodule(name)
+            seen: list[torch.Tensor] = []
+
+            def stop(mod, args, out):
+                seen.append(args[0].detach())
+                raise _StopForward
+
+            handle = module.register_forward_hook(stop)
+            try:
+                with torch.no_grad():
+                    for batch in batches:
+                        try:
+                            task.forward(model, batch)
+                        except _StopForward:
+                            pass
+            finally:
+                handle.remove()
+            fn(name, module, seen)
+
+    # -- training ------------------------------------------------------------------------
+    def train(self, model: nn.Module, config: TrainConfig, *, desc: str, loss_fn: Callable | None = None,
+              plugins: list | None = None, callbacks: list | None = None, sub: str = "train") -> nn.Module:
+        """Train ``model`` with the shared trainer (checkpoints, resume, DDP, logging);
+        ``config.distill`` adds the distillation plugin."""
+        from .train.trainer import Trainer
+
+        task = self.require_task(desc)
+        plugins = list(plugins or [])
+        if config.distill is not None:
+            d = config.distill
+            plugins.append(LogitDistillation(self.teacher(d.teacher), d.temperature, d.alpha))
+        return Trainer(model, task, config, loss_fn=loss_fn, plugins=plugins, callbacks=callbacks,
+                       ckpt_dir=self.workdir / sub if self.workdir else None,
+                       log_dir=self.log_dir / desc if self.log_dir else None, desc=desc).fit()
+
+    # -- ranks ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return tsdist.rank()
+
+    @property
+    def world_size(self) -> int:
+        return tsdist.world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return tsdist.is_main()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over all processes (a new tensor; the input when
+        not distributed). Statistics gathered on each rank's data are combined so."""
+        if tsdist.world_size() <= 1:
+            return tensor
+        import torch.distributed as dist
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of ``obj`` on every rank (any picklable object)."""
+        return tsdist.broadcast_object(obj)
+
+    def barrier(self) -> None:
+        tsdist.barrier()
+

@@ -1,0 +1,115 @@
+"""The in-memory run with observers, the capabilities configs declare, recipe versions and
+``search:`` validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.errors import RecipeError
+from torchslim.pipeline import OutputDir, RunObserver, execute
+from torchslim.recipe import RECIPE_VERSION, Recipe
+
+
+def _recipe(**extra):
+    return Recipe.from_dict({"model": "zoo:digits-cnn", "task": "digits",
+                             "train": {"optimizer": "adamw", "epochs": 2, "lr": 0.003, "loggers": []},
+                             "measure": {"batch_sizes": [1], "latency": False}, **extra})
+
+
+class _Seen(RunObserver):
+    def __init__(self):
+        self.rows, self.done = [], None
+
+    def step_done(self, index, row, metrics):
+        self.rows.append((index, row["name"]))
+
+    def run_done(self, metrics, model):
+        self.done = model
+
+
+def test_candidates_reuse_one_measured_baseline(digits_task):
+    """A search trains and measures the baseline once; each candidate runs only its steps, in
+    memory, with nothing written."""
+    torch.manual_seed(0)
+    base_recipe = _recipe()
+    seen = _Seen()
+    metrics, trained = execute(base_recipe, digits_task, torchslim.build_model("zoo:digits-cnn"), observers=[seen])
+    assert seen.rows == [(0, "baseline")] and seen.done is trained
+    baseline = (trained, metrics["steps"][0])
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    results = {}
+    for sparsity in (0.5, 0.9):
+        cand = _recipe(steps=[{"prune": {"method": "magnitude", "sparsity": sparsity, "scope": "layer"}}])
+        seen = _Seen()
+        m, model = execute(cand, digits_task, torchslim.build_model("zoo:digits-cnn"), baseline=baseline,
+                           observers=[seen])
+        assert seen.rows == [(1, "prune-magnitude")]         # no baseline training or measurement
+        assert m["steps"][0] == metrics["steps"][0]
+        results[sparsity] = m["steps"][1]
+        assert float((model[0].weight == 0).float().mean()) == pytest.approx(sparsity, abs=0.01)
+    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())  # shared baseline untouched
+    assert results[0.9]["nonzero_params"] < results[0.5]["nonzero_params"]
+    assert results[0.9]["size_bytes"] < results[0.5]["size_bytes"]
+
+
+def test_output_dir_is_one_observer(tmp_path, digits_task):
+    r = _recipe(steps=[{"quantize": {"method": "linear"}}])
+    out, partial = tmp_path / "run", tmp_path / ".run.partial"
+    (partial / "steps").mkdir(parents=True)
+    torch.manual_seed(0)
+    metrics, _ = execute(r, digits_task, torchslim.build_model("zoo:digits-cnn"),
+                         observers=[OutputDir(r, out, partial, resume=False)], out_dir=partial)
+    assert (out / "model" / "manifest.json").is_file() and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["00-baseline", "01-quantize-linear"]
+    assert not partial.exists()
+
+
+def test_configs_declare_capabilities():
+    from torchslim.distill import LogitsDistillConfig
+    from torchslim.methods.export import ExportConfig
+    from torchslim.prune import MagnitudePruneConfig
+    from torchslim.train import TrainConfig
+
+    assert LogitsDistillConfig(student="zoo:digits-cnn").REPLACES_MODEL
+    assert ExportConfig().RANK0_ONLY and not MagnitudePruneConfig().RANK0_ONLY
+    assert not MagnitudePruneConfig().trains()
+    assert MagnitudePruneConfig(finetune=TrainConfig(epochs=1)).trains()
+    assert not MagnitudePruneConfig(finetune=TrainConfig(epochs=0)).trains()
+    assert MagnitudePruneConfig(targets=("re:.*fc",)).target_patterns() == {"targets": ("re:.*fc",)}
+
+
+def test_resolved_recipe_carries_versions_and_newer_ones_are_refused():
+    r = _recipe(steps=[{"prune": {"method": "magnitude"}}])
+    d = r.to_dict()
+    assert d["version"] == RECIPE_VERSION and d["steps"][0]["prune"]["version"] == 1
+    assert Recipe.from_dict(d) == r
+    with pytest.raises(RecipeError, match="newer than this torchslim"):
+        Recipe.from_dict({**d, "version": RECIPE_VERSION + 1})
+    d["steps"][0]["prune"]["version"] = 2
+    with pytest.raises(RecipeError, match="version 2 of prune.magnitude"):
+        Recipe.from_dict(d)
+
+
+GOOD_SEARCH = {"train.lr": {"log_uniform": [1e-4, 0.1]}, "steps.0.prune.sparsity": {"uniform": [0.5, 0.95]},
+               "train.epochs": {"int": [1, 5]}, "steps.0.prune.scope": {"choice": ["global", "layer"]}}
+
+
+def test_search_block_is_validated():
+    r = _recipe(steps=[{"prune": {"method": "magnitude"}}], search=GOOD_SEARCH)
+    assert r.search == GOOD_SEARCH
+    bad = {
+        "train.lrr": ({"uniform": [0.1, 0.2]}, "did you mean 'lr'"),
+        "steps.3.prune.sparsity": ({"uniform": [0.1, 0.2]}, "steps.3 is not a field"),
+        "train": ({"uniform": [0.1, 0.2]}, "a whole section"),
+        "train.lr": ({"loguniform": [0.1, 0.2]}, "did you mean 'log_uniform'"),
+    }
+    for key, (space, needle) in bad.items():
+        with pytest.raises(RecipeError, match=needle):
+            _recipe(steps=[{"prune": {"method": "magnitude"}}], search={key: space})
+    for space, needle in [({"uniform": [0.9, 0.1]}, "must be below"), ({"log_uniform": [0, 1]}, "must be > 0"),
+                          ({"int": [1.5, 3]}, "integers"), ({"choice": []}, "non-empty"),
+                          ({"uniform": [0.1]}, r"\[low, high\]"), ("0.5", "one search space")]:
+        with pytest.raises(RecipeError, match=needle):
+            _recipe(steps=[{"prune": {"method": "magnitude"}}], search={"train.lr": space})
