@@ -113,3 +113,43 @@ def test_search_block_is_validated():
                           ({"uniform": [0.1]}, r"\[low, high\]"), ("0.5", "one search space")]:
         with pytest.raises(RecipeError, match=needle):
             _recipe(steps=[{"prune": {"method": "magnitude"}}], search={"train.lr": space})
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """torchslim module -> the torchslim modules it imports, at module level or inside functions."""
+    import ast
+    from pathlib import Path
+
+    root = Path(torchslim.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        name = ".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = f
+    graph = {}
+    for name, f in mods.items():
+        pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                subs = {f"{mod}.{a.name}" for a in node.names} & set(mods)
+                deps |= subs or ({mod} & set(mods))
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    """Regression: artifact <-> model specs, measurement <-> export and layer rebuild -> method
+    discovery imported each other (some inside functions). No torchslim module may reach itself
+    through imports, lazy ones included."""
+    graph = _import_graph()
+    assert "torchslim.artifact" in graph and graph["torchslim.specs.models"]
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"import cycle through {start}"
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph.get(m, ()))

@@ -138,6 +138,9 @@ def register_module_class(
 
 
 _ALIASES: dict[str, str] = {}
+#: called, in order, before a record naming an unknown class is refused (the registry adds
+#: its plugin loader here, so this module does not depend on the registry)
+UNKNOWN_CLASS_HOOKS: list[Callable[[], None]] = []
 
 
 def module_rebuild_record(module: nn.Module) -> dict[str, Any]:
@@ -154,8 +157,8 @@ def build_from_record(record: dict[str, Any]) -> nn.Module:
     key = record.get("class")
     key = _ALIASES.get(key, key)
     if key not in _MODULE_CLASSES:
-        from .registry import load_plugins
-        load_plugins()  # third-party method plugins may register layer classes on import
+        for hook in UNKNOWN_CLASS_HOOKS:  # the registry's: third-party plugins register classes on import
+            hook()
     if key not in _MODULE_CLASSES:
         from .errors import ArtifactError
         raise ArtifactError(

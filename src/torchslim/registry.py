@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import MethodConfig
 from .errors import RecipeError, did_you_mean
+from .modules import UNKNOWN_CLASS_HOOKS
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +129,6 @@ def list_methods(pattern: str = "*") -> list[MethodEntry]:
     """
     _load_builtin()
     return [e for k, e in sorted(_REGISTRY.items()) if fnmatch.fnmatch(k, pattern)]
+
+
+UNKNOWN_CLASS_HOOKS.append(load_plugins)
