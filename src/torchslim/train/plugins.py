@@ -31,7 +31,9 @@ class TrainingPlugin:
         """Called once before the first batch (``trainer.model``, ``trainer.task`` are set)."""
 
     def parameters(self) -> list[nn.Parameter]:
-        """Extra trainable parameters, optimized with the model's (default none)."""
+        """Extra trainable parameters, optimized with the model's (default none). Their values
+        belong in :meth:`state_dict` too, so a resumed run continues with them (the optimizer's
+        state for them is checkpointed by the trainer)."""
         return []
 
     def loss(self, model: nn.Module, batch: Any, outputs: torch.Tensor | None,
