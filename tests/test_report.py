@@ -364,3 +364,13 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
     colours, ink = _distinct_colours(shot)
     assert colours > 200, f"screenshot {shot} looks blank: {colours} colours"
     assert ink > 0.02, f"screenshot {shot} is {100 * (1 - ink):.1f}% white"
+
+
+def test_unstable_latency_is_marked_in_the_table():
+    from torchslim.report import table_rows
+
+    m = {"steps": [{"name": "baseline", "latency_ms": {"1": 0.5, "32": 2.0},
+                    "latency": {"1": {"median_ms": 0.5, "unstable": True}, "32": {"median_ms": 2.0}}}]}
+    header, rows = table_rows(m)
+    assert rows[0][header.index("latency bs1 (ms)")] == "0.500~"
+    assert rows[0][header.index("latency bs32 (ms)")] == "2.000"

@@ -153,3 +153,55 @@ def test_no_import_cycles_in_the_package():
             if m not in seen:
                 seen.add(m)
                 todo.extend(graph.get(m, ()))
+
+
+def test_search_values_must_be_accepted_by_their_fields():
+    """Regression (newcomer trial): bounds and choices the field refuses passed validation."""
+    for key, space, needle in [
+            ("steps.0.prune.sparsity", {"uniform": [0.5, 1.5]}, "1.5"),
+            ("steps.0.prune.scope", {"choice": ["global", "bogus"]}, "'bogus'"),
+            ("train.optimizer", {"choice": ["sgd", "adam"]}, "'adam'"),
+            ("measure.runtime", {"choice": ["eager", "eagr"]}, "'eagr'"),
+            ("train.epochs", {"uniform": [1, 3]}, "integer field"),
+            ("version", {"int": [1, 3]}, "newer than this torchslim"),
+            ("steps.0.prune.method", {"choice": ["magnitude", "foo"]}, "'foo'")]:
+        with pytest.raises(RecipeError, match=needle):
+            _recipe(steps=[{"prune": {"method": "magnitude"}}], search={key: space})
+
+
+def test_nested_config_errors_name_the_field():
+    """Regression (newcomer trial): any mistake inside finetune.distill read 'expected mapping of
+    TrainConfig or null'."""
+    from torchslim.prune import MagnitudePruneConfig
+
+    for bad, needle in [({"temperature": 0}, "finetune.distill.temperature"),
+                        ({"temprature": 2}, "did you mean 'temperature'"),
+                        ({"teacher": "basline"}, "did you mean 'baseline'")]:
+        with pytest.raises(RecipeError, match=needle):
+            MagnitudePruneConfig.from_dict({"finetune": {"epochs": 1, "distill": {"teacher": "baseline", **bad}}})
+
+
+def test_unrecorded_architecture_change_is_refused_at_save(tmp_path):
+    from torch import nn
+
+    from torchslim.errors import ArtifactError
+
+    m = torchslim.build_model("zoo:lenet-300-100")
+    m[1] = nn.Linear(784, 200)   # by hand, not through torchslim.edits
+    with pytest.raises(ArtifactError, match="changed without being recorded.*replace_module"):
+        torchslim.save(m, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_cuda_device_on_a_cpu_machine_is_refused_before_any_work(tmp_path):
+    from torchslim.errors import UserError
+    from torchslim.pipeline import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = _recipe(device="cuda")
+    with pytest.raises(UserError, match="no CUDA device"):
+        preflight(r)
+    with pytest.raises(UserError, match="no CUDA device"):
+        torchslim.compress(r, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []

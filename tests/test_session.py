@@ -114,3 +114,24 @@ def test_calibration_batches_identical_on_two_torchrun_ranks(tmp_path):
     assert torch.equal(r0["x"], r1["x"]) and torch.equal(r0["y"], r1["y"])
     assert float(r0["total"]) == float(r1["total"]) == 3.0
     assert r0["token"] == r1["token"] == "from-rank-0"
+
+
+def test_sequential_runs_in_eval_mode_and_names_are_checked(digits_task):
+    """Regression (newcomer trial): dropout was active and BatchNorm statistics moved."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                            torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(144, 10)).train()
+    s = Session(task=digits_task)
+    batches = s.calibration_batches(32, batch_size=16)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    runs = []
+    for _ in range(2):
+        got = {}
+        s.sequential(m, ["5"], batches, lambda name, mod, inputs: got.update({name: torch.cat(inputs)}))
+        runs.append(got["5"])
+    assert torch.equal(runs[0], runs[1]) and m.training
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    with pytest.raises(RecipeError, match="no module named 'conv9'"):
+        s.sequential(m, ["conv9"], batches, lambda *a: None)
+    with pytest.raises(RecipeError, match="did you mean 'test'"):
+        s.calibration_batches(4, split="tset")

@@ -110,6 +110,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
     if not source:
         raise ArtifactError("this model was not built by torchslim (no source record): build it with "
                             "torchslim.build_model(spec) so the artifact can rebuild its architecture")
+    _check_rebuilds(model, source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -161,6 +162,26 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return artifact_size(path)
+
+
+def _check_rebuilds(model: nn.Module, source: dict[str, Any]) -> None:
+    """Refuse to save a model whose architecture its source record and edit log do not rebuild
+    (a module assigned by hand instead of through :mod:`torchslim.edits`): such an artifact
+    could never be loaded. The rebuild is on the meta device: names and shapes only."""
+    try:
+        rebuilt = _rebuild(Path("the model"), source, edits_of(model), mode="meta")
+    except ArtifactError as exc:
+        raise ArtifactError(f"cannot save: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    diffs = [f"{k} is {want[k]} here but {got[k]} rebuilt" for k in want if k in got and want[k] != got[k]]
+    diffs += [f"{k} is not rebuilt" for k in want if k not in got]
+    diffs += [f"{k} is rebuilt but not in the model" for k in got if k not in want]
+    if diffs:
+        raise ArtifactError(
+            f"cannot save: the architecture was changed without being recorded ({'; '.join(diffs[:3])}"
+            f"{'; ...' if len(diffs) > 3 else ''}), so the artifact could not be loaded; make changes with "
+            "torchslim.edits.replace_module (or set_attribute, delete_module, resize_tensor)")
 
 
 def artifact_size(path: str | os.PathLike) -> int:

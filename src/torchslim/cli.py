@@ -90,10 +90,16 @@ def cmd_measure(args: argparse.Namespace) -> int:
     how = MeasureConfig(batch_sizes=args.batch_sizes, runtime=args.runtime, split=args.split)
     task = build_task(args.task, args.data_dir)
     how.check_ready(task)
+    import torch
+
+    torch.manual_seed(0)  # a randomly initialized model measures the same in every run
     model = build_model(args.model, weights=args.weights)
     check_runs(model, task, f"model {args.model}")
+    # an artifact is measured as the files it is, not as a re-save
+    art = args.model.partition(":")[2] if args.model.startswith("artifact:") else None
     row = {"name": "measure", "verb": "measure", "method": None,
-           **measure(model, task, batch_sizes=how.batch_sizes, runtime=how.runtime, split=how.split)}
+           **measure(model, task, batch_sizes=how.batch_sizes, runtime=how.runtime, split=how.split,
+                     artifact_dir=art)}
     row["wall_s"] = round(time.perf_counter() - t0, 3)
     _out(format_table({"steps": [row]}))
     if args.json:

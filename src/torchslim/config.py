@@ -83,6 +83,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except RecipeError as exc:
+                # a mapping meant for a config: its own error (the field that is wrong) says more
+                if isinstance(value, dict) and isinstance(arg, type) and issubclass(arg, MethodConfig):
+                    raise
                 errors.append(str(exc))
         raise RecipeError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
     if origin is tuple:

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from .artifact import artifact_size, save
-from .runtime import RuntimeSession, get_runtime, omp_wait_policy
+from .runtime import RuntimeSession, get_runtime, omp_wait_policy, quiet_cpp_extension
 from .specs.tasks import Task, _device_of, to_device
 
 
@@ -144,14 +143,9 @@ def _timer_class() -> type:
     """The timer class, built on first use: importing ``torch.utils.benchmark`` pulls in the C++
     extension helpers, which on a CUDA build without a GPU log a CUDA_HOME warning at import;
     the import is kept out of ``import torchslim`` and that one warning is muted."""
-    lg = logging.getLogger("torch.utils.cpp_extension")
-    level = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
+    with quiet_cpp_extension():
         from torch.utils import benchmark
         from torch.utils.benchmark.utils.common import set_torch_threads
-    finally:
-        lg.setLevel(level)
 
     class _Timer(benchmark.Timer):
         """``torch.utils.benchmark.Timer`` with smaller blocks, and a count of every call it makes.
@@ -293,7 +287,7 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
         value = task.evaluate(model, split=split) if metric else None
         out["metric"] = None if value is None or task.metric_name is None else {
             "name": task.metric_name, "value": round(float(value), 6),
-            "higher_is_better": task.higher_is_better}
+            "higher_is_better": task.higher_is_better, "split": split}
     return out
 
 

@@ -94,6 +94,10 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
         recipe.measure.check_ready(task)
     except UserError as exc:
         raise type(exc)(recipe.locate(f"measure.{exc}")) from None
+    try:
+        resolve_device(recipe.device)  # `cuda` on a machine without one fails here, not after the baseline
+    except UserError as exc:
+        raise type(exc)(recipe.locate(str(exc))) from None
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
     try:
@@ -372,6 +376,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
         raise UserError(problem)
     # validate everything that can be validated before any work
     first_model, task = preflight(recipe, data_dir)
+    if recipe.search and main:
+        log.warning("the recipe's search: block (%s) is for a search command, not for compress, which "
+                    "runs the recipe's own values once", ", ".join(recipe.search))
     resolved = recipe.to_yaml()
     if main:
         try:

@@ -230,6 +230,20 @@ def validate_search(search: dict[str, Any], resolved: dict[str, Any]) -> None:
             raise RecipeError(f"{where}.log_uniform: low must be > 0, got {lo}")
         if kind == "int" and not (float(lo).is_integer() and float(hi).is_integer()):
             raise RecipeError(f"{where}.int: bounds must be integers, got {values!r}")
+        if kind != "int" and isinstance(node, int) and not isinstance(node, bool):
+            raise RecipeError(f"{where}.{kind}: {key} is an integer field; use {{int: [{lo}, {hi}]}}")
+    # every value a search can try must be one the field accepts: the recipe with each bound or
+    # choice put in place is validated like any recipe
+    for key, space in search.items():
+        ((kind, values),) = space.items()
+        for value in (values if kind == "choice" else [int(v) for v in values] if kind == "int" else values):
+            trial = copy.deepcopy({k: v for k, v in resolved.items() if k != "search"})
+            set_path(trial, key, value, "search")
+            try:
+                Recipe._from_dict(trial)
+            except RecipeError as exc:
+                raise RecipeError(f"search.{key}: the value {value!r} of {{{kind}: {values}}} is not accepted: "
+                                  f"{exc}") from None
 
 
 def parse_step(raw: Any, where: str) -> Step:

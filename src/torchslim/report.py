@@ -38,8 +38,10 @@ _PLOT_CAPTIONS = {
     "metric_vs_size": "Task metric against size on disk",
 }
 _NOTE = ("Sizes are bytes on disk of each step's saved artifact; size x is baseline bytes / step "
-         "bytes. Latency is the median of repeated forward passes after warm-up, in ms per batch. "
-         "MACs are traced (dense, batch 1). Delta is the metric change against the baseline.")
+         "bytes. Latency is the median of repeated forward passes after warm-up, in ms per batch; "
+         "~ marks a figure whose spread stayed large after re-measuring (a busy machine). "
+         "MACs are traced (dense, batch 1). Delta is the metric change against the baseline, on "
+         "the split each metric names in metrics.json (test unless measure.split says val).")
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -132,6 +134,13 @@ def _latency(step: dict, key: str = "latency_ms") -> dict[str, Any]:
     return {str(k): v for k, v in lat.items()} if isinstance(lat, dict) else {}
 
 
+def _unstable(step: dict, bs: str) -> bool:
+    """Whether the latency of batch size ``bs`` was marked unstable (dispersion above the
+    bound after re-measuring): shown with a ``~`` after the figure."""
+    entry = (step.get("latency") or {}).get(bs) if isinstance(step.get("latency"), dict) else None
+    return isinstance(entry, dict) and entry.get("unstable") is True
+
+
 def _batch_sizes(steps: Iterable[dict], key: str = "latency_ms") -> list[str]:
     """Every batch size any step measured, in numeric order."""
     seen: dict[str, None] = {}
@@ -179,7 +188,8 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _step_name(s, i), _fmt_int(s.get("params")), _fmt_int(s.get("nonzero_params")),
             _fmt_bytes(s.get("size_bytes")), "-" if ratio is None else f"{ratio:.2f}x",
             _fmt_int(s.get("macs")),
-            *["-" if _num(lat.get(bs)) is None else f"{lat[bs]:.3f}" for bs in bss],
+            *["-" if _num(lat.get(bs)) is None else f"{lat[bs]:.3f}{'~' if _unstable(s, bs) else ''}"
+              for bs in bss],
             "-" if value is None else f"{m.get('name', 'metric')} {value:.4f}",
             _delta(base, s)[1],
         ])

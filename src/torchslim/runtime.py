@@ -288,9 +288,26 @@ class CompiledSession(EagerSession):
             yield run
 
 
+@contextlib.contextmanager
+def quiet_cpp_extension() -> Iterator[None]:
+    """Mute the one warning ``torch.utils.cpp_extension`` logs when first imported by a CUDA
+    build of torch on a machine without CUDA ("No CUDA runtime is found, using CUDA_HOME=...");
+    ``torch.utils.benchmark`` and ``torch.compile`` import it."""
+    import logging
+
+    lg = logging.getLogger("torch.utils.cpp_extension")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _compile_now(run: Callable[[], Any], name: str) -> None:
     try:
-        run()
+        with quiet_cpp_extension():
+            run()
     except Exception as exc:  # inductor/dynamo failures: no C++ compiler, unsupported ops, ...
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(f"runtime {name!r}: torch.compile could not compile the model here "

@@ -21,6 +21,7 @@ calls ``torch.distributed`` itself:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,13 @@ from torch import nn
 
 from . import distributed as tsdist
 from .config import ModelRef
-from .errors import RecipeError, UserError
+from .errors import RecipeError, UserError, did_you_mean
+from .modules import eval_mode
 from .specs.tasks import Task, to_device
 from .train.config import TrainConfig
 from .train.plugins import LogitDistillation
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -59,6 +63,19 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
     return torch.device("cuda", local)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _named(model: nn.Module, name: str) -> nn.Module:
+    """Module ``name`` of ``model``; RecipeError with the closest names when there is none."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise RecipeError(f"no module named {name!r} in the model{did_you_mean(name, names)}; "
+                          f"module names look like: {', '.join(names[:8])}") from None
 
 
 class _Captured(dict):
@@ -138,9 +155,15 @@ class Session:
         task = self.require_task("calibration")
         if samples < 1 or batch_size < 1:
             raise RecipeError(f"calibration: samples and batch_size must be >= 1, got {samples}, {batch_size}")
+        if split not in SPLITS:
+            raise RecipeError(f"calibration: unknown split {split!r}{did_you_mean(split, SPLITS)}; "
+                              f"accepted: {', '.join(SPLITS)}")
         ds = task.split(split)
         if len(ds) == 0:
             raise UserError(f"calibration: the {split!r} split of task {task.spec!r} is empty")
+        if samples > len(ds):
+            log.warning("calibration: %d samples asked for, the %s split of %s has %d: using all of them",
+                        samples, split, task.spec, len(ds))
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(ds), generator=gen)[: min(samples, len(ds))].tolist()
         return [to_device(task.collate([ds[i] for i in idx[k:k + batch_size]]), self.device)
@@ -153,7 +176,9 @@ class Session:
         """Record, for each named module, its inputs (the first positional argument), outputs
         and output gradients during the forward/backward passes run inside the block.
 
-        Tensors are detached and kept where they were computed. Hooks are removed on exit.
+        Tensors are detached and kept where they were computed. Hooks are removed on exit. The
+        model runs in whatever mode it is in: call ``model.eval()`` first for calibration
+        statistics (no dropout, no BatchNorm updates), keep train mode for gradients of training.
 
         Examples
         --------
@@ -167,7 +192,7 @@ class Session:
         got = _Captured({n: {"inputs": [], "outputs": [], "grads": []} for n in names})
         handles = []
         for name in names:
-            module = model.get_submodule(name)
+            module = _named(model, name)
 
             def fwd(mod, args, out, name=name):
                 if inputs and args:
@@ -191,13 +216,14 @@ class Session:
         module ``name`` through the model *as changed so far*, then call
         ``fn(name, module, inputs)``, which may change that module in place.
 
-        Each forward stops right after the wanted module (no work past it). This is the
-        sequential calibration GPTQ uses (Frantar et al. 2023, sec. 3): later layers see the
-        quantization error of earlier ones.
+        Each forward stops right after the wanted module (no work past it) and runs in eval mode
+        under ``no_grad`` (no dropout, BatchNorm statistics untouched; the model's mode is
+        restored). This is the sequential calibration GPTQ uses (Frantar et al. 2023, sec. 3):
+        later layers see the quantization error of earlier ones.
         """
         task = self.require_task("sequential calibration")
-        for name in names:
-            module = model.get_submodule(name)
+        modules = [(name, _named(model, name)) for name in names]   # every name checked first
+        for name, module in modules:
             seen: list[torch.Tensor] = []
 
             def stop(mod, args, out):
@@ -206,7 +232,7 @@ class Session:
 
             handle = module.register_forward_hook(stop)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), eval_mode(model):
                     for batch in batches:
                         try:
                             task.forward(model, batch)

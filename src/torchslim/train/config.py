@@ -5,11 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import MethodConfig, ModelRef, as_mapping, option
-from ..errors import RecipeError
+from ..errors import RecipeError, did_you_mean
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 #: teachers named by role: the recipe's baseline model, or the model as it entered the step
 TEACHER_ROLES = ("baseline", "current")
+
+
+def teacher_ref(value: str | ModelRef, where: str) -> str | ModelRef:
+    """A teacher as given: a role (``baseline``, ``current``), or a ModelRef for a model spec;
+    RecipeError for a string that is neither (a misspelt role).
+
+    Examples
+    --------
+    >>> teacher_ref("zoo:lenet-5", "teacher").spec
+    'zoo:lenet-5'
+    """
+    if not isinstance(value, str) or value in TEACHER_ROLES:
+        return value
+    if ":" not in value:
+        raise RecipeError(f"{where}: {value!r} is neither a teacher role{did_you_mean(value, TEACHER_ROLES)} "
+                          f"nor a model spec (PREFIX:NAME); accepted: {', '.join(TEACHER_ROLES)}, or a spec such "
+                          "as zoo:lenet-5 / {spec: ..., weights: ...}")
+    return ModelRef(spec=value)
 
 
 @dataclass(frozen=True)
@@ -32,8 +50,7 @@ class DistillTerm(MethodConfig):
     alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on the task loss")
 
     def validate(self) -> None:
-        if isinstance(self.teacher, str) and self.teacher not in TEACHER_ROLES:
-            object.__setattr__(self, "teacher", ModelRef(spec=self.teacher))
+        object.__setattr__(self, "teacher", teacher_ref(self.teacher, f"{type(self).__name__}.teacher"))
 
     def check_ready(self, task=None) -> None:
         from ..errors import SpecError

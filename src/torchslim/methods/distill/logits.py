@@ -11,7 +11,7 @@ from torch import nn
 from ...config import MethodConfig, ModelRef, as_mapping, option
 from ...errors import RecipeError
 from ...registry import register_method
-from ...train.config import TEACHER_ROLES, TrainConfig
+from ...train.config import TEACHER_ROLES, TrainConfig, teacher_ref
 from ...train.plugins import LogitDistillation
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class LogitsDistillConfig(MethodConfig):
         if self.student is None:
             raise RecipeError("LogitsDistillConfig.student: missing; give a spec such as zoo:digits-cnn "
                               "or {spec: ..., args: {...}}")
-        if isinstance(self.teacher, str) and self.teacher not in TEACHER_ROLES:
-            object.__setattr__(self, "teacher", ModelRef(spec=self.teacher))
+        object.__setattr__(self, "teacher", teacher_ref(self.teacher, "LogitsDistillConfig.teacher"))
         if self.train.distill is not None:
             raise RecipeError("LogitsDistillConfig.train.distill: this step distills already; set teacher, "
                               "temperature and alpha on the step")

@@ -30,15 +30,11 @@ class LinearQuantConfig(MethodConfig):
     bits: int = option(8, low=2, high=8, doc="bits per weight code")
     granularity: str = option("channel", choices=("tensor", "channel", "group"),
                               doc="one scale per tensor, output channel, or group of inputs")
-    group_size: int = option(128, low=1, doc="inputs per scale for granularity: group")
+    group_size: int = option(128, low=2, doc="inputs per scale for granularity: group")
     symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
     activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
-
-    def validate(self) -> None:
-        if self.granularity == "group" and self.group_size < 2:
-            raise RecipeError("LinearQuantConfig.group_size: must be >= 2 for granularity: group")
 
 
 @register_method("quantize.linear", LinearQuantConfig)
