@@ -129,3 +129,22 @@ def test_inference_cache_follows_weight_changes():
     y3 = q(x)                                    # with gradients: computed fresh, differentiable
     y3.sum().backward()
     assert q.bias.grad is not None
+
+
+def test_scale_floor_is_relative_to_the_tensor_range():
+    """Regression (first-use report): an absolute eps floor on scales gave 2.6% error on a
+    channel whose weights are all below ~1.5e-5; its own scale gives half a step at most."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 256, generator=g)
+    w[2] = torch.rand(256, generator=g) * 1.5e-5 - 0.75e-5       # a channel of tiny weights
+    for symmetric in (True, False):
+        scale, zero = P.choose_qparams(w, 8, "channel", symmetric=symmetric)
+        q = P.quantize(w, scale, zero, 8, "channel", 128, symmetric)
+        back = P.dequantize(q, scale, zero, "channel", 128)
+        rel = float((back[2] - w[2]).norm() / w[2].norm())
+        assert rel < 0.004, (symmetric, rel)
+    zeros = torch.zeros(3, 8)                                    # all-zero tensor: a finite scale, exact zeros
+    scale, zero = P.choose_qparams(zeros, 8, "channel")
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert torch.equal(P.dequantize(P.quantize(zeros, scale, zero, 8, "channel", 128, True), scale, zero,
+                                    "channel", 128), zeros)

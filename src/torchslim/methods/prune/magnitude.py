@@ -86,7 +86,11 @@ class MaskPlugin(TrainingPlugin):
     @torch.no_grad()
     def prune_to(self, model: nn.Module, sparsity: float) -> None:
         ws = self.weights(model)
-        self.masks = [m.to(w.device) for m, w in zip(_compute_masks(ws, sparsity, self.scope), ws)]
+        # a weight shared by several layers (tied) is ranked once, and they share its mask
+        first: dict[int, int] = {}
+        unique = [w for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
+        masks = dict(zip((id(w) for w in unique), _compute_masks(unique, sparsity, self.scope)))
+        self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
     @torch.no_grad()

@@ -38,7 +38,10 @@ def choose_qparams(w: torch.Tensor, bits: int, granularity: str = "channel", gro
     """Min/max ``(scale, zero_point)`` of shapes described in the module docstring."""
     g = _grouped(w.detach().float(), granularity, group_size)
     qmin, qmax = qrange(bits, symmetric)
-    eps = torch.finfo(torch.float32).eps
+    # the floor on a scale is relative to the tensor's range: a channel of tiny weights (all
+    # below 1e-5, say) keeps a scale fitted to them, where an absolute floor (float32 eps) would
+    # round it coarsely; only an all-zero tensor falls back to the smallest normal float
+    eps = max(float(g.abs().max()) * torch.finfo(torch.float32).eps / 2 ** bits, torch.finfo(torch.float32).tiny)
     if symmetric:
         amax = g.abs().amax(dim=-1)
         scale = (amax / qmax).clamp_min(eps)
