@@ -142,6 +142,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from .fileio import write_json
+    from .measure import check_runs, layer_table
+    from .specs import build_model, build_task
+
+    task = build_task(args.task, args.data_dir) if args.task else None
+    torch.manual_seed(0)
+    model = build_model(args.model, weights=args.weights)
+    if task is not None:
+        check_runs(model, task, f"model {args.model}")
+    rows = layer_table(model, task)
+    header = ["name", "type", "params", "non-zero", "MACs", "output shape"]
+    cells = [[r["name"] or "(model)", r["type"], f"{r['params']:,}", f"{r['nonzero_params']:,}",
+              "-" if r["macs"] is None else f"{r['macs']:,}",
+              "-" if r["output_shape"] is None else "x".join(map(str, r["output_shape"]))] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *cells)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in cells]
+    _out("\n".join(lines))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.json, rows)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import list_methods
     entries = list_methods(args.pattern)
@@ -204,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output file (default DIR/onnx/model.onnx)")
     s.add_argument("--opset", type=_opset, default=18, help="ONNX opset, 13 to 23 (default 18)")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("layers", parents=[common],
+                       help="list every module: name (for targets/ignore), type, params, MACs, output shape")
+    s.add_argument("model", help="model spec, e.g. zoo:lenet-5, torchvision:resnet18 or artifact:DIR")
+    s.add_argument("--task", help="task spec for MACs and output shapes, e.g. digits or shape:3x224x224")
+    s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
+    s.add_argument("--data-dir", help="data directory")
+    s.add_argument("--json", help="write the rows as JSON")
+    s.set_defaults(fn=cmd_layers)
 
     s = sub.add_parser("methods", parents=[common], help="list registered methods and their fields")
     s.add_argument("pattern", nargs="?", default="*", help="glob over VERB.NAME, e.g. 'prune.*'")

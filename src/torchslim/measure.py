@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .artifact import artifact_size, save
+from .modules import eval_mode
 from .runtime import RuntimeSession, get_runtime, omp_wait_policy, quiet_cpp_extension
 from .specs.tasks import Task, _device_of, to_device
 
@@ -41,22 +42,79 @@ from .specs.tasks import Task, _device_of, to_device
 from .layers.counting import count_params  # noqa: E402  (re-exported: measure.count_params)
 
 
-def count_macs(model: nn.Module, inputs: tuple) -> int:
-    """MACs of one forward pass on ``inputs`` (see module docstring for what is counted)."""
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The first tensor of a module's output: itself, or the first in a tuple, list or mapping
+    (Hugging Face outputs are mappings)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return next((o for o in items if isinstance(o, torch.Tensor)), None)
+
+
+def _traced_pass(model: nn.Module, inputs: Any, hooks: bool = False) -> tuple[Any, dict[str, tuple]]:
+    """One eval-mode, no-grad forward under ``FlopCounterMode``: the counter, and with ``hooks``
+    each module's output shape (first tensor of its output) by module name."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.eval()
+    shapes: dict[str, tuple] = {}
+    handles = []
+    if hooks:
+        for name, mod in model.named_modules():
+            def hook(m, args, out, name=name):
+                t = _first_tensor(out)
+                if t is not None:
+                    shapes.setdefault(name, tuple(t.shape))
+            handles.append(mod.register_forward_hook(hook))
     # nn.MultiheadAttention's inference fast path is one fused op the counter cannot see into
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False,
+                                                                custom_mapping=_extra_flop_formulas()) as counter:
             _call(model, inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counter, shapes
+
+
+def count_macs(model: nn.Module, inputs: tuple) -> int:
+    """MACs of one forward pass on ``inputs`` (see module docstring for what is counted)."""
+    counter, _ = _traced_pass(model, inputs)
     return int(counter.get_total_flops() // 2)
+
+
+def layer_table(model: nn.Module, task: Task | None = None) -> list[dict[str, Any]]:
+    """One row per module (the model first, as ``""``): name, type, parameters and non-zeros
+    under it, and with a task its MACs (batch 1, as :func:`count_macs` counts them) and output
+    shape on the task's example input. The names are what ``targets:``/``ignore:`` take.
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> rows = layer_table(torchslim.build_model("zoo:lenet-5"), torchslim.build_task("shape:1x28x28"))
+    >>> [(r["name"], r["type"], r["params"], r["macs"], r["output_shape"]) for r in rows[:2]]
+    [('', 'Sequential', 431080, 2293000, (1, 10)), ('0', 'Conv2d', 520, 288000, (1, 20, 24, 24))]
+    """
+    macs: dict[str, int] = {}
+    shapes: dict[str, tuple] = {}
+    if task is not None:
+        inputs = to_device(task.example_inputs(1), _device_of(model))
+        counter, shapes = _traced_pass(model, inputs, hooks=True)
+        root = type(model).__name__
+        for key, ops in counter.get_flop_counts().items():
+            if key == "Global":
+                continue
+            name = "" if key == root else key.removeprefix(root + ".")
+            macs[name] = int(sum(ops.values()) // 2)
+    rows = []
+    for name, mod in model.named_modules():
+        params, nonzero = count_params(mod)
+        rows.append({"name": name, "type": type(mod).__name__, "params": params, "nonzero_params": nonzero,
+                     "macs": macs.get(name, 0 if task is not None else None),
+                     "output_shape": shapes.get(name)})
+    return rows
 
 
 def _extra_flop_formulas() -> dict:
