@@ -196,3 +196,47 @@ def test_global_pruning_ranks_a_tied_weight_once(tmp_path):
     assert removed == unique // 2
     params, nonzero = count_params(pruned)
     assert params == count_params(m)[0] and params - nonzero == unique // 2
+
+
+def test_global_pruning_reports_and_can_cap_a_collapsing_layer(caplog):
+    """Regression (first-use report): global 80% left 7 of 16,384 weights in one layer and the log
+    said only "3 layers at 80.0%". Per-layer sparsity is logged and recorded, a layer losing >= 99%
+    is warned about, and max_layer_sparsity caps it while the total stays exact."""
+    import logging
+
+    from torchslim.pipeline import StepContext
+
+    torch.manual_seed(0)
+    m = torchslim.build_model("zoo:lenet-300-100")
+    with torch.no_grad():
+        m[3].weight.mul_(1e-3)                      # a layer of small weights: global ranking strips it
+    names = ["1", "3", "5"]
+    total = sum(m.get_submodule(n).weight.numel() for n in names)
+
+    ctx = StepContext()
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        out = torchslim.methods.prune.magnitude._magnitude(copy.deepcopy(m), MagnitudePruneConfig(sparsity=0.8), ctx)
+    layers = ctx.info["metrics"]["layer_sparsity"]
+    assert set(layers) == set(names) and layers["3"] >= 0.99
+    assert any("removed" in r.message and "layer 3" in r.message for r in caplog.records if r.levelname == "WARNING")
+    assert "3 100.0%" in caplog.text or "3 99." in caplog.text
+
+    capped = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.8, max_layer_sparsity=0.9))
+    zeros = {n: int((capped.get_submodule(n).weight == 0).sum()) for n in names}
+    assert sum(zeros.values()) == round(0.8 * total)
+    assert all(zeros[n] <= 0.9 * capped.get_submodule(n).weight.numel() for n in names)
+    assert zeros["3"] == int(0.9 * capped.get_submodule("3").weight.numel())
+    with pytest.raises(RecipeError, match="max_layer_sparsity"):
+        torchslim.apply(m, MagnitudePruneConfig(sparsity=0.8, max_layer_sparsity=0.5))
+
+
+def test_global_masks_with_a_cap_against_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(40, generator=g) * 0.01, torch.rand(100, generator=g), torch.rand(60, generator=g)]
+    masks = global_masks(scores, 0.6, max_layer_sparsity=0.7)
+    removed = [int((~mk).sum()) for mk in masks]
+    assert sum(removed) == 120 and removed[0] == 28                 # capped at int(0.7 * 40)
+    # the others lose exactly the 92 lowest of their pooled scores
+    pooled = torch.cat(scores[1:])
+    thresh = torch.sort(pooled).values[91]
+    assert all(bool((s[~mk] <= thresh).all()) for s, mk in zip(scores[1:], masks[1:]))

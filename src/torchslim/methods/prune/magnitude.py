@@ -22,6 +22,9 @@ from .primitives import cubic_sparsity, global_masks, layer_masks
 
 log = logging.getLogger(__name__)
 
+#: a layer pruned this far is reported: it barely passes a signal
+COLLAPSE = 0.99
+
 
 @dataclass(frozen=True)
 class MagnitudePruneConfig(MethodConfig):
@@ -40,6 +43,9 @@ class MagnitudePruneConfig(MethodConfig):
     granularity: str = option("weight", choices=("weight",), doc="what is removed (weight: unstructured)")
     scope: str = option("global", choices=("global", "layer"),
                         doc="global: one threshold over all targets; layer: same sparsity per layer")
+    max_layer_sparsity: float = option(1.0, low=0.0, high=1.0, low_open=True,
+                                       doc="global: no layer loses more than this fraction (the rest "
+                                           "falls on the others)")
     schedule: str = option("oneshot", choices=("oneshot", "gradual", "iterative"),
                            doc="oneshot; gradual: cubic ramp during fine-tuning; iterative: rounds")
     initial_sparsity: float = option(0.0, low=0.0, high=1.0, high_open=True, doc="gradual: start")
@@ -64,9 +70,15 @@ class MagnitudePruneConfig(MethodConfig):
                               f"({self.initial_sparsity} > {self.sparsity})")
 
 
-def _compute_masks(weights: list[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
+def _compute_masks(weights: list[torch.Tensor], sparsity: float, scope: str,
+                   max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
     scores = [w.detach().abs() for w in weights]
-    return global_masks(scores, sparsity) if scope == "global" else layer_masks(scores, sparsity)
+    if scope != "global":
+        return layer_masks(scores, sparsity)
+    try:
+        return global_masks(scores, sparsity, max_layer_sparsity)
+    except ValueError as exc:
+        raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
 
 
 class MaskPlugin(TrainingPlugin):
@@ -76,8 +88,8 @@ class MaskPlugin(TrainingPlugin):
     in force when it stopped (the gradual schedule changes them during training).
     """
 
-    def __init__(self, names: list[str], scope: str) -> None:
-        self.names, self.scope = names, scope
+    def __init__(self, names: list[str], scope: str, max_layer_sparsity: float = 1.0) -> None:
+        self.names, self.scope, self.max_layer_sparsity = names, scope, max_layer_sparsity
         self.masks: list[torch.Tensor] | None = None
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
@@ -89,7 +101,8 @@ class MaskPlugin(TrainingPlugin):
         # a weight shared by several layers (tied) is ranked once, and they share its mask
         first: dict[int, int] = {}
         unique = [w for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
-        masks = dict(zip((id(w) for w in unique), _compute_masks(unique, sparsity, self.scope)))
+        masks = dict(zip((id(w) for w in unique),
+                         _compute_masks(unique, sparsity, self.scope, self.max_layer_sparsity)))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
@@ -115,7 +128,7 @@ class GradualSchedule(MaskPlugin):
     ``updates`` times over the first ``ramp`` fraction of the steps; masks hold in between."""
 
     def __init__(self, names: list[str], config: "MagnitudePruneConfig") -> None:
-        super().__init__(names, config.scope)
+        super().__init__(names, config.scope, config.max_layer_sparsity)
         self.config = config
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
@@ -133,7 +146,8 @@ def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module
     """Unstructured magnitude pruning (global or per layer; one-shot, gradual or iterative)."""
     chosen = select_modules(model, config.targets, config.ignore, what="prune.targets")
     names = [n for n, _ in chosen]
-    masker = MaskPlugin(names, config.scope) if config.schedule != "gradual" else GradualSchedule(names, config)
+    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity) if config.schedule != "gradual"
+              else GradualSchedule(names, config))
     ft = config.finetune
     if config.schedule == "oneshot":
         masker.prune_to(model, config.sparsity)
@@ -149,6 +163,12 @@ def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
     # the exact target at the end, whatever early stopping restored
     masker.prune_to(model, config.sparsity)
-    log.info("magnitude pruning: %d layers at %.1f%% sparsity (%s)", len(chosen), 100 * config.sparsity,
-             config.scope)
+    per_layer = {n: float((w == 0).float().mean()) for n, w in zip(names, masker.weights(model))}
+    log.info("magnitude pruning: %.1f%% sparsity (%s) over %d layers: %s", 100 * config.sparsity, config.scope,
+             len(chosen), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
+    for n, v in per_layer.items():
+        if v >= COLLAPSE:
+            log.warning("magnitude pruning removed %.2f%% of layer %s: it barely passes a signal; set "
+                        "max_layer_sparsity (e.g. 0.95) or scope: layer", 100 * v, n)
+    ctx.info.setdefault("metrics", {})["layer_sparsity"] = {n: round(v, 4) for n, v in per_layer.items()}
     return model

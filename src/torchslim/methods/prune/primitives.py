@@ -25,15 +25,48 @@ def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def global_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Keep-masks for several tensors with one threshold across all of them (global scope)."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    keep = topk_mask(flat, sparsity)
-    out, start = [], 0
-    for s in scores:
-        out.append(keep[start:start + s.numel()].reshape(s.shape))
-        start += s.numel()
-    return out
+def global_masks(scores: list[torch.Tensor], sparsity: float,
+                 max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
+    """Keep-masks for several tensors with one threshold across all of them (global scope).
+
+    ``max_layer_sparsity`` caps the fraction removed from any one tensor: a tensor the global
+    threshold would strip further keeps its highest-scoring ``1 - max_layer_sparsity``, and the
+    removals it is spared fall on the others, so exactly ``round(sparsity * total)`` elements go.
+    Raises ValueError when the cap makes that impossible.
+
+    Examples
+    --------
+    >>> a, b = torch.arange(1.0, 5.0), torch.arange(10.0, 14.0)
+    >>> [m.tolist() for m in global_masks([a, b], 0.5)]
+    [[False, False, False, False], [True, True, True, True]]
+    >>> [m.tolist() for m in global_masks([a, b], 0.5, max_layer_sparsity=0.75)]
+    [[False, False, False, True], [False, True, True, True]]
+    """
+    sizes = [s.numel() for s in scores]
+    k_total = int(round(sparsity * sum(sizes)))
+    caps = [int(max_layer_sparsity * n) for n in sizes]          # most removable per tensor
+    if sum(caps) < k_total:
+        raise ValueError(f"max_layer_sparsity {max_layer_sparsity} leaves at most {sum(caps)} of "
+                         f"{sum(sizes)} weights removable, fewer than sparsity {sparsity} needs ({k_total})")
+    capped: dict[int, torch.Tensor] = {}
+    while True:
+        free = [i for i in range(len(scores)) if i not in capped]
+        k = k_total - sum(caps[i] for i in capped)
+        flat = torch.cat([scores[i].reshape(-1).float() for i in free]) if free else torch.empty(0)
+        keep = topk_mask(flat, k / max(flat.numel(), 1)) if free else flat.bool()
+        out, start, over = {}, 0, []
+        for i in free:
+            m = keep[start:start + sizes[i]].reshape(scores[i].shape)
+            start += sizes[i]
+            out[i] = m
+            if int((~m).sum()) > caps[i]:
+                over.append(i)
+        if not over:
+            break
+        for i in over:  # these tensors lose exactly their cap, by their own ranking
+            capped[i] = topk_mask(scores[i], caps[i] / sizes[i])
+    out.update(capped)
+    return [out[i] for i in range(len(scores))]
 
 
 def layer_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
