@@ -53,9 +53,9 @@ def test_distill_into_smaller_student(trained_digits, digits_task):
         "student": {"spec": "zoo:digits-cnn", "args": {"channels": [8, 16], "hidden": 32}},
         "optimizer": "adamw", "epochs": 8, "lr": 0.005, "loggers": []})
     student = torchslim.apply(trained_digits, cfg, task=digits_task)
-    n_t = sum(p.numel() for p in trained_digits.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    assert n_s < n_t / 5
+    teacher_params = sum(p.numel() for p in trained_digits.parameters())
+    student_params = sum(p.numel() for p in student.parameters())
+    assert student_params < teacher_params / 5
     acc = digits_task.evaluate(student)
     assert acc > 0.9 and acc >= teacher_acc - 0.06, (teacher_acc, acc)
     assert all(torch.equal(v, before[k]) for k, v in trained_digits.state_dict().items())
