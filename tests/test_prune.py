@@ -215,7 +215,7 @@ def test_global_pruning_reports_and_can_cap_a_collapsing_layer(caplog):
 
     ctx = StepContext()
     with caplog.at_level(logging.INFO, logger="torchslim"):
-        out = torchslim.methods.prune.magnitude._magnitude(copy.deepcopy(m), MagnitudePruneConfig(sparsity=0.8), ctx)
+        torchslim.methods.prune.magnitude._magnitude(copy.deepcopy(m), MagnitudePruneConfig(sparsity=0.8), ctx)
     layers = ctx.info["metrics"]["layer_sparsity"]
     assert set(layers) == set(names) and layers["3"] >= 0.99
     assert any("removed" in r.message and "layer 3" in r.message for r in caplog.records if r.levelname == "WARNING")

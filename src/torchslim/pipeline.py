@@ -33,7 +33,7 @@ from .registry import get_method
 from .specs.models import build_model
 from .specs.tasks import Task, build_task
 from .session import Session, resolve_device
-from .train.config import TrainConfig, teacher_roles
+from .train.config import teacher_roles
 
 log = logging.getLogger(__name__)
 
