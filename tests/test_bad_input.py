@@ -308,3 +308,26 @@ def test_logger_not_installed_is_caught_before_any_work(tmp_path, capsys, monkey
         GOOD.replace("sparsity: 0.5}", "sparsity: 0.5, finetune: {epochs: 1, loggers: [mlflow]}}")
     code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, tmp_path / "o", "'mlflow' is named but not installed")
+
+
+def test_every_recipe_error_is_reported_at_once(tmp_path, capsys):
+    text = (GOOD.replace("lr: 0.003", "lr: -1").replace("sparsity: 0.5", "sparsity: 1.5")
+            + "  - quantize: {method: lineer}\n")
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("error: ") for ln in lines), err
+    assert ":3: train.lr" in lines[0] and ":5: steps.0.prune.sparsity" in lines[1]
+    assert ":7: steps.2.quantize.method" in lines[2] and "did you mean 'linear'" in lines[2]
+
+
+def test_group_size_that_does_not_divide_a_layer_fails_the_dry_run(tmp_path, capsys):
+    """Checks that need the model's shapes but not trained weights run before any training."""
+    text = GOOD.replace("bits: 8}", "bits: 4, granularity: group, group_size: 7}")
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--dry-run"], capsys)
+    assert code == 2 and err.startswith("error: ") and ":6: steps.1.quantize" in err, err
+    # every offending layer named at once, with its inputs per channel (digits-cnn: 1x3x3 conv, ...)
+    assert "4 targeted layer(s): 0 (9), 2 (288), 6 (1024), 9 (128)" in err
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--out", out], capsys)
+    assert_clean_error(code, err, out, "group_size: 7 does not divide")

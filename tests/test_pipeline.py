@@ -163,14 +163,12 @@ def test_repeated_steps_get_unique_names():
                                                    "prune-magnitude-2"]
 
 
-def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
+def crash_first_quantize(monkeypatch) -> list[str]:
+    """Make the first quantize step of a run raise (a crash after the earlier steps finished);
+    returns the list of step keys applied, which grows as the run goes."""
     import torchslim.pipeline as pl
 
-    recipe = {"model": "zoo:digits-cnn", "task": "digits",
-              "train": {"optimizer": "adamw", "epochs": 2, "lr": 0.003, "loggers": []},
-              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "linear"}}]}
-    real_apply = pl.apply_step
-    calls = []
+    real_apply, calls = pl.apply_step, []
 
     def flaky(model, step, ctx):
         calls.append(step.key)
@@ -179,6 +177,14 @@ def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
         return real_apply(model, step, ctx)
 
     monkeypatch.setattr(pl, "apply_step", flaky)
+    return calls
+
+
+def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "train": {"optimizer": "adamw", "epochs": 2, "lr": 0.003, "loggers": []},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"method": "linear"}}]}
+    calls = crash_first_quantize(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated"):
         torchslim.compress(recipe, out)
@@ -190,6 +196,37 @@ def test_resume_after_a_failed_step_skips_finished_steps(tmp_path, monkeypatch):
     assert calls == ["prune.magnitude", "quantize.linear", "quantize.linear"]   # prune ran once
     assert m["steps"][:2] == first_rows and [s["name"] for s in m["steps"]][2] == "quantize-linear"
     assert torchslim.load(out / "model") is not None and not (tmp_path / ".run.partial").exists()
+
+
+def test_resume_takes_changed_steps_after_the_last_finished_one(tmp_path, monkeypatch):
+    """The baseline and the prune step finished, the quantize step crashed: a resume may change
+    the quantize step (it runs with the new settings) but not a finished step."""
+    import copy
+
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "train": {"optimizer": "adamw", "epochs": 2, "lr": 0.003, "loggers": []},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                        {"quantize": {"method": "linear", "bits": 8}}]}
+    calls = crash_first_quantize(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        torchslim.compress(recipe, out)
+    finished = json.loads((tmp_path / ".run.partial" / "metrics.json").read_text())["steps"]
+
+    changed_prune = copy.deepcopy(recipe)
+    changed_prune["steps"][0]["prune"]["sparsity"] = 0.6
+    with pytest.raises(torchslim.errors.UserError,
+                       match=r"step 1 \(prune-magnitude\) already finished with other settings "
+                             r"\(steps.0.prune.sparsity: 0.5 -> 0.6\)"):
+        torchslim.compress(changed_prune, out, resume=True)
+
+    changed_quant = copy.deepcopy(recipe)
+    changed_quant["steps"][1]["quantize"]["bits"] = 4
+    m = torchslim.compress(changed_quant, out, resume=True)
+    assert calls == ["prune.magnitude", "quantize.linear", "quantize.linear"]   # baseline, prune kept
+    assert m["steps"][:2] == finished and m["steps"][2]["config"]["bits"] == 4
+    assert "bits: 4" in (out / "recipe.yaml").read_text()
+    assert torchslim.load(out / "model")[0].bits == 4
 
 
 def test_transformer_recipe_end_to_end(tmp_path, data_root):

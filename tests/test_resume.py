@@ -180,7 +180,7 @@ def test_cli_kill_and_resume(tmp_path):
 
     r = _cli(tmp_path, "compress", "recipe.yaml", "--out", "run", "--resume", "--set", "train.lr=0.02")
     assert r.returncode == 2, r.stderr
-    assert "error: --resume: the recipe differs" in r.stderr
+    assert "error: --resume: the baseline was interrupted with other settings (train.lr: 0.01 -> 0.02)" in r.stderr
 
     r = _cli(tmp_path, "compress", "recipe.yaml", "--out", "run", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write("".join(f"error: {line}\n" for line in str(exc).splitlines() or [""]))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

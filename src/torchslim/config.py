@@ -181,6 +181,12 @@ class MethodConfig:
     REPLACES_MODEL: ClassVar[bool] = False
     #: capability: the step only writes files, which rank 0 alone does under torchrun
     RANK0_ONLY: ClassVar[bool] = False
+    #: capability: the step changes layer shapes (structured pruning), so later steps'
+    #: :meth:`check_model` cannot run on the model as built before the run
+    CHANGES_SHAPES: ClassVar[bool] = False
+    #: capability: the step changes weight values without training them afterwards (one-shot
+    #: pruning, quantization); the pipeline re-estimates BatchNorm statistics after it
+    CHANGES_WEIGHTS: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))
@@ -206,6 +212,12 @@ class MethodConfig:
             value = getattr(self, f.name)
             if isinstance(value, MethodConfig):
                 value.check_ready(task)
+
+    def check_model(self, model: Any) -> None:
+        """Raise a UserError when the step cannot run on ``model`` (the model as the step will
+        receive it, weights not yet trained): e.g. a ``group_size`` that does not divide a
+        targeted layer. The pipeline calls it for every step before any work, so a recipe fails
+        in seconds instead of after training; the default does nothing."""
 
     # -- capabilities the pipeline reads (instead of verbs and attribute names) ------------
     def trains(self) -> bool:

@@ -37,3 +37,56 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+class Problems:
+    """Collects the UserErrors of independent checks so that all are reported at once.
+
+    Examples
+    --------
+    >>> p = Problems()
+    >>> with p.check():
+    ...     raise RecipeError("train.lr: must be > 0")
+    >>> with p.check():
+    ...     raise RecipeError("steps.0.prune.sparsity: must be < 1")
+    >>> p.raise_all()
+    Traceback (most recent call last):
+    ...
+    torchslim.errors.RecipeError: train.lr: must be > 0
+    steps.0.prune.sparsity: must be < 1
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[UserError] = []
+
+    def check(self) -> "_Catch":
+        """A context manager that records a UserError raised inside it and goes on."""
+        return _Catch(self)
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def raise_all(self, locate=lambda message: message) -> None:
+        """Raise nothing when no check failed; the one error as it was; else a RecipeError (the
+        first error's class when all share it) whose message has one line per problem, each
+        passed through ``locate``."""
+        if not self.errors:
+            return
+        lines = [locate(line) for exc in self.errors for line in str(exc).splitlines() if line.strip()]
+        kinds = {type(e) for e in self.errors}
+        cls = kinds.pop() if len(kinds) == 1 else RecipeError
+        raise cls("\n".join(lines))
+
+
+class _Catch:
+    def __init__(self, owner: Problems) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, UserError):
+            self.owner.errors.append(exc)
+            return True
+        return False

@@ -25,7 +25,7 @@ from torch import nn
 from . import distributed as tsdist
 from ._version import __version__
 from .artifact import load, save
-from .errors import RecipeError, UserError
+from .errors import Problems, UserError
 from .fileio import write_json, write_text
 from .measure import check_runs, measure
 from .recipe import Recipe, Step
@@ -73,52 +73,67 @@ def step_dirname(index: int, step: Step | None) -> str:
 
 
 def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, Task]:
-    """Check what can be checked before any work: task spec and its data files, model spec and
-    weights, and every step's module patterns (up to the first step that replaces the model).
-    Returns the built model and task."""
+    """Check what can be checked before any work, and report every problem found at once: task
+    spec and its data files, model spec and weights (and that the model runs on the task's
+    inputs), each step's readiness (optional packages, teachers), module patterns and
+    :meth:`~torchslim.config.MethodConfig.check_model` (e.g. a ``group_size`` that does not
+    divide a layer) on the model as each step will receive it, up to the first step that
+    replaces the model or changes its shapes. Returns the built model and task."""
     from .modules import check_patterns
 
+    problems = Problems()
     task = build_task(recipe.task, data_dir)
     trains = (recipe.train is not None and not recipe.model.pretrained) or any(
         s.config.trains() for s in recipe.steps)
-    if trains or task.metric_name is not None:
-        task.split("train")  # missing or broken data files fail here, as does a task without data
-    if task.metric_name is not None:
-        task.split("test")
+    with problems.check():
+        if trains or task.metric_name is not None:
+            task.split("train")  # missing or broken data files fail here, as does a task without data
+        if task.metric_name is not None:
+            task.split("test")
     if recipe.train is not None:
+        with problems.check():
+            try:
+                recipe.train.check_ready(task)
+            except UserError as exc:
+                raise type(exc)(f"train.{exc}") from None
+    with problems.check():
         try:
-            recipe.train.check_ready(task)
+            recipe.measure.check_ready(task)
         except UserError as exc:
-            raise type(exc)(recipe.locate(f"train.{exc}")) from None
-    try:
-        recipe.measure.check_ready(task)
-    except UserError as exc:
-        raise type(exc)(recipe.locate(f"measure.{exc}")) from None
-    try:
+            raise type(exc)(f"measure.{exc}") from None
+    with problems.check():
         resolve_device(recipe.device)  # `cuda` on a machine without one fails here, not after the baseline
-    except UserError as exc:
-        raise type(exc)(recipe.locate(str(exc))) from None
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
-    model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
-    try:
-        check_runs(model, task, f"model {recipe.model.spec}")
-    except UserError as exc:
-        raise type(exc)(recipe.locate(f"model: {exc}")) from None
-    model_known = True
+    model = None
+    with problems.check():
+        model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
+        try:
+            check_runs(model, task, f"model {recipe.model.spec}")
+        except UserError as exc:
+            raise type(exc)(f"model: {exc}") from None
+    names_known = shapes_known = model is not None
     for i, step in enumerate(recipe.steps, start=1):
         where = f"steps.{i - 1}.{step.verb}"
-        try:
-            step.config.check_ready(task)
-        except UserError as exc:
-            raise type(exc)(recipe.locate(f"{where}: {exc}")) from None
-        if step.config.REPLACES_MODEL:
-            model_known = False  # later steps target a model that does not exist yet
-        for key, patterns in step.config.target_patterns().items():
-            if model_known:
-                try:
+        with problems.check():
+            try:
+                step.config.check_ready(task)
+            except UserError as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+        if names_known:
+            for key, patterns in step.config.target_patterns().items():
+                with problems.check():
                     check_patterns(model, patterns, f"{where}.{key}")
-                except RecipeError as exc:
-                    raise RecipeError(recipe.locate(str(exc))) from None
+        if shapes_known:
+            with problems.check():
+                try:
+                    step.config.check_model(model)
+                except UserError as exc:
+                    raise type(exc)(f"{where}: {exc}") from None
+        if step.config.REPLACES_MODEL:
+            names_known = shapes_known = False  # later steps target a model that does not exist yet
+        if step.config.CHANGES_SHAPES:
+            shapes_known = False
+    problems.raise_all(recipe.locate)
     return model, task
 
 
@@ -353,6 +368,69 @@ class OutputDir(RunObserver):
         os.replace(self.partial, self.out)
 
 
+def _stages(resolved: dict[str, Any]) -> list[Any]:
+    """A resolved recipe as its stages: 0 = what the baseline depends on, then each step."""
+    head = {k: resolved.get(k) for k in ("version", "model", "task", "train", "measure")}
+    return [head] + list(resolved.get("steps") or [])
+
+
+def _stage_dir(index: int, stage: Any) -> str:
+    if index == 0:
+        return "00-baseline"
+    ((verb, body),) = stage.items()
+    method = body.get("method", "default") if isinstance(body, dict) else "default"
+    return f"{index:02d}-{verb}" if method == "default" else f"{index:02d}-{verb}-{method}"
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+    return f"{path or 'value'}: {old!r} -> {new!r}"
+
+
+def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
+    """Let ``--resume`` take a recipe that differs from the failed run's after its last finished
+    step: the finished steps (and what the baseline depends on, once the baseline finished) must
+    be unchanged, and so must a step interrupted with checkpoints (nothing is discarded without
+    the user saying so: the message names the directory to remove); a changed step that had not
+    started runs with the new settings. Returns the problem, or None when the run can resume."""
+    import yaml
+
+    saved = partial / "recipe.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text())
+        old_stages = _stages(old)
+    except (yaml.YAMLError, OSError, AttributeError, TypeError) as exc:
+        return f"--resume: cannot read the failed run's recipe {saved} ({exc}); start a new --out"
+    new_stages = _stages(recipe.to_dict())
+    steps_dir = partial / "steps"
+    finished = 0
+    while finished < len(old_stages) and (steps_dir / _stage_dir(finished, old_stages[finished])
+                                          / "step.json").is_file():
+        finished += 1
+    for i in range(finished):
+        if i >= len(new_stages) or old_stages[i] != new_stages[i]:
+            what = "the baseline" if i == 0 else f"step {i} ({_stage_dir(i, old_stages[i])[3:]})"
+            change = ("removed" if i >= len(new_stages) else
+                      _first_difference(old_stages[i], new_stages[i], "" if i == 0 else f"steps.{i - 1}"))
+            return (f"--resume: {what} already finished with other settings ({change}); only steps after "
+                    f"the last finished one may change; restore it or start a new --out")
+    for i in range(finished, len(old_stages)):
+        if i >= len(new_stages) or old_stages[i] != new_stages[i]:
+            stale = steps_dir / _stage_dir(i, old_stages[i])
+            if stale.is_dir() and any(p.is_file() for p in stale.rglob("*")):
+                what = "the baseline" if i == 0 else f"step {i} ({stale.name[3:]})"
+                change = ("removed" if i >= len(new_stages) else
+                          _first_difference(old_stages[i], new_stages[i], "" if i == 0 else f"steps.{i - 1}"))
+                return (f"--resume: {what} was interrupted with other settings ({change}); resume with "
+                        f"them to keep its checkpoints, or remove {stale} to run it anew with the new ones")
+            if stale.exists():
+                shutil.rmtree(stale)
+    return None
+
+
 def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None = None,
                resume: bool = False, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run ``recipe`` into the directory ``out`` (an :class:`OutputDir` observer on
@@ -387,9 +465,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
             raise UserError(f"cannot create the output directory next to {out}: {exc.strerror or exc}") from None
         saved = partial / "recipe.yaml"
         if resume and saved.is_file() and saved.read_text() != resolved:
-            problem = (f"--resume: the recipe differs from the one the failed run used ({saved}); "
-                       "resume with the same recipe and --set values, or start a new --out")
-        else:
+            problem = reconcile_resume(recipe, partial)
+        if problem is None:
             write_text(saved, resolved)
     problem = tsdist.broadcast_object(problem)  # also the barrier before the other ranks go on
     if problem:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .config import MethodConfig, ModelRef, as_mapping, option
-from .errors import RecipeError, did_you_mean
+from .errors import Problems, RecipeError, did_you_mean
 from .registry import DEFAULT_METHOD, VERBS, get_method
 from .train.config import TrainConfig
 
@@ -104,57 +104,76 @@ class Recipe:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, lines: dict[str, int] | None = None, source: str = "recipe") -> "Recipe":
+        """Build and validate a recipe; every problem found is reported at once (one line each,
+        ``file:line: dotted.key: what is wrong``) as a RecipeError."""
         try:
             recipe = cls._from_dict(data)
         except RecipeError as exc:
-            raise RecipeError(_locate(str(exc), lines or {}, source)) from None
+            raise RecipeError("\n".join(_locate(line, lines or {}, source)
+                                        for line in str(exc).splitlines())) from None
         # where each key came from, for errors found later (target patterns vs the real model)
         object.__setattr__(recipe, "_origin", (dict(lines or {}), source))
         return recipe
 
     def locate(self, message: str) -> str:
-        """Prefix ``message`` (``dotted.path: ...``) with the recipe file and line it refers to."""
+        """Prefix each line of ``message`` (``dotted.path: ...``) with the recipe file and line it
+        refers to."""
         lines, source = getattr(self, "_origin", ({}, "recipe"))
-        return _locate(message, lines, source)
+        return "\n".join(_locate(line, lines, source) for line in message.splitlines())
 
     @classmethod
     def _from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError("recipe: the top level must be a mapping with keys "
                               + ", ".join(TOP_KEYS))
+        problems = Problems()
         for key in data:
             if key not in TOP_KEYS:
-                raise RecipeError(f"{key}: unknown recipe key{did_you_mean(key, TOP_KEYS)}; "
-                                  f"accepted: {', '.join(TOP_KEYS)}")
+                with problems.check():
+                    raise RecipeError(f"{key}: unknown recipe key{did_you_mean(key, TOP_KEYS)}; "
+                                      f"accepted: {', '.join(TOP_KEYS)}")
         version = data.get("version", RECIPE_VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise RecipeError(f"version: expected a positive integer, got {version!r}")
         if version > RECIPE_VERSION:
             raise RecipeError(f"version: this recipe is of format version {version}, newer than this "
                               f"torchslim reads (<= {RECIPE_VERSION}); upgrade torchslim")
-        if "model" not in data:
-            raise RecipeError("model: missing; give a spec such as zoo:lenet-5")
-        if "task" not in data:
-            raise RecipeError("task: missing; give a task such as digits or mnist")
-        model = data["model"]
-        model = ModelRef.from_dict({"spec": model} if isinstance(model, str) else model, where="model")
-        task = data["task"]
-        if not isinstance(task, str) or not task:
-            raise RecipeError(f"task: expected a task spec string, got {task!r}")
-        train = data.get("train")
-        train_cfg = None if train is None else TrainConfig.from_dict(train, where="train")
+        model = task = train_cfg = measure = None
+        steps: list[Step] = []
+        with problems.check():
+            if "model" not in data:
+                raise RecipeError("model: missing; give a spec such as zoo:lenet-5")
+            model = data["model"]
+            model = ModelRef.from_dict({"spec": model} if isinstance(model, str) else model, where="model")
+        with problems.check():
+            if "task" not in data:
+                raise RecipeError("task: missing; give a task such as digits or mnist")
+            task = data["task"]
+            if not isinstance(task, str) or not task:
+                raise RecipeError(f"task: expected a task spec string, got {task!r}")
+        with problems.check():
+            train = data.get("train")
+            train_cfg = None if train is None else TrainConfig.from_dict(train, where="train")
         raw_steps = data.get("steps") or []
         if not isinstance(raw_steps, list):
-            raise RecipeError("steps: expected a list of steps (each 'VERB: {method: NAME, ...}')")
-        steps = tuple(parse_step(s, f"steps.{i}") for i, s in enumerate(raw_steps))
-        measure = MeasureConfig.from_dict(data.get("measure") or {}, where="measure")
+            with problems.check():
+                raise RecipeError("steps: expected a list of steps (each 'VERB: {method: NAME, ...}')")
+            raw_steps = []
+        for i, s in enumerate(raw_steps):
+            with problems.check():
+                steps.append(parse_step(s, f"steps.{i}"))
+        with problems.check():
+            measure = MeasureConfig.from_dict(data.get("measure") or {}, where="measure")
         search = data.get("search") or {}
-        if not isinstance(search, dict):
-            raise RecipeError("search: expected a mapping of dotted paths to search spaces")
+        with problems.check():
+            if not isinstance(search, dict):
+                raise RecipeError("search: expected a mapping of dotted paths to search spaces")
         device = data.get("device", "auto")
-        if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise RecipeError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-        recipe = cls(model, task, train_cfg, steps, measure, dict(search), device)
+        with problems.check():
+            if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+                raise RecipeError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        problems.raise_all()
+        recipe = cls(model, task, train_cfg, tuple(steps), measure, dict(search), device)
         validate_search(recipe.search, recipe.to_dict())
         return recipe
 

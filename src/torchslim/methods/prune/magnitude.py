@@ -57,6 +57,8 @@ class MagnitudePruneConfig(MethodConfig):
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left dense")
 
+    CHANGES_WEIGHTS = True
+
     def validate(self) -> None:
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"MagnitudePruneConfig.finetune: schedule {self.schedule!r} prunes while "

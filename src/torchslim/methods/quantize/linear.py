@@ -36,6 +36,21 @@ class LinearQuantConfig(MethodConfig):
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
 
+    CHANGES_WEIGHTS = True
+
+    def check_model(self, model: nn.Module) -> None:
+        """RecipeError naming every targeted layer whose inputs per channel ``group_size`` does
+        not divide (granularity: group)."""
+        if self.granularity != "group":
+            return
+        bad = [(name, m.weight[0].numel()) for name, m in select_modules(model, self.targets, self.ignore,
+                                                                         what="quantize.targets")
+               if m.weight[0].numel() % self.group_size]
+        if bad:
+            shown = ", ".join(f"{n} ({k})" for n, k in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            raise RecipeError(f"quantize.group_size: {self.group_size} does not divide the inputs per channel "
+                              f"of {len(bad)} targeted layer(s): {shown}; pick a divisor or add them to ignore")
+
 
 @register_method("quantize.linear", LinearQuantConfig)
 def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module:
@@ -43,13 +58,9 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
                  symmetric=config.symmetric)
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
+    config.check_model(model)
     for name, module in select_modules(model, config.targets, config.ignore, what="quantize.targets"):
         cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
-        if config.granularity == "group":
-            k = module.weight[0].numel()
-            if k % config.group_size:
-                raise RecipeError(f"quantize.group_size: {config.group_size} does not divide the {k} inputs "
-                                  f"per channel of {name}; pick a divisor or add it to ignore")
         q = cls.from_float(module, **qargs)
         first = done.get(id(module.weight))
         if first is not None and type(first) is cls and first.weight_q.shape == q.weight_q.shape:
