@@ -248,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Formatter(logging.Formatter):
+    """Plain messages; warnings and errors start with ``warning:`` / ``error:`` so they stand out
+    from progress lines (and grep finds them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -258,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # our progress bars and those of libraries we call
     logging.basicConfig(level=level, format="%(message)s" if not args.debug else
                         "%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_Formatter())
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

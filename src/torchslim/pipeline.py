@@ -137,6 +137,47 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     return model, task
 
 
+def metric_warnings(row: dict[str, Any], before: list[dict[str, Any]], task: Task,
+                    warn_drop: float) -> list[dict[str, str]]:
+    """What a user must not miss in a measured row (each also logged at WARNING level): a
+    baseline within 10% of the way from chance level to perfect (``chance_level``), a step whose
+    metric is worse than the previous step's by more than ``warn_drop`` (``metric_drop``), and a
+    non-finite metric (``metric_not_finite``)."""
+    import math
+
+    metric = row.get("metric") or {}
+    value = metric.get("value")
+    if not isinstance(value, (int, float)):
+        return []
+    found = []
+    if not math.isfinite(value):
+        found.append({"code": "metric_not_finite",
+                      "message": f"{row['name']}: the {metric.get('name')} is {value}: the model outputs NaN or "
+                                 "inf (check its weights and inputs)"})
+    elif row["verb"] == "baseline":
+        chance = task.chance_level(metric.get("split", "test")) if hasattr(task, "chance_level") else None
+        if chance is not None and metric.get("higher_is_better", True) and value < chance + 0.1 * (1 - chance):
+            found.append({"code": "chance_level",
+                          "message": f"baseline {metric.get('name')} {value:.4f} is near chance level ({chance:.4f}): "
+                                     "the model is untrained or does not fit the task, so the compression "
+                                     "figures below say little; train it (train: {epochs: N}) or check its weights"})
+    else:
+        prev = next((r for r in reversed(before) if isinstance((r.get("metric") or {}).get("value"), (int, float))),
+                    None)
+        if prev is not None and math.isfinite(prev["metric"]["value"]):
+            drop = prev["metric"]["value"] - value
+            if not metric.get("higher_is_better", True):
+                drop = -drop
+            if drop > warn_drop:
+                found.append({"code": "metric_drop",
+                              "message": f"{row['name']}: {metric.get('name')} fell from {prev['metric']['value']:.4f} "
+                                         f"to {value:.4f} ({drop:.4f} lost, more than measure.warn_drop={warn_drop}); "
+                                         "fine-tune after the step (finetune: {epochs: N}) or make it milder"})
+    for w in found:
+        log.warning("%s", w["message"])
+    return found
+
+
 def step_name(recipe: Recipe, index: int) -> str:
     """The metrics.json name of step ``index`` (0 = baseline): ``verb-method``, with ``-2``, ``-3``
     appended when the same verb and method come again, so names stay unique."""
@@ -238,7 +279,7 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
     kept_baseline: nn.Module | None = None
 
     def finish_step(index: int, step: Step | None, model: nn.Module, t0: float,
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None, warnings: list[dict[str, str]] | None = None) -> None:
         if main:
             art = _first(observers, "save_model", index, model)
             row = {"name": step_name(recipe, index),
@@ -251,6 +292,9 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
             row["wall_s"] = round(time.perf_counter() - t0, 3)
             if step is not None:
                 row["config"] = step.config.to_dict()
+            found = list(warnings or []) + metric_warnings(row, metrics["steps"], task, recipe.measure.warn_drop)
+            if found:
+                row["warnings"] = found
             metrics["steps"].append(row)
             for obs in observers:
                 obs.step_done(index, row, metrics)
@@ -305,7 +349,15 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
             ctx.baseline = baseline_model
         if not step.config.RANK0_ONLY or main:  # a step that only writes files runs on rank 0
             model = apply_step(model, step, ctx)
-        finish_step(i, step, model, t0, ctx.info.get("metrics"))
+        extra = dict(ctx.info.get("metrics") or {})
+        if (recipe.recalibrate_bn and step.config.CHANGES_WEIGHTS and not step.config.trains()
+                and task.metric_name is not None):
+            layers = ctx.recalibrate_batchnorm(model, recipe.recalibrate_bn)
+            if layers:
+                log.info("%s: BatchNorm statistics of %d layers re-estimated on %d training examples "
+                         "(recalibrate_bn: 0 turns this off)", step.key, layers, recipe.recalibrate_bn)
+                extra["bn_recalibrated"] = {"layers": layers, "samples": recipe.recalibrate_bn}
+        finish_step(i, step, model, t0, extra, ctx.warnings)
 
     if done_index is not None:  # every step had finished before: the last one's model
         model = _first(observers, "load_model", done_index)
@@ -370,7 +422,7 @@ class OutputDir(RunObserver):
 
 def _stages(resolved: dict[str, Any]) -> list[Any]:
     """A resolved recipe as its stages: 0 = what the baseline depends on, then each step."""
-    head = {k: resolved.get(k) for k in ("version", "model", "task", "train", "measure")}
+    head = {k: resolved.get(k) for k in ("version", "model", "task", "train", "measure", "recalibrate_bn")}
     return [head] + list(resolved.get("steps") or [])
 
 

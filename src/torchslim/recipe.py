@@ -30,7 +30,7 @@ from .errors import Problems, RecipeError, did_you_mean
 from .registry import DEFAULT_METHOD, VERBS, get_method
 from .train.config import TrainConfig
 
-TOP_KEYS = ("version", "model", "task", "train", "steps", "measure", "search", "device")
+TOP_KEYS = ("version", "model", "task", "train", "steps", "measure", "search", "device", "recalibrate_bn")
 #: the recipe format this torchslim writes (``version:`` of a resolved recipe) and reads at most
 RECIPE_VERSION = 1
 #: search space kinds (CONTRACT section 4) and how many values each takes
@@ -57,6 +57,9 @@ class MeasureConfig(MethodConfig):
     runtime: str = option("eager", doc="runtime whose forward pass latency is timed (torchslim.runtime "
                                        "registry: eager, compile, onnxruntime, ...)")
     latency: bool = option(True, doc="time the forward pass (latency_ms); false skips it")
+    warn_drop: float = option(0.05, low=0.0, doc="warn (console and report banner) when a step lowers the "
+                                                 "metric by more than this, in the metric's units "
+                                                 "(0.05: 5 points of accuracy)")
 
     def validate(self) -> None:
         from .runtime import runtime_class
@@ -100,6 +103,9 @@ class Recipe:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     search: dict = field(default_factory=dict)
     device: str = "auto"
+    #: training examples that re-estimate BatchNorm statistics after a step that changes weights
+    #: without training them (0: off)
+    recalibrate_bn: int = 512
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -172,8 +178,15 @@ class Recipe:
         with problems.check():
             if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
                 raise RecipeError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        recalibrate_bn = data.get("recalibrate_bn", 512)
+        with problems.check():
+            if recalibrate_bn is False:
+                recalibrate_bn = 0
+            if not isinstance(recalibrate_bn, int) or isinstance(recalibrate_bn, bool) or not 0 <= recalibrate_bn <= 10**7:
+                raise RecipeError(f"recalibrate_bn: expected a number of training examples (0 or false: off; "
+                                  f"default 512), got {recalibrate_bn!r}")
         problems.raise_all()
-        recipe = cls(model, task, train_cfg, tuple(steps), measure, dict(search), device)
+        recipe = cls(model, task, train_cfg, tuple(steps), measure, dict(search), device, recalibrate_bn)
         validate_search(recipe.search, recipe.to_dict())
         return recipe
 
@@ -196,6 +209,7 @@ class Recipe:
             out["search"] = copy.deepcopy(self.search)
         if self.device != "auto":
             out["device"] = self.device
+        out["recalibrate_bn"] = self.recalibrate_bn
         return out
 
     def to_yaml(self) -> str:

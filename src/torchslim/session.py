@@ -78,6 +78,47 @@ def _named(model: nn.Module, name: str) -> nn.Module:
                           f"module names look like: {', '.join(names[:8])}") from None
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, task: Task, batches: Sequence[Any]) -> int:
+    """Recompute the running statistics of every BatchNorm layer of ``model`` as the exact
+    average over ``batches`` (cumulative moving average, ``momentum=None``), with every other
+    module in eval mode (dropout off) and no weight changed; returns the number of layers.
+
+    After pruning or quantization the activations' statistics shift while BatchNorm still
+    normalizes with the old ones; re-estimating them alone recovers much of the accuracy
+    (Nagel et al., "A White Paper on Neural Network Quantization", 2021, sec. 3.3; the
+    procedure of ``torch.optim.swa_utils.update_bn``, Izmailov et al., 2018). Training mode
+    flags and momenta are restored afterwards.
+
+    Raises
+    ------
+    UserError
+        When ``batches`` is empty.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    if not batches:
+        raise UserError("BatchNorm re-calibration: no batches to estimate the statistics from")
+    flags = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for batch in batches:
+            task.forward(model, batch)
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        for m, flag in flags.items():
+            m.training = flag
+    return len(norms)
+
+
 class _Captured(dict):
     """``{module name: {"inputs": [...], "outputs": [...], "grads": [...]}}`` of a capture."""
 
@@ -105,6 +146,9 @@ class Session:
     data_dir : str or None
     info : dict
         A handler's own figures for the step's metrics row: ``info["metrics"] = {...}``.
+    warnings : list of dict
+        ``{"code", "message"}`` of what :meth:`warn` reported; the pipeline puts them in the
+        step's row (``warnings``), the report shows them in a banner.
     baseline : callable or None
         Returns the recipe's baseline model (a fresh copy each call): the ``baseline`` teacher.
     step_input : nn.Module or None
@@ -121,6 +165,22 @@ class Session:
     baseline: Callable[[], nn.Module] | None = None
     step_input: nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    def warn(self, code: str, message: str) -> None:
+        """Report something the user must see (a layer pruned away, a collapsed metric): logged
+        at WARNING level and recorded in the step's row as ``{"code": code, "message": message}``."""
+        log.warning("%s", message)
+        self.warnings.append({"code": code, "message": message})
+
+    def recalibrate_batchnorm(self, model: nn.Module, samples: int = 512, batch_size: int = 64) -> int:
+        """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` from
+        ``samples`` training examples (:meth:`calibration_batches`, seed 0); returns the number
+        of BatchNorm layers updated (0: none, nothing is run). See :func:`recalibrate_batchnorm`."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return 0
+        task = self.require_task("BatchNorm re-calibration")
+        return recalibrate_batchnorm(model, task, self.calibration_batches(samples, batch_size=batch_size))
 
     # -- task and teachers ---------------------------------------------------------------
     def require_task(self, what: str) -> Task:

@@ -40,3 +40,22 @@ def encoder():
 
 def tied_mlp():
     return TiedMLP()
+
+
+class BNConvNet(nn.Module):
+    """(B, 1, 8, 8) digits -> (B, 10) logits: two conv-BatchNorm-ReLU blocks, a linear head."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(8 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def bn_convnet():
+    return BNConvNet()

@@ -125,6 +125,10 @@ class STSBTask(Task):
     metric_name = "spearman"
     outputs = "embeddings"
 
+    def chance_level(self, split: str = "test") -> float:
+        """Unrelated similarities have a Spearman correlation of 0 with the gold scores."""
+        return 0.0
+
     def __init__(self, spec: str, root: Path, tokenizer_dir: Path, max_length: int = MAX_LENGTH) -> None:
         super().__init__(spec)
         self.root, self.tokenizer_dir, self.max_length = root, tokenizer_dir, max_length

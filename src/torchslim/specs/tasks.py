@@ -101,6 +101,19 @@ class Task:
                 total += int(tgt.numel())
         return correct / max(total, 1)
 
+    def chance_level(self, split: str = "test") -> float | None:
+        """The metric a model reaches without learning anything: for accuracy, the share of the
+        most frequent class in ``split`` (from the dataset's ``tensors``/``targets``); None when
+        unknown. Used to warn when a baseline is at chance level."""
+        if self.metric_name != "accuracy":
+            return None
+        ds = self.split(split)
+        targets = ds.tensors[-1] if hasattr(ds, "tensors") else getattr(ds, "targets", None)
+        if targets is None or len(targets) == 0:
+            return None
+        counts = torch.bincount(torch.as_tensor(targets).long().flatten())
+        return float(counts.max()) / float(counts.sum())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
 
