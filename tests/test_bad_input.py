@@ -331,3 +331,48 @@ def test_group_size_that_does_not_divide_a_layer_fails_the_dry_run(tmp_path, cap
     out = tmp_path / "out"
     code, _, err = run_cli(["compress", write(tmp_path, text), "--out", out], capsys)
     assert_clean_error(code, err, out, "group_size: 7 does not divide")
+
+
+def test_debug_shows_the_traceback_inside_the_users_own_code(tmp_path, capsys):
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1)) / self.missing_scale\n"
+        "def build():\n"
+        "    return Net()\n"
+        "def broken():\n"
+        "    raise RuntimeError('width must be even')\n")
+    for factory, line, needle in (("build", 7, "missing_scale"), ("broken", 11, "width must be even")):
+        args = ["measure", f"py:{tmp_path / 'mine.py'}:{factory}", "--task", "digits", "--batch-sizes", "1"]
+        code, _, err = run_cli(args, capsys)
+        assert_clean_error(code, err, None, needle)
+        code, _, err = run_cli(args + ["--debug"], capsys)
+        assert code == 2 and f'mine.py", line {line}' in err, err   # the user's frame is shown
+
+
+def test_demo_resumes_and_trust_flag_is_offered(tmp_path, capsys, monkeypatch):
+    """An interrupted demo's advice (--resume) is an option demo takes; the trust refusal names
+    the command line flag."""
+    import torchslim.demo as demo
+
+    monkeypatch.setattr(demo, "run_recipe", lambda recipe, out, **kw: (_ for _ in ()).throw(
+        torchslim.errors.UserError(f"resume={kw['resume']}")))
+    code, _, err = run_cli(["demo", "--out", tmp_path / "d", "--resume"], capsys)
+    assert code == 2 and "error: resume=True" in err
+    from torchslim.artifact import TRUST_ENV
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    (tmp_path / "arch.py").write_text("import torch\ndef net():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+                                      "torch.nn.Linear(64, 10))\n")
+    model = torchslim.build_model(f"py:{tmp_path / 'arch.py'}:net")
+    torchslim.save(model, tmp_path / "art")
+    code, _, err = run_cli(["measure", f"artifact:{tmp_path / 'art'}", "--task", "digits",
+                            "--batch-sizes", "1"], capsys)
+    assert_clean_error(code, err, None, "pass --trust-code (command line)")
+    code, out, err = run_cli(["measure", f"artifact:{tmp_path / 'art'}", "--task", "digits",
+                              "--batch-sizes", "1", "--trust-code"], capsys)
+    assert code == 0, err
+    monkeypatch.delenv(TRUST_ENV, raising=False)   # the flag set it for this process only

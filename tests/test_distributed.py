@@ -71,6 +71,7 @@ def test_torchrun_compress(tmp_path):
     assert acc == pytest.approx(metrics["steps"][-1]["metric"]["value"]) and acc > 0.85
     # rank 0 alone printed the table; per-step checkpoints and curves are in place
     assert r.stdout.count("wrote run") == 1
+    assert r.stderr.count(f"2 processes x batch_size {BS} = effective batch size {2 * BS}") == 2  # baseline, finetune
     assert (out / "steps" / "00-baseline" / "train" / "last.pt").is_file()
     assert (out / "steps" / "01-prune-magnitude" / "train" / "last.pt").is_file()
     ckpt = torch.load(out / "steps" / "00-baseline" / "train" / "last.pt", weights_only=True)

@@ -251,3 +251,36 @@ def test_transformer_recipe_end_to_end(tmp_path, data_root):
     back = torchslim.load(tmp_path / "run" / "model")
     task = torchslim.build_task("stsb", str(data_root))
     assert task.evaluate(back) == pytest.approx(m["steps"][-1]["metric"]["value"], abs=1e-6)
+
+
+def test_drop_checkpoints_keeps_only_step_rows_and_model_folder_is_not_private(tmp_path):
+    import os
+    import stat
+
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "train": {"optimizer": "adamw", "epochs": 1, "loggers": []},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5,
+                                   "finetune": {"optimizer": "adamw", "epochs": 1, "loggers": []}}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    kept = torchslim.compress(recipe, tmp_path / "kept")
+    assert (tmp_path / "kept" / "steps" / "01-prune-magnitude" / "model" / "manifest.json").is_file()
+    assert (tmp_path / "kept" / "steps" / "01-prune-magnitude" / "train" / "last.pt").is_file()
+    m = torchslim.compress(recipe, tmp_path / "run", keep_checkpoints=False)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["00-baseline", "01-prune-magnitude"]
+    assert all([f.name for f in d.iterdir()] == ["step.json"] for d in (out / "steps").iterdir())
+    assert m["steps"][1]["nonzero_params"] == kept["steps"][1]["nonzero_params"]
+    assert torchslim.load(out / "model") is not None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "model").stat().st_mode) == 0o777 & ~umask
+
+
+def test_log_lines_name_the_final_paths_not_the_temporary_directory(tmp_path, caplog):
+    pytest.importorskip("onnxruntime")
+    recipe = {"model": "zoo:digits-cnn", "task": "digits", "steps": [{"export": {"formats": ["artifact", "onnx"]}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    with caplog.at_level("INFO"):
+        torchslim.compress(recipe, tmp_path / "run")
+    assert f"exported {tmp_path / 'run' / 'onnx' / 'model.onnx'} (max abs diff" in caplog.text
+    assert ".partial" not in caplog.text and (tmp_path / "run" / "onnx" / "model.onnx").is_file()

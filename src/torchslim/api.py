@@ -90,8 +90,9 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
 
 
 def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, *,
-             data_dir: str | None = None, resume: bool = False) -> dict[str, Any]:
+             data_dir: str | None = None, resume: bool = False, keep_checkpoints: bool = True) -> dict[str, Any]:
     """Run a recipe (object, mapping or YAML path) into ``out``; returns metrics.json's content.
+    ``keep_checkpoints=False`` deletes the per-step models and training checkpoints after success.
 
     Examples
     --------
@@ -107,4 +108,4 @@ def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, 
         recipe = Recipe.from_dict(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
-    return run_recipe(recipe, out, data_dir=data_dir, resume=resume)
+    return run_recipe(recipe, out, data_dir=data_dir, resume=resume, keep_checkpoints=keep_checkpoints)

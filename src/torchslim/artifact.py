@@ -89,6 +89,12 @@ def _storage_identity(t: torch.Tensor) -> tuple | None:
     return (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> int:
     """Save ``model`` as an artifact directory, atomically; returns its size in bytes.
 
@@ -114,6 +120,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a model folder is not
     try:
         parts: dict[str, torch.Tensor] = {}
         tensors: dict[str, Any] = {}
@@ -441,8 +448,8 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
     if source["spec"].partition(":")[0] == "py" and not _code_trusted(trust_code):
         raise ArtifactError(
             f"{path}: refused: rebuilding this model imports and runs the Python file {source['file']} "
-            f"(source {source['spec']!r}); if you trust it, pass trust_code=True to torchslim.load "
-            f"or set the environment variable {TRUST_ENV}=1")
+            f"(source {source['spec']!r}); if you trust it, pass --trust-code (command line), "
+            f"trust_code=True (torchslim.load) or set the environment variable {TRUST_ENV}=1")
     try:
         parts = load_file(str(path / TENSORS))
     except Exception as exc:  # SafetensorError, OSError, ... : the checksum matched a bad file

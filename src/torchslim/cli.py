@@ -1,4 +1,4 @@
-"""The ``torchslim`` command (CONTRACT section 3).
+"""The ``torchslim`` command: compress, measure, report and export models.
 
 Exit codes: 0 success, 2 bad input (usage, recipe, spec, data, checkpoint), 1 internal failure.
 Bad input prints one ``error:`` line without a traceback unless ``--debug``.
@@ -49,7 +49,7 @@ def _opset(text: str) -> int:
 # -- commands ------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    run_demo(args.out, data_dir=args.data_dir, print_fn=_out)
+    run_demo(args.out, data_dir=args.data_dir, print_fn=_out, resume=args.resume)
     return 0
 
 
@@ -71,7 +71,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             _out(f"  {i:02d} {s.key}")
         return 0
     tsdist.init_from_env()
-    metrics = run_recipe(recipe, args.out, data_dir=args.data_dir, resume=args.resume)
+    metrics = run_recipe(recipe, args.out, data_dir=args.data_dir, resume=args.resume,
+                         keep_checkpoints=not args.drop_checkpoints)
     if tsdist.is_main():
         _out(format_table(metrics))
         _out(f"wrote {args.out}")
@@ -192,11 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument("--trust-code", action="store_true",
+                        help="allow rebuilding saved models whose architecture is a Python file (py: "
+                             "sources); that file is imported and runs: only for files you trust")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("demo", parents=[common], help="end-to-end example on the built-in digits task")
     s.add_argument("--out", default="torchslim-demo", help="output directory (default ./torchslim-demo)")
     s.add_argument("--data-dir", help="data directory (not needed for digits)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted demo from its checkpoints")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("compress", parents=[common], help="run a recipe")
@@ -207,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field by dotted path, e.g. steps.0.prune.sparsity=0.8")
     s.add_argument("--resume", action="store_true", help="continue a failed run from its checkpoints")
     s.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    s.add_argument("--drop-checkpoints", action="store_true",
+                   help="after success delete the per-step models and training checkpoints under "
+                        "DIR/steps (each step.json stays; the run can no longer be resumed)")
     s.set_defaults(fn=cmd_compress)
 
     s = sub.add_parser("measure", parents=[common], help="measure one model")
@@ -264,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compress" and not args.dry_run and not args.out:
         parser.error("compress: --out DIR is required (or use --dry-run)")
+    if args.trust_code:
+        from .artifact import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # our progress bars and those of libraries we call

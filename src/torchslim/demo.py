@@ -41,13 +41,15 @@ def demo_recipe(onnx: bool = True) -> dict:
 
 
 def run_demo(out: str | Path = "torchslim-demo", *, data_dir: str | None = None,
-             print_fn: Callable[[str], None] = log.info) -> dict:
+             print_fn: Callable[[str], None] = log.info, resume: bool = False) -> dict:
+    """Run the demo recipe into ``out`` (``resume``: continue an interrupted demo) and print the
+    before/after table; returns the metrics."""
     has_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     if not has_onnx:
         log.warning("onnx/onnxruntime not installed: the demo skips ONNX export "
                     "(pip install 'torchslim[onnx]')")
     recipe = Recipe.from_dict(demo_recipe(onnx=has_onnx))
-    metrics = run_recipe(recipe, out, data_dir=data_dir)
+    metrics = run_recipe(recipe, out, data_dir=data_dir, resume=resume)
     print_fn(format_table(metrics))
     base, final = metrics["steps"][0], metrics["steps"][-1]
     reloaded = load(Path(out) / "model")

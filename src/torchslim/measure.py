@@ -156,7 +156,7 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> 
                            if isinstance(t, torch.Tensor))
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise SpecError(f"{what} does not run on the inputs of task {task.spec!r} ({shapes}): "
-                        f"{type(exc).__name__}: {first}") from None
+                        f"{type(exc).__name__}: {first}") from exc  # --debug shows the user's own traceback
     finally:
         model.train(was_training)
 

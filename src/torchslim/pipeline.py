@@ -244,7 +244,8 @@ def _first(observers: list[RunObserver], method: str, *args: Any) -> Any:
 def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.device | None = None,
             data_dir: str | None = None, observers: list[RunObserver] | tuple = (),
             out_dir: Path | None = None, log_dir: Path | None = None,
-            baseline: tuple[nn.Module, dict[str, Any]] | None = None) -> tuple[dict[str, Any], nn.Module]:
+            baseline: tuple[nn.Module, dict[str, Any]] | None = None,
+            final_dir: Path | None = None) -> tuple[dict[str, Any], nn.Module]:
     """Run ``recipe`` in memory on ``model``: baseline (trained when the recipe says), then every
     step, each measured the same way; returns ``(metrics, final model)``.
 
@@ -257,6 +258,8 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
         Keep the run (see :class:`RunObserver`); none for a throw-away candidate.
     out_dir, log_dir : Path, optional
         Where file-writing steps (export) and TensorBoard write.
+    final_dir : Path, optional
+        What ``out_dir`` will be renamed to (the paths log lines show).
 
     Examples
     --------
@@ -274,7 +277,8 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
     metrics: dict[str, Any] = {
         "schema_version": 1, "torchslim_version": __version__, "model": recipe.model.spec,
         "task": recipe.task, "environment": {**environment(), "device": str(device)}, "steps": []}
-    ctx_base = dict(task=task, out_dir=out_dir, log_dir=log_dir, data_dir=data_dir, device=device)
+    ctx_base = dict(task=task, out_dir=out_dir, log_dir=log_dir, data_dir=data_dir, device=device,
+                    final_dir=final_dir)
     wants_baseline = any("baseline" in teacher_roles(s.config) for s in recipe.steps)
     kept_baseline: nn.Module | None = None
 
@@ -377,8 +381,10 @@ class OutputDir(RunObserver):
     finished. Only rank 0 writes.
     """
 
-    def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool) -> None:
+    def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool,
+                 keep_checkpoints: bool = True) -> None:
         self.recipe, self.out, self.partial, self.resume = recipe, out, partial, resume
+        self.keep_checkpoints = keep_checkpoints
 
     def _dir(self, index: int) -> Path:
         step = None if index == 0 else self.recipe.steps[index - 1]
@@ -415,6 +421,11 @@ class OutputDir(RunObserver):
         shutil.copytree(last, final)
         write_json(self.partial / "metrics.json", metrics)
         write_report(self.partial)
+        if not self.keep_checkpoints:  # only each step's measured row stays
+            for sdir in (self.partial / "steps").iterdir():
+                for item in sdir.iterdir():
+                    if item.name != "step.json":
+                        shutil.rmtree(item) if item.is_dir() else item.unlink()
         if self.out.exists():
             self.out.rmdir()  # empty (checked before the run)
         os.replace(self.partial, self.out)
@@ -484,9 +495,12 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None = None,
-               resume: bool = False, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+               resume: bool = False, on_step: Callable[[dict], None] | None = None,
+               keep_checkpoints: bool = True) -> dict[str, Any]:
     """Run ``recipe`` into the directory ``out`` (an :class:`OutputDir` observer on
-    :func:`execute`); returns the metrics dict (also written to out/metrics.json)."""
+    :func:`execute`); returns the metrics dict (also written to out/metrics.json).
+    ``keep_checkpoints=False`` deletes the per-step models and training checkpoints once the run
+    succeeded (``out/steps/NN-NAME/step.json`` stays)."""
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     main = tsdist.is_main()
@@ -524,9 +538,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     if problem:
         raise UserError(problem)
     (partial / "steps").mkdir(parents=True, exist_ok=True) if main else None
-    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume)]
+    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume, keep_checkpoints)]
     if on_step:
         observers.append(_Callback(on_step))
     metrics, _ = execute(recipe, task, first_model, data_dir=data_dir, observers=observers,
-                         out_dir=partial, log_dir=partial / "logs")
+                         out_dir=partial, log_dir=partial / "logs", final_dir=out)
     return metrics

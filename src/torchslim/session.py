@@ -141,6 +141,8 @@ class Session:
         This step's scratch directory (training checkpoints); None outside a pipeline.
     out_dir : Path or None
         The run's output directory being written (for export).
+    final_dir : Path or None
+        Where ``out_dir`` is renamed to when the run succeeds (:meth:`final_path`).
     log_dir : Path or None
         TensorBoard directory.
     data_dir : str or None
@@ -166,6 +168,15 @@ class Session:
     step_input: nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     warnings: list[dict[str, str]] = field(default_factory=list)
+    final_dir: Path | None = None
+
+    def final_path(self, path: str | os.PathLike) -> Path:
+        """``path`` (inside :attr:`out_dir`) as it will be named once the run succeeds: what a
+        log line should show, since ``out_dir`` is a temporary sibling renamed at the end."""
+        path = Path(path)
+        if self.out_dir is not None and self.final_dir is not None and path.is_relative_to(self.out_dir):
+            return Path(self.final_dir) / path.relative_to(self.out_dir)
+        return path
 
     def warn(self, code: str, message: str) -> None:
         """Report something the user must see (a layer pruned away, a collapsed metric): logged

@@ -64,7 +64,7 @@ def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
         metrics["onnx_max_abs_diff"] = check_onnx(model, path, task.example_inputs(4), config.atol,
                                                    config.rtol)
         metrics["onnx_latency_ms"] = measure_latency_onnx(path, task)
-        log.info("exported %s (max abs diff vs PyTorch %.2e)", path, metrics["onnx_max_abs_diff"])
+        log.info("exported %s (max abs diff vs PyTorch %.2e)", ctx.final_path(path), metrics["onnx_max_abs_diff"])
     if "torch-export" in config.formats:
         path = export_torch(model, task, Path(ctx.out_dir) / "torch-export" / "model.pt2", config)
         metrics["torch_export_dynamic_batch"] = path[1]

@@ -111,7 +111,7 @@ def _call_with_args(fn: Callable, args: dict, what: str) -> nn.Module:
     except SpecError:
         raise
     except Exception as exc:  # a builder's own checks (assert, RuntimeError, ...) on bad arguments
-        raise SpecError(f"{what}: cannot build with arguments {args}: {type(exc).__name__}: {exc}") from None
+        raise SpecError(f"{what}: cannot build with arguments {args}: {type(exc).__name__}: {exc}") from exc  # --debug shows the user's own traceback
 
 
 @register_model_source("zoo")
@@ -156,7 +156,7 @@ def _load_py_factory(ref: str) -> Callable:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[mod_name]
-            raise SpecError(f"py: importing {path} failed: {type(exc).__name__}: {exc}") from None
+            raise SpecError(f"py: importing {path} failed: {type(exc).__name__}: {exc}") from exc  # --debug shows the user's own traceback
     fn = getattr(module, factory, None)
     if not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_")]

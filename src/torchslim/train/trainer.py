@@ -324,6 +324,10 @@ class Trainer:
                             sampler=sampler, generator=gen, collate_fn=self.task.collate,
                             drop_last=len(dataset) > c.batch_size * world)
         steps_per_epoch = len(loader)
+        if world > 1 and rank == 0:
+            log.info("%s: %d processes x batch_size %d = effective batch size %d (%d steps per epoch); "
+                     "lr %g is not rescaled", self.desc, world, c.batch_size, world * c.batch_size,
+                     steps_per_epoch, c.lr)
         total_steps = c.epochs * steps_per_epoch
         warm = int(c.warmup * steps_per_epoch)
         for plugin in self.plugins:
