@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,69 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, inf) replaced by None, so that the JSON
+    written is strict (RFC 8259: parsers other than Python's reject a bare ``NaN``).
+
+    Examples
+    --------
+    >>> strict_json({"a": [1.0, float("nan")], "b": float("inf")})
+    {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(data, indent=2))
+    """Write ``data`` as indented, strict JSON to ``path`` atomically (non-finite floats become
+    null: see :func:`strict_json`)."""
+    write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on the file ``path`` (created, holding this
+    process's pid) for the block; removed afterwards. The lock dies with the process, so a
+    killed run leaves no stale lock: a leftover file is taken over.
+
+    Raises
+    ------
+    UserError
+        When another process holds it (``what`` says what is locked; the message gives its pid).
+    """
+    import fcntl
+
+    from .errors import UserError
+
+    path = Path(path)
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{what} is in use by another torchslim run (pid {holder}); wait for it to "
+                            "finish or choose another --out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and lock: take the new one
+    else:
+        raise UserError(f"{what}: could not take the lock file {path}")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)

@@ -8,6 +8,7 @@ from its last epoch checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -26,7 +27,7 @@ from . import distributed as tsdist
 from ._version import __version__
 from .artifact import load, save
 from .errors import Problems, UserError
-from .fileio import write_json, write_text
+from .fileio import exclusive_lock, write_json, write_text
 from .measure import check_runs, measure
 from .recipe import Recipe, Step
 from .registry import get_method
@@ -501,7 +502,41 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     :func:`execute`); returns the metrics dict (also written to out/metrics.json).
     ``keep_checkpoints=False`` deletes the per-step models and training checkpoints once the run
     succeeded (``out/steps/NN-NAME/step.json`` stays)."""
+    main = tsdist.is_main()
+    with contextlib.ExitStack() as stack:
+        problem = None
+        try:  # every rank resolves the path alike; rank 0's verdict is the one every rank raises
+            out = resolve_out(out)
+            if main:
+                stack.enter_context(exclusive_lock(out.parent / f".{out.name}.lock", f"output directory {out}"))
+        except UserError as exc:
+            problem = str(exc) if main else None
+        problem = tsdist.broadcast_object(problem)
+        if problem:
+            raise UserError(problem)
+        return _run_locked(recipe, Path(out), data_dir=data_dir, resume=resume, on_step=on_step,
+                           keep_checkpoints=keep_checkpoints)
+
+
+def resolve_out(out: str | os.PathLike) -> Path:
+    """``--out`` checked before any work: a symlink stands for its target (written there, the
+    link kept); ``.``, ``..``, the current directory or one of its parents, or a root are
+    refused (the run renames a finished directory into place, which cannot be done there)."""
     out = Path(out)
+    if out.is_symlink() or out.name in ("", ".", ".."):
+        out = out.resolve()
+    here = Path.cwd().resolve()
+    full = out.resolve()
+    if full == here or full in here.parents:
+        raise UserError(f"--out {out}: the current directory or one of its parents; name a new directory, "
+                        "e.g. --out runs/first")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another --out")
+    return out
+
+
+def _run_locked(recipe: Recipe, out: Path, *, data_dir: str | None, resume: bool,
+                on_step: Callable[[dict], None] | None, keep_checkpoints: bool) -> dict[str, Any]:
     partial = out.parent / f".{out.name}.partial"
     main = tsdist.is_main()
     # under torchrun rank 0 alone looks at the file system (it creates `partial` below, which

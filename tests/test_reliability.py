@@ -1,0 +1,95 @@
+"""Runs that cannot corrupt one another: one run per output directory, --out resolved before
+any work, strict JSON. (Hostile inputs are in test_bad_input.py and test_recipe_fuzz.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import torchslim
+from torchslim.cli import main
+
+RECIPE = """\
+model: {spec: "zoo:digits-cnn", args: {channels: [4, 8], hidden: 16}}
+task: digits
+train: {method: adamw, epochs: EPOCHS, lr: 0.01, loggers: []}
+steps:
+  - prune: {method: magnitude, sparsity: 0.5}
+measure: {batch_sizes: [1], latency: false}
+"""
+
+
+def _cli(args, capsys):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_is_refused_at_once(tmp_path, capsys):
+    (tmp_path / "slow.yaml").write_text(RECIPE.replace("EPOCHS", "40"))
+    (tmp_path / "fast.yaml").write_text(RECIPE.replace("EPOCHS", "1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "torchslim", "compress", "slow.yaml", "--out", "run"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".run.lock"
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".run.partial").is_dir() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.is_file() and first.poll() is None, first.communicate()[1][-2000:]
+        os.chdir(tmp_path)
+        t0 = time.monotonic()
+        for extra in ([], ["--resume"]):
+            code, err = _cli(["compress", "fast.yaml", "--out", "run", *extra], capsys)
+            assert code == 2, err
+            assert f"is in use by another torchslim run (pid {first.pid})" in err and err.startswith("error:")
+        assert time.monotonic() - t0 < 10          # refused at once, not after its own training
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-2000:]
+    # the surviving run's files all come from the slow recipe, and no lock is left behind
+    assert "epochs: 40" in (tmp_path / "run" / "recipe.yaml").read_text()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["steps"]] == ["baseline", "prune-magnitude"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.yaml", "run", "slow.yaml"]
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/..", "./"])
+def test_out_naming_the_current_directory_or_a_parent_is_refused_before_any_work(tmp_path, capsys,
+                                                                                   monkeypatch, out):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "r.yaml").write_text(RECIPE.replace("EPOCHS", "1"))
+    monkeypatch.chdir(work / "sub")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, err = _cli(["compress", "r.yaml", "--out", out], capsys)
+    assert code == 2 and err.startswith("error: --out") and "current directory or one of its parents" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before   # nothing written anywhere
+
+
+def test_out_that_is_a_symlink_to_an_empty_directory_is_written_through(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("EPOCHS", "1"))
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to("target")
+    code, err = _cli(["compress", "r.yaml", "--out", "link"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "metrics.json").is_file()
+    assert torchslim.load(tmp_path / "link" / "model") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "r.yaml", "target"]
+
+
+def test_metrics_json_is_strict_json_when_a_figure_is_not_finite(tmp_path):
+    from torchslim.fileio import write_json
+
+    write_json(tmp_path / "m.json", {"metric": {"value": float("nan")}, "latency": [float("inf"), 1.5]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}")) == {
+        "metric": {"value": None}, "latency": [None, 1.5]}
