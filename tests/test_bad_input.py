@@ -253,7 +253,7 @@ def test_exponent_without_dot_is_a_number(tmp_path, capsys):
 
 @pytest.mark.parametrize("text,needle", [
     ("model: zoo:digits-cnn\ntask: digits\ntask: mnist\n", "appears twice"),
-    ("model: &a [*a]\ntask: digits\n", "expected a mapping"),
+    ("model: &a [*a]\ntask: digits\n", "the YAML refers to itself"),
     ("model: {}\ntask: digits\n", "model.spec: missing"),
     ("model: zoo:digits-cnn\ntask: mnist:foo\n", "takes no argument"),
     ("model: zoo:digits-cnn\ntask: digits\nsteps:\n  - prune: {methd: magnitude}\n", "did you mean 'method'"),
@@ -376,3 +376,49 @@ def test_demo_resumes_and_trust_flag_is_offered(tmp_path, capsys, monkeypatch):
                               "--batch-sizes", "1", "--trust-code"], capsys)
     assert code == 0, err
     monkeypatch.delenv(TRUST_ENV, raising=False)   # the flag set it for this process only
+
+
+def _alias_bomb() -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\nmodel: *a8\ntask: digits\n"        # 9^9 values once expanded
+
+
+@pytest.mark.parametrize("args,recipe,needle", [
+    (["compress", "r.yaml", "--dry-run"], _alias_bomb(), "expands to 100,001 values through its aliases"),
+    (["compress", "r.yaml", "--dry-run"], "model: zoo:digits-cnn\ntask: " + "x" * 900_000 + "\n",
+     "more characters)"),
+    (["compress", "r.yaml", "--dry-run"], "x" * (1 << 20) + "1", "a recipe is at most 1,048,576 bytes"),
+    (["compress", "r.yaml", "--dry-run", "--set", "train.lr=" + "[" * 3000 + "]" * 3000], GOOD,
+     "nested too deeply"),
+    (["compress", "r.yaml", "--dry-run", "--set", "measure.batch_sizes=[1000000000]"], GOOD,
+     "accepted: [1, 65536]"),
+    (["measure", "zoo:digits-cnn", "--task", "digits", "--batch-sizes", "1000000000"], None,
+     "batch sizes must be integers from 1 to 65536"),
+    (["measure", "zoo:lenet-5", "--task", "shape:1x100000x100000"], None, "values per example; at most"),
+    (["measure", "zoo:lenet-5", "--task", "shape:1x4096x4096", "--batch-sizes", "1,1000"], None,
+     "62.5 GiB (limit 4 GiB)"),
+    (["compress", "r.yaml", "--bogus"], GOOD, "unrecognized arguments: --bogus"),
+    (["measure", "py:ex.py:f", "--task", "digits"], None, "called sys.exit(3)"),
+])
+def test_hostile_inputs_give_one_bounded_error(tmp_path, monkeypatch, args, recipe, needle):
+    """Every bad input: exit 2, a few short ``error:`` lines, in seconds, without a traceback."""
+    monkeypatch.chdir(tmp_path)
+    if recipe is not None:
+        (tmp_path / "r.yaml").write_text(recipe)
+    (tmp_path / "ex.py").write_text("import sys\ndef f():\n    sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(ln.startswith("error: ") for ln in lines), r.stderr[-2000:]
+    assert len(r.stderr) < 2000 and len(lines) <= 3 and "Traceback" not in r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_internal_failure_message_drops_cpp_frames():
+    from torchslim.cli import _first_line
+
+    exc = RuntimeError("bad shape [enforce fail] Exception raised from foo at bar.cpp:12 (most recent call "
+                       "first):\nframe #0: c10::Error\nframe #1: at::native")
+    assert _first_line(exc) == "bad shape [enforce fail]"

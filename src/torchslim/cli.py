@@ -27,13 +27,49 @@ def _out(text: str = "") -> None:
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    from .recipe import MAX_BATCH
+
     try:
         sizes = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {clip(text, 80)!r}") from None
+    if not sizes or any(not 1 <= s <= MAX_BATCH for s in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {clip(text, 80)!r}")
     return sizes
+
+
+#: the longest error line printed (a message quoting a 10 MB input is cut, saying so)
+MAX_LINE = 600
+#: the most error lines printed
+MAX_LINES = 30
+
+
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+def _error_lines(message: str) -> str:
+    """One ``error:`` line per line of ``message``, each at most MAX_LINE characters, at most
+    MAX_LINES of them: bounded whatever the input quoted."""
+    lines = message.splitlines() or [""]
+    shown = [f"error: {clip(line)}\n" for line in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        shown.append(f"error: ... and {len(lines) - MAX_LINES} more problems\n")
+    return "".join(shown)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without what C++ libraries append (backtraces, frames)."""
+    text = str(exc).strip()
+    return clip((text.splitlines() or [""])[0].split(" Exception raised from ")[0])
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other bad input: ``error:`` first, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {clip(message)}\nerror: see '{self.prog} --help'\n")
 
 
 def _opset(text: str) -> int:
@@ -188,9 +224,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchslim", description=__doc__.splitlines()[0])
+    p = _Parser(prog="torchslim", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"torchslim {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument("--trust-code", action="store_true",
@@ -291,16 +327,27 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write("".join(f"error: {line}\n" for line in str(exc).splitlines() or [""]))
+        sys.stderr.write(_error_lines(str(exc)))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
-    except Exception as exc:  # internal failure
+    except SystemExit as exc:  # sys.exit() inside a user's model, task or factory file
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: internal failure: {type(exc).__name__}: {exc}\n"
-                         "(rerun with --debug for the traceback)\n")
+        sys.stderr.write(f"error: the user code that was run called sys.exit({clip(repr(exc.code), 80)}); "
+                         "a model or task factory must return or raise (rerun with --debug to see where)\n")
+        return 2
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or (
+                type(exc).__name__ == "OutOfMemoryError"):
+            sys.stderr.write(f"error: out of memory: {_first_line(exc) or type(exc).__name__}; use smaller batch "
+                             "sizes, input shapes or models\n")
+            return 2
+        sys.stderr.write(f"error: internal failure: {type(exc).__name__}: {_first_line(exc)}\n"
+                         "error: rerun with --debug for the traceback\n")  # internal failure
         return 1
 
 

@@ -26,13 +26,22 @@ from typing import Any
 import yaml
 
 from .config import MethodConfig, ModelRef, as_mapping, option
-from .errors import Problems, RecipeError, did_you_mean
+from .errors import Problems, RecipeError, UserError, did_you_mean
 from .registry import DEFAULT_METHOD, VERBS, get_method
 from .train.config import TrainConfig
 
 TOP_KEYS = ("version", "model", "task", "train", "steps", "measure", "search", "device", "recalibrate_bn")
 #: the recipe format this torchslim writes (``version:`` of a resolved recipe) and reads at most
 RECIPE_VERSION = 1
+#: the largest batch size a recipe or command line may ask for (inputs are allocated whole)
+MAX_BATCH = 65536
+#: the most bytes one batch of measured inputs may take (checked before anything is allocated)
+MAX_INPUT_BYTES = 4 << 30
+#: a recipe file larger than this is refused unread (a recipe is a few KiB)
+MAX_RECIPE_BYTES = 1 << 20
+#: YAML nodes a recipe may expand to through aliases (``*a``): a "billion laughs" file is
+#: refused before it is built
+MAX_YAML_NODES = 100_000
 #: search space kinds (CONTRACT section 4) and how many values each takes
 SEARCH_SPACES = ("uniform", "log_uniform", "int", "choice")
 
@@ -51,7 +60,7 @@ class MeasureConfig(MethodConfig):
     torchslim.errors.RecipeError: MeasureConfig.runtime: unknown runtime 'eagr' (did you mean 'eager'?); runtimes: compile, eager, onnxruntime
     """
 
-    batch_sizes: tuple[int, ...] = option((1, 32), low=1, doc="latency batch sizes")
+    batch_sizes: tuple[int, ...] = option((1, 32), low=1, high=MAX_BATCH, doc="latency batch sizes")
     split: str = option("test", choices=("test", "val"),
                         doc="split the metric is computed on: test for reports, val for searches")
     runtime: str = option("eager", doc="runtime whose forward pass latency is timed (torchslim.runtime "
@@ -70,11 +79,23 @@ class MeasureConfig(MethodConfig):
             raise RecipeError(f"MeasureConfig.runtime: {exc}") from None
 
     def check_ready(self, task=None) -> None:
-        """Raise a UserError when the runtime cannot run here (``pip install 'torchslim[onnx]'``)."""
+        """Raise a UserError when the runtime cannot run here (``pip install 'torchslim[onnx]'``),
+        or when the largest batch of the task's inputs would exceed MAX_INPUT_BYTES."""
         super().check_ready(task)
         from .runtime import runtime_class
 
         runtime_class(self.runtime).check_available()
+        if task is not None and self.latency:
+            try:
+                example = task.example_inputs(1)
+            except UserError:
+                return  # a task without data: reported where its data are needed
+            per_example = sum(t.numel() * t.element_size() for t in example if hasattr(t, "numel"))
+            largest = max(self.batch_sizes)
+            if per_example * largest > MAX_INPUT_BYTES:
+                raise RecipeError(f"batch_sizes: a batch of {largest} inputs of task {task.spec!r} "
+                                  f"takes {per_example * largest / 2**30:,.1f} GiB (limit "
+                                  f"{MAX_INPUT_BYTES / 2**30:.0f} GiB); use smaller batch sizes")
 
 
 @dataclass(frozen=True)
@@ -333,6 +354,9 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
@@ -340,6 +364,13 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         node = yaml.compose(text, Loader=_StrictLoader)
+        try:
+            expanded = _expanded_size(node)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+        if expanded > MAX_YAML_NODES:
+            raise RecipeError(f"{path}: the YAML expands to {expanded:,} values through its aliases (*name); "
+                              f"a recipe may have at most {MAX_YAML_NODES:,}")
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -347,7 +378,7 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
     except RecursionError:
-        raise RecipeError(f"{path}: YAML refers to itself (a recursive anchor)") from None
+        raise RecipeError(f"{path}: YAML nested too deeply or refers to itself (a recursive anchor)") from None
     lines: dict[str, int] = {}
 
     seen: set[int] = set()
@@ -372,6 +403,33 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
+def _expanded_size(node: Any, limit: int = MAX_YAML_NODES) -> int:
+    """How many nodes the YAML graph ``node`` stands for once every alias is expanded (counted
+    with memoization, so computing it is cheap even when the expansion is not); stops counting
+    past ``limit``. RecipeError for a node that contains itself."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n: Any) -> int:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise RecipeError("the YAML refers to itself: an alias (*name) inside the value of its own anchor (&name)")
+        active.add(key)
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in n.value)
+        else:
+            total = 1
+        active.discard(key)
+        memo[key] = total = min(total, limit + 1)
+        return total
+
+    return 0 if node is None else size(node)
+
+
 def _locate(msg: str, lines: dict[str, int], source: str) -> str:
     """Prefix an error ``dotted.path: ...`` with ``file:line:`` of the deepest known key."""
     head = msg.split(":", 1)[0].strip()
@@ -389,10 +447,17 @@ def apply_override(data: Any, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps.0.prune.sparsity=0.8")
+    if len(item) > 10_000:
+        raise RecipeError(f"--set {item[:60]!r}...: {len(item):,} characters; at most 10,000")
     try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw != "" else None
+        if _expanded_size(node, 10_000) > 10_000:
+            raise RecipeError(f"--set {key}: the value expands to too many YAML values through aliases")
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"--set {key}: the value is nested too deeply") from None
     set_path(data, key, value, what="--set")
 
 

@@ -10,6 +10,7 @@ A new task is one builder registered with :func:`register_task`.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import struct
@@ -268,6 +269,9 @@ def _fashion(arg: str, data_dir: Path) -> Task:
 
 
 # -- shape: random inputs, no metric -----------------------------------------------------
+#: the most values one example of a shape: task may have (64 Mi: 256 MiB of float32, a
+#: 3x4096x4096 image or 64 Mi tokens); a larger spec is refused before anything is allocated
+MAX_EXAMPLE_ELEMENTS = 1 << 26
 class ShapeTask(Task):
     """Random inputs of a fixed shape: for size and latency only (no metric, no training)."""
 
@@ -299,4 +303,7 @@ def _shape(arg: str, data_dir: Path) -> Task:
     dims = tuple(int(d) for d in arg.split("x"))
     if any(d <= 0 for d in dims):
         raise SpecError(f"shape:{arg}: every dimension must be positive")
+    if math.prod(dims) > MAX_EXAMPLE_ELEMENTS or len(dims) > 8:
+        raise SpecError(f"shape:{arg[:60]}: {math.prod(dims):,} values per example; at most "
+                        f"{MAX_EXAMPLE_ELEMENTS:,} (and 8 dimensions)")
     return ShapeTask(f"shape:{arg}", dims, tokens=len(dims) == 1)
