@@ -93,3 +93,55 @@ def test_metrics_json_is_strict_json_when_a_figure_is_not_finite(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}")) == {
         "metric": {"value": None}, "latency": [None, 1.5]}
+
+
+def _nan_weights(tmp_path: Path, where: str = "weight") -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    model = torchslim.build_model("zoo:digits-cnn")
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    name = next(k for k in state if k.endswith(where) and state[k].is_floating_point())
+    state[name].view(-1)[:3] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    return tmp_path / "nan.safetensors"
+
+
+def test_a_model_with_nan_weights_is_refused_naming_the_tensor(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = _nan_weights(tmp_path)
+    (tmp_path / "r.yaml").write_text(f"model: {{spec: zoo:digits-cnn, weights: {weights}}}\ntask: digits\n"
+                                     "steps:\n  - quantize: {method: linear}\n  - export: {formats: [artifact]}\n")
+    code, err = _cli(["compress", "r.yaml", "--out", "run"], capsys)
+    assert code == 2 and "non-finite weights: 0.weight (3 NaN, 0 inf)" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_a_step_that_makes_weights_non_finite_stops_the_run_naming_it(tmp_path, monkeypatch):
+    """A step's result is checked before it is saved or measured: nothing non-finite ships."""
+    import torch
+
+    import torchslim.pipeline as pl
+
+    real = pl.apply_step
+
+    def poisoning(model, step, ctx):
+        model = real(model, step, ctx)
+        with torch.no_grad():
+            model[-1].weight.view(-1)[0] = float("inf")
+        return model
+
+    monkeypatch.setattr(pl, "apply_step", poisoning)
+    recipe = {"model": "zoo:digits-cnn", "task": "digits", "steps": [{"prune": {"method": "magnitude"}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    with pytest.raises(torchslim.errors.UserError,
+                       match=r"step 1 \(prune-magnitude\) has non-finite weights: 9.weight \(0 NaN, 1 inf\)"):
+        torchslim.compress(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / ".run.partial" / "steps" / "01-prune-magnitude" / "step.json").exists()
+
+
+def test_measure_refuses_a_model_with_nan_weights(tmp_path, capsys):
+    weights = _nan_weights(tmp_path, where="bias")
+    code, err = _cli(["measure", "zoo:digits-cnn", "--task", "digits", "--weights", weights], capsys)
+    assert code == 2 and "non-finite weights: 0.bias (3 NaN, 0 inf)" in err, err

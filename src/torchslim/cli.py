@@ -132,6 +132,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     torch.manual_seed(0)  # a randomly initialized model measures the same in every run
     model = build_model(args.model, weights=args.weights)
     check_runs(model, task, f"model {args.model}")
+    from .numerics import check_finite_weights
+
+    check_finite_weights(model, f"model {args.model}")  # a NaN model's figures would read as real ones
     # an artifact is measured as the files it is, not as a re-save
     art = args.model.partition(":")[2] if args.model.startswith("artifact:") else None
     row = {"name": "measure", "verb": "measure", "method": None,

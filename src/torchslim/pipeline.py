@@ -29,10 +29,11 @@ from .artifact import load, save
 from .errors import Problems, UserError
 from .fileio import exclusive_lock, write_json, write_text
 from .measure import check_runs, measure
+from .numerics import check_finite_outputs, check_finite_weights
 from .recipe import Recipe, Step
 from .registry import get_method
 from .specs.models import build_model
-from .specs.tasks import Task, build_task
+from .specs.tasks import Task, _device_of, build_task, to_device
 from .session import Session, resolve_device
 from .train.config import teacher_roles
 
@@ -110,6 +111,9 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
         model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
         try:
             check_runs(model, task, f"model {recipe.model.spec}")
+            check_finite_weights(model, f"model {recipe.model.spec}")
+            check_finite_outputs(model, to_device(task.example_inputs(2), _device_of(model)),
+                                 f"model {recipe.model.spec}")
         except UserError as exc:
             raise type(exc)(f"model: {exc}") from None
     names_known = shapes_known = model is not None
@@ -285,6 +289,9 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
 
     def finish_step(index: int, step: Step | None, model: nn.Module, t0: float,
                     extra: dict[str, Any] | None = None, warnings: list[dict[str, str]] | None = None) -> None:
+        what = "the trained baseline" if step is None else f"step {index} ({step_name(recipe, index)})"
+        check_finite_weights(model, what)  # nothing non-finite is saved or measured as a result
+        check_finite_outputs(model, to_device(task.example_inputs(2), device), what)
         if main:
             art = _first(observers, "save_model", index, model)
             row = {"name": step_name(recipe, index),
