@@ -336,11 +336,12 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
     if which == "real-run":
         run = pipeline_run  # read only: the screenshot goes to tmp_path
         metrics = json.loads((run / "metrics.json").read_text())
-    else:  # metric null everywhere, one ONNX extra field
+    else:  # metric null everywhere, one ONNX extra field, a warning
         metrics = copy.deepcopy(hand_metrics())
         metrics["task"] = "shape:1x8x8"
         for s in metrics["steps"]:
             s["metric"] = None
+        metrics["steps"][1]["warnings"] = WARNINGS[1:]
         run = write_metrics(tmp_path / "run", metrics)
         write_report(run)
     names = [s["name"] for s in metrics["steps"]]
@@ -360,6 +361,9 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
             ncols = page.eval_on_selector_all("#steps tbody tr", "rows => rows.map(r => r.cells.length)")
             header = page.eval_on_selector_all("#steps thead th", "ths => ths.map(t => t.innerText)")
             details = page.inner_text("#details")
+            banner = page.locator("#warnings")
+            banner_text = banner.inner_text() if banner.count() else None
+            banner_shown = banner.count() == 1 and banner.is_visible()
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -370,6 +374,9 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
     assert ncols == [len(header)] * len(names)
     if which == "shape-task":
         assert "onnx_max_abs_diff" in details
+        assert banner_shown and "layer 6 is 99.7% zeros" in banner_text and "prune-magnitude" in banner_text
+    else:
+        assert banner_text is None
     colours, ink = _distinct_colours(shot)
     assert colours > 200, f"screenshot {shot} looks blank: {colours} colours"
     assert ink > 0.02, f"screenshot {shot} is {100 * (1 - ink):.1f}% white"
