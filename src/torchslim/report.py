@@ -831,10 +831,11 @@ def _header_lines(metrics: dict[str, Any]) -> list[str]:
     what latency was measured on."""
     lines = [f"torchslim {metrics.get('torchslim_version', '?')}, metrics.json schema "
              f"{metrics.get('schema_version', '?')}, {len(metrics['steps'])} step(s)."]
-    if _run_line(metrics):
-        lines.append(_run_line(metrics))
-    if latency_setup(metrics):
-        lines.append(f"Latency measured on: {latency_setup(metrics)}.")
+    run, setup = _run_line(metrics), latency_setup(metrics)
+    if run:
+        lines.append(run)
+    if setup:
+        lines.append(f"Latency measured on: {setup}.")
     return lines
 
 
@@ -864,7 +865,7 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
         md += ["## Per-layer figures (final model)", "", _LAYER_NOTE, "", _md_table(header, rows), ""]
     header, rows = layer_sparsity_rows(metrics)
     if rows:
-        md += ["## Per-layer sparsity by step", "", _md_table(header, rows), ""]
+        md += ["## Per-layer sparsity by step", "", _SPARSITY_NOTE, "", _md_table(header, rows), ""]
     md += ["## Step details", "", _md_table(*_details_rows(metrics["steps"])), ""]
     configs = [(_step_name(s, i), s["config"]) for i, s in enumerate(metrics["steps"]) if s.get("config")]
     if configs:
@@ -879,6 +880,8 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
 _LAYER_NOTE = ("Layers that hold weights. Sparsity: zeros among the layer's weights and bias; bits: "
                "quantized layers; kept channels: output channels / the baseline layer's, where they "
                "shrank (a narrower student, removed channels); MACs at batch 1.")
+_SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after each step (a pruning "
+                  "step's own layer_sparsity, of the weights alone, where a step was not measured per layer).")
 
 
 _CSS = """
@@ -944,7 +947,7 @@ def _html(metrics: dict[str, Any], plots: list[Path]) -> str:
     for table_id, h2, (th, tr), note in (
             ("training", "Training", training_rows(metrics), ""),
             ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
-            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), "")):
+            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE)):
         if tr:
             sections.append(f"<h2>{h2}</h2>\n" + (f'<p class="note">{html.escape(note)}</p>\n' if note else "")
                             + _html_table(table_id, th, tr))
