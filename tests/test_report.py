@@ -7,7 +7,9 @@ recipe once per module so the report is also checked on what the pipeline really
 from __future__ import annotations
 
 import copy
+import datetime
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,8 +20,8 @@ import pytest
 
 from torchslim.cli import main
 from torchslim.errors import UserError
-from torchslim.report import (extra_fields, format_table, make_plots, markdown_table, read_metrics,
-                              table_rows, write_report)
+from torchslim.report import (extra_fields, format_table, layer_rows, make_plots, markdown_table,
+                              read_metrics, table_rows, write_report)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -73,16 +75,20 @@ def md_table(md: str) -> list[list[str]]:
 
 def test_table_rows_ratios_deltas_and_latency_order():
     header, rows = table_rows(hand_metrics())
-    assert header == ["step", "params", "non-zero", "size", "size x", "MACs", "latency bs1 (ms)",
-                      "latency bs8 (ms)", "latency bs32 (ms)", "metric", "delta"]
+    assert header == ["step", "params", "non-zero", "size", "size x", "MACs",
+                      "latency bs1 (ms)", "speed-up bs1", "latency bs8 (ms)", "speed-up bs8",
+                      "latency bs32 (ms)", "speed-up bs32", "onnx bs1 (ms)", "onnx bs32 (ms)", "metric", "delta"]
     assert [r[0] for r in rows] == ["baseline", "prune-magnitude", "export"]
     col = dict(zip(header, zip(*rows)))
     # size x = baseline bytes / step bytes: 40000/40000, 40000/16000, 40000/10000
     assert col["size x"] == ("1.00x", "2.50x", "4.00x")
     assert col["non-zero"] == ("10.00K", "3.00K", "3.00K")
-    assert col["size"] == ("39.1 KB", "15.6 KB", "9.8 KB")
+    assert col["size"] == ("39.1 KiB", "15.6 KiB", "9.8 KiB")
     assert col["latency bs8 (ms)"] == ("1.250", "1.000", "0.900")
     assert col["latency bs32 (ms)"] == ("4.000", "3.000", "2.000")
+    # no IQR recorded (an older metrics.json): plain ratios, nothing called noise
+    assert col["speed-up bs32"] == ("1.00x", "1.33x", "2.00x")
+    assert col["onnx bs1 (ms)"] == ("-", "-", "0.016")
     assert col["metric"] == ("accuracy 0.9750", "accuracy 0.9700", "accuracy 0.9600")
     # accuracy deltas in percentage points against the baseline
     assert col["delta"] == ("+0.00 pt", "-0.50 pt", "-1.50 pt")
@@ -94,8 +100,8 @@ def test_table_handles_missing_and_null_fields():
                    {"name": "odd", "size_bytes": None, "latency_ms": None, "metric": None}]}
     header, rows = table_rows(m)
     assert header[6] == "latency bs1 (ms)"
-    assert rows[0][4:] == ["1.00x", "-", "2.000", "-", "-"]
-    assert rows[1][3:] == ["-", "-", "-", "-", "-", "-"]
+    assert rows[0][4:] == ["1.00x", "-", "2.000", "1.00x", "-", "-"]
+    assert rows[1][3:] == ["-", "-", "-", "-", "-", "-", "-"]
 
 
 def test_delta_of_a_metric_outside_unit_range_is_absolute():
@@ -122,15 +128,15 @@ def test_format_table_single_measure_row():
     lines = text.splitlines()
     assert len(lines) == 3
     assert lines[0].split()[:6] == ["step", "params", "non-zero", "size", "size", "x"]
-    assert lines[2].split() == ["measure", "10.00K", "10.00K", "2.0", "KB", "1.00x", "250.00K",
-                                "0.250", "2.500", "-", "-"]
+    assert lines[2].split() == ["measure", "10.00K", "10.00K", "2.0", "KiB", "1.00x", "250.00K",
+                                "0.250", "1.00x", "2.500", "1.00x", "-", "-"]
 
 
 def test_extra_fields():
     steps = hand_metrics()["steps"]
     assert extra_fields(steps[0]) == {}
     assert extra_fields(steps[1]) == {}  # config is shown separately
-    assert list(extra_fields(steps[2])) == ["onnx_latency_ms", "onnx_max_abs_diff"]
+    assert list(extra_fields(steps[2])) == ["onnx_max_abs_diff"]  # ONNX latency has its own columns
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -149,15 +155,16 @@ def test_write_report_files(tmp_path):
         assert f"(plots/{name})" in md
     # environment, the per-step extras, and the summary
     assert "Test CPU" in md and "world_size" in md
-    assert "onnx_latency_ms: bs1 0.0156 ms, bs32 0.1139 ms" in md
     assert "onnx_max_abs_diff: 3.8e-06" in md
+    assert table[0][-4:-2] == ["onnx bs1 (ms)", "onnx bs32 (ms)"] and table[3][-4:-2] == ["0.016", "0.114"]
+    assert table[0][3:5] == ["size", "size (B)"] and table[1][3:5] == ["39.1 KiB", "40,000"]
     assert "baseline -> export: 4.00x smaller on disk" in md
     assert '"sparsity": 0.7' in md
 
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == len(ALL_PLOTS)
     assert "plots/" not in page  # self-contained: nothing loaded from beside the file
-    assert "onnx_latency_ms" in page and "Test CPU" in page
+    assert "onnx bs32 (ms)" in page and "Test CPU" in page
     assert re.search(r'<td class="worse">-1\.50 pt</td>', page)
     assert not list(run.glob("**/*.tmp"))
 
@@ -263,7 +270,8 @@ def test_cli_report_subprocess_exit_codes(tmp_path):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory) -> Path:
-    """A tiny real run (1 training epoch, prune, quantize): about 15 s on 2 CPU cores."""
+    """A tiny real run (1 training epoch, prune with a 1-epoch fine-tune, quantize): about 20 s
+    on 2 CPU cores."""
     import torch
 
     import torchslim
@@ -271,7 +279,8 @@ def pipeline_run(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
     recipe = {"model": {"spec": "zoo:digits-cnn"}, "task": "digits",
               "train": {"optimizer": "adamw", "epochs": 1, "lr": 0.003, "seed": 0, "loggers": []},
-              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+              "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5,
+                                   "finetune": {"epochs": 1, "lr": 0.001, "loggers": []}}},
                         {"quantize": {"method": "linear", "bits": 8}}]}
     out = tmp_path_factory.mktemp("report") / "run"
     torchslim.compress(recipe, out)
@@ -292,7 +301,7 @@ def test_report_of_a_real_run(pipeline_run, tmp_path):
     for row, step in zip(body, metrics["steps"]):
         assert row[header.index("size x")] == f"{base / step['size_bytes']:.2f}x"
         assert row[header.index("metric")] == f"accuracy {step['metric']['value']:.4f}"
-    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS
+    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS | {"training.png"}
     # the pipeline's own report matches the regenerated one
     assert (pipeline_run / "report.md").read_text() == (run / "report.md").read_text()
 
@@ -327,11 +336,12 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
     if which == "real-run":
         run = pipeline_run  # read only: the screenshot goes to tmp_path
         metrics = json.loads((run / "metrics.json").read_text())
-    else:  # metric null everywhere, one ONNX extra field
+    else:  # metric null everywhere, one ONNX extra field, a warning
         metrics = copy.deepcopy(hand_metrics())
         metrics["task"] = "shape:1x8x8"
         for s in metrics["steps"]:
             s["metric"] = None
+        metrics["steps"][1]["warnings"] = WARNINGS[1:]
         run = write_metrics(tmp_path / "run", metrics)
         write_report(run)
     names = [s["name"] for s in metrics["steps"]]
@@ -351,6 +361,9 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
             ncols = page.eval_on_selector_all("#steps tbody tr", "rows => rows.map(r => r.cells.length)")
             header = page.eval_on_selector_all("#steps thead th", "ths => ths.map(t => t.innerText)")
             details = page.inner_text("#details")
+            banner = page.locator("#warnings")
+            banner_text = banner.inner_text() if banner.count() else None
+            banner_shown = banner.count() == 1 and banner.is_visible()
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -361,6 +374,9 @@ def test_report_html_renders_in_chromium(which, pipeline_run, tmp_path):
     assert ncols == [len(header)] * len(names)
     if which == "shape-task":
         assert "onnx_max_abs_diff" in details
+        assert banner_shown and "layer 6 is 99.7% zeros" in banner_text and "prune-magnitude" in banner_text
+    else:
+        assert banner_text is None
     colours, ink = _distinct_colours(shot)
     assert colours > 200, f"screenshot {shot} looks blank: {colours} colours"
     assert ink > 0.02, f"screenshot {shot} is {100 * (1 - ink):.1f}% white"
@@ -374,3 +390,268 @@ def test_unstable_latency_is_marked_in_the_table():
     header, rows = table_rows(m)
     assert rows[0][header.index("latency bs1 (ms)")] == "0.500~"
     assert rows[0][header.index("latency bs32 (ms)")] == "2.000"
+
+
+# -- latency: dispersion, ONNX Runtime, what it was measured on --------------------------------
+
+def _timed(median: float, iqr: float, unstable: bool = False) -> dict:
+    out = {"median_ms": median, "iqr_ms": iqr, "cpu_ms": median, "runs": 100, "threads": 2}
+    return {**out, "unstable": True} if unstable else out
+
+
+def noisy_metrics() -> dict:
+    """Latency with IQRs: bs1 of 'prune' lies within the baseline's noise, bs32 does not;
+    an export step with ONNX Runtime timings; runtime and input shapes as measure() writes them."""
+    m = hand_metrics()
+    lat = [({"1": _timed(0.50, 0.10), "32": _timed(4.0, 0.1)}),
+           ({"1": _timed(0.45, 0.10), "32": _timed(3.0, 0.1, unstable=True)}),
+           ({"1": _timed(0.30, 0.01), "32": _timed(2.0, 0.1)})]
+    for s, entry in zip(m["steps"], lat):
+        s["latency"] = entry
+        s["latency_ms"] = {bs: e["median_ms"] for bs, e in entry.items()}
+        s["runtime"] = {"name": "eager", "threads": 2, "omp_wait_policy": "PASSIVE"}
+        s["input_shapes"] = [[1, 16]]
+    m["steps"][2]["onnx_latency"] = {"1": _timed(0.0156, 0.002), "32": _timed(0.1139, 0.01)}
+    return m
+
+
+def test_latency_change_within_the_iqrs_is_not_a_speed_up(tmp_path):
+    header, rows = table_rows(noisy_metrics())
+    col = dict(zip(header, zip(*rows)))
+    # |0.50 - 0.45| = 0.05 <= (0.10 + 0.10) / 2: noise; 0.50 -> 0.30 with IQRs 0.10 / 0.01: a change
+    assert col["speed-up bs1"] == ("1.00x", "≈", "1.67x")
+    assert col["speed-up bs32"] == ("1.00x", "1.33x", "2.00x")
+    assert col["latency bs32 (ms)"] == ("4.000", "3.000~", "2.000")
+    md = write_report(write_metrics(tmp_path / "run", noisy_metrics()))[0].read_text()
+    assert "≈ means the two medians are within their interquartile ranges" in md
+
+
+def test_latency_figure_error_bars_onnx_bars_and_setup():
+    from matplotlib.container import BarContainer
+
+    from torchslim.report import latency_figure
+
+    fig = latency_figure(noisy_metrics())
+    assert "runtime eager; 2 thread(s); OMP_WAIT_POLICY PASSIVE; input (B, 16); B = 1, 32" in fig._suptitle.get_text()
+    ax_bs32 = [ax for ax in fig.axes if ax.get_title() == "batch 32"][0]
+    bars = [c for c in ax_bs32.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in bars] == ["eager", "onnxruntime"]
+    eager, onnx = bars
+    assert [round(b.get_height(), 4) for b in eager] == [4.0, 3.0, 2.0]
+    assert [b.get_hatch() for b in eager] == [None, "///", None]                # unstable is marked
+    assert math.isnan(onnx[0].get_height()) and round(onnx[2].get_height(), 4) == 0.1139
+    # IQR error bars: +- IQR / 2 around the median
+    segs = eager.errorbar.lines[2][0].get_segments()
+    assert [tuple(round(y, 4) for y in (s[0][1], s[1][1])) for s in segs] == [(3.95, 4.05), (2.95, 3.05), (1.95, 2.05)]
+    assert "~ unstable" in [t.get_text() for t in ax_bs32.get_legend().get_texts()]
+    # without any ONNX Runtime timing: eager bars only
+    m = noisy_metrics()
+    del m["steps"][2]["onnx_latency"], m["steps"][2]["onnx_latency_ms"]
+    ax = latency_figure(m).axes[0]
+    assert [c.get_label() for c in ax.containers if isinstance(c, BarContainer)] == ["eager"]
+
+
+# -- metric axis ---------------------------------------------------------------------------------
+
+def test_metric_axis_is_anchored_and_the_drop_is_printed():
+    """A 0.28-point drop (a real demo's) on an axis 10 points tall, not stretched to fill it."""
+    from torchslim.report import metric_figure
+
+    m = hand_metrics()
+    for s, v in zip(m["steps"], (0.9917, 0.9917, 0.9889)):
+        s["metric"]["value"] = v
+    ax = metric_figure(m).axes[0]
+    lo, hi = ax.get_ylim()
+    assert (lo, hi) == pytest.approx((0.9, 1.0))
+    assert "-0.28 pt" in ax.get_title()
+    assert "0.9889\n(-0.28 pt)" in [t.get_text() for t in ax.texts]
+    # a metric outside [-1, 1] (perplexity, lower is better) starts at 0
+    p = {"steps": [{"metric": {"name": "perplexity", "value": 20.0, "higher_is_better": False}},
+                   {"metric": {"name": "perplexity", "value": 20.5, "higher_is_better": False}}]}
+    assert metric_figure(p).axes[0].get_ylim()[0] == 0.0
+    # a real drop of 30 points keeps its full extent
+    m["steps"][2]["metric"]["value"] = 0.6
+    lo, hi = metric_figure(m).axes[0].get_ylim()
+    assert lo <= 0.6 and hi >= 0.9917 and hi <= 1.0
+
+
+# -- warnings banner -----------------------------------------------------------------------------
+
+WARNINGS = [{"code": "metric-drop", "message": "accuracy fell 12.5 points (limit 5)"},
+            {"code": "layer-collapsed", "message": "layer 6 is 99.7% zeros"}]
+
+
+def test_warnings_banner_in_markdown_html_and_console(pipeline_run, tmp_path):
+    metrics = json.loads((pipeline_run / "metrics.json").read_text())
+    metrics["steps"][1]["warnings"] = WARNINGS
+    metrics["steps"][0]["warnings"] = [{"code": "chance-level", "message": "baseline accuracy 0.10 is chance level"}]
+    run = write_metrics(tmp_path / "run", metrics)
+    md_path, html_path = write_report(run)
+    md = md_path.read_text()
+    banner = md[:md.index("| step |")]                       # above the table
+    assert "**⚠ 3 warning(s)**" in banner
+    assert "> - **prune-magnitude**: accuracy fell 12.5 points (limit 5) (`metric-drop`)" in banner
+    assert "> - **baseline**: baseline accuracy 0.10 is chance level (`chance-level`)" in banner
+    page = html_path.read_text()
+    div = page[page.index('<div id="warnings"'):page.index("</div>", page.index('<div id="warnings"'))]
+    assert page.index('<div id="warnings"') < page.index('<table id="steps"')
+    assert "layer 6 is 99.7% zeros" in div and "<code>layer-collapsed</code>" in div
+    text = format_table(metrics)
+    assert "warning: prune-magnitude: accuracy fell 12.5 points (limit 5) [metric-drop]" in text.splitlines()
+    # no warnings: no banner
+    assert "⚠" not in (pipeline_run / "report.md").read_text()
+
+
+def test_warnings_must_be_a_list(tmp_path):
+    m = hand_metrics()
+    m["steps"][1]["warnings"] = "bad"
+    with pytest.raises(UserError, match=re.escape("steps[1].warnings = 'bad': expected a list")):
+        read_metrics(write_metrics(tmp_path / "run", m))
+
+
+# -- what a real run records: per-layer figures, training curves, run, input shapes ---------------
+
+def test_real_run_records_layers_training_run_and_inputs(pipeline_run):
+    m = json.loads((pipeline_run / "metrics.json").read_text())
+    base, prune, quant = m["steps"]
+    assert base["input_shapes"] == [[1, 1, 8, 8]]
+    # per-layer: only layers with weights, compact
+    assert [r["name"] for r in base["layers"]] == ["0", "2", "6", "9"]
+    assert [r["type"] for r in quant["layers"]] == ["QuantConv2d", "QuantConv2d", "QuantLinear", "QuantLinear"]
+    assert all(r["bits"] == 8 for r in quant["layers"]) and all("bits" not in r for r in prune["layers"])
+    assert sum(r["params"] for r in base["layers"]) == base["params"]
+    assert sum(r["nonzero"] for r in prune["layers"]) == prune["nonzero_params"]
+    assert sum(r["macs"] for r in base["layers"]) == base["macs"]
+    assert base["layers"][0]["shape"] == [32, 1, 3, 3]
+    # training curves: the baseline's epoch and the prune step's fine-tune
+    assert [(e["run"], e["epoch"]) for e in base["training"]] == [("baseline", 1)]
+    assert [(e["run"], e["epoch"]) for e in prune["training"]] == [("prune-finetune", 1)]
+    e = base["training"][0]
+    assert e["loss"] > 0 and 0 < e["val_metric"] <= 1 and e["lr"] > 0
+    assert "training" not in quant
+    # the run: date, command, total time, host
+    run = m["run"]
+    started, finished = (datetime.datetime.strptime(run[k], "%Y-%m-%dT%H:%M:%SZ") for k in ("started", "finished"))
+    assert started <= finished and run["wall_s"] > 0 and run["resumed"] is False
+    assert isinstance(run["command"], list) and run["host"]["cpus"] >= 1 and run["host"]["threads"] >= 1
+    assert m["schema_version"] == 1
+
+
+def test_report_of_a_real_run_shows_layers_training_run_and_inputs(pipeline_run):
+    from torchslim.report import training_figure
+
+    m = json.loads((pipeline_run / "metrics.json").read_text())
+    md = (pipeline_run / "report.md").read_text()
+    assert f"Run: started {m['run']['started']}, finished {m['run']['finished']}" in md
+    assert "input (B, 1, 8, 8); B = 1, 32" in md
+    layers = md_table(md[md.index("## Per-layer figures (final model)"):])
+    assert layers[0] == ["layer", "type", "weight shape", "params", "non-zero", "sparsity", "bits",
+                         "kept channels", "MACs"]
+    q = {r[0]: r for r in layers[1:]}
+    assert q["0"][1:3] == ["QuantConv2d", "32x1x3x3"] and q["6"][6] == "8" and q["6"][7] == "-"
+    lay6 = next(r for r in m["steps"][-1]["layers"] if r["name"] == "6")
+    assert q["6"][5] == f"{100 * (1 - lay6['nonzero'] / lay6['params']):.1f}%"
+    by_step = md_table(md[md.index("## Per-layer sparsity by step"):])
+    assert by_step[0] == ["layer", "baseline", "prune-magnitude", "quantize-linear"]
+    assert by_step[3][1] == "0.0%" and by_step[3][0] == "6"
+    training = md_table(md[md.index("## Training"):])
+    assert [r[:2] for r in training[1:]] == [["baseline", "1"], ["prune-magnitude: prune-finetune", "1"]]
+    assert "(plots/training.png)" in md and (pipeline_run / "plots" / "training.png").is_file()
+    ax_loss, ax_val = training_figure(m).axes
+    assert [ln.get_label() for ln in ax_loss.lines] == ["baseline", "prune-magnitude: prune-finetune"]
+    assert list(ax_val.lines[0].get_ydata()) == [m["steps"][0]["training"][0]["val_metric"]]
+    html_page = (pipeline_run / "report.html").read_text()
+    assert '<table id="layers">' in html_page and '<table id="layer-sparsity">' in html_page
+    assert '<table id="training">' in html_page
+
+
+def test_kept_channels_of_a_narrower_model_measured_for_real():
+    """A student with fewer channels than the baseline: kept channels per layer."""
+    import torchslim
+
+    task = torchslim.build_task("shape:1x8x8")
+    big = torchslim.measure(torchslim.build_model("zoo:digits-cnn"), task, latency=False)
+    small = torchslim.measure(torchslim.build_model("zoo:digits-cnn", args={"channels": [24, 48], "hidden": 64}),
+                              task, latency=False)
+    header, rows = layer_rows({"steps": [big, small]})
+    kept = {r[0]: r[header.index("kept channels")] for r in rows}
+    assert kept == {"0": "24/32", "2": "48/64", "6": "64/128", "9": "-"}
+    assert [r[header.index("bits")] for r in rows] == ["-"] * 4
+
+
+def test_nlp_latency_input_shape_is_recorded_and_reported(tmp_path, monkeypatch):
+    """Token models are timed at a fixed length (16 for shape:16): the row and report say so."""
+    import torchslim
+
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")
+    (tmp_path / "tiny_lm.py").write_text(
+        "import torch\n"
+        "class TinyLM(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(2000, 8)\n"
+        "        self.head = torch.nn.Linear(8, 2)\n"
+        "    def forward(self, ids):  # (B, L) token ids -> (B, 2)\n"
+        "        return self.head(self.emb(ids).mean(1))\n")
+    model = torchslim.build_model(f"py:{tmp_path / 'tiny_lm.py'}:TinyLM")
+    row = torchslim.measure(model, torchslim.build_task("shape:16"), batch_sizes=(1, 4), min_run_time=0.01)
+    assert row["input_shapes"] == [[1, 16]]
+    assert [(r["name"], r["shape"]) for r in row["layers"]] == [("emb", [2000, 8]), ("head", [2, 8])]
+    run = write_metrics(tmp_path / "run", {"model": "py:tiny", "task": "shape:16",
+                                           "steps": [dict(row, name="baseline")]})
+    md = write_report(run)[0].read_text()
+    assert "input (B, 16); B = 1, 4" in md
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+def test_sizes_are_binary_units_everywhere(pipeline_run):
+    m = json.loads((pipeline_run / "metrics.json").read_text())
+    texts = [(pipeline_run / "report.md").read_text(), (pipeline_run / "report.html").read_text(),
+             format_table(m)]
+    for text in texts:
+        assert "KiB" in text
+        assert not re.search(r"\d (KB|MB|GB)\b", text)
+    # exact bytes in the report tables
+    table = md_table(texts[0])
+    assert table[1][table[0].index("size (B)")] == f"{m['steps'][0]['size_bytes']:,}"
+
+
+# -- comparing runs ------------------------------------------------------------------------------
+
+def test_cli_report_compares_runs(pipeline_run, tmp_path, capsys):
+    m = json.loads((pipeline_run / "metrics.json").read_text())
+    other = copy.deepcopy(m)
+    other["model"] = "zoo:other"
+    other["steps"] = other["steps"][:2]                          # a run that stopped at pruning
+    other["steps"][1]["warnings"] = WARNINGS[:1]
+    b = write_metrics(tmp_path / "b", other)
+    assert main(["report", str(pipeline_run), str(b)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["run", "model", "task", "final"]
+    assert out[2].startswith(str(pipeline_run)) and out[3].startswith(str(b))
+    assert "quantize-linear" in out[2] and "prune-magnitude" in out[3]
+    assert out[4] == f"warning: {b}: prune-magnitude: accuracy fell 12.5 points (limit 5) [metric-drop]"
+
+    assert main(["report", str(pipeline_run), str(b), "--out", str(tmp_path / "cmp.md")]) == 0
+    table = md_table((tmp_path / "cmp.md").read_text())
+    header, rows = table[0], table[1:]
+    assert [r[0] for r in rows] == [str(pipeline_run), str(b)]
+    for row, run in zip(rows, (m, other)):
+        base, last = run["steps"][0], run["steps"][-1]
+        assert row[header.index("final step")] == last["name"]
+        assert row[header.index("size x")] == f"{base['size_bytes'] / last['size_bytes']:.2f}x"
+        assert row[header.index("non-zero x")] == f"{base['nonzero_params'] / last['nonzero_params']:.2f}x"
+        assert row[header.index("metric")] == (f"accuracy {base['metric']['value']:.4f} -> "
+                                               f"{last['metric']['value']:.4f}")
+    assert "latency bs32 (ms)" in header and "speed-up bs1" in header
+
+    assert main(["report", str(pipeline_run), str(b), "--out", str(tmp_path / "cmp.html")]) == 0
+    page = (tmp_path / "cmp.html").read_text()
+    assert page.count("<tr>") == 3 and '<table id="compare">' in page and 'id="warnings"' in page
+    # DIR alone keeps its behaviour; DIR --out is a mistake
+    assert main(["report", str(b)]) == 0 and (b / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["report", str(b), "--out", str(tmp_path / "x.md")]) == 2
+    assert capsys.readouterr().err.startswith("error: report --out")
+    assert main(["report", str(b), str(tmp_path / "missing")]) == 2

@@ -149,9 +149,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    md, page = write_report(args.dir)
-    _out(f"wrote {md} and {page}")
+    from .report import write_comparison, write_report
+    if len(args.dir) == 1 and args.out is None:
+        md, page = write_report(args.dir[0])
+        _out(f"wrote {md} and {page}")
+        return 0
+    if len(args.dir) == 1:
+        raise UserError(f"report --out {args.out}: --out writes a comparison of runs; give two or more "
+                        "run directories (torchslim report A B --out FILE), or drop --out to rewrite "
+                        f"{args.dir[0]}/report.md and report.html")
+    text = write_comparison(args.dir, args.out)
+    _out(f"wrote {args.out}" if args.out else text)
     return 0
 
 
@@ -267,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the measurement as one metrics.json step object")
     s.set_defaults(fn=cmd_measure)
 
-    s = sub.add_parser("report", parents=[common], help="(re)write report.md/.html from metrics.json")
-    s.add_argument("dir", help="a run's output directory")
+    s = sub.add_parser("report", parents=[common],
+                       help="(re)write report.md/.html from metrics.json, or compare runs (A B ...)")
+    s.add_argument("dir", nargs="+", help="a run's output directory; two or more: compare the runs")
+    s.add_argument("--out", help="comparison file: .md, or .html (default: print the comparison)")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("export", parents=[common], help="export a saved model")

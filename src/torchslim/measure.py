@@ -16,6 +16,12 @@
 - ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing.
 - ``metric``: the task metric on the ``split`` asked for (test by default; ``None`` for
   ``shape:`` tasks).
+- ``input_shapes``: the shapes of the example inputs latency and MACs are taken on, at batch
+  size 1 (one list per model input; latency replaces the leading 1 by each batch size), e.g.
+  ``[[1, 16]]`` for 16 token ids.
+- ``layers``: one compact entry per module that holds weights itself (see
+  :func:`layer_summary`): name, type, weight shape, params, non-zeros, MACs, and ``bits`` for
+  quantized layers.
 """
 
 from __future__ import annotations
@@ -115,6 +121,60 @@ def layer_table(model: nn.Module, task: Task | None = None) -> list[dict[str, An
                      "macs": macs.get(name, 0 if task is not None else None),
                      "output_shape": shapes.get(name)})
     return rows
+
+
+def layer_summary(model: nn.Module, counter: Any = None) -> list[dict[str, Any]]:
+    """The ``layers`` field of a metrics row: one entry per module holding weights of its own.
+
+    Each entry: ``name`` (as ``targets:`` takes it), ``type``, ``shape`` (of its weight, e.g.
+    ``[out_channels, in_channels, kh, kw]``; ``None`` when it has no ``weight``), ``params`` and
+    ``nonzero`` (the module's own weights, :func:`count_params` rules), ``macs`` (batch 1, from
+    ``counter``, a ``FlopCounterMode`` of one traced pass; omitted without one) and ``bits`` for a
+    quantized layer. Modules without weights (activations, containers) are left out, so the list
+    stays small.
+
+    Examples
+    --------
+    >>> import torchslim
+    >>> rows = layer_summary(torchslim.build_model("zoo:lenet-300-100"))
+    >>> [(r["name"], r["type"], r["shape"], r["params"]) for r in rows][:1]
+    [('1', 'Linear', [300, 784], 235500)]
+    """
+    flops: dict[str, int] = {}
+    if counter is not None:
+        root = type(model).__name__
+        for key, ops in counter.get_flop_counts().items():
+            if key != "Global":
+                flops["" if key == root else key.removeprefix(root + ".")] = int(sum(ops.values()) // 2)
+    rows = []
+    for name, mod in model.named_modules():
+        own = hasattr(mod, "slim_weights") or next(mod.parameters(recurse=False), None) is not None
+        if not own:
+            continue
+        if hasattr(mod, "slim_weights"):
+            params, nonzero = count_params(mod)
+        else:  # the module's own parameters only, not its children's
+            ps = list(mod.parameters(recurse=False))
+            params = sum(p.numel() for p in ps)
+            nonzero = sum(int(torch.count_nonzero(p.detach())) for p in ps)
+        weight = getattr(mod, "weight_q", None)
+        if not isinstance(weight, torch.Tensor):
+            weight = getattr(mod, "weight", None) if not hasattr(mod, "slim_weights") else None
+        row = {"name": name, "type": type(mod).__name__,
+               "shape": list(weight.shape) if isinstance(weight, torch.Tensor) else None,
+               "params": params, "nonzero": nonzero}
+        if counter is not None:
+            row["macs"] = flops.get(name, 0)
+        if isinstance(getattr(mod, "bits", None), int):
+            row["bits"] = mod.bits
+        rows.append(row)
+    return rows
+
+
+def input_shapes(inputs: Any) -> list[list[int]]:
+    """Shapes of the tensors of ``inputs`` (a tuple, or a mapping of keyword inputs), in order."""
+    items = inputs.values() if isinstance(inputs, dict) else inputs
+    return [list(t.shape) for t in items if isinstance(t, torch.Tensor)]
 
 
 def _extra_flop_formulas() -> dict:
@@ -336,7 +396,10 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
     device = _device_of(model)
     if task is not None:
         inputs = to_device(task.example_inputs(1), device)
-        out["macs"] = count_macs(model, inputs)
+        counter, _ = _traced_pass(model, inputs)
+        out["macs"] = int(counter.get_total_flops() // 2)
+        out["input_shapes"] = input_shapes(inputs)
+        out["layers"] = layer_summary(model, counter)
         if latency:
             timings = measure_runtime_latency(model, task, runtime, batch_sizes, min_run_time=min_run_time)
             out["latency_ms"] = {bs: round(t.median_ms, 4) for bs, t in timings.items()}
@@ -346,6 +409,8 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
         out["metric"] = None if value is None or task.metric_name is None else {
             "name": task.metric_name, "value": round(float(value), 6),
             "higher_is_better": task.higher_is_better, "split": split}
+    else:
+        out["layers"] = layer_summary(model)
     return out
 
 
@@ -353,7 +418,13 @@ def measure_latency_onnx(path: str | Path, task: Task, batch_sizes: Sequence[int
                          **kwargs: Any) -> dict[str, float]:
     """Median milliseconds per run of an ONNX file under the ``onnxruntime`` runtime (CPU
     provider), per batch size, timed as every runtime is (:func:`time_session`)."""
+    return {bs: round(t.median_ms, 4) for bs, t in measure_onnx_timings(path, task, batch_sizes, **kwargs).items()}
+
+
+def measure_onnx_timings(path: str | Path, task: Task, batch_sizes: Sequence[int] = (1, 32),
+                         **kwargs: Any) -> dict[str, Timing]:
+    """``{batch size: Timing}`` of an ONNX file under the ``onnxruntime`` runtime (CPU provider):
+    median, IQR, CPU time, runs and threads, as :func:`measure_runtime_latency` gives for PyTorch."""
     with get_runtime("onnxruntime") as rt:
         session = rt.load(path)
-        return {str(bs): round(time_session(session, task.example_inputs(bs), **kwargs).median_ms, 4)
-                for bs in batch_sizes}
+        return {str(bs): time_session(session, task.example_inputs(bs), **kwargs) for bs in batch_sizes}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -333,10 +335,12 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
         log.info("resume: baseline already done")
     else:
         model = model.to(device)
+        extra = None
         if recipe.train is not None and not recipe.model.pretrained:
             ctx = Session(workdir=_first(observers, "workdir", 0), **ctx_base)
             model = ctx.train(model, recipe.train, desc="baseline")
-        finish_step(0, None, model, t0)
+            extra = ctx.info.get("metrics")  # the training curve
+        finish_step(0, None, model, t0, extra)
     if wants_baseline and done_index is None:
         kept_baseline = copy.deepcopy(model)
 
@@ -387,12 +391,21 @@ class OutputDir(RunObserver):
     training checkpoints, ``metrics.json`` rewritten after every step, then ``model/``, the
     report, and the rename to ``DIR``. With ``resume`` it answers for the steps a failed run
     finished. Only rank 0 writes.
+
+    It adds a top-level ``run`` object to metrics.json: ``started`` and ``finished`` (ISO-8601
+    UTC; ``finished`` null until the run ends), ``wall_s`` (seconds from start to end), ``command``
+    (``sys.argv`` as run), ``host`` (``{"cpus": logical CPUs, "threads": torch intra-op
+    threads}``) and ``resumed`` (whether this invocation continued a failed run).
     """
 
     def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool,
                  keep_checkpoints: bool = True) -> None:
         self.recipe, self.out, self.partial, self.resume = recipe, out, partial, resume
         self.keep_checkpoints = keep_checkpoints
+        self._t0 = time.perf_counter()
+        self.run_info: dict[str, Any] = {
+            "started": _utc_now(), "finished": None, "wall_s": None, "command": list(sys.argv),
+            "host": {"cpus": os.cpu_count(), "threads": torch.get_num_threads()}, "resumed": resume}
 
     def _dir(self, index: int) -> Path:
         step = None if index == 0 else self.recipe.steps[index - 1]
@@ -417,6 +430,7 @@ class OutputDir(RunObserver):
 
     def step_done(self, index: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         write_json(self._dir(index) / "step.json", row)
+        metrics["run"] = self.run_info
         write_json(self.partial / "metrics.json", metrics)
 
     def run_done(self, metrics: dict[str, Any], model: nn.Module) -> None:
@@ -427,6 +441,8 @@ class OutputDir(RunObserver):
         if final.exists():
             shutil.rmtree(final)
         shutil.copytree(last, final)
+        self.run_info.update(finished=_utc_now(), wall_s=round(time.perf_counter() - self._t0, 3))
+        metrics["run"] = self.run_info
         write_json(self.partial / "metrics.json", metrics)
         write_report(self.partial)
         if not self.keep_checkpoints:  # only each step's measured row stays
@@ -500,6 +516,11 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
             if stale.exists():
                 shutil.rmtree(stale)
     return None
+
+
+def _utc_now() -> str:
+    """The current time as ISO-8601 UTC to the second, e.g. ``2026-01-31T12:00:00Z``."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None = None,

@@ -317,7 +317,9 @@ class Session:
     def train(self, model: nn.Module, config: TrainConfig, *, desc: str, loss_fn: Callable | None = None,
               plugins: list | None = None, callbacks: list | None = None, sub: str = "train") -> nn.Module:
         """Train ``model`` with the shared trainer (checkpoints, resume, DDP, logging);
-        ``config.distill`` adds the distillation plugin."""
+        ``config.distill`` adds the distillation plugin. Each epoch is added to the step's
+        metrics row as ``training: [{"run": desc, "epoch", "loss", "val_metric", "lr"}]``
+        (``val_metric`` null without a validation metric)."""
         from .train.trainer import Trainer
 
         task = self.require_task(desc)
@@ -325,9 +327,16 @@ class Session:
         if config.distill is not None:
             d = config.distill
             plugins.append(LogitDistillation(self.teacher(d.teacher), d.temperature, d.alpha))
-        return Trainer(model, task, config, loss_fn=loss_fn, plugins=plugins, callbacks=callbacks,
-                       ckpt_dir=self.workdir / sub if self.workdir else None,
-                       log_dir=self.log_dir / desc if self.log_dir else None, desc=desc).fit()
+        trainer = Trainer(model, task, config, loss_fn=loss_fn, plugins=plugins, callbacks=callbacks,
+                          ckpt_dir=self.workdir / sub if self.workdir else None,
+                          log_dir=self.log_dir / desc if self.log_dir else None, desc=desc)
+        model = trainer.fit()
+        val_key = "val/" + (task.metric_name or "metric")
+        curve = self.info.setdefault("metrics", {}).setdefault("training", [])
+        curve += [{"run": desc, "epoch": h["epoch"], "loss": round(float(h["train/loss"]), 6),
+                   "val_metric": None if h.get(val_key) is None else round(float(h[val_key]), 6),
+                   "lr": float(h["train/lr"])} for h in trainer.history]
+        return model
 
     # -- ranks ---------------------------------------------------------------------------
     @property

@@ -2,7 +2,8 @@
 
 - ``artifact``: DIR/model (always written at the end of a run; listing it is allowed);
 - ``onnx``: DIR/onnx/model.onnx, checked against PyTorch with ONNX Runtime, whose latency is
-  recorded in the step's metrics as ``onnx_latency_ms``; int8 weights are stored as int8
+  recorded in the step's metrics as ``onnx_latency_ms`` (medians) and ``onnx_latency`` (per batch
+  size ``median_ms``, ``iqr_ms``, ``cpu_ms``, ``runs``, ``threads``, ``unstable``, as ``latency``); int8 weights are stored as int8
   initializers behind ``DequantizeLinear`` (open it with the session option
   ``session.disable_quant_qdq=1`` to have ONNX Runtime fold them to float once at load);
 - ``torch-export``: DIR/torch-export/model.pt2 (``torch.export``).
@@ -59,11 +60,13 @@ def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
     metrics = ctx.info.setdefault("metrics", {})
     inputs = task.example_inputs(1)
     if "onnx" in config.formats:
-        from ..measure import measure_latency_onnx
+        from ..measure import measure_onnx_timings
         path = export_onnx(model, inputs, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
         metrics["onnx_max_abs_diff"] = check_onnx(model, path, task.example_inputs(4), config.atol,
                                                    config.rtol)
-        metrics["onnx_latency_ms"] = measure_latency_onnx(path, task)
+        timings = measure_onnx_timings(path, task)
+        metrics["onnx_latency_ms"] = {bs: round(t.median_ms, 4) for bs, t in timings.items()}
+        metrics["onnx_latency"] = {bs: t.to_dict() for bs, t in timings.items()}
         log.info("exported %s (max abs diff vs PyTorch %.2e)", ctx.final_path(path), metrics["onnx_max_abs_diff"])
     if "torch-export" in config.formats:
         path = export_torch(model, task, Path(ctx.out_dir) / "torch-export" / "model.pt2", config)
