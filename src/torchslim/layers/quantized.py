@@ -200,7 +200,7 @@ class QuantLinear(_QuantWeight):
                 **_float_args(linear.weight, qargs))
         q.set_weight(linear.weight.detach().cpu())
         q.bias = _copy_param(linear.bias)
-        return q.to(linear.weight.device)
+        return q.to(linear.weight.device).train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -242,7 +242,7 @@ class _QuantConv(_QuantWeight):
                 conv.groups, conv.bias is not None, **_float_args(conv.weight, qargs))
         q.set_weight(conv.weight.detach().cpu())
         q.bias = _copy_param(conv.bias)
-        return q.to(conv.weight.device)
+        return q.to(conv.weight.device).train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.conv_args
@@ -298,7 +298,7 @@ class QuantEmbedding(_QuantWeight):
             raise ValueError("QuantEmbedding does not renormalize rows: max_norm must be None")
         q = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, **_float_args(emb.weight, qargs))
         q.set_weight(emb.weight.detach().cpu())
-        return q.to(emb.weight.device)
+        return q.to(emb.weight.device).train(emb.training)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.dequantized_weight().to(self.float_dtype), self.padding_idx)
@@ -361,7 +361,7 @@ class QuantMultiheadAttention(_QuantWeights, nn.MultiheadAttention):
             setattr(q, name, _copy_param(getattr(mha, name)))
         q.out_proj.load_state_dict(mha.out_proj.state_dict())
         q.out_proj.to(mha.out_proj.weight.dtype)
-        return q.to(first.device)
+        return q.to(first.device).train(mha.training)  # dropout follows the float layer's mode
 
     def rebuild_args(self) -> dict[str, Any]:
         return dict(embed_dim=self.embed_dim, num_heads=self.num_heads, dropout=self.dropout,
