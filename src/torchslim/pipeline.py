@@ -119,6 +119,11 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
                     check_patterns(model, patterns, f"{where}.{key}")
                 except RecipeError as exc:
                     raise RecipeError(recipe.locate(str(exc))) from None
+        if model_known:
+            try:
+                step.config.check_targets(model)  # a named module of a class the method refuses
+            except RecipeError as exc:
+                raise RecipeError(recipe.locate(f"{where}: {exc}")) from None
     return model, task
 
 

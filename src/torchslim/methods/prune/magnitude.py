@@ -86,6 +86,9 @@ class MagnitudePruneConfig(MethodConfig):
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left dense")
 
+    def check_targets(self, model: nn.Module) -> None:
+        prunable_weights(model, self.targets, self.ignore)
+
     def validate(self) -> None:
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"MagnitudePruneConfig.finetune: schedule {self.schedule!r} prunes while "

@@ -84,14 +84,21 @@ class LinearQuantConfig(MethodConfig):
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
 
+    def check_targets(self, model: nn.Module) -> None:
+        _select(model, self)
+
+
+def _select(model: nn.Module, config: LinearQuantConfig) -> list[tuple[str, nn.Module]]:
+    return select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="quantize.targets",
+                          refuse=_refusal)
+
 
 @register_method("quantize.linear", LinearQuantConfig)
 def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module:
     """Round-to-nearest affine/symmetric weight quantization, per tensor, channel or group."""
     qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
                  symmetric=config.symmetric)
-    chosen = select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="quantize.targets",
-                            refuse=_refusal)
+    chosen = _select(model, config)
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     for name, module in chosen:
         if isinstance(module, QuantMultiheadAttention):
