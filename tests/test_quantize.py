@@ -254,3 +254,18 @@ def test_named_module_without_quantized_layer_is_refused(monkeypatch, target, cl
     # a pattern leaves them in float and quantizes what it can
     q = torchslim.apply(model, LinearQuantConfig())
     assert isinstance(q.lstm, torch.nn.LSTM) and isinstance(q.head, QuantLinear)
+
+
+def test_attention_quantized_after_its_out_proj_reloads(monkeypatch, tmp_path):
+    """Two steps: out_proj first, then the attention; the replayed artifact has both, and a third
+    pass over every module leaves the quantized attention's codes as they are."""
+    model = _build(monkeypatch, "encoder")
+    q1 = torchslim.apply(model, LinearQuantConfig(targets=("encoder.layers.0.self_attn.out_proj",)))
+    q2 = torchslim.apply(q1, LinearQuantConfig(targets=("encoder.layers.0.self_attn",)))
+    assert isinstance(q2.encoder.layers[0].self_attn.out_proj, QuantLinear)
+    x = torch.randint(0, 2048, (2, 12))
+    torchslim.save(q2, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(torchslim.load(tmp_path / "q")(x), q2(x), rtol=0, atol=0)
+    q3 = torchslim.apply(q2, LinearQuantConfig())
+    assert torch.equal(q3.encoder.layers[0].self_attn.in_proj_weight_q, q2.encoder.layers[0].self_attn.in_proj_weight_q)

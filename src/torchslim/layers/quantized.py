@@ -20,6 +20,7 @@ Integer kernels plug in here later without changing the artifact.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -359,8 +360,11 @@ class QuantMultiheadAttention(_QuantWeights, nn.MultiheadAttention):
             q.set_weight(getattr(mha, name).detach().cpu(), name)
         for name in ("in_proj_bias", "bias_k", "bias_v"):
             setattr(q, name, _copy_param(getattr(mha, name)))
-        q.out_proj.load_state_dict(mha.out_proj.state_dict())
-        q.out_proj.to(mha.out_proj.weight.dtype)
+        if type(mha.out_proj) is type(q.out_proj):
+            q.out_proj.load_state_dict(mha.out_proj.state_dict())
+            q.out_proj.to(mha.out_proj.weight.dtype)
+        else:  # already replaced (a QuantLinear): kept as it is
+            q.out_proj = copy.deepcopy(mha.out_proj)
         return q.to(first.device).train(mha.training)  # dropout follows the float layer's mode
 
     def rebuild_args(self) -> dict[str, Any]:

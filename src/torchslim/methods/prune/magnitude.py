@@ -83,7 +83,9 @@ class MagnitudePruneConfig(MethodConfig):
     updates: int = option(20, low=1, doc="gradual: number of mask updates during the ramp")
     iterations: int = option(3, low=1, doc="iterative: prune/fine-tune rounds")
     finetune: TrainConfig | None = option(None, doc="training after (gradual: during) pruning")
-    targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
+    targets: tuple[str, ...] = option(("re:.*",), doc="module names (any module with weights) or re: patterns "
+                                                     "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
+                                                     "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left dense")
 
     def check_targets(self, model: nn.Module) -> None:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # the out_proj nn.MultiheadAttention builds
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
@@ -81,7 +82,8 @@ class LinearQuantConfig(MethodConfig):
     group_size: int = option(128, low=2, doc="inputs per scale for granularity: group")
     symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
     activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
-    targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
+    targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
+                                                     "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
 
     def check_targets(self, model: nn.Module) -> None:
@@ -108,8 +110,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             continue
         cls = _quantized_class(module)
         weights = [getattr(module, w) for w in _weights(module)]
-        if config.granularity == "group":
-            k = weights[0][0].numel()
+        for k in sorted({w[0].numel() for w in weights}) if config.granularity == "group" else ():
             if k % config.group_size:
                 raise RecipeError(f"quantize.group_size: {config.group_size} does not divide the {k} inputs "
                                   f"per channel of {name}; pick a divisor or add it to ignore")
@@ -120,7 +121,6 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             q.share_codes_with(first)
         done.setdefault(id(weights[0]), q)
         replace_module(model, name, q)
-        if isinstance(module, nn.MultiheadAttention) and type(module.out_proj) not in (
-                nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            replace_module(model, f"{name}.out_proj", module.out_proj)  # an out_proj quantized before
+        if isinstance(q, QuantMultiheadAttention) and type(q.out_proj) is not NonDynamicallyQuantizableLinear:
+            replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
     return model
