@@ -422,3 +422,15 @@ def test_internal_failure_message_drops_cpp_frames():
     exc = RuntimeError("bad shape [enforce fail] Exception raised from foo at bar.cpp:12 (most recent call "
                        "first):\nframe #0: c10::Error\nframe #1: at::native")
     assert _first_line(exc) == "bad shape [enforce fail]"
+
+
+@pytest.mark.parametrize("step,needle", [
+    ("prune: {method: magnitude, targets: ['6', '4']}", "module '4' is a MaxPool2d: it has no weight tensor"),
+    ("quantize: {method: linear, targets: ['4', '9']}", "module '4' is a MaxPool2d: no quantized layer exists"),
+])
+def test_named_module_a_method_cannot_handle_fails_before_any_work(tmp_path, capsys, step, needle):
+    """A module named in targets is never skipped in silence: refused, naming it and its class,
+    before the baseline trains."""
+    text = f"model: zoo:digits-cnn\ntask: digits\ntrain: {{epochs: 1}}\nsteps:\n  - {step}\n"
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "o"], capsys)
+    assert_clean_error(code, err, tmp_path / "o", needle, ":5:")

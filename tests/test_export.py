@@ -68,3 +68,23 @@ def test_int8_layers_export_as_dequantize_linear(tmp_path, granularity, symmetri
     assert check_onnx(q, q_path, (torch.randn(5, 1, 28, 28),), atol=1e-4) < 1e-4
     # outside export the layer still runs its PyTorch path
     assert not torch.onnx.is_in_onnx_export()
+
+
+def test_quantized_attention_model_exports_with_int8_codes(tmp_path, monkeypatch):
+    """Regression: a model with nn.MultiheadAttention (TransformerEncoderLayer) failed to export
+    (its fused inference op has no ONNX form); quantized, its q/k/v codes stay int8 in the file."""
+    onnx = pytest.importorskip("onnx")
+    from pathlib import Path
+
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")
+    torch.manual_seed(0)
+    model = torchslim.build_model(f"py:{Path(__file__).parent / 'assets' / 'architectures.py'}:encoder").eval()
+    q = torchslim.apply(model, LinearQuantConfig(bits=8, targets=("re:.*", "embed"))).eval()
+    ids = torch.randint(0, 2048, (1, 12))
+    path = export_onnx(q, (ids,), tmp_path / "int8.onnx")
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 10   # embed, 2 x 4 layers, head
+    int8 = {tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    assert (96, 32) in int8 and (2048, 32) in int8                         # in_proj codes, embedding codes
+    assert check_onnx(q, path, (torch.randint(0, 2048, (3, 12)),), atol=1e-4) < 1e-4
+    assert torch.backends.mha.get_fastpath_enabled()                       # restored after export

@@ -240,3 +240,87 @@ def test_global_masks_with_a_cap_against_a_brute_force_reference():
     pooled = torch.cat(scores[1:])
     thresh = torch.sort(pooled).values[91]
     assert all(bool((s[~mk] <= thresh).all()) for s, mk in zip(scores[1:], masks[1:]))
+
+
+# -- every weight tensor of a targeted module --------------------------------------------------
+ASSETS = __import__("pathlib").Path(__file__).parent / "assets" / "architectures.py"
+MIXED_WEIGHTS = ["embed.weight", "conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "up.weight", "head.weight"]
+
+
+def _mixed(monkeypatch):
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")  # the py: test architecture is ours
+    torch.manual_seed(0)
+    return torchslim.build_model(f"py:{ASSETS}:mixed").eval()
+
+
+def test_global_pruning_covers_every_weight_of_named_layers(monkeypatch):
+    """Regression (replayed bug report): targets naming a Conv1d, ConvTranspose2d, Embedding and
+    LSTM beside a Linear pruned only the Linear (sparsity 0.36 of their weights instead of 0.5)."""
+    m = _mixed(monkeypatch)
+    pruned = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.5, targets=("embed", "conv", "lstm", "up", "head")))
+    new = dict(pruned.named_parameters())
+    old = dict(m.named_parameters())
+    total = sum(new[n].numel() for n in MIXED_WEIGHTS)
+    assert sum(int((new[n] == 0).sum()) for n in MIXED_WEIGHTS) == total // 2
+    assert all(int((new[n] == 0).sum()) > 0 for n in MIXED_WEIGHTS)       # each kind lost weights
+    # one threshold over all of them: every removed magnitude <= every kept one
+    removed = torch.cat([old[n][new[n] == 0].abs() for n in MIXED_WEIGHTS])
+    kept = torch.cat([old[n][new[n] != 0].abs() for n in MIXED_WEIGHTS])
+    assert removed.max() <= kept.min()
+    for n in set(new) - set(MIXED_WEIGHTS):                                 # biases untouched
+        assert torch.equal(new[n], old[n]), n
+    # the LSTM's forward sees its pruned weights (it keeps flat views of them)
+    fresh = torch.nn.LSTM(16, 16, batch_first=True)
+    fresh.load_state_dict(pruned.lstm.state_dict())
+    h = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.lstm(h)[0], fresh(h)[0], rtol=0, atol=0)
+
+
+def test_patterns_pick_compute_layers_and_leave_embeddings(monkeypatch, caplog):
+    """``re:.*`` prunes Linear, Conv, ConvTranspose and LSTM weights; the Embedding only when named."""
+    import logging
+
+    m = _mixed(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        pruned = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.5, scope="layer"))
+    for n in MIXED_WEIGHTS[1:]:
+        w = pruned.get_parameter(n)
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), n
+    assert int((pruned.embed.weight == 0).sum()) == int((m.embed.weight == 0).sum())   # padding row only
+    assert "embed (Embedding)" in caplog.text                                # said, not silent
+    both = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.5, scope="layer", targets=("re:.*", "embed")))
+    assert int((both.embed.weight == 0).sum()) == round(0.5 * m.embed.weight.numel())
+
+
+@pytest.mark.parametrize("target,cls", [("encoder.layers.0.norm1", "LayerNorm"), ("encoder.layers.0", "TransformerEncoderLayer")])
+def test_named_module_without_weights_is_refused(monkeypatch, target, cls):
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")
+    m = torchslim.build_model(f"py:{ASSETS}:encoder")
+    with pytest.raises(RecipeError, match=f"'{target}' is a {cls}: it has no weight tensor"):
+        torchslim.apply(m, MagnitudePruneConfig(sparsity=0.5, targets=("head", target)))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_transformer_encoder_layer_prunes_packed_in_proj(scope):
+    """Regression: nn.MultiheadAttention's packed q/k/v ``in_proj_weight`` was never pruned."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True).eval()
+    pruned = torchslim.apply(layer, MagnitudePruneConfig(sparsity=0.5, scope=scope))
+    names = ["self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"]
+    ws = [pruned.get_parameter(n) for n in names]
+    zeros = [int((w == 0).sum()) for w in ws]
+    if scope == "layer":
+        assert zeros == [w.numel() // 2 for w in ws]
+    else:
+        assert sum(zeros) == sum(w.numel() for w in ws) // 2 and zeros[0] > 0
+    assert float((pruned.norm1.weight == 0).float().mean()) == 0.0
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():                        # the fused inference path and the plain one agree
+        fast = pruned(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = pruned(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -148,3 +148,124 @@ def test_scale_floor_is_relative_to_the_tensor_range():
     assert torch.isfinite(scale).all() and (scale > 0).all()
     assert torch.equal(P.dequantize(P.quantize(zeros, scale, zero, 8, "channel", 128, True), scale, zero,
                                     "channel", 128), zeros)
+
+
+# -- attention, embeddings, Conv1d; refusals ----------------------------------------------------
+ASSETS = __import__("pathlib").Path(__file__).parent / "assets" / "architectures.py"
+
+
+def _build(monkeypatch, factory):
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")  # the py: test architectures are ours
+    torch.manual_seed(0)
+    return torchslim.build_model(f"py:{ASSETS}:{factory}").eval()
+
+
+def test_quantized_attention_matches_float_on_its_codes_and_reloads(monkeypatch, tmp_path):
+    """Regression: the packed q/k/v ``in_proj_weight`` of nn.MultiheadAttention stayed float."""
+    from torchslim.layers import QuantMultiheadAttention
+    from torchslim.measure import count_params
+
+    model = _build(monkeypatch, "encoder")
+    q = torchslim.apply(model, LinearQuantConfig(bits=8))
+    attn = q.encoder.layers[0].self_attn
+    assert isinstance(attn, QuantMultiheadAttention) and attn.in_proj_weight_q.dtype == torch.int8
+    assert not attn.training                     # an eval model stays in eval mode (no dropout)
+    assert "in_proj_weight" not in dict(attn.named_parameters())
+    # the layer computes nn.MultiheadAttention on its dequantized weights, exactly
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(attn._dequantize("in_proj_weight"))
+        ref.in_proj_bias.copy_(attn.in_proj_bias)
+        ref.out_proj.weight.copy_(attn.out_proj.weight)
+        ref.out_proj.bias.copy_(attn.out_proj.bias)
+    h = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(h, h, h)[0], ref(h, h, h)[0], rtol=0, atol=0)
+        # and is close to the float layer: SQNR of the attention output and of the model's logits
+        f_attn = model.encoder.layers[0].self_attn
+        assert sqnr_db(f_attn(h, h, h)[0], attn(h, h, h)[0]) > 35
+        x = torch.randint(0, 2048, (4, 12))
+        y = q(x)
+        assert sqnr_db(model(x), y) > 35
+    # honest counts: every float weight is one code; zeros are codes equal to the zero point
+    own = attn.slim_weights()
+    assert own["in_proj_weight_q"] == (3 * 32 * 32, int(torch.count_nonzero(attn.in_proj_weight_q)))
+    assert count_params(q)[0] == count_params(model)[0]
+    # save -> load: int8 codes in the file, bit-exact outputs
+    torchslim.save(q, tmp_path / "q")
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["tensors"]["encoder.layers.0.self_attn.in_proj_weight_q"]["dtype"] == "int8"
+    back = torchslim.load(tmp_path / "q")
+    assert isinstance(back.encoder.layers[1].self_attn, QuantMultiheadAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), y, rtol=0, atol=0)
+    assert count_params(back) == count_params(q)
+
+
+def test_attention_with_separate_kv_dims_is_quantized():
+    """kdim/vdim != embed_dim: q/k/v_proj_weight are three int8 tensors."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, kdim=8, vdim=12, batch_first=True).eval()
+    q = torchslim.apply(torch.nn.ModuleDict({"attn": mha}), LinearQuantConfig(bits=8))["attn"]
+    assert {n for n, b in q.named_buffers() if b.dtype == torch.int8} == {
+        "q_proj_weight_q", "k_proj_weight_q", "v_proj_weight_q", "out_proj.weight_q"}
+    x, k, v = torch.randn(2, 5, 16), torch.randn(2, 6, 8), torch.randn(2, 6, 12)
+    with torch.no_grad():
+        assert sqnr_db(mha(x, k, v)[0], q(x, k, v)[0]) > 35
+
+
+def test_fp16_attention_quantizes_and_keeps_its_dtype(monkeypatch):
+    """Regression: in an fp16 model a quantized attention read float32 weights and failed."""
+    model = _build(monkeypatch, "encoder").half()
+    q = torchslim.apply(model, LinearQuantConfig(bits=8))
+    x = torch.randint(0, 2048, (4, 12))
+    with torch.no_grad():
+        y0, y = model(x), q(x)
+    assert y.dtype == torch.float16
+    assert float(torch.nn.functional.cosine_similarity(y.float().flatten(), y0.float().flatten(), dim=0)) > 0.99
+
+
+def test_named_embedding_and_conv1d_are_quantized_and_reload(monkeypatch, tmp_path):
+    from torchslim.layers import QuantConv1d, QuantEmbedding
+
+    model = _build(monkeypatch, "mixed")
+    q = torchslim.apply(model, LinearQuantConfig(bits=8, targets=("embed", "conv", "head")))
+    assert isinstance(q.embed, QuantEmbedding) and isinstance(q.conv, QuantConv1d)
+    assert isinstance(q.lstm, torch.nn.LSTM)
+    ids = torch.randint(0, 64, (4, 10))
+    with torch.no_grad():
+        assert sqnr_db(model.embed.weight, q.embed.weight) > 35
+        torch.testing.assert_close(q.embed(ids), q.embed.weight[ids], rtol=0, atol=0)
+        assert bool((q.embed.weight[0] == 0).all())           # the padding row stays exactly zero
+        y = q(ids)
+        assert sqnr_db(model(ids), y) > 30
+    torchslim.save(q, tmp_path / "q")
+    back = torchslim.load(tmp_path / "q")
+    assert back.embed.padding_idx == 0 and back.embed.weight_q.dtype == torch.int8
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target,cls", [("lstm", "LSTM"), ("up", "ConvTranspose2d")])
+def test_named_module_without_quantized_layer_is_refused(monkeypatch, target, cls):
+    model = _build(monkeypatch, "mixed")
+    with pytest.raises(RecipeError, match=f"'{target}' is a {cls}: no quantized layer exists"):
+        torchslim.apply(model, LinearQuantConfig(targets=("head", target)))
+    # a pattern leaves them in float and quantizes what it can
+    q = torchslim.apply(model, LinearQuantConfig())
+    assert isinstance(q.lstm, torch.nn.LSTM) and isinstance(q.head, QuantLinear)
+
+
+def test_attention_quantized_after_its_out_proj_reloads(monkeypatch, tmp_path):
+    """Two steps: out_proj first, then the attention; the replayed artifact has both, and a third
+    pass over every module leaves the quantized attention's codes as they are."""
+    model = _build(monkeypatch, "encoder")
+    q1 = torchslim.apply(model, LinearQuantConfig(targets=("encoder.layers.0.self_attn.out_proj",)))
+    q2 = torchslim.apply(q1, LinearQuantConfig(targets=("encoder.layers.0.self_attn",)))
+    assert isinstance(q2.encoder.layers[0].self_attn.out_proj, QuantLinear)
+    x = torch.randint(0, 2048, (2, 12))
+    torchslim.save(q2, tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(torchslim.load(tmp_path / "q")(x), q2(x), rtol=0, atol=0)
+    q3 = torchslim.apply(q2, LinearQuantConfig())
+    assert torch.equal(q3.encoder.layers[0].self_attn.in_proj_weight_q, q2.encoder.layers[0].self_attn.in_proj_weight_q)

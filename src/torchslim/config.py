@@ -235,6 +235,11 @@ class MethodConfig:
         return {k: tuple(getattr(self, k)) for k in ("targets", "ignore")
                 if isinstance(getattr(self, k, None), tuple) and getattr(self, k)}
 
+    def check_targets(self, model: Any) -> None:
+        """Raise a RecipeError when ``targets`` name a module of ``model`` (as built, before any
+        step) that the method cannot handle; called with the patterns' check, before any work.
+        The default checks nothing more."""
+
     @classmethod
     def example(cls) -> "MethodConfig":
         """A small valid config that runs in seconds on a tiny model (used by contract tests);

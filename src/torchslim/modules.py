@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from .errors import RecipeError, did_you_mean
+
+log = logging.getLogger(__name__)
 
 #: the model attribute holding its edit log (a list of JSON records, see torchslim.edits)
 EDITS_ATTR = "_torchslim_edits"
@@ -36,29 +39,75 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
+def weight_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own weight tensors: its direct parameters whose name contains
+    ``weight`` and that have at least 2 dimensions (``weight`` of Linear/Conv/Embedding,
+    ``weight_ih_l0``/``weight_hh_l0`` of LSTM/GRU/RNN, ``in_proj_weight`` or
+    ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` of ``nn.MultiheadAttention``).
+    Biases and the 1-D scales of norm layers (BatchNorm, LayerNorm, RMSNorm) are not weights
+    here; a child's tensors (``out_proj.weight``) belong to the child.
+
+    Examples
+    --------
+    >>> weight_names(nn.LSTM(4, 8))
+    ['weight_ih_l0', 'weight_hh_l0']
+    >>> weight_names(nn.LayerNorm(4))
+    []
+    """
+    return [n for n, p in module.named_parameters(recurse=False) if "weight" in n and p.dim() >= 2]
+
+
 def select_modules(
     model: nn.Module,
     targets: Iterable[str] = ("re:.*",),
     ignore: Iterable[str] = (),
     kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d),
     what: str = "targets",
+    refuse: Callable[[nn.Module], str | None] | None = None,
 ) -> list[tuple[str, nn.Module]]:
-    """Modules of the given kinds whose names match a target and no ignore pattern.
+    """Modules whose names match a target and no ignore pattern, in model order.
 
-    A pattern in ``targets`` or ``ignore`` that matches no module at all is an error listing the
-    nearest module names, so a typo never silently compresses nothing.
+    A module matched by a ``re:`` pattern is chosen when it is an instance of ``kinds`` (the
+    classes a method picks by default); others are passed over. A module named exactly in
+    ``targets`` is never passed over: it is chosen unless ``refuse(module)`` gives a reason,
+    which is raised as a :class:`~torchslim.errors.RecipeError` naming the module and its class
+    (without ``refuse``, a named module outside ``kinds`` is refused). A pattern in ``targets``
+    or ``ignore`` that matches no module at all is an error listing the nearest module names,
+    so a typo never silently compresses nothing.
+
+    Raises
+    ------
+    RecipeError
+        a bad or unmatched pattern, a named module that is refused, or nothing chosen.
     """
     targets, ignore = tuple(targets), tuple(ignore)
     named = [(n, m) for n, m in model.named_modules() if n]
     check_patterns(model, (*targets, *ignore), what)
-    chosen = [
-        (n, m) for n, m in named
-        if isinstance(m, kinds)
-        and any(_matches(n, p) for p in targets)
-        and not any(_matches(n, p) for p in ignore)
-    ]
+    kind_names = "/".join(k.__name__ for k in kinds)
+
+    def outside_kinds(m: nn.Module) -> str | None:
+        return None if isinstance(m, kinds) else f"only {kind_names} modules are handled"
+
+    refuse = refuse or outside_kinds
+    chosen, passed = [], []
+    for n, m in named:
+        if any(_matches(n, p) for p in ignore):
+            continue
+        if n in targets:
+            reason = refuse(m)
+            if reason:
+                raise RecipeError(f"{what}: module {n!r} is a {type(m).__name__}: {reason}; "
+                                  "remove it from targets or add it to ignore")
+            chosen.append((n, m))
+        elif any(_matches(n, p) for p in targets if p.startswith("re:")):
+            if isinstance(m, kinds):
+                chosen.append((n, m))
+            elif weight_names(m):
+                passed.append(f"{n} ({type(m).__name__})")
+    if passed:
+        log.info("%s: patterns pick %s modules only; left as they are (name one to include it): %s%s",
+                 what, kind_names, ", ".join(passed[:8]), f" and {len(passed) - 8} more" if len(passed) > 8 else "")
     if not chosen:
-        kind_names = "/".join(k.__name__ for k in kinds)
         raise RecipeError(
             f"{what}: no {kind_names} module matches targets={list(targets)} ignore={list(ignore)}"
         )

@@ -49,10 +49,16 @@ def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     model = TensorIO(model).eval()
     names = [f"input{i}" for i in range(len(inputs))]
-    with torch.no_grad(), atomic_path(path) as tmp:
-        torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["output"],
-                          dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+    # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no export for
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), atomic_path(path) as tmp:
+            torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["output"],
+                              dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
 
 

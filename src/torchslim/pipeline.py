@@ -130,6 +130,11 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
             for key, patterns in step.config.target_patterns().items():
                 with problems.check():
                     check_patterns(model, patterns, f"{where}.{key}")
+            with problems.check():
+                try:
+                    step.config.check_targets(model)  # a named module of a class the method refuses
+                except UserError as exc:
+                    raise type(exc)(f"{where}: {exc}") from None
         if shapes_known:
             with problems.check():
                 try:

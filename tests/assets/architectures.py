@@ -1,6 +1,6 @@
 """Small real architectures for the registry contract tests (loaded as ``py:`` model specs):
-a transformer encoder with ``nn.MultiheadAttention``, and an MLP whose two layers share one
-weight (tied)."""
+a transformer encoder with ``nn.MultiheadAttention``, an MLP whose two layers share one
+weight (tied), and a network with one layer of each other weight-holding kind."""
 
 import torch
 from torch import nn
@@ -32,6 +32,30 @@ class TiedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)))
+
+
+class MixedLayers(nn.Module):
+    """Token ids (B, T) -> logits (B, classes) through Embedding, Conv1d, LSTM, ConvTranspose2d and
+    Linear: every kind of weight tensor besides Linear/Conv2d."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=1)
+        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        self.up = nn.ConvTranspose2d(1, 2, 2, stride=2)
+        self.head = nn.Linear(2 * 8 * dim // 2, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)                                      # (B, T, dim)
+        h = self.conv(h.transpose(1, 2)).relu().transpose(1, 2)  # (B, T, dim)
+        h, _ = self.lstm(h)                                      # (B, T, dim)
+        h = h.mean(dim=1).reshape(h.shape[0], 1, 4, -1)          # (B, 1, 4, dim / 4)
+        return self.head(self.up(h).flatten(1))                  # (B, 2, 8, dim / 2) -> (B, classes)
+
+
+def mixed():
+    return MixedLayers()
 
 
 def encoder():

@@ -15,6 +15,7 @@ The classes here are registered with :func:`torchslim.modules.register_module_cl
 which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
 """
 
-from .quantized import QuantConv2d, QuantLinear
+from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
+                        QuantMultiheadAttention)
 
-__all__ = ["QuantLinear", "QuantConv2d"]
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention"]

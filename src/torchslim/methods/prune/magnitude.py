@@ -14,7 +14,7 @@ from torch import nn
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
-from ...modules import select_modules
+from ...modules import select_modules, weight_names
 from ...registry import register_method
 from ...train.config import TrainConfig
 from ...train.plugins import TrainingPlugin
@@ -25,10 +25,39 @@ log = logging.getLogger(__name__)
 #: a layer pruned this far is reported: it barely passes a signal
 COLLAPSE = 0.99
 
+#: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
+#: Conv/ConvTranspose, nn.MultiheadAttention's q/k/v projections, LSTM/GRU/RNN). Embeddings
+#: (lookup tables, often tied to an output layer) are pruned only when named exactly, as is
+#: any other module holding weights (Bilinear, a custom layer's ``weight`` parameter).
+PATTERN_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+
+
+def _unprunable(module: nn.Module) -> str | None:
+    if weight_names(module):
+        return None
+    return ("it has no weight tensor of its own to prune (biases and norm scales are not pruned); for "
+            "the layers inside a block, use a pattern such as 're:BLOCK\\..*'")
+
+
+def prunable_weights(model: nn.Module, targets: tuple[str, ...] = ("re:.*",), ignore: tuple[str, ...] = (),
+                     what: str = "prune.targets") -> list[str]:
+    """Parameter names (``fc.weight``, ``lstm.weight_hh_l0``, ``attn.in_proj_weight``) of every weight
+    tensor of the modules ``targets`` choose (see :data:`PATTERN_KINDS` and
+    :func:`torchslim.modules.select_modules`); raises RecipeError for a named module without weights."""
+    chosen = select_modules(model, targets, ignore, kinds=PATTERN_KINDS, what=what, refuse=_unprunable)
+    return [f"{n}.{w}" for n, m in chosen for w in weight_names(m)]
+
 
 @dataclass(frozen=True)
 class MagnitudePruneConfig(MethodConfig):
-    """Remove the smallest-magnitude weights of Linear and Conv2d layers.
+    """Remove the smallest-magnitude weights of the targeted layers.
+
+    Every weight tensor of a targeted module is pruned: ``weight`` of Linear, Conv1d/2d/3d,
+    ConvTranspose and Embedding, ``weight_ih_l*``/``weight_hh_l*`` of LSTM/GRU/RNN, the packed
+    ``in_proj_weight`` (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention``; never biases or
+    norm scales. ``re:`` patterns pick Linear, convolutions, MultiheadAttention and recurrent
+    layers; an Embedding (or any other module with weights) is pruned when named exactly. A
+    named module without weights of its own (a norm layer, a block) is refused.
 
     Examples
     --------
@@ -54,10 +83,15 @@ class MagnitudePruneConfig(MethodConfig):
     updates: int = option(20, low=1, doc="gradual: number of mask updates during the ramp")
     iterations: int = option(3, low=1, doc="iterative: prune/fine-tune rounds")
     finetune: TrainConfig | None = option(None, doc="training after (gradual: during) pruning")
-    targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
+    targets: tuple[str, ...] = option(("re:.*",), doc="module names (any module with weights) or re: patterns "
+                                                     "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
+                                                     "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left dense")
 
     CHANGES_WEIGHTS = True
+
+    def check_targets(self, model: nn.Module) -> None:
+        prunable_weights(model, self.targets, self.ignore)
 
     def validate(self) -> None:
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
@@ -83,8 +117,18 @@ def _compute_masks(weights: list[torch.Tensor], sparsity: float, scope: str,
         raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
 
 
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:  # a module name: its weight
+        return model.get_submodule(name).weight
+
+
 class MaskPlugin(TrainingPlugin):
     """Holds masks for the target weights and keeps pruned weights at zero after each step.
+
+    ``names`` are parameter names (``lstm.weight_hh_l0``, ``attn.in_proj_weight``) or module
+    names, which stand for the module's ``weight``.
 
     The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
     in force when it stopped (the gradual schedule changes them during training).
@@ -95,7 +139,7 @@ class MaskPlugin(TrainingPlugin):
         self.masks: list[torch.Tensor] | None = None
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
-        return [model.get_submodule(n).weight for n in self.names]
+        return [_weight(model, n) for n in self.names]
 
     @torch.no_grad()
     def prune_to(self, model: nn.Module, sparsity: float) -> None:
@@ -146,8 +190,7 @@ class GradualSchedule(MaskPlugin):
 @register_method("prune.magnitude", MagnitudePruneConfig)
 def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module:
     """Unstructured magnitude pruning (global or per layer; one-shot, gradual or iterative)."""
-    chosen = select_modules(model, config.targets, config.ignore, what="prune.targets")
-    names = [n for n, _ in chosen]
+    names = prunable_weights(model, config.targets, config.ignore)
     masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity) if config.schedule != "gradual"
               else GradualSchedule(names, config))
     ft = config.finetune
@@ -165,9 +208,11 @@ def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
     # the exact target at the end, whatever early stopping restored
     masker.prune_to(model, config.sparsity)
-    per_layer = {n: float((w == 0).float().mean()) for n, w in zip(names, masker.weights(model))}
-    log.info("magnitude pruning: %.1f%% sparsity (%s) over %d layers: %s", 100 * config.sparsity, config.scope,
-             len(chosen), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
+    # keyed by module name for a layer's `weight`, by parameter name for other weight tensors
+    per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean())
+                 for n, w in zip(names, masker.weights(model))}
+    log.info("magnitude pruning: %.1f%% sparsity (%s) over %d weight tensors: %s", 100 * config.sparsity,
+             config.scope, len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
             log.warning("magnitude pruning removed %.2f%% of layer %s: it barely passes a signal; set "

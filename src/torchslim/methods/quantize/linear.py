@@ -2,21 +2,70 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # the out_proj nn.MultiheadAttention builds
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
 from ...edits import replace_module
 from ...modules import select_modules
 from ...registry import register_method
-from ...layers import QuantConv2d, QuantLinear
+from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
+                       QuantMultiheadAttention)
+
+log = logging.getLogger(__name__)
+
+#: float class -> its quantized layer; the first match wins (a subclass before its base)
+QUANTIZED = (
+    (QuantMultiheadAttention, None),            # already quantized: left as it is
+    (nn.MultiheadAttention, QuantMultiheadAttention),
+    (nn.Linear, QuantLinear),
+    (nn.Conv1d, QuantConv1d),
+    (nn.Conv2d, QuantConv2d),
+    (nn.Conv3d, QuantConv3d),
+    (nn.Embedding, QuantEmbedding),
+)
+#: the classes a ``re:`` target pattern picks; an Embedding is quantized when named exactly
+PATTERN_KINDS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def _quantized_class(module: nn.Module) -> type | None:
+    return next((q for f, q in QUANTIZED if isinstance(module, f)), None)
+
+
+def _refusal(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be quantized by this method, or None."""
+    if isinstance(module, QuantMultiheadAttention):
+        return "it is quantized already"
+    if _quantized_class(module) is None:
+        return ("no quantized layer exists for this class (quantizable: Linear, Conv1d, Conv2d, Conv3d, "
+                "Embedding, MultiheadAttention)")
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode {module.padding_mode!r} is not supported (quantized convolutions pad with zeros)"
+    if getattr(module, "max_norm", None) is not None:
+        return "max_norm renormalizes rows on lookup, which integer codes cannot follow; set max_norm=None"
+    return None
+
+
+def _weights(module: nn.Module) -> list[str]:
+    if isinstance(module, nn.MultiheadAttention):
+        return ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight",
+                                                                      "v_proj_weight"]
+    return ["weight"]
 
 
 @dataclass(frozen=True)
 class LinearQuantConfig(MethodConfig):
-    """Quantize Linear/Conv2d weights to ``bits``-bit integer codes with float scales.
+    """Quantize layer weights to ``bits``-bit integer codes with float scales.
+
+    Quantized: Linear, Conv1d/2d/3d (zero padding), nn.MultiheadAttention (its packed q/k/v
+    input projection; its ``out_proj`` is a Linear of its own) and Embedding (one scale per row
+    with ``channel``). ``re:`` patterns pick all of these except Embedding, which is quantized
+    when named exactly; a named module of any other class (LSTM, ConvTranspose2d, a norm) is
+    refused with an error naming it.
 
     Examples
     --------
@@ -33,23 +82,32 @@ class LinearQuantConfig(MethodConfig):
     group_size: int = option(128, low=2, doc="inputs per scale for granularity: group")
     symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
     activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
-    targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns")
+    targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
+                                                     "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
 
     CHANGES_WEIGHTS = True
+
+    def check_targets(self, model: nn.Module) -> None:
+        _select(model, self)
 
     def check_model(self, model: nn.Module) -> None:
         """RecipeError naming every targeted layer whose inputs per channel ``group_size`` does
         not divide (granularity: group)."""
         if self.granularity != "group":
             return
-        bad = [(name, m.weight[0].numel()) for name, m in select_modules(model, self.targets, self.ignore,
-                                                                         what="quantize.targets")
-               if m.weight[0].numel() % self.group_size]
+        bad = [(name, k) for name, module in _select(model, self)
+               if not isinstance(module, QuantMultiheadAttention) and not _refusal(module)
+               for k in sorted({getattr(module, w)[0].numel() for w in _weights(module)}) if k % self.group_size]
         if bad:
             shown = ", ".join(f"{n} ({k})" for n, k in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
             raise RecipeError(f"quantize.group_size: {self.group_size} does not divide the inputs per channel "
                               f"of {len(bad)} targeted layer(s): {shown}; pick a divisor or add them to ignore")
+
+
+def _select(model: nn.Module, config: LinearQuantConfig) -> list[tuple[str, nn.Module]]:
+    return select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="quantize.targets",
+                          refuse=_refusal)
 
 
 @register_method("quantize.linear", LinearQuantConfig)
@@ -57,14 +115,24 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     """Round-to-nearest affine/symmetric weight quantization, per tensor, channel or group."""
     qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
                  symmetric=config.symmetric)
+    chosen = _select(model, config)
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     config.check_model(model)
-    for name, module in select_modules(model, config.targets, config.ignore, what="quantize.targets"):
-        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    for name, module in chosen:
+        if isinstance(module, QuantMultiheadAttention):
+            continue                # matched by a pattern, quantized by an earlier step
+        if _refusal(module):        # matched by a pattern only: stays float, said so
+            log.warning("quantize: %s (%s) stays in float: %s", name, type(module).__name__, _refusal(module))
+            continue
+        cls = _quantized_class(module)
+        weights = [getattr(module, w) for w in _weights(module)]
         q = cls.from_float(module, **qargs)
-        first = done.get(id(module.weight))
-        if first is not None and type(first) is cls and first.weight_q.shape == q.weight_q.shape:
+        first = done.get(id(weights[0]))
+        if (first is not None and type(first) is cls and hasattr(q, "weight_q")
+                and first.weight_q.shape == q.weight_q.shape):
             q.share_codes_with(first)
-        done.setdefault(id(module.weight), q)
+        done.setdefault(id(weights[0]), q)
         replace_module(model, name, q)
+        if isinstance(q, QuantMultiheadAttention) and type(q.out_proj) is not NonDynamicallyQuantizableLinear:
+            replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
     return model
