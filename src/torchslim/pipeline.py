@@ -99,7 +99,8 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     except UserError as exc:
         raise type(exc)(recipe.locate(str(exc))) from None
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
-    model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
+    model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args,
+                        output=recipe.model.output)
     try:
         check_runs(model, task, f"model {recipe.model.spec}")
     except UserError as exc:

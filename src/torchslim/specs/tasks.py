@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DataError, SpecError, did_you_mean
 from ..modules import eval_mode
+from ..outputs import prediction
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -75,7 +76,9 @@ class Task:
 
     # -- model I/O -----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])
+        """The model's prediction on a batch: its output, or the output its selector names when
+        it returns a tuple or mapping (:func:`torchslim.outputs.prediction`)."""
+        return prediction(model, model(batch[0]))
 
     def targets(self, batch: Any) -> torch.Tensor:
         return batch[1]
