@@ -28,6 +28,7 @@ from .artifact import load, save
 from .errors import RecipeError, UserError
 from .fileio import write_json, write_text
 from .measure import check_runs, measure
+from .progress import emit
 from .recipe import Recipe, Step
 from .registry import get_method
 from .specs.models import build_model
@@ -240,6 +241,7 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
             metrics["steps"].append(row)
             for obs in observers:
                 obs.step_done(index, row, metrics)
+            emit("step", index=index, name=row["name"], row=row)
         tsdist.barrier()
 
     def baseline_model() -> nn.Module:

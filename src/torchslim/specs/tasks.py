@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import DataError, SpecError, did_you_mean
 from ..modules import eval_mode
 from ..outputs import prediction
+from ..progress import Progress
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -95,13 +96,14 @@ class Task:
                                              collate_fn=self.collate)
         correct = total = 0
         device = _device_of(model)
-        with eval_mode(model):
+        with eval_mode(model), Progress(len(loader), f"{self.metric_name} on {split}", unit="batch") as bar:
             for batch in loader:
                 batch = to_device(batch, device)
                 pred = self.forward(model, batch).argmax(dim=-1)
                 tgt = self.targets(batch)
                 correct += int((pred == tgt).sum())
                 total += int(tgt.numel())
+                bar.update(1)
         return correct / max(total, 1)
 
     def __repr__(self) -> str:
