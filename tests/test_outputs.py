@@ -58,6 +58,9 @@ def test_selected_output_trains_prunes_and_survives_save_load(tmp_path, monkeypa
     (tmp_path / "multi_output.py").unlink()
     manifest = json.loads((moved / "manifest.json").read_text())
     assert manifest["source"]["output"] == 0 and "source.py" in manifest["files"]
+    # size_bytes counts the model's files, not the copied code (the same in every step)
+    assert m["steps"][-1]["size_bytes"] == sum((moved / f).stat().st_size
+                                               for f in ("manifest.json", "tensors.safetensors"))
     back = torchslim.build_model(f"artifact:{moved}")
     assert get_output(back) == 0
     row = torchslim.measure(back, "digits", batch_sizes=(1,), latency=False)

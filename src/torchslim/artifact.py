@@ -224,8 +224,11 @@ def _check_rebuilds(model: nn.Module, source: dict[str, Any]) -> None:
 
 
 def artifact_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of all files of an artifact directory."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes on disk of the files of an artifact directory that hold the model: all but the copy
+    of a ``py:`` model's Python file (``source.py``: code, the same before and after any
+    compression, so counting it would only blur size ratios)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f != path / SOURCE_CODE)
 
 
 def state_dict_size(model: nn.Module) -> int:
