@@ -45,6 +45,18 @@ def test_ambiguous_tuple_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
 
+def test_ambiguous_in_train_mode_only_is_refused_before_training(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_recipe(_spec(tmp_path, "train_tuple_net"), tmp_path)))
+    assert main(["compress", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "(in train mode) returns tuple of 2: [0] Tensor(2x10), [1] Tensor(2x16)" in err
+    assert not (tmp_path / ".run.partial").exists()
+    (tmp_path / "r.yaml").write_text(json.dumps(_recipe(_spec(tmp_path, "train_tuple_net"), tmp_path,
+                                                        output=0)))
+    assert main(["compress", str(recipe), "--out", str(tmp_path / "run")]) == 0
+
+
 def test_selected_output_trains_prunes_and_survives_save_load(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")
     torch.manual_seed(0)

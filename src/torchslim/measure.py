@@ -139,11 +139,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs)
 
 
-def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> None:
+def check_runs(model: nn.Module, task: Task | None, what: str = "the model", *, trains: bool = False) -> None:
     """Raise a SpecError unless ``model`` runs on ``task``'s example inputs (a model built for
     28x28 images given 8x8 digits, token ids given to an image model, ...), and an
     :class:`~torchslim.outputs.OutputError` when its prediction cannot be chosen from what it
-    returns (a tuple of several tensors without a selector)."""
+    returns (a tuple of several tensors without a selector). With ``trains``, the prediction
+    is also chosen from a train-mode output (googlenet returns a namedtuple only then); that
+    forward leaves buffers (BatchNorm statistics) and the random state as they were."""
     if task is None:
         return
     from .errors import SpecError
@@ -164,6 +166,19 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> 
         model.train(was_training)
     if task.outputs == "logits" and task.metric_name is not None:  # the metric needs the prediction
         prediction(model, out, what)
+        if trains:
+            saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model.train()
+                try:
+                    out = _call(model, to_device(inputs, _device_of(model)))
+                except Exception:  # noqa: BLE001  (the trainer reports what fails in train mode)
+                    out = None
+                finally:
+                    model.load_state_dict(saved, strict=False)
+                    model.train(was_training)
+            if out is not None:
+                prediction(model, out, f"{what} (in train mode)")
 
 
 #: IQR / median above which a timing is taken again (and flagged ``unstable`` if it stays so)

@@ -103,7 +103,7 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args,
                         output=recipe.model.output)
     try:
-        check_runs(model, task, f"model {recipe.model.spec}")
+        check_runs(model, task, f"model {recipe.model.spec}", trains=trains)
     except UserError as exc:
         raise type(exc)(recipe.locate(f"model: {exc}")) from None
     model_known = True

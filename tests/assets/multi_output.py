@@ -24,6 +24,8 @@ class _Net(nn.Module):
             return {"logits": logits, "aux": feats}
         if self.kind == "named":
             return Outputs(logits, feats)
+        if self.kind == "train-tuple":
+            return (logits, feats) if self.training else logits
         return {"scores": logits, "features": feats}
 
 
@@ -45,3 +47,8 @@ def named_net(hidden: int = 16) -> nn.Module:
 def scores_net(hidden: int = 16) -> nn.Module:
     """Returns ``{"scores": ..., "features": ...}`` (no ``logits`` key)."""
     return _Net("scores", hidden)
+
+
+def train_tuple_net(hidden: int = 16) -> nn.Module:
+    """Returns ``(logits, features)`` in train mode, ``logits`` in eval mode."""
+    return _Net("train-tuple", hidden)
