@@ -172,3 +172,21 @@ def test_attach_source_then_save(tmp_path):
     torchslim.save(attach_source(model, "torchvision:squeezenet1_1", {"num_classes": 4}), tmp_path / "s")
     back = torchslim.load(tmp_path / "s")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
+
+
+def test_hugging_face_outputs():
+    """A ModelOutput with logits is chosen automatically; an encoder's two tensors are ambiguous."""
+    transformers = pytest.importorskip("transformers")
+    from torchslim.outputs import prediction
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)
+    ids = torch.randint(0, 50, (2, 5))
+    clf = transformers.BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        assert prediction(clf, clf(ids)).shape == (2, 3)
+        out = transformers.BertModel(cfg).eval()(ids)
+    with pytest.raises(OutputError, match=r"\['last_hidden_state'\] Tensor\(2x5x16\), "
+                                          r"\['pooler_output'\] Tensor\(2x16\)"):
+        prediction(clf, out)
+    assert prediction(set_output(nn.Identity(), "pooler_output"), out).shape == (2, 16)

@@ -167,7 +167,8 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model", *, 
     if task.outputs == "logits" and task.metric_name is not None:  # the metric needs the prediction
         prediction(model, out, what)
         if trains:
-            saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+            buffers = {k for k, _ in model.named_buffers()}
+            saved = {k: v.clone() for k, v in model.state_dict().items() if k in buffers}
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 model.train()
                 try:

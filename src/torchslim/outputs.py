@@ -98,7 +98,8 @@ def select(out: Any, selector: int | str | None = None, what: str = "the model")
     ----------
     out : Tensor, tuple, list, mapping or namedtuple
     selector : int or str, optional
-        An index or a name (mapping key or namedtuple field); ``None`` chooses automatically.
+        An index (into a tuple or list, or the entries of a mapping in order) or a name (a
+        mapping key or namedtuple field); ``None`` chooses automatically.
     what : str
         Names the model in errors.
 
@@ -114,6 +115,8 @@ def select(out: Any, selector: int | str | None = None, what: str = "the model")
     torch.Size([1, 64])
     >>> select({"logits": torch.zeros(1, 3), "hidden": torch.zeros(1, 8)}).shape
     torch.Size([1, 3])
+    >>> select({"logits": torch.zeros(1, 3), "hidden": torch.zeros(1, 8)}, 1).shape
+    torch.Size([1, 8])
     """
     if selector is None:
         if isinstance(out, torch.Tensor):
@@ -133,6 +136,9 @@ def select(out: Any, selector: int | str | None = None, what: str = "the model")
     got: Any = None
     if isinstance(out, Mapping):
         got = out.get(selector)
+        values = list(out.values())  # else an index counts the entries in order, as ModelOutput[i] does
+        if got is None and isinstance(selector, int) and -len(values) <= selector < len(values):
+            got = values[selector]
     elif isinstance(out, (tuple, list)):
         if isinstance(selector, int) and -len(out) <= selector < len(out):
             got = out[selector]

@@ -94,6 +94,8 @@ class Progress:
         Updates already made (a resumed training).
     enabled : bool, default=True
         False shows and logs nothing (the ranks other than 0 under torchrun).
+    period_s : float, optional
+        Seconds between log lines and events; default :func:`period`.
 
     Examples
     --------
