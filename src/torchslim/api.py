@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from .config import MethodConfig
 from .errors import RecipeError
 from .pipeline import run_recipe
+from .progress import listen
 from .session import Session
 from .recipe import Recipe
 from .registry import list_methods
@@ -90,9 +92,15 @@ def apply(model: nn.Module, config: MethodConfig, **kwargs: Any) -> nn.Module:
 
 
 def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, *,
-             data_dir: str | None = None, resume: bool = False, keep_checkpoints: bool = True) -> dict[str, Any]:
+             data_dir: str | None = None, resume: bool = False, keep_checkpoints: bool = True,
+             on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run a recipe (object, mapping or YAML path) into ``out``; returns metrics.json's content.
     ``keep_checkpoints=False`` deletes the per-step models and training checkpoints after success.
+
+    ``on_event(event)`` is called with a dict for every progress line of a long loop (training,
+    metric, calibration), every finished training epoch and every finished step
+    (``event["kind"]``: ``"progress"``, ``"epoch"``, ``"step"``; see :mod:`torchslim.progress`).
+    Log lines go to the standard ``logging`` module under the ``torchslim`` logger.
 
     Examples
     --------
@@ -108,4 +116,5 @@ def compress(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike, 
         recipe = Recipe.from_dict(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = Recipe.from_yaml(recipe)
-    return run_recipe(recipe, out, data_dir=data_dir, resume=resume, keep_checkpoints=keep_checkpoints)
+    with listen(on_event):
+        return run_recipe(recipe, out, data_dir=data_dir, resume=resume, keep_checkpoints=keep_checkpoints)

@@ -42,7 +42,8 @@ from .edits import edits_of, replay, validate_edits
 from .encodings import ENCODINGS, decode_tensor, encode_tensor
 from .errors import ArtifactError, UserError
 from .modules import SOURCE_ATTR, get_submodule
-from .specs.models import rebuild_from_source, register_model_source
+from .outputs import get_output
+from .specs.models import rebuild_from_source, register_model_source, source_record
 
 #: the newest format this code reads and the one it writes: 1 had module swaps (``modules``),
 #: 2 added ``aliases`` (tied tensors), 3 the ``edits`` log and packed / filled encodings, so an
@@ -50,6 +51,8 @@ from .specs.models import rebuild_from_source, register_model_source
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+#: the copy of a ``py:`` model's Python file inside the artifact
+SOURCE_CODE = "source.py"
 #: setting this environment variable to 1 has the effect of ``load(..., trust_code=True)``
 TRUST_ENV = "TORCHSLIM_TRUST_CODE"
 
@@ -95,11 +98,34 @@ def _umask() -> int:
     return mask
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> int:
+def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
+         source: str | None = None, args: dict[str, Any] | None = None) -> int:
     """Save ``model`` as an artifact directory, atomically; returns its size in bytes.
 
     The directory is written under a temporary sibling name and renamed into place, so a crash
-    never leaves a half-written artifact at ``path``.
+    never leaves a half-written artifact at ``path``. A ``py:`` model's Python file is copied
+    into the artifact (``source.py``, its sha256 in the manifest), and loading rebuilds from
+    that copy, so the directory can be moved.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by torchslim (:func:`torchslim.build_model`, :func:`torchslim.load`), or any module
+        when ``source`` says how its architecture is rebuilt.
+    path : path
+        The artifact directory (replaced if it exists).
+    source : str, optional
+        A model spec that rebuilds ``model``'s architecture, such as ``py:FILE.py:FACTORY``
+        (called with ``args``) or ``torchvision:resnet18``; it overrides the model's own record.
+        The weights come from ``model``.
+    args : dict, optional
+        Builder keyword arguments for ``source``.
+
+    Raises
+    ------
+    ArtifactError
+        The model has no source record and no ``source`` is given, or its architecture is not
+        what the source and edit log rebuild (names and shapes are compared).
 
     Examples
     --------
@@ -112,10 +138,18 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
     """
     from safetensors.torch import save_file
 
-    source = getattr(model, SOURCE_ATTR, None)
-    if not source:
-        raise ArtifactError("this model was not built by torchslim (no source record): build it with "
-                            "torchslim.build_model(spec) so the artifact can rebuild its architecture")
+    if source is not None:
+        record = source_record(source, args)
+    else:
+        record = getattr(model, SOURCE_ATTR, None)
+    if not record:
+        raise ArtifactError(
+            f"cannot save a {type(model).__name__} that torchslim did not build (no source record): pass "
+            "source='py:FILE.py:FACTORY' (a function returning this architecture) to torchslim.save, or "
+            "build it with torchslim.build_model(spec)")
+    source = dict(record)
+    if get_output(model) is not None:
+        source["output"] = get_output(model)
     _check_rebuilds(model, source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +179,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
             tensors[name] = {"encoding": enc, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
                              "parts": keys, "meta": meta}
         save_file(parts, str(tmp / TENSORS))
+        files = [TENSORS]
+        if source["spec"].startswith("py:"):  # the code travels with the artifact
+            shutil.copyfile(source["file"], tmp / SOURCE_CODE)
+            source["code"] = SOURCE_CODE
+            files.append(SOURCE_CODE)
         manifest = {
             "format": "torchslim-artifact",
             "format_version": FORMAT_VERSION,
@@ -153,7 +192,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
             "edits": edits_of(model),
             "tensors": tensors,
             "aliases": aliases,
-            "files": {TENSORS: {"sha256": _sha256(tmp / TENSORS), "bytes": (tmp / TENSORS).stat().st_size}},
+            "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
@@ -192,8 +231,22 @@ def _check_rebuilds(model: nn.Module, source: dict[str, Any]) -> None:
 
 
 def artifact_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of all files of an artifact directory."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes on disk of the files of an artifact directory that hold the model: all but the copy
+    of a ``py:`` model's Python file (``source.py``: code, the same before and after any
+    compression, so counting it would only blur size ratios)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f != path / SOURCE_CODE)
+
+
+def state_dict_size(model: nn.Module) -> int:
+    """Bytes of ``model``'s state_dict written as one safetensors file (tied tensors once): the
+    size of a module torchslim cannot save as an artifact (no source record)."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / TENSORS
+        save_model(model, str(f))
+        return f.stat().st_size
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -258,6 +311,11 @@ def validate_manifest(manifest: dict[str, Any], mf: Path) -> None:
     if prefix == "py":
         c.string(source.get("file"), '"source".file')
         c.string(source.get("factory"), '"source".factory')
+        if "code" in source:  # the copied file: listed in "files", so its sha256 is checked
+            c.need(source["code"] in files, '"source".code', 'a file listed in "files"', source["code"])
+    out = source.get("output")
+    c.need(out is None or (_is_int(out)) or (isinstance(out, str) and out != ""), '"source".output',
+           "an output index or name", out)
 
     if manifest["format_version"] >= 3:
         validate_edits(manifest.get("edits", []), str(mf))
@@ -445,11 +503,15 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
             raise ArtifactError(f"{path}: data file {fname} is missing")
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise ArtifactError(f"{f}: checksum mismatch: the file is truncated or was modified")
-    if source["spec"].partition(":")[0] == "py" and not _code_trusted(trust_code):
-        raise ArtifactError(
-            f"{path}: refused: rebuilding this model imports and runs the Python file {source['file']} "
-            f"(source {source['spec']!r}); if you trust it, pass --trust-code (command line), "
-            f"trust_code=True (torchslim.load) or set the environment variable {TRUST_ENV}=1")
+    if source["spec"].partition(":")[0] == "py":
+        code = path / source["code"] if "code" in source else Path(source["file"])
+        if not _code_trusted(trust_code):
+            raise ArtifactError(
+                f"{path}: refused: rebuilding this model imports and runs the Python file {code} "
+                f"({'a copy of ' + source['file'] + ', ' if 'code' in source else ''}"
+                f"source {source['spec']!r}); if you trust it, pass --trust-code (command line), "
+                f"trust_code=True (torchslim.load) or set the environment variable {TRUST_ENV}=1")
+        source = {**source, "file": str(code.resolve())}  # the copy (checked above), not the original
     try:
         parts = load_file(str(path / TENSORS))
     except Exception as exc:  # SafetensorError, OSError, ... : the checksum matched a bad file

@@ -121,6 +121,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from .specs import build_model, build_task
 
     from .fileio import write_json
+    from .outputs import parse_selector
     from .recipe import MeasureConfig
 
     t0 = time.perf_counter()
@@ -130,7 +131,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(0)  # a randomly initialized model measures the same in every run
-    model = build_model(args.model, weights=args.weights)
+    model = build_model(args.model, weights=args.weights, output=parse_selector(args.output, "--output"))
     check_runs(model, task, f"model {args.model}")
     from .numerics import check_finite_weights
 
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 32), help="latency batch sizes (1,32)")
     s.add_argument("--runtime", default="eager", help="what latency is timed on: eager, compile, onnxruntime")
     s.add_argument("--split", default="test", choices=("test", "val"), help="split of the metric")
+    s.add_argument("--output", help="which output is the prediction when the model returns a tuple or "
+                   "mapping: an index (0) or a name (logits); default: automatic where unambiguous")
     s.add_argument("--json", help="write the measurement as one metrics.json step object")
     s.set_defaults(fn=cmd_measure)
 

@@ -352,10 +352,15 @@ class ModelRef(MethodConfig):
     spec: str = option("", doc="zoo:, torchvision:, hf:, py: or artifact: spec (required)")
     weights: str | None = option(None, doc="local safetensors or state_dict file")
     args: dict = option(default_factory=dict, doc="builder keyword arguments")
+    output: int | str | None = option(None, doc="which output is the prediction when the model returns "
+                                      "a tuple or mapping: an index (0) or a name (logits); default: "
+                                      "automatic where unambiguous")
 
     def validate(self) -> None:
         if not self.spec:
             raise RecipeError("ModelRef.spec: missing; give a model spec such as zoo:lenet-5")
+        if isinstance(self.output, str) and not self.output.strip():
+            raise RecipeError("ModelRef.output: empty; give an index (0) or a name (logits)")
 
     @property
     def pretrained(self) -> bool:
@@ -363,6 +368,6 @@ class ModelRef(MethodConfig):
         return self.weights is not None or self.spec.startswith(("hf:", "artifact:"))
 
     def build(self) -> Any:
-        """The model (``torchslim.build_model(spec, weights=, args=)``); SpecError when it fails."""
+        """The model (``torchslim.build_model(spec, weights=, args=, output=)``); SpecError when it fails."""
         from .specs.models import build_model
-        return build_model(self.spec, weights=self.weights, args=self.args)
+        return build_model(self.spec, weights=self.weights, args=self.args, output=self.output)

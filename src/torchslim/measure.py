@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import artifact_size, save
-from .modules import eval_mode
+from .artifact import artifact_size, save, state_dict_size
+from .modules import SOURCE_ATTR, eval_mode
+from .outputs import prediction, selected_output
 from .runtime import RuntimeSession, get_runtime, omp_wait_policy, quiet_cpp_extension
 from .specs.tasks import Task, _device_of, to_device
 
@@ -198,9 +199,13 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs)
 
 
-def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> None:
+def check_runs(model: nn.Module, task: Task | None, what: str = "the model", *, trains: bool = False) -> None:
     """Raise a SpecError unless ``model`` runs on ``task``'s example inputs (a model built for
-    28x28 images given 8x8 digits, token ids given to an image model, ...)."""
+    28x28 images given 8x8 digits, token ids given to an image model, ...), and an
+    :class:`~torchslim.outputs.OutputError` when its prediction cannot be chosen from what it
+    returns (a tuple of several tensors without a selector). With ``trains``, the prediction
+    is also chosen from a train-mode output (googlenet returns a namedtuple only then); that
+    forward leaves buffers (BatchNorm statistics) and the random state as they were."""
     if task is None:
         return
     from .errors import SpecError
@@ -210,7 +215,7 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> 
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, to_device(inputs, _device_of(model)))
+            out = _call(model, to_device(inputs, _device_of(model)))
     except Exception as exc:  # whatever the model raises on inputs it cannot take
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs
                            if isinstance(t, torch.Tensor))
@@ -219,6 +224,22 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model") -> 
                         f"{type(exc).__name__}: {first}") from exc  # --debug shows the user's own traceback
     finally:
         model.train(was_training)
+    if task.outputs == "logits" and task.metric_name is not None:  # the metric needs the prediction
+        prediction(model, out, what)
+        if trains:
+            buffers = {k for k, _ in model.named_buffers()}
+            saved = {k: v.clone() for k, v in model.state_dict().items() if k in buffers}
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model.train()
+                try:
+                    out = _call(model, to_device(inputs, _device_of(model)))
+                except Exception:  # noqa: BLE001  (the trainer reports what fails in train mode)
+                    out = None
+                finally:
+                    model.load_state_dict(saved, strict=False)
+                    model.train(was_training)
+            if out is not None:
+                prediction(model, out, f"{what} (in train mode)")
 
 
 #: IQR / median above which a timing is taken again (and flagged ``unstable`` if it stays so)
@@ -366,14 +387,19 @@ def runtime_info(runtime: str = "eager", threads: int | None = None) -> dict[str
             "omp_wait_policy": omp_wait_policy()}
 
 
-def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] = (1, 32),
+def measure(model: nn.Module, task: Task | str | None, *, batch_sizes: Sequence[int] = (1, 32),
             artifact_dir: str | Path | None = None, metric: bool = True,
             latency: bool = True, runtime: str = "eager", split: str = "test",
-            min_run_time: float = 0.2) -> dict[str, Any]:
+            min_run_time: float = 0.2, output: int | str | None = None) -> dict[str, Any]:
     """Measure a model the same way for every step; returns the fields of a metrics.json step.
 
+    ``model``: any module; ``task``: a :class:`Task` or a task spec string.
     ``artifact_dir``: where the model was (or is to be) saved; its size on disk is reported.
-    When not given the model is saved to a temporary directory to measure its size.
+    When not given the model is saved to a temporary directory to measure its size; a module
+    torchslim did not build (no source record, see :func:`torchslim.specs.attach_source`) is
+    sized as its state_dict written to one safetensors file.
+    ``output``: which output is the prediction when the model returns a tuple or mapping (an
+    index or a name, :mod:`torchslim.outputs`); default: the model's own selector, else automatic.
     ``runtime``: the registered runtime (:mod:`torchslim.runtime`) whose forward pass is timed;
     ``split``: the split the metric is computed on (``test`` for reports, ``val`` for searches);
     ``min_run_time``: seconds of timed calls per batch size and attempt (:func:`time_fn`).
@@ -386,10 +412,19 @@ def measure(model: nn.Module, task: Task | None, *, batch_sizes: Sequence[int] =
     >>> r["params"], r["macs"], r["metric"]
     (431080, 2293000, None)
     """
+    if isinstance(task, str):
+        from .specs.tasks import build_task
+        task = build_task(task)
+    if output is not None:
+        with selected_output(model, output):
+            return measure(model, task, batch_sizes=batch_sizes, artifact_dir=artifact_dir, metric=metric,
+                           latency=latency, runtime=runtime, split=split, min_run_time=min_run_time)
     params, nonzero = count_params(model)
     out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
     if artifact_dir is not None and Path(artifact_dir).is_dir():
         out["size_bytes"] = artifact_size(artifact_dir)
+    elif getattr(model, SOURCE_ATTR, None) is None:
+        out["size_bytes"] = state_dict_size(model)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             out["size_bytes"] = save(model, Path(tmp) / "model")

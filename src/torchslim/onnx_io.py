@@ -14,25 +14,33 @@ from torch import nn
 
 from .errors import UserError
 from .fileio import atomic_path
+from .outputs import get_output, select
 
 
 class TensorIO(nn.Module):
     """Tensors in, one tensor out: Hugging Face models take keyword arguments and return output
-    objects, which ONNX export and ONNX Runtime checks cannot use."""
+    objects, and other models may return tuples or mappings, which ONNX export and ONNX Runtime
+    checks cannot use. The output is the model's prediction (:mod:`torchslim.outputs`: its
+    selector, else the automatic choice); a Hugging Face model without a selector gives its first
+    output (``last_hidden_state`` of an encoder, ``logits`` of a classifier)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        selector = get_output(self.model)
         if hasattr(self.model, "config") and hasattr(self.model, "main_input_name"):  # transformers
             names = ("input_ids", "attention_mask", "token_type_ids")
-            out = self.model(**dict(zip(names, inputs)), return_dict=False)
+            if selector is None:
+                out = self.model(**dict(zip(names, inputs)), return_dict=False)
+                while isinstance(out, (tuple, list)):
+                    out = out[0]
+                return out
+            out = self.model(**dict(zip(names, inputs)))
         else:
             out = self.model(*inputs)
-        while isinstance(out, (tuple, list)):
-            out = out[0]
-        return out
+        return select(out, selector)
 
 
 def _require_onnx() -> None:

@@ -32,6 +32,7 @@ from .errors import Problems, UserError
 from .fileio import exclusive_lock, write_json, write_text
 from .measure import check_runs, measure
 from .numerics import check_finite_outputs, check_finite_weights
+from .progress import emit
 from .recipe import Recipe, Step
 from .registry import get_method
 from .specs.models import build_model
@@ -110,9 +111,10 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
     model = None
     with problems.check():
-        model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args)
+        model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args,
+                            output=recipe.model.output)
         try:
-            check_runs(model, task, f"model {recipe.model.spec}")
+            check_runs(model, task, f"model {recipe.model.spec}", trains=trains)
             check_finite_weights(model, f"model {recipe.model.spec}")
             check_finite_outputs(model, to_device(task.example_inputs(2), _device_of(model)),
                                  f"model {recipe.model.spec}")
@@ -317,6 +319,7 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
             metrics["steps"].append(row)
             for obs in observers:
                 obs.step_done(index, row, metrics)
+            emit("step", index=index, name=row["name"], row=row)
         tsdist.barrier()
 
     def baseline_model() -> nn.Module:

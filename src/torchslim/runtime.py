@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import RecipeError, UserError, did_you_mean
+from .outputs import get_output, select
 from .specs.tasks import _device_of
 
 __all__ = ["Runtime", "RuntimeSession", "register_runtime", "get_runtime", "runtime_class", "list_runtimes",
@@ -255,7 +256,9 @@ class EagerSession(RuntimeSession):
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return _output_tensor(self._fn(*inputs))
+            out = self._fn(*inputs)
+        selector = get_output(self.model)  # the model's chosen prediction, as ONNX export keeps it
+        return _output_tensor(out) if selector is None else select(out, selector)
 
     @contextlib.contextmanager
     def bind(self, inputs: tuple) -> Iterator[Callable[[], Any]]:

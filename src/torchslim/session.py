@@ -35,6 +35,7 @@ from . import distributed as tsdist
 from .config import ModelRef
 from .errors import RecipeError, UserError, did_you_mean
 from .modules import eval_mode
+from .progress import Progress
 from .specs.tasks import Task, to_device
 from .train.config import TrainConfig
 from .train.plugins import LogitDistillation
@@ -294,6 +295,7 @@ class Session:
         """
         task = self.require_task("sequential calibration")
         modules = [(name, _named(model, name)) for name in names]   # every name checked first
+        bar = Progress(len(modules), "calibration", unit="layer")
         for name, module in modules:
             seen: list[torch.Tensor] = []
 
@@ -312,6 +314,8 @@ class Session:
             finally:
                 handle.remove()
             fn(name, module, seen)
+            bar.update(1)
+        bar.close()
 
     # -- training ------------------------------------------------------------------------
     def train(self, model: nn.Module, config: TrainConfig, *, desc: str, loss_fn: Callable | None = None,

@@ -9,7 +9,7 @@ other way round.
 
 from . import extra_tasks, hf, stsb  # noqa: F401  (registration happens on import)
 from .. import artifact  # noqa: F401,E402  (registers the artifact: model source)
-from .models import build_model, register_model_source
+from .models import attach_source, build_model, register_model_source
 from .tasks import Task, build_task, register_task
 
-__all__ = ["build_model", "register_model_source", "Task", "build_task", "register_task"]
+__all__ = ["attach_source", "build_model", "register_model_source", "Task", "build_task", "register_task"]

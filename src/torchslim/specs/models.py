@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import SpecError, did_you_mean
 from ..modules import EDITS_ATTR, SOURCE_ATTR
+from ..outputs import set_output
 from .zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def register_model_source(prefix: str) -> Callable:
 
 
 def build_model(spec: str, *, weights: str | os.PathLike | None = None,
-                args: dict[str, Any] | None = None) -> nn.Module:
+                args: dict[str, Any] | None = None, output: int | str | None = None) -> nn.Module:
     """Build a model from a spec string, optionally loading weights from a local file.
 
     Parameters
@@ -49,6 +50,10 @@ def build_model(spec: str, *, weights: str | os.PathLike | None = None,
         A safetensors file or a ``torch.save`` state_dict (read with ``weights_only=True``).
     args : dict, optional
         Keyword arguments for the builder (``num_classes``, ``channels``, ...).
+    output : int or str, optional
+        Which output is the prediction when the model returns a tuple or mapping (an index or
+        a name, see :mod:`torchslim.outputs`); kept in the source record. An ``artifact:``
+        model keeps the one it was saved with unless this is given.
 
     Examples
     --------
@@ -72,6 +77,8 @@ def build_model(spec: str, *, weights: str | os.PathLike | None = None,
     object.__setattr__(model, SOURCE_ATTR, record)
     if not hasattr(model, EDITS_ATTR):
         object.__setattr__(model, EDITS_ATTR, [])
+    if output is not None or record.get("output") is not None:
+        set_output(model, output if output is not None else record["output"])
     return model
 
 
@@ -84,8 +91,51 @@ def rebuild_from_source(record: dict[str, Any]) -> nn.Module:
         model = rebuild(record)
         object.__setattr__(model, SOURCE_ATTR, dict(record))
         object.__setattr__(model, EDITS_ATTR, [])
+        if record.get("output") is not None:
+            set_output(model, record["output"])
         return model
-    return build_model(spec, args=record.get("args"))
+    return build_model(spec, args=record.get("args"), output=record.get("output"))
+
+
+def source_record(spec: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The source record of ``spec`` built with ``args``: what an artifact stores to rebuild the
+    architecture. The model is built on the meta device (nothing allocated) and dropped.
+
+    Examples
+    --------
+    >>> source_record("zoo:lenet-5")
+    {'spec': 'zoo:lenet-5', 'args': {}}
+    """
+    import torch
+
+    if spec.startswith("artifact:"):
+        raise SpecError(f"source {spec!r}: give the spec of the architecture (py:FILE.py:FACTORY, zoo:, "
+                        "torchvision:, hf:), not an artifact")
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, args=args)
+    except SpecError:  # a builder that computes with its tensors needs real ones
+        model = build_model(spec, args=args)
+    return dict(getattr(model, SOURCE_ATTR))
+
+
+def attach_source(model: nn.Module, spec: str, args: dict[str, Any] | None = None) -> nn.Module:
+    """Record on a module of your own how its architecture is rebuilt (``py:FILE.py:FACTORY``
+    called with ``args``, or any model spec), so that :func:`torchslim.save` can save it and
+    ``artifact:DIR`` load it. Returns ``model``; its weights are not touched.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> m = attach_source(nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100),
+    ...                                 nn.ReLU(), nn.Linear(100, 10)), "zoo:lenet-300-100")
+    >>> getattr(m, SOURCE_ATTR)["spec"]
+    'zoo:lenet-300-100'
+    """
+    object.__setattr__(model, SOURCE_ATTR, source_record(spec, args))
+    if not hasattr(model, EDITS_ATTR):
+        object.__setattr__(model, EDITS_ATTR, [])
+    return model
 
 
 # prefix -> fn(record) -> module, for sources whose spec alone cannot rebuild (hf: config inline)

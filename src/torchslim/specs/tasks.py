@@ -26,6 +26,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DataError, SpecError, did_you_mean
 from ..modules import eval_mode
+from ..outputs import prediction
+from ..progress import Progress
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -76,7 +78,9 @@ class Task:
 
     # -- model I/O -----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(batch[0])
+        """The model's prediction on a batch: its output, or the output its selector names when
+        it returns a tuple or mapping (:func:`torchslim.outputs.prediction`)."""
+        return prediction(model, model(batch[0]))
 
     def targets(self, batch: Any) -> torch.Tensor:
         return batch[1]
@@ -93,13 +97,14 @@ class Task:
                                              collate_fn=self.collate)
         correct = total = 0
         device = _device_of(model)
-        with eval_mode(model):
+        with eval_mode(model), Progress(len(loader), f"{self.metric_name} on {split}", unit="batch") as bar:
             for batch in loader:
                 batch = to_device(batch, device)
                 pred = self.forward(model, batch).argmax(dim=-1)
                 tgt = self.targets(batch)
                 correct += int((pred == tgt).sum())
                 total += int(tgt.numel())
+                bar.update(1)
         return correct / max(total, 1)
 
     def chance_level(self, split: str = "test") -> float | None:

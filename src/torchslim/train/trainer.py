@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from .. import distributed as tsdist
 from ..errors import ArtifactError, UserError
 from ..fileio import atomic_path
 from ..modules import eval_mode
+from ..progress import Progress, emit
 from ..specs.tasks import Task, _device_of, to_device
 from .config import TrainConfig
 from .plugins import CallbackPlugin, TrainingPlugin
@@ -365,8 +365,7 @@ class Trainer:
                 find_unused_parameters=self._has_unused_params(params, dataset, device))
         loggers = self._loggers()
         step = start_epoch * steps_per_epoch
-        bar = tqdm(total=total_steps, initial=step, desc=self.desc, unit="step", leave=False,
-                   disable=None if tsdist.is_main() else True)
+        bar = Progress(total_steps, self.desc, initial=step, enabled=tsdist.is_main())
         try:
             for epoch in range(start_epoch, c.epochs):
                 # the epoch's randomness depends on (seed, epoch, rank) only, so a resumed run
@@ -405,8 +404,7 @@ class Trainer:
                     n = len(self.task.targets(batch))
                     running += float(loss.detach()) * n
                     seen += n
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{running / max(seen, 1):.4f}")
+                    bar.update(1, epoch=f"{epoch + 1}/{c.epochs}", loss=running / max(seen, 1))
                 running, seen = tsdist.all_reduce_sum([running, seen])  # the loss over all ranks
                 val = self._validate(model)
                 record = {"train/loss": running / max(seen, 1), "train/lr": lr}
@@ -436,6 +434,7 @@ class Trainer:
                 if tsdist.is_main():
                     log.info("%s epoch %d/%d loss %.4f%s", self.desc, epoch + 1, c.epochs,
                              record["train/loss"], f" val {val:.4f}" if val is not None else "")
+                    emit("epoch", desc=self.desc, epoch=epoch + 1, epochs=c.epochs, **record)
                 if stop:
                     if tsdist.is_main():
                         log.info("%s: early stop after epoch %d (best val %.4f)", self.desc,
