@@ -220,6 +220,8 @@ def test_global_pruning_reports_and_can_cap_a_collapsing_layer(caplog):
     assert set(layers) == set(names) and layers["3"] >= 0.99
     assert any("removed" in r.message and "layer 3" in r.message for r in caplog.records if r.levelname == "WARNING")
     assert "3 100.0%" in caplog.text or "3 99." in caplog.text
+    # recorded for the step's row (the report's banner), not only logged
+    assert [w["code"] for w in ctx.warnings] == ["layer_collapse"] and "layer 3" in ctx.warnings[0]["message"]
 
     capped = torchslim.apply(m, MagnitudePruneConfig(sparsity=0.8, max_layer_sparsity=0.9))
     zeros = {n: int((capped.get_submodule(n).weight == 0).sum()) for n in names}

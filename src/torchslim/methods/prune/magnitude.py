@@ -215,7 +215,7 @@ def _magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx) -> nn.Module
              config.scope, len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
-            log.warning("magnitude pruning removed %.2f%% of layer %s: it barely passes a signal; set "
-                        "max_layer_sparsity (e.g. 0.95) or scope: layer", 100 * v, n)
+            ctx.warn("layer_collapse", f"magnitude pruning removed {100 * v:.2f}% of layer {n}: it barely passes a "
+                                       "signal; set max_layer_sparsity (e.g. 0.95) or scope: layer")
     ctx.info.setdefault("metrics", {})["layer_sparsity"] = {n: round(v, 4) for n, v in per_layer.items()}
     return model
