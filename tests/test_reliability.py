@@ -145,3 +145,81 @@ def test_measure_refuses_a_model_with_nan_weights(tmp_path, capsys):
     weights = _nan_weights(tmp_path, where="bias")
     code, err = _cli(["measure", "zoo:digits-cnn", "--task", "digits", "--weights", weights], capsys)
     assert code == 2 and "non-finite weights: 0.bias (3 NaN, 0 inf)" in err, err
+
+
+EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\ndef f():\n    import torch\n    return torch.nn.Linear(1, 1)\n"
+
+
+def _evil(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    return tmp_path / "evil.py", marker
+
+
+def test_export_does_not_run_a_py_task_named_in_metrics_json(tmp_path, capsys, monkeypatch):
+    from torchslim.artifact import TRUST_ENV
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    evil, marker = _evil(tmp_path)
+    run = tmp_path / "run"
+    torchslim.save(torchslim.build_model("zoo:digits-cnn"), run / "model")
+    (run / "metrics.json").write_text(json.dumps({"task": f"py:{evil}:f", "steps": []}))
+    code, err = _cli(["export", run, "--format", "onnx"], capsys)
+    assert code == 2 and "name the task yourself with --task" in err, err
+    assert not marker.exists()
+    pytest.importorskip("onnxruntime")
+    code, err = _cli(["export", run, "--format", "onnx", "--task", "digits"], capsys)
+    assert code == 0 and (run / "onnx" / "model.onnx").is_file() and not marker.exists(), err
+
+
+def _crash_in_second_step(monkeypatch):
+    import torchslim.pipeline as pl
+
+    real, calls = pl.apply_step, []
+
+    def flaky(model, step, ctx):
+        calls.append(step.key)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in step 2")
+        return real(model, step, ctx)
+
+    monkeypatch.setattr(pl, "apply_step", flaky)
+
+
+def test_resume_refuses_a_checkpoint_edited_to_run_another_python_file(tmp_path, monkeypatch):
+    from torchslim.artifact import TRUST_ENV
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    _crash_in_second_step(monkeypatch)
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "steps": [{"prune": {"method": "magnitude"}}, {"quantize": {"method": "linear"}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    with pytest.raises(RuntimeError, match="simulated"):
+        torchslim.compress(recipe, tmp_path / "run")
+    evil, marker = _evil(tmp_path)
+    manifest = tmp_path / ".run.partial" / "steps" / "01-prune-magnitude" / "model" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["source"] = {"spec": f"py:{evil}:f", "args": {}, "file": str(evil), "factory": "f"}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(torchslim.errors.ArtifactError, match="refused: rebuilding this model imports"):
+        torchslim.compress(recipe, tmp_path / "run", resume=True)
+    assert not marker.exists()
+
+
+def test_resume_rebuilds_the_recipes_own_py_model_without_a_trust_flag(tmp_path, monkeypatch):
+    from torchslim.artifact import TRUST_ENV
+
+    root = Path(torchslim.__file__).resolve().parents[2]
+    monkeypatch.setenv(TRUST_ENV, "1")                     # building the model the recipe names
+    _crash_in_second_step(monkeypatch)
+    recipe = {"model": f"py:{root / 'tests/assets/architectures.py'}:bn_convnet", "task": "digits",
+              "steps": [{"prune": {"method": "magnitude"}}, {"quantize": {"method": "linear"}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    with pytest.raises(RuntimeError, match="simulated"):
+        torchslim.compress(recipe, tmp_path / "run")
+    monkeypatch.delenv(TRUST_ENV)
+    import torchslim.pipeline as pl
+
+    monkeypatch.setattr(pl, "preflight", lambda r, d=None: (None, torchslim.build_task("digits")))
+    metrics = torchslim.compress(recipe, tmp_path / "run", resume=True)   # loads step 1's checkpoint
+    assert [s["name"] for s in metrics["steps"]] == ["baseline", "prune-magnitude", "quantize-linear"]

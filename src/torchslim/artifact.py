@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -471,7 +471,7 @@ def _on_meta(model: nn.Module, exclude: dict[str, Any]) -> bool:
     return any(t.device.type == "meta" for n, t in named.items() if n not in exclude)
 
 
-def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, *, trust_code: bool = False, trusted_code: Collection[str] = ()) -> nn.Module:
     """Rebuild the model saved at ``path``, checking the manifest, checksums, keys, shapes, dtypes.
 
     Parameters
@@ -483,6 +483,10 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
         architecture imports (runs). That is refused unless ``trust_code=True`` or the
         environment variable ``TORCHSLIM_TRUST_CODE=1``: pass it only for artifacts you trust,
         as anyone who can edit ``manifest.json`` can point it at another file.
+    trusted_code : collection of str
+        sha256 digests (hex) of Python files the caller vouches for without trusting every
+        file: a run resuming from its checkpoints passes those of the ``py:`` files its own
+        recipe names, so a checkpoint pointing at any other file is refused.
     """
     from safetensors.torch import load_file
 
@@ -505,7 +509,7 @@ def load(path: str | os.PathLike, *, trust_code: bool = False) -> nn.Module:
             raise ArtifactError(f"{f}: checksum mismatch: the file is truncated or was modified")
     if source["spec"].partition(":")[0] == "py":
         code = path / source["code"] if "code" in source else Path(source["file"])
-        if not _code_trusted(trust_code):
+        if not _code_trusted(trust_code) and not (trusted_code and code.is_file() and _sha256(code) in trusted_code):
             raise ArtifactError(
                 f"{path}: refused: rebuilding this model imports and runs the Python file {code} "
                 f"({'a copy of ' + source['file'] + ', ' if 'code' in source else ''}"

@@ -164,6 +164,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_of_run(d: Path) -> str | None:
+    """The task a run directory's metrics.json names: read from disk, so untrusted: a ``py:``
+    task (a Python file that building it would run) is used only with --trust-code."""
+    from .artifact import TRUST_ENV
+
+    try:
+        data = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{d / 'metrics.json'}: unreadable ({clip(str(exc), 200)}); pass --task") from None
+    task = data.get("task") if isinstance(data, dict) else None
+    if task is not None and not isinstance(task, str):
+        raise UserError(f"{d / 'metrics.json'}: 'task' is not a task spec; pass --task")
+    if task and task.startswith("py:") and os.environ.get(TRUST_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        raise UserError(f"{d / 'metrics.json'} names the task {clip(task, 200)!r}, a Python file that building it would "
+                        "run; name the task yourself with --task, or pass --trust-code if you trust that file")
+    return task
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .artifact import load
     from .measure import check_runs
@@ -175,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         art, out = d / "model", d / "onnx" / "model.onnx"
         task_spec = args.task
         if task_spec is None and (d / "metrics.json").is_file():
-            task_spec = json.loads((d / "metrics.json").read_text()).get("task")
+            task_spec = _task_of_run(d)
     elif (d / "manifest.json").is_file():
         art, out, task_spec = d, d.parent / "onnx" / "model.onnx", args.task
     else:

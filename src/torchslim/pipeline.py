@@ -392,6 +392,41 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
     return metrics, model
 
 
+def recipe_code_digests(recipe: Recipe) -> frozenset[str]:
+    """sha256 digests of the ``py:`` model files the recipe itself names (its model, and any
+    teacher or student spec in a step): the code a resumed run may rebuild its own checkpoints
+    from. A checkpoint whose manifest was edited to name another file is refused."""
+    import dataclasses
+    import hashlib
+
+    from .config import ModelRef
+
+    specs: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, ModelRef):
+            specs.append(value.spec)
+        elif isinstance(value, str) and value.startswith("py:"):
+            specs.append(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(recipe.model)
+    for step in recipe.steps:
+        walk(step.config)
+    digests = set()
+    for spec in specs:
+        prefix, _, ref = spec.partition(":")
+        file = Path(ref.rpartition(":")[0]).expanduser()
+        if prefix == "py" and file.is_file():
+            digests.add(hashlib.sha256(file.read_bytes()).hexdigest())
+    return frozenset(digests)
+
+
 class OutputDir(RunObserver):
     """The observer that makes a run an output directory (CONTRACT section 5).
 
@@ -410,6 +445,7 @@ class OutputDir(RunObserver):
                  keep_checkpoints: bool = True) -> None:
         self.recipe, self.out, self.partial, self.resume = recipe, out, partial, resume
         self.keep_checkpoints = keep_checkpoints
+        self.trusted_code = recipe_code_digests(recipe)
         self._t0 = time.perf_counter()
         self.run_info: dict[str, Any] = {
             "started": _utc_now(), "finished": None, "wall_s": None, "command": list(sys.argv),
@@ -425,7 +461,10 @@ class OutputDir(RunObserver):
 
     def load_model(self, index: int) -> nn.Module | None:
         path = self._dir(index) / "model"
-        return load(path, trust_code=True) if path.is_dir() else None  # this run's own checkpoints
+        if not path.is_dir():
+            return None
+        # this run's own checkpoints: only the py: files the recipe names may be imported
+        return load(path, trusted_code=self.trusted_code)
 
     def workdir(self, index: int) -> Path:
         return self._dir(index)
