@@ -400,13 +400,21 @@ def _alias_bomb() -> str:
      "62.5 GiB (limit 4 GiB)"),
     (["compress", "r.yaml", "--bogus"], GOOD, "unrecognized arguments: --bogus"),
     (["measure", "py:ex.py:f", "--task", "digits"], None, "called sys.exit(3)"),
+    (["measure", "zoo:digits-cnn", "--task", "py:ex.py:raising"], None,
+     "the task factory raised ValueError: no data here"),
+    (["compress", "r.yaml", "--dry-run", "--set", "measure.batch_sizes=[]"], GOOD, "give at least one batch size"),
+    (["report", "run"], None, "5,000 batch sizes; a report shows at most 64"),
 ])
 def test_hostile_inputs_give_one_bounded_error(tmp_path, monkeypatch, args, recipe, needle):
     """Every bad input: exit 2, a few short ``error:`` lines, in seconds, without a traceback."""
     monkeypatch.chdir(tmp_path)
     if recipe is not None:
         (tmp_path / "r.yaml").write_text(recipe)
-    (tmp_path / "ex.py").write_text("import sys\ndef f():\n    sys.exit(3)\n")
+    (tmp_path / "ex.py").write_text("import sys\ndef f():\n    sys.exit(3)\n"
+                                    "def raising():\n    raise ValueError('no data here')\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"schema_version": 1, "steps": [
+        {"name": "baseline", "verb": "baseline", "latency_ms": {str(i): 1.0 for i in range(5000)}}]}))
     r = subprocess.run([sys.executable, "-m", "torchslim", *args], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr[-2000:]

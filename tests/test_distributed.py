@@ -166,12 +166,13 @@ def test_torchrun_bad_input_exits_2_on_every_rank(tmp_path, resume):
     """Bad input under torchrun: every rank exits 2 at once. Regression: the --resume recipe check
     ran on rank 0 alone, so rank 1 waited at a barrier until torchrun killed it."""
     (tmp_path / "recipe.yaml").write_text(RECIPE.replace("FORMATS", "[artifact]"))
-    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "steps" / "00-baseline").mkdir(parents=True)
+    (tmp_path / ".run.partial" / "steps" / "00-baseline" / "step.json").write_text("{}")
     (tmp_path / ".run.partial" / "recipe.yaml").write_text("model: {spec: 'zoo:lenet-5'}\n")
     r = torchrun(tmp_path, "-m", "torchslim", "compress", "recipe.yaml", "--out", "run",
                  *(["--resume"] if resume else []), timeout=90)
     assert r.returncode != 0
-    msg = ("error: --resume: the recipe differs from the one the failed run used" if resume else
+    msg = ("error: --resume: the baseline already finished with other settings (" if resume else
            "error: a failed run left its checkpoints in .run.partial; pass --resume")
     assert r.stderr.count(msg) >= 1
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", r.stderr)   # torchrun's report of failed ranks

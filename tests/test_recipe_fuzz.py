@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +22,10 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 
+#: examples per property: a bounded run in the suite, a long one from bench/fuzz_files.py
+N = max(1, int(300 * float(os.environ.get("TORCHSLIM_FUZZ_SCALE", "1"))))
+
+
 def _check(data):
     try:
         Recipe.from_dict(data)
@@ -27,13 +33,13 @@ def _check(data):
         pass
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values)
 def test_arbitrary_input_is_a_recipe_or_a_clear_error(data):
     _check(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.dictionaries(keys, values, min_size=1, max_size=2), max_size=3),
        train=values, model=values)
 def test_near_valid_recipes(steps, train, model):

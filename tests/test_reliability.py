@@ -223,3 +223,20 @@ def test_resume_rebuilds_the_recipes_own_py_model_without_a_trust_flag(tmp_path,
     monkeypatch.setattr(pl, "preflight", lambda r, d=None: (None, torchslim.build_task("digits")))
     metrics = torchslim.compress(recipe, tmp_path / "run", resume=True)   # loads step 1's checkpoint
     assert [s["name"] for s in metrics["steps"]] == ["baseline", "prune-magnitude", "quantize-linear"]
+
+
+def test_temporaries_of_a_killed_writer_do_not_reach_the_final_directory(tmp_path, monkeypatch):
+    """A kill during plotting or saving leaves a 0-byte temporary; the resumed run removes it."""
+    _crash_in_second_step(monkeypatch)
+    recipe = {"model": "zoo:digits-cnn", "task": "digits",
+              "steps": [{"prune": {"method": "magnitude"}}, {"quantize": {"method": "linear"}}],
+              "measure": {"batch_sizes": [1], "latency": False}}
+    with pytest.raises(RuntimeError, match="simulated"):
+        torchslim.compress(recipe, tmp_path / "run")
+    partial = tmp_path / ".run.partial"
+    (partial / "plots").mkdir(exist_ok=True)
+    (partial / "plots" / ".size.png.4242.0123abcd.tmp").write_bytes(b"")
+    (partial / "steps" / "01-prune-magnitude" / ".model.k2x_9a0b").mkdir()
+    torchslim.compress(recipe, tmp_path / "run", resume=True)
+    leftovers = [p for p in (tmp_path / "run").rglob(".*")]
+    assert leftovers == [], leftovers

@@ -53,6 +53,8 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 #: the copy of a ``py:`` model's Python file inside the artifact
 SOURCE_CODE = "source.py"
+#: the largest manifest.json read (a 1000-layer model's is about 1 MiB)
+MAX_MANIFEST_BYTES = 32 << 20
 #: setting this environment variable to 1 has the effect of ``load(..., trust_code=True)``
 TRUST_ENV = "TORCHSLIM_TRUST_CODE"
 
@@ -338,7 +340,7 @@ def validate_manifest(manifest: dict[str, Any], mf: Path) -> None:
         shape = info.get("shape")
         c.need(isinstance(shape, list) and all(_is_int(d) and 0 <= d < 2**62 for d in shape), f"{key}.shape",
                "a list of non-negative integers", shape)
-        c.need(info.get("dtype") in DTYPES, f"{key}.dtype", f"one of {', '.join(DTYPES)}", info.get("dtype"))
+        c.need(isinstance(info.get("dtype"), str) and info.get("dtype") in DTYPES, f"{key}.dtype", f"one of {', '.join(DTYPES)}", info.get("dtype"))
         parts = c.mapping(info.get("parts"), f"{key}.parts")
         c.need(all(isinstance(k, str) for k in parts.values()), f"{key}.parts",
                "a mapping of part names to tensor names in the safetensors file", parts)
@@ -358,6 +360,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not mf.is_file():
         raise ArtifactError(f"{path} is not a torchslim artifact: {MANIFEST} is missing")
     try:
+        size = mf.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # refused unread: a manifest of a large model is a few MiB
+            raise ArtifactError(f"{mf}: {size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,} bytes")
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{mf}: corrupt manifest: {type(exc).__name__}: {exc}") from None

@@ -7,6 +7,7 @@ Bad input prints one ``error:`` line without a traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -375,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            sys.stderr.write(f"error: no space left on the device{where}; free some and rerun (compress: with "
+                             "--resume, the finished steps are kept)\n")
+            return 2
         if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or (
                 type(exc).__name__ == "OutOfMemoryError"):
             sys.stderr.write(f"error: out of memory: {_first_line(exc) or type(exc).__name__}; use smaller batch "

@@ -214,7 +214,7 @@ def validate_edits(edits: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             raise bad(i, "must be a mapping")
         op = rec.get("op")
-        if op not in _EDITS:
+        if not isinstance(op, str) or op not in _EDITS:
             raise bad(i, f"has unknown op {op!r}{did_you_mean(str(op), _EDITS)}; known: {', '.join(sorted(_EDITS))}")
         if not isinstance(rec.get("target"), str):
             raise bad(i, "needs a string 'target' (a module name)")

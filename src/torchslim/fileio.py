@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,33 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented, strict JSON to ``path`` atomically (non-finite floats become
     null: see :func:`strict_json`)."""
     write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False))
+
+
+#: names of what a writer killed mid-write leaves: atomic_path's files, artifact.save's folders
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$|^\.model\.[a-z0-9_]{8}$")
+
+
+def sweep_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Remove, under ``root``, the temporary files and folders of writers that were killed
+    before they could rename or remove them (a kill during plotting or saving); returns them.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / ".a.png.123.0123abcd.tmp").write_bytes(b"")
+    >>> [p.name for p in sweep_temporaries(d)], list(d.iterdir())
+    (['.a.png.123.0123abcd.tmp'], [])
+    """
+    import shutil
+
+    found = [p for p in Path(root).rglob(".*") if _TEMPORARY.match(p.name)]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 @contextlib.contextmanager

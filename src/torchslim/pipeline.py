@@ -29,7 +29,7 @@ from . import distributed as tsdist
 from ._version import __version__
 from .artifact import load, save
 from .errors import Problems, UserError
-from .fileio import exclusive_lock, write_json, write_text
+from .fileio import exclusive_lock, sweep_temporaries, write_json, write_text
 from .measure import check_runs, measure
 from .numerics import check_finite_outputs, check_finite_weights
 from .progress import emit
@@ -497,6 +497,8 @@ class OutputDir(RunObserver):
                 for item in sdir.iterdir():
                     if item.name != "step.json":
                         shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for p in sweep_temporaries(self.partial):  # left by a writer killed in an earlier attempt
+            log.debug("removed the leftover temporary %s", p)
         if self.out.exists():
             self.out.rmdir()  # empty (checked before the run)
         os.replace(self.partial, self.out)
@@ -535,6 +537,10 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
     saved = partial / "recipe.yaml"
     try:
         old = yaml.safe_load(saved.read_text())
+        try:  # written by this or an earlier torchslim: fields added since then take their defaults
+            old = Recipe.from_dict(old).to_dict()
+        except UserError:
+            pass  # compared as written
         old_stages = _stages(old)
     except (yaml.YAMLError, OSError, AttributeError, TypeError) as exc:
         return f"--resume: cannot read the failed run's recipe {saved} ({exc}); start a new --out"

@@ -73,6 +73,9 @@ class MeasureConfig(MethodConfig):
     def validate(self) -> None:
         from .runtime import runtime_class
 
+        if not self.batch_sizes:
+            raise RecipeError("MeasureConfig.batch_sizes: give at least one batch size, e.g. [1, 32]")
+
         try:
             runtime_class(self.runtime)
         except RecipeError as exc:

@@ -780,6 +780,12 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
 
 # -- files -----------------------------------------------------------------------------------
 
+#: the most steps and latency batch sizes a report renders (a run has a handful; more is not a
+#: metrics.json torchslim wrote, and rendering it would take minutes)
+MAX_STEPS = 1000
+MAX_BATCH_SIZES = 64
+
+
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``run_dir/metrics.json``.
 
@@ -803,6 +809,8 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{mf}: not a torchslim metrics.json (expected an object with a 'steps' list)")
     if not metrics["steps"]:
         raise UserError(f"{mf}: 'steps' is empty; a run writes its baseline as steps[0]")
+    if len(metrics["steps"]) > MAX_STEPS:
+        raise UserError(f"{mf}: {len(metrics['steps']):,} steps; a report shows at most {MAX_STEPS:,}")
     for i, s in enumerate(metrics["steps"]):
         where = f"{mf}: steps[{i}]"
         if not isinstance(s, dict):
@@ -813,7 +821,11 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
                 raise UserError(f"{where}.{key} = {v!r}: expected a number or null")
         for key in ("latency_ms", "metric"):
             if s.get(key) is not None and not isinstance(s[key], dict):
-                raise UserError(f"{where}.{key} = {s[key]!r}: expected an object or null")
+                raise UserError(f"{where}.{key} = {str(s[key])[:80]!r}: expected an object or null")
+        for key in ("latency_ms", "latency", "onnx_latency_ms", "onnx_latency"):
+            if isinstance(s.get(key), dict) and len(s[key]) > MAX_BATCH_SIZES:
+                raise UserError(f"{where}.{key}: {len(s[key]):,} batch sizes; a report shows at most "
+                                f"{MAX_BATCH_SIZES}")
         for key in ("warnings", "layers", "training"):
             if s.get(key) is not None and not isinstance(s[key], list):
                 raise UserError(f"{where}.{key} = {s[key]!r}: expected a list of objects")

@@ -64,7 +64,32 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                             f"{' '.join(str(exc).split())[:200] or type(exc).__name__}") from None
 
 
+#: how much larger than the file its members may unpack to: ``torch.save`` stores them
+#: uncompressed, so a deflated member is a zip bomb rather than a checkpoint
+MAX_UNPACK_RATIO = 4
+
+
+def _check_zip(path: Path) -> None:
+    """Refuse a zip whose members would unpack to far more than the file holds (``torch.save``
+    writes stored, uncompressed members), before ``torch.load`` inflates anything."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            unpacked = sum(info.file_size for info in zf.infolist())
+    except Exception as exc:  # BadZipFile, NotImplementedError (unknown zip version), OSError, ...
+        raise ArtifactError(f"{path}: cannot read weights: a damaged zip ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})") from None
+    size = path.stat().st_size
+    if unpacked > MAX_UNPACK_RATIO * size + (1 << 20):
+        raise ArtifactError(f"{path}: refused: its zip members unpack to {unpacked:,} bytes from a {size:,}-byte "
+                            "file; torch.save stores tensors uncompressed, so this is not a checkpoint")
+
+
 def _torch_load(path: Path) -> object:
+    _check_zip(path)
     try:
         with warnings.catch_warnings():
             # torch warns about any pickle protocol but 2 and about sparse tensors it validates;

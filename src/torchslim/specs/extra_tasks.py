@@ -103,7 +103,13 @@ def _py_task(ref: str, data_dir: Path) -> Task:
             raise SpecError(f"py:{ref}: the factory cannot be called as {fn.__name__}("
                             f"{'data_dir=...' if kwargs else ''}): {exc}; a task factory takes no "
                             "required arguments, or a keyword argument data_dir") from None
-    task = fn(**kwargs)
+    try:
+        task = fn(**kwargs)
+    except (SpecError, DataError):
+        raise
+    except Exception as exc:  # the user's own factory failed: its message, and --debug shows where
+        raise SpecError(f"py:{ref}: the task factory raised {type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
     if not isinstance(task, Task):
         raise SpecError(f"py:{ref} returned {type(task).__name__}, not a task: the factory must return "
                         "an instance of a torchslim.specs.Task subclass")
