@@ -186,16 +186,22 @@ def _crash_in_second_step(monkeypatch):
     monkeypatch.setattr(pl, "apply_step", flaky)
 
 
-def test_resume_refuses_a_checkpoint_edited_to_run_another_python_file(tmp_path, monkeypatch):
-    from torchslim.artifact import TRUST_ENV
-
-    monkeypatch.delenv(TRUST_ENV, raising=False)
+def _crashed_run(tmp_path: Path, monkeypatch) -> dict:
+    """Run prune then quantize into tmp_path/run, crashing in the quantize step; returns the recipe."""
     _crash_in_second_step(monkeypatch)
     recipe = {"model": "zoo:digits-cnn", "task": "digits",
               "steps": [{"prune": {"method": "magnitude"}}, {"quantize": {"method": "linear"}}],
               "measure": {"batch_sizes": [1], "latency": False}}
     with pytest.raises(RuntimeError, match="simulated"):
         torchslim.compress(recipe, tmp_path / "run")
+    return recipe
+
+
+def test_resume_refuses_a_checkpoint_edited_to_run_another_python_file(tmp_path, monkeypatch):
+    from torchslim.artifact import TRUST_ENV
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    recipe = _crashed_run(tmp_path, monkeypatch)
     evil, marker = _evil(tmp_path)
     manifest = tmp_path / ".run.partial" / "steps" / "01-prune-magnitude" / "model" / "manifest.json"
     data = json.loads(manifest.read_text())
@@ -227,12 +233,7 @@ def test_resume_rebuilds_the_recipes_own_py_model_without_a_trust_flag(tmp_path,
 
 def test_temporaries_of_a_killed_writer_do_not_reach_the_final_directory(tmp_path, monkeypatch):
     """A kill during plotting or saving leaves a 0-byte temporary; the resumed run removes it."""
-    _crash_in_second_step(monkeypatch)
-    recipe = {"model": "zoo:digits-cnn", "task": "digits",
-              "steps": [{"prune": {"method": "magnitude"}}, {"quantize": {"method": "linear"}}],
-              "measure": {"batch_sizes": [1], "latency": False}}
-    with pytest.raises(RuntimeError, match="simulated"):
-        torchslim.compress(recipe, tmp_path / "run")
+    recipe = _crashed_run(tmp_path, monkeypatch)
     partial = tmp_path / ".run.partial"
     (partial / "plots").mkdir(exist_ok=True)
     (partial / "plots" / ".size.png.4242.0123abcd.tmp").write_bytes(b"")
