@@ -67,6 +67,14 @@ def test_metrics_json_follows_the_contract(demo_run):
         on_disk = sum(f.stat().st_size for f in (d / "model").rglob("*") if f.is_file())
         assert s["size_bytes"] == on_disk
     assert m["steps"][0]["verb"] == "baseline" and m["steps"][0]["method"] is None
+    # how raw digits become the inputs, in metrics.json, the artifact and the ONNX file
+    from torchslim.artifact import read_preprocessing
+    from torchslim.onnx_io import onnx_session
+
+    pre = torchslim.build_task("digits").preprocessing
+    assert m["preprocessing"] == pre and read_preprocessing(out / "model") == pre
+    meta = onnx_session(out / "onnx" / "model.onnx").get_modelmeta().custom_metadata_map
+    assert json.loads(meta["torchslim.preprocessing"]) == pre
 
 
 def test_saved_recipe_reproduces_the_run(tmp_path):

@@ -217,7 +217,8 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
     main = tsdist.is_main()
     metrics: dict[str, Any] = {
         "schema_version": 1, "torchslim_version": __version__, "model": recipe.model.spec,
-        "task": recipe.task, "environment": {**environment(), "device": str(device)}, "steps": []}
+        "task": recipe.task, "preprocessing": task.preprocessing,
+        "environment": {**environment(), "device": str(device)}, "steps": []}
     ctx_base = dict(task=task, out_dir=out_dir, log_dir=log_dir, data_dir=data_dir, device=device)
     wants_baseline = any("baseline" in teacher_roles(s.config) for s in recipe.steps)
     kept_baseline: nn.Module | None = None
@@ -310,8 +311,10 @@ class OutputDir(RunObserver):
     finished. Only rank 0 writes.
     """
 
-    def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool) -> None:
+    def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool,
+                 preprocessing: dict[str, Any] | None = None) -> None:
         self.recipe, self.out, self.partial, self.resume = recipe, out, partial, resume
+        self.preprocessing = preprocessing   # the task's, recorded in every saved artifact
 
     def _dir(self, index: int) -> Path:
         step = None if index == 0 else self.recipe.steps[index - 1]
@@ -331,7 +334,7 @@ class OutputDir(RunObserver):
     def save_model(self, index: int, model: nn.Module) -> Path:
         sdir = self._dir(index)
         sdir.mkdir(parents=True, exist_ok=True)
-        save(model, sdir / "model", extra={"step": sdir.name})
+        save(model, sdir / "model", extra={"step": sdir.name}, preprocessing=self.preprocessing)
         return sdir / "model"
 
     def step_done(self, index: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -395,7 +398,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
     if problem:
         raise UserError(problem)
     (partial / "steps").mkdir(parents=True, exist_ok=True) if main else None
-    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume)]
+    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume, task.preprocessing)]
     if on_step:
         observers.append(_Callback(on_step))
     metrics, _ = execute(recipe, task, first_model, data_dir=data_dir, observers=observers,

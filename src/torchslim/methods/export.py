@@ -1,8 +1,10 @@
 """``export`` step: write the model in shipping formats next to the artifact.
 
 - ``artifact``: DIR/model (always written at the end of a run; listing it is allowed);
-- ``onnx``: DIR/onnx/model.onnx, checked against PyTorch with ONNX Runtime, whose latency is
-  recorded in the step's metrics as ``onnx_latency_ms``; int8 weights are stored as int8
+- ``onnx``: DIR/onnx/model.onnx, with the task's input and output names, a dynamic batch (and
+  sequence length for token inputs) and the task's preprocessing in its ``metadata_props``
+  (:func:`~torchslim.onnx_io.export_for_task`); checked against PyTorch with ONNX Runtime, whose
+  latency is recorded in the step's metrics as ``onnx_latency_ms``; int8 weights are stored as int8
   initializers behind ``DequantizeLinear`` (open it with the session option
   ``session.disable_quant_qdq=1`` to have ONNX Runtime fold them to float once at load);
 - ``torch-export``: DIR/torch-export/model.pt2 (``torch.export``).
@@ -20,7 +22,8 @@ from torch import nn
 from ..config import MethodConfig, option
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..onnx_io import TensorIO, _require_onnx, check_onnx, export_onnx, onnx_session  # noqa: F401  (re-exported)
+from ..onnx_io import (TensorIO, _require_onnx, check_onnx, export_for_task, export_onnx,  # noqa: F401  (re-exported)
+                       onnx_session)
 from ..registry import register_method
 
 log = logging.getLogger(__name__)
@@ -57,10 +60,9 @@ def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
         raise UserError("export needs an output directory (run it in a recipe or call export_onnx)")
     task = ctx.require_task("export")
     metrics = ctx.info.setdefault("metrics", {})
-    inputs = task.example_inputs(1)
     if "onnx" in config.formats:
         from ..measure import measure_latency_onnx
-        path = export_onnx(model, inputs, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
+        path = export_for_task(model, task, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
         metrics["onnx_max_abs_diff"] = check_onnx(model, path, task.example_inputs(4), config.atol,
                                                    config.rtol)
         metrics["onnx_latency_ms"] = measure_latency_onnx(path, task)
