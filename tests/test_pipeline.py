@@ -147,6 +147,9 @@ def test_methods_command_lists_fields():
     for key in ("prune.magnitude", "quantize.linear", "distill.logits", "train.sgd", "export.default"):
         assert key in r.stdout
     assert "sparsity: float = 0.5" in r.stdout
+    # each train method lists its own optimizer and learning rate
+    adamw = r.stdout.split("train.adamw", 1)[1].split("train.sgd", 1)[0]
+    assert 'optimizer: str = "adamw"' in adamw and "lr: float = 0.001" in adamw
 
 
 def test_macs_count_cpu_sdpa_attention():
