@@ -452,6 +452,9 @@ def test_imagefolder_task(tmp_path):
     assert task.classes == ["cat", "dog"]
     (x,) = task.example_inputs(2)
     assert x.shape == (2, 3, 20, 20)                 # shorter side of the first image, square crop
+    rec = task.preprocessing                          # what a deployment must do to an image file
+    assert (rec["shape"], rec["center_crop"], rec["color"]) == ([3, 20, 20], [20, 20], "RGB")
+    assert (rec["mean"], rec["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     # red images -> class 0: a model that reads the red channel mean gets every test image right
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
     with torch.no_grad():
