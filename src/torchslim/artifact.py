@@ -11,7 +11,11 @@
 - ``aliases``: state_dict names that share another entry's tensor (tied weights), stored once:
   ``{"alias": "stored name"}``; absent in artifacts written before aliases existed;
 - ``files``: sha256 and size of every data file (``tensors.safetensors`` at least), checked
-  before anything is read.
+  before anything is read;
+- ``preprocessing``: how raw data becomes the model's inputs, as the task records it
+  (``Task.preprocessing``: for images ``{"input": "image", "scale", "mean", "std", "layout",
+  "dtype", ...}``, for text the tokenizer and ``max_length``), or null when unknown; absent in
+  artifacts written before it existed (read as null; :func:`read_preprocessing`).
 
 Nothing is unpickled: the architecture comes from registered builders, tensors from safetensors.
 Loading rebuilds the architecture with its weights on the meta device (nothing allocated) and
@@ -101,8 +105,12 @@ def _umask() -> int:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None,
-         source: str | None = None, args: dict[str, Any] | None = None) -> int:
+         source: str | None = None, args: dict[str, Any] | None = None,
+         preprocessing: dict[str, Any] | None = None) -> int:
     """Save ``model`` as an artifact directory, atomically; returns its size in bytes.
+
+    ``preprocessing`` (plain JSON values, e.g. a task's ``preprocessing``) is recorded in the
+    manifest for whoever deploys the model.
 
     The directory is written under a temporary sibling name and renamed into place, so a crash
     never leaves a half-written artifact at ``path``. A ``py:`` model's Python file is copied
@@ -196,6 +204,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
             "aliases": aliases,
             "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
             "extra": extra or {},
+            "preprocessing": preprocessing,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
         if path.exists():
@@ -346,6 +355,9 @@ def validate_manifest(manifest: dict[str, Any], mf: Path) -> None:
                "a mapping of part names to tensor names in the safetensors file", parts)
         c.need(isinstance(info.get("meta", {}), dict), f"{key}.meta", "a mapping", info.get("meta"))
 
+    pre = manifest.get("preprocessing")
+    c.need(pre is None or isinstance(pre, dict), '"preprocessing"', "a mapping or null", pre)
+
     aliases = c.mapping(manifest.get("aliases", {}), '"aliases"')
     for alias, target in aliases.items():
         key = f'"aliases"[{alias!r}]'
@@ -379,6 +391,22 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
                             f"({__version__}) reads (<= {FORMAT_VERSION}); upgrade torchslim")
     validate_manifest(manifest, mf)
     return manifest
+
+
+def read_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The preprocessing recorded with the artifact at ``path`` (see the module doc), or None
+    when none was recorded (also for artifacts written before the field existed).
+
+    Examples
+    --------
+    >>> import tempfile, torchslim
+    >>> d = tempfile.mkdtemp() + "/model"
+    >>> task = torchslim.build_task("digits")
+    >>> _ = torchslim.save(torchslim.build_model("zoo:digits-cnn"), d, preprocessing=task.preprocessing)
+    >>> read_preprocessing(d)["mean"]
+    [0.3049]
+    """
+    return read_manifest(path).get("preprocessing")
 
 
 def _code_trusted(trust_code: bool) -> bool:

@@ -186,7 +186,7 @@ def _task_of_run(d: Path) -> str | None:
 def cmd_export(args: argparse.Namespace) -> int:
     from .artifact import load
     from .measure import check_runs
-    from .onnx_io import check_onnx, export_onnx
+    from .onnx_io import check_onnx, export_for_task
     from .specs import build_task
 
     d = Path(args.dir)
@@ -204,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     task = build_task(task_spec, args.data_dir)
     model = load(art)
     check_runs(model, task, f"the model in {art}")
-    path = export_onnx(model, task.example_inputs(1), Path(args.out) if args.out else out, args.opset)
+    path = export_for_task(model, task, Path(args.out) if args.out else out, args.opset)
     diff = check_onnx(model, path, task.example_inputs(4), atol=1e-4)
     _out(f"wrote {path} (ONNX Runtime vs PyTorch max abs diff {diff:.2e})")
     return 0

@@ -1,5 +1,11 @@
 """ONNX in the core: export with a dynamic batch, ONNX Runtime sessions, output checks.
 
+An export for a task (:func:`export_for_task`) serves that task's real inputs: inputs and
+output carry the task's names (``input``, ``input_ids``, ``attention_mask``; ``logits``,
+``token_embeddings``), token inputs keep a dynamic sequence length, and the task's
+preprocessing is recorded in the model's ``metadata_props`` under ``torchslim.preprocessing``
+(JSON), next to ``torchslim.task``.
+
 Used by the ``export`` step, the ``onnxruntime`` measurement runtime and the CLI; kept out of
 the method package so that measurement does not depend on a method (and a method on
 measurement) in a cycle.
@@ -7,7 +13,9 @@ measurement) in a cycle.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,23 +59,59 @@ def _require_onnx() -> None:
         raise UserError(f"ONNX export needs {' and '.join(missing)}: pip install 'torchslim[onnx]'")
 
 
-def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18) -> Path:
-    """Export to ONNX with a dynamic batch dimension; atomic (temporary file, then rename)."""
+def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18, *,
+                input_names: tuple[str, ...] | list[str] | None = None, output_name: str = "output",
+                variable_length: bool = False, metadata: dict[str, str] | None = None) -> Path:
+    """Export to ONNX with a dynamic batch dimension; atomic (temporary file, then rename).
+
+    Parameters
+    ----------
+    inputs : tuple of tensors
+        Example inputs, (batch, ...) each; the exported graph accepts any batch size.
+    input_names, output_name : names of the graph's inputs (default ``input0``, ``input1``, ...)
+        and output.
+    variable_length : bool, default=False
+        Axis 1 of every input and of the output is dynamic too (``sequence``: token inputs).
+    metadata : dict of str, optional
+        Written to the model's ``metadata_props``.
+    """
     _require_onnx()
     path.parent.mkdir(parents=True, exist_ok=True)
     model = TensorIO(model).eval()
-    names = [f"input{i}" for i in range(len(inputs))]
+    names = list(input_names) if input_names else [f"input{i}" for i in range(len(inputs))]
+    if len(names) != len(inputs):
+        raise ValueError(f"export_onnx: {len(inputs)} inputs but {len(names)} input names {names}")
+    axes = {0: "batch", 1: "sequence"} if variable_length else {0: "batch"}
     # nn.MultiheadAttention's inference fast path is one fused op that ONNX has no export for
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), atomic_path(path) as tmp:
-            torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=["output"],
-                              dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+            torch.onnx.export(model, inputs, str(tmp), input_names=names, output_names=[output_name],
+                              dynamic_axes={n: axes for n in [*names, output_name]},
                               opset_version=opset, dynamo=False)
+            if metadata:
+                import onnx
+
+                proto = onnx.load(str(tmp))
+                onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+                onnx.save(proto, str(tmp))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
+
+
+def export_for_task(model: nn.Module, task: Any, path: Path, opset: int = 18) -> Path:
+    """Export ``model`` to serve ``task``'s inputs: the task's input and output names (a task
+    whose input count differs from its names gets ``input0``, ...), a dynamic sequence length
+    for token inputs, and the task's preprocessing in ``metadata_props``
+    (``torchslim.preprocessing``: JSON, ``null`` when the task records none)."""
+    inputs = task.example_inputs(1)
+    names = tuple(task.input_names)
+    return export_onnx(model, inputs, path, opset, input_names=names if len(names) == len(inputs) else None,
+                       output_name=task.output_name, variable_length=task.variable_length,
+                       metadata={"torchslim.task": task.spec,
+                                 "torchslim.preprocessing": json.dumps(task.preprocessing)})
 
 
 def onnx_session(path: Path):
@@ -84,16 +128,22 @@ def onnx_session(path: Path):
 
 
 def check_onnx(model: nn.Module, path: Path, inputs: tuple, atol: float, rtol: float = 1e-4) -> float:
-    """Max abs difference between ONNX Runtime and PyTorch outputs; raises above
-    ``atol + rtol * max|output|`` (float32 kernels differ by rounding, more so on large outputs)."""
+    """Max abs difference between ONNX Runtime and PyTorch outputs; raises RuntimeError above
+    ``atol + rtol * max|output|`` (float32 kernels differ by rounding, more so on large outputs)
+    and NumericalError when either output holds NaN or inf (a NaN difference never passes)."""
     sess = onnx_session(path)
     feed = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
     with torch.no_grad():
         want = TensorIO(model).eval()(*inputs)
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
+        from .numerics import NumericalError
+
+        raise NumericalError(f"ONNX check: non-finite outputs (ONNX Runtime: {int((~torch.isfinite(got)).sum())}, "
+                             f"PyTorch: {int((~torch.isfinite(want)).sum())} values); the model is not shipped")
     diff = float((got - want.cpu()).abs().max())
     bound = atol + rtol * float(want.abs().max())
-    if diff > bound:
+    if not diff <= bound:  # NaN-safe: a NaN difference fails
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} "
                            f"(> {bound:.3g} = atol {atol} + rtol {rtol} * max|output|)")
     return diff

@@ -290,7 +290,8 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
     main = tsdist.is_main()
     metrics: dict[str, Any] = {
         "schema_version": 1, "torchslim_version": __version__, "model": recipe.model.spec,
-        "task": recipe.task, "environment": {**environment(), "device": str(device)}, "steps": []}
+        "task": recipe.task, "preprocessing": task.preprocessing,
+        "environment": {**environment(), "device": str(device)}, "steps": []}
     ctx_base = dict(task=task, out_dir=out_dir, log_dir=log_dir, data_dir=data_dir, device=device,
                     final_dir=final_dir)
     wants_baseline = any("baseline" in teacher_roles(s.config) for s in recipe.steps)
@@ -442,9 +443,10 @@ class OutputDir(RunObserver):
     """
 
     def __init__(self, recipe: Recipe, out: Path, partial: Path, resume: bool,
-                 keep_checkpoints: bool = True) -> None:
+                 keep_checkpoints: bool = True, preprocessing: dict[str, Any] | None = None) -> None:
         self.recipe, self.out, self.partial, self.resume = recipe, out, partial, resume
         self.keep_checkpoints = keep_checkpoints
+        self.preprocessing = preprocessing   # the task's, recorded in every saved artifact
         self.trusted_code = recipe_code_digests(recipe)
         self._t0 = time.perf_counter()
         self.run_info: dict[str, Any] = {
@@ -472,7 +474,7 @@ class OutputDir(RunObserver):
     def save_model(self, index: int, model: nn.Module) -> Path:
         sdir = self._dir(index)
         sdir.mkdir(parents=True, exist_ok=True)
-        save(model, sdir / "model", extra={"step": sdir.name})
+        save(model, sdir / "model", extra={"step": sdir.name}, preprocessing=self.preprocessing)
         return sdir / "model"
 
     def step_done(self, index: int, row: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -654,7 +656,7 @@ def _run_locked(recipe: Recipe, out: Path, *, data_dir: str | None, resume: bool
     if problem:
         raise UserError(problem)
     (partial / "steps").mkdir(parents=True, exist_ok=True) if main else None
-    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume, keep_checkpoints)]
+    observers: list[RunObserver] = [OutputDir(recipe, out, partial, resume, keep_checkpoints, task.preprocessing)]
     if on_step:
         observers.append(_Callback(on_step))
     metrics, _ = execute(recipe, task, first_model, data_dir=data_dir, observers=observers,

@@ -1,9 +1,12 @@
 """``export`` step: write the model in shipping formats next to the artifact.
 
 - ``artifact``: DIR/model (always written at the end of a run; listing it is allowed);
-- ``onnx``: DIR/onnx/model.onnx, checked against PyTorch with ONNX Runtime, whose latency is
-  recorded in the step's metrics as ``onnx_latency_ms`` (medians) and ``onnx_latency`` (per batch
-  size ``median_ms``, ``iqr_ms``, ``cpu_ms``, ``runs``, ``threads``, ``unstable``, as ``latency``); int8 weights are stored as int8
+- ``onnx``: DIR/onnx/model.onnx, with the task's input and output names, a dynamic batch (and
+  sequence length for token inputs) and the task's preprocessing in its ``metadata_props``
+  (:func:`~torchslim.onnx_io.export_for_task`); checked against PyTorch with ONNX Runtime, whose
+  latency is recorded in the step's metrics as ``onnx_latency_ms`` (medians) and ``onnx_latency``
+  (per batch size ``median_ms``, ``iqr_ms``, ``cpu_ms``, ``runs``, ``threads``, ``unstable``, as
+  ``latency``); int8 weights are stored as int8
   initializers behind ``DequantizeLinear`` (open it with the session option
   ``session.disable_quant_qdq=1`` to have ONNX Runtime fold them to float once at load);
 - ``torch-export``: DIR/torch-export/model.pt2 (``torch.export``).
@@ -21,7 +24,8 @@ from torch import nn
 from ..config import MethodConfig, option
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..onnx_io import TensorIO, _require_onnx, check_onnx, export_onnx, onnx_session  # noqa: F401  (re-exported)
+from ..onnx_io import (TensorIO, _require_onnx, check_onnx, export_for_task, export_onnx,  # noqa: F401  (re-exported)
+                       onnx_session)
 from ..registry import register_method
 
 log = logging.getLogger(__name__)
@@ -58,10 +62,9 @@ def _export(model: nn.Module, config: ExportConfig, ctx) -> nn.Module:
         raise UserError("export needs an output directory (run it in a recipe or call export_onnx)")
     task = ctx.require_task("export")
     metrics = ctx.info.setdefault("metrics", {})
-    inputs = task.example_inputs(1)
     if "onnx" in config.formats:
         from ..measure import measure_onnx_timings
-        path = export_onnx(model, inputs, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
+        path = export_for_task(model, task, Path(ctx.out_dir) / "onnx" / "model.onnx", config.opset)
         metrics["onnx_max_abs_diff"] = check_onnx(model, path, task.example_inputs(4), config.atol,
                                                    config.rtol)
         timings = measure_onnx_timings(path, task)

@@ -5,16 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from ..registry import register_method
-from ..train.config import TrainConfig
+from ..train.config import AdamWTrainConfig, SGDTrainConfig
 
 
-@register_method("train.sgd", TrainConfig)
-def _train_sgd(model: nn.Module, config: TrainConfig, ctx) -> nn.Module:
+@register_method("train.sgd", SGDTrainConfig)
+def _train_sgd(model: nn.Module, config: SGDTrainConfig, ctx) -> nn.Module:
     """Train with SGD (momentum) and the configured schedule."""
     return ctx.train(model, config, desc="train")
 
 
-@register_method("train.adamw", TrainConfig)
-def _train_adamw(model: nn.Module, config: TrainConfig, ctx) -> nn.Module:
+@register_method("train.adamw", AdamWTrainConfig)
+def _train_adamw(model: nn.Module, config: AdamWTrainConfig, ctx) -> nn.Module:
     """Train with AdamW (decoupled weight decay) and the configured schedule."""
     return ctx.train(model, config, desc="train")

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError, SpecError
 from .models import _load_py_factory
-from .tasks import Task, register_task
+from .tasks import Task, image_preprocessing, register_task
 
 # ImageNet statistics: what torchvision's pretrained weights expect
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +33,18 @@ class ImageFolderTask(Task):
         super().__init__(spec)
         self.root = root
         self.classes: list[str] = []
+        self.side: int | None = None
+
+    @property
+    def preprocessing(self) -> dict:
+        """RGB, shorter side resized to S (bilinear), centre crop S x S, then
+        ``(raw * scale - mean[c]) / std[c]``; S is known once the data is read."""
+        if self.side is None:
+            self.split("train")
+        rec = image_preprocessing("RGB image file, 8-bit channels 0..255", 1 / 255, IMAGENET_MEAN,
+                                  IMAGENET_STD, (3, self.side, self.side))
+        return {**rec, "color": "RGB", "resize_shorter_side": self.side, "interpolation": "bilinear",
+                "center_crop": [self.side, self.side]}
 
     def _load_splits(self) -> dict[str, Dataset]:
         from PIL import Image
@@ -58,6 +70,7 @@ class ImageFolderTask(Task):
         try:
             with Image.open(first) as im:
                 side = min(min(im.size), MAX_SIDE)
+                self.side = side
         except OSError as exc:
             raise DataError(f"{first}: cannot read image: {exc}") from None
         tf = transforms.Compose([

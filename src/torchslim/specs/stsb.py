@@ -31,9 +31,11 @@ from .tasks import Task, _device_of, register_task, to_device
 
 FILES = {"train": "sts-train.csv", "val": "sts-dev.csv", "test": "sts-test.csv"}
 MAX_LENGTH = 256   # all-MiniLM-L6-v2's max_seq_length; STS-B sentences are far shorter
-# example inputs have one fixed length for every batch size (comparable latencies, static ONNX
-# shapes): about the mean STS-B sentence (14 tokens; 95% are <= 31)
+# example inputs have one fixed length for every batch size, so latencies compare (exports
+# keep the batch and sequence length dynamic): about the mean STS-B sentence (14 tokens; 95% <= 31)
 EXAMPLE_LENGTH = 16
+#: the Hugging Face name of the bundled tokenizer, recorded instead of its local folder
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def read_stsb(path: Path) -> list[tuple[str, str, float]]:
@@ -124,14 +126,19 @@ class STSBTask(Task):
 
     metric_name = "spearman"
     outputs = "embeddings"
+    input_names = ("input_ids", "attention_mask")
+    output_name = "token_embeddings"   # (N, L, D) token states, mean-pooled into the embedding
+    variable_length = True
 
     def chance_level(self, split: str = "test") -> float:
         """Unrelated similarities have a Spearman correlation of 0 with the gold scores."""
         return 0.0
 
-    def __init__(self, spec: str, root: Path, tokenizer_dir: Path, max_length: int = MAX_LENGTH) -> None:
+    def __init__(self, spec: str, root: Path, tokenizer_dir: Path, max_length: int = MAX_LENGTH,
+                 tokenizer_name: str | None = None) -> None:
         super().__init__(spec)
         self.root, self.tokenizer_dir, self.max_length = root, tokenizer_dir, max_length
+        self.tokenizer_name = tokenizer_name    # a hub name for a bundled tokenizer, else its folder
         self._tok: Any = None
 
     @property
@@ -139,6 +146,15 @@ class STSBTask(Task):
         if self._tok is None:
             self._tok = load_tokenizer(self.tokenizer_dir, f"task {self.spec!r}")
         return self._tok
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Tokenizer, truncation and padding of the inputs, and the pooling of the output."""
+        return {"input": "text", "tokenizer": self.tokenizer_name or str(self.tokenizer_dir), "max_length": self.max_length, "truncation": True,
+                "padding": "longest", "pad_token_id": self._pad_id, "inputs": list(self.input_names),
+                "dtype": "int64", "output": self.output_name,
+                "pooling": "mean of the output over the positions where attention_mask is 1",
+                "similarity": "cosine"}
 
     def _tokenize(self, sentences: list[str]) -> list[list[int]]:
         return self.tokenizer(sentences, truncation=True, max_length=self.max_length)["input_ids"]
@@ -209,6 +225,5 @@ def _stsb(arg: str, data_dir: Path) -> Task:
         if not tok_dir.is_dir():
             raise SpecError(f"stsb:{arg}: tokenizer directory not found: {tok_dir} (expected a folder "
                             "with tokenizer.json or vocab.txt, e.g. the model's save_pretrained folder)")
-    else:
-        tok_dir = minilm_dir()
-    return STSBTask("stsb", data_dir / "stsbenchmark", tok_dir)
+        return STSBTask("stsb", data_dir / "stsbenchmark", tok_dir)
+    return STSBTask("stsb", data_dir / "stsbenchmark", minilm_dir(), tokenizer_name=MINILM_NAME)

@@ -51,6 +51,12 @@ class Task:
     #: what ``forward`` returns: "logits" (class scores) or "embeddings"; logit distillation
     #: needs "logits"
     outputs: str = "logits"
+    #: names of the model's inputs, in the order :meth:`example_inputs` gives them, and of its
+    #: output: the names an exported model (ONNX) serves under
+    input_names: tuple[str, ...] = ("input",)
+    output_name: str = "logits"
+    #: whether the inputs are token sequences whose length varies (axis 1 after the batch)
+    variable_length: bool = False
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -68,6 +74,13 @@ class Task:
 
     def collate(self, items: list) -> Any:
         return torch.utils.data.default_collate(items)
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """How raw data becomes the model's inputs, as plain JSON values (recorded in
+        metrics.json, the artifact manifest and ONNX metadata, so a deployment feeds the model
+        what it was trained on); ``None`` when the task does not say (a ``py:`` task may)."""
+        return None
 
     def example_inputs(self, batch_size: int = 1) -> tuple:
         """Inputs for one forward pass with ``batch_size`` rows (latency, MACs, export)."""
@@ -168,19 +181,46 @@ def build_task(spec: str, data_dir: str | os.PathLike | None = None) -> Task:
 
 
 # -- digits (built in, no files) ---------------------------------------------------------
+def image_preprocessing(raw: str, scale: float, mean: tuple[float, ...], std: tuple[float, ...],
+                        shape: tuple[int, ...]) -> dict[str, Any]:
+    """The record of an image task's preprocessing: ``x = (raw * scale - mean[c]) / std[c]``
+    per channel ``c``, computed in float32, laid out (N, C, H, W)."""
+    return {"input": "image", "raw": raw, "scale": scale, "mean": list(mean), "std": list(std),
+            "formula": "(raw * scale - mean[c]) / std[c]", "layout": "NCHW", "dtype": "float32",
+            "shape": list(shape)}
+
+
+def normalize_images(raw: np.ndarray, scale: float, mean: float, std: float) -> torch.Tensor:
+    """(N, H, W) raw pixel values -> (N, 1, H, W) float32 ``(raw * scale - mean) / std``."""
+    t = torch.from_numpy(raw.astype(np.float32)).unsqueeze(1)       # (N, 1, H, W)
+    return (t * scale - mean) / std
+
+
+#: mean and std of the digits training split after scaling to [0, 1] (pixel values are 0..16)
+DIGITS_MEAN, DIGITS_STD = 0.3049, 0.3758
+
+
 class DigitsTask(Task):
-    """scikit-learn's bundled 8x8 digits; fixed stratified split 1257 train / 180 val / 360 test."""
+    """scikit-learn's bundled 8x8 digits; fixed stratified split 1257 train / 180 val / 360 test.
+
+    Inputs (N, 1, 8, 8) are the pixel values 0..16 scaled to [0, 1] and standardized with the
+    training split's mean and std (:attr:`preprocessing`)."""
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return image_preprocessing("sklearn.datasets.load_digits pixel values 0..16", 1 / 16,
+                                   (DIGITS_MEAN,), (DIGITS_STD,), (1, 8, 8))
 
     def _load_splits(self) -> dict[str, Dataset]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        x, y = load_digits(return_X_y=True)
-        x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)   # (N, 1, 8, 8) in [0, 1]
+        raw, y = load_digits(return_X_y=True)
+        x = normalize_images(raw.reshape(-1, 8, 8), 1 / 16, DIGITS_MEAN, DIGITS_STD)  # (N, 1, 8, 8)
         idx = np.arange(len(y))
         rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
         train, val = train_test_split(rest, test_size=180, stratify=y[rest], random_state=0)
-        t = lambda ids: TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]).long())  # noqa: E731
+        t = lambda ids: TensorDataset(x[ids], torch.from_numpy(y[ids]).long())  # noqa: E731
         return {"train": t(train), "val": t(val), "test": t(test)}
 
 
@@ -228,6 +268,11 @@ class IdxClassificationTask(Task):
         super().__init__(spec)
         self.root, self.mean, self.std = root, mean, std
 
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return image_preprocessing("IDX uint8 pixel values 0..255", 1 / 255, (self.mean,), (self.std,),
+                                   (1, 28, 28))
+
     def _find(self, stem: str) -> Path:
         for cand in (self.root / (stem + ".gz"), self.root / stem):
             if cand.is_file():
@@ -243,11 +288,7 @@ class IdxClassificationTask(Task):
         arrays = [read_idx(self._find(s)) for s in self.FILES]
         xtr, ytr, xte, yte = arrays
 
-        def prep(x: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, 28, 28)
-            return (t - self.mean) / self.std
-
-        xtr_t, xte_t = prep(xtr), prep(xte)
+        xtr_t, xte_t = (normalize_images(x, 1 / 255, self.mean, self.std) for x in (xtr, xte))  # (N, 1, 28, 28)
         ytr_t, yte_t = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
         return {
             "train": TensorDataset(xtr_t[:-5000], ytr_t[:-5000]),
@@ -281,10 +322,13 @@ class ShapeTask(Task):
     """Random inputs of a fixed shape: for size and latency only (no metric, no training)."""
 
     metric_name = None
+    output_name = "output"          # any model: its output is not known to be logits
 
     def __init__(self, spec: str, shape: tuple[int, ...], tokens: bool) -> None:
         super().__init__(spec)
         self.shape, self.tokens = shape, tokens
+        self.input_names = ("input_ids",) if tokens else ("input",)
+        self.variable_length = tokens
 
     def example_inputs(self, batch_size: int = 1) -> tuple:
         g = torch.Generator().manual_seed(0)
