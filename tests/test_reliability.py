@@ -241,3 +241,90 @@ def test_temporaries_of_a_killed_writer_do_not_reach_the_final_directory(tmp_pat
     torchslim.compress(recipe, tmp_path / "run", resume=True)
     leftovers = [p for p in (tmp_path / "run").rglob(".*")]
     assert leftovers == [], leftovers
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)                          # a partial write, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("EPOCHS", "1"))
+    code, err = _cli(["compress", "r.yaml", "--out", "run"], capsys)
+    assert code == 2 and err.startswith("error: no space left on the device writing "), err
+    assert "rerun (compress: with --resume" in err
+    assert [p for p in (tmp_path / ".run.partial").rglob(".model.*")] == []   # the half-written save is gone
+
+
+def test_resume_with_a_truncated_step_row_runs_that_step_again(tmp_path, monkeypatch):
+    recipe = _crashed_run(tmp_path, monkeypatch)
+    row = tmp_path / ".run.partial" / "steps" / "01-prune-magnitude" / "step.json"
+    row.write_text(row.read_text()[:25])                                  # cut mid-object
+    metrics = torchslim.compress(recipe, tmp_path / "run", resume=True)
+    assert [s["name"] for s in metrics["steps"]] == ["baseline", "prune-magnitude", "quantize-linear"]
+    assert json.loads((tmp_path / "run" / "steps" / "01-prune-magnitude" / "step.json").read_text())["name"] \
+        == "prune-magnitude"
+
+
+def test_a_model_that_outputs_nan_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nanout.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1)) * torch.log(x.flatten(1)[:, :1] - 1)\n"   # log of a negative: NaN
+        "def net():\n    return Net()\n")
+    (tmp_path / "r.yaml").write_text("model: py:nanout.py:net\ntask: digits\ntrain: {epochs: 1}\nsteps: []\n")
+    code, err = _cli(["compress", "r.yaml", "--out", "run"], capsys)
+    assert code == 2 and "outputs non-finite values on the task's example inputs: output (20 NaN" in err, err
+    assert not (tmp_path / ".run.partial").exists()
+
+
+def test_the_onnx_check_fails_on_nan_outputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from torchslim.numerics import NumericalError
+    from torchslim.onnx_io import check_onnx, export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    path = export_onnx(model, (x,), tmp_path / "m.onnx")
+    assert check_onnx(model, path, (x,), atol=1e-4) < 1e-4
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")                       # PyTorch NaN; the file is still finite
+    with pytest.raises(NumericalError, match="non-finite outputs"):
+        check_onnx(model, path, (x,), atol=1e-4)
+
+
+def test_a_nan_loss_from_nan_weights_says_so_not_lower_the_learning_rate(digits_task):
+    import torch
+
+    from torchslim.train import TrainConfig, train
+    from torchslim.train.trainer import TrainingDivergedError
+
+    model = torchslim.build_model("zoo:digits-cnn")
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"because weights are non-finite: 0.weight \(1 NaN, 0 inf\); "
+                                                    "they were so before training"):
+        train(model, digits_task, TrainConfig(epochs=1, loggers=()))
+
+
+def test_an_edited_architecture_in_a_manifest_is_refused_before_allocation(tmp_path):
+    """Builder arguments of a manifest take effect on the meta device: a width of 50,000 costs
+    nothing before the shapes are compared with the stored tensors."""
+    torchslim.save(torchslim.build_model("zoo:digits-cnn"), tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["source"]["args"] = {"channels": [50_000, 50_000], "hidden": 50_000}
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(torchslim.errors.ArtifactError, match=r"the model expects \(50000, 1, 3, 3\)"):
+        torchslim.load(tmp_path / "a")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024   # KiB: far below 2.5e9 params

@@ -105,7 +105,7 @@ def test_resume_after_early_stop_does_not_train_again(digits_task, tmp_path):
 
 
 def test_resume_refuses_other_config(digits_task, tmp_path):
-    run(digits_task, TrainConfig(epochs=1, batch_size=BS, loggers=()), tmp_path)
+    run(digits_task, TrainConfig(epochs=1, lr=0.01, batch_size=BS, loggers=()), tmp_path)
     with pytest.raises(ArtifactError, match=r"another training configuration "
                                             r"\(epochs: 1 -> 2, lr: 0.01 -> 0.02\).*delete .*last.pt"):
         run(digits_task, TrainConfig(epochs=2, lr=0.02, batch_size=BS, loggers=()), tmp_path)
@@ -114,7 +114,7 @@ def test_resume_refuses_other_config(digits_task, tmp_path):
     torch.save({**state, "steps_per_epoch": SPE // 2, "world_size": 2}, tmp_path / "last.pt")
     with pytest.raises(ArtifactError, match=rf"{SPE // 2} steps per epoch \(2 process\(es\)\); this run "
                                             rf"has {SPE} \(1 process\(es\)\); resume with the same number"):
-        run(digits_task, TrainConfig(epochs=1, batch_size=BS, loggers=()), tmp_path)
+        run(digits_task, TrainConfig(epochs=1, lr=0.01, batch_size=BS, loggers=()), tmp_path)
 
 
 def test_resume_refuses_other_model(digits_task, tmp_path):

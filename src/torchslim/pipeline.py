@@ -459,7 +459,17 @@ class OutputDir(RunObserver):
 
     def finished_row(self, index: int) -> dict[str, Any] | None:
         f = self._dir(index) / "step.json"
-        return json.loads(f.read_text()) if self.resume and f.is_file() else None
+        if not (self.resume and f.is_file()):
+            return None
+        try:
+            row = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            row = None
+            log.warning("resume: %s is unreadable (%s); the step runs again", f, str(exc)[:120])
+        if row is not None and not (isinstance(row, dict) and isinstance(row.get("name"), str)):
+            log.warning("resume: %s is not a step row; the step runs again", f)
+            row = None
+        return row
 
     def load_model(self, index: int) -> nn.Module | None:
         path = self._dir(index) / "model"

@@ -385,6 +385,16 @@ class Trainer:
                     batch = to_device(batch, device)
                     loss = self.loss_fn(ddp_model, batch)
                     if not torch.isfinite(loss):
+                        from ..numerics import nonfinite_tensors
+
+                        bad = nonfinite_tensors(model, limit=3)
+                        if bad:  # the weights were broken before: no learning rate fixes that
+                            raise TrainingDivergedError(
+                                f"{self.desc}: the training loss is {loss.item()} at epoch {epoch + 1}, step "
+                                f"{step + 1} because weights are non-finite: "
+                                + ", ".join(f"{n} ({nan} NaN, {inf} inf)" for n, nan, inf in bad)
+                                + ("; they were so before training (check the weights file or the earlier step)"
+                                   if step == 0 else "; training diverged: lower lr, add warmup, or set grad_clip"))
                         raise TrainingDivergedError(
                             f"{self.desc}: the training loss became {loss.item()} at epoch {epoch + 1}, "
                             f"step {step + 1} (lr {lr:.3g}); lower lr (now {c.lr}), add warmup, "
