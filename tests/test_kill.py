@@ -21,9 +21,9 @@ HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxru
 RECIPE = f"""\
 model: {{spec: "zoo:digits-cnn", args: {{channels: [4, 8], hidden: 16}}}}
 task: digits
-train: {{method: adamw, epochs: 12, lr: 0.01, seed: 0}}
+train: {{method: adamw, epochs: 8, lr: 0.01, seed: 0}}
 steps:
-  - prune: {{method: magnitude, sparsity: 0.6, finetune: {{method: adamw, epochs: 6, lr: 0.003}}}}
+  - prune: {{method: magnitude, sparsity: 0.6, finetune: {{method: adamw, epochs: 3, lr: 0.003}}}}
   - quantize: {{method: linear, bits: 8}}
   - export: {{formats: {"[artifact, onnx]" if HAS_ONNX else "[artifact]"}}}
 measure: {{batch_sizes: [1], latency: false}}
