@@ -165,3 +165,37 @@ def test_omp_wait_policy_is_passive_unless_chosen_or_torch_came_first():
     # this process imported torch (conftest) before torchslim: what torch loaded with is reported
     # (the user's setting, else OpenMP's "default"); the environment carries PASSIVE onwards
     assert omp_wait_policy() in ("default", os.environ["OMP_WAIT_POLICY"])
+
+
+def test_macs_count_lstm_layers_by_hand():
+    """oneDNN runs an LSTM layer as one kernel the counter did not know (MACs read 0): each
+    step of each sequence multiplies by w_ih (4H x I) and w_hh (4H x H), per layer and direction."""
+    from torchslim.measure import count_macs
+
+    class Seq(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.LSTM(32, 32, batch_first=True)
+            self.b = torch.nn.LSTM(16, 8, num_layers=2, bidirectional=True)
+
+        def forward(self, x):                                   # x: (batch 3, steps 8, 32)
+            return self.a(x)[0].sum() + self.b(x[..., :16].transpose(0, 1))[0].sum()
+
+    steps_x_batch = 8 * 3
+    a = steps_x_batch * (4 * 32 * 32 + 4 * 32 * 32)
+    b = 2 * 2 * steps_x_batch * (4 * 8 * 16 + 4 * 8 * 8)     # 2 layers x 2 directions (layer 2 input 2x8)
+    assert count_macs(Seq().eval(), (torch.randn(3, 8, 32),)) == a + b
+
+
+def test_per_layer_rows_add_up_to_the_model_with_quantized_attention():
+    """Regression (newcomer trial): a quantized attention's row also counted its out_proj."""
+    from torchslim.layers.counting import count_params
+    from torchslim.measure import layer_summary
+    from torchslim.methods.quantize.linear import LinearQuantConfig
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    q = torchslim.apply(torch.nn.Sequential(layer), LinearQuantConfig(bits=8))
+    rows = layer_summary(q)
+    assert "0.self_attn" in {r["name"] for r in rows} and "0.self_attn.out_proj" in {r["name"] for r in rows}
+    assert sum(r["params"] for r in rows) == count_params(q)[0]

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import tempfile
 import time
@@ -153,7 +154,7 @@ def layer_summary(model: nn.Module, counter: Any = None) -> list[dict[str, Any]]
         if not own:
             continue
         if hasattr(mod, "slim_weights"):
-            params, nonzero = count_params(mod)
+            params, nonzero = count_params(mod, recurse=False)  # its children have rows of their own
         else:  # the module's own parameters only, not its children's
             ps = list(mod.parameters(recurse=False))
             params = sum(p.numel() for p in ps)
@@ -180,17 +181,28 @@ def input_shapes(inputs: Any) -> list[list[int]]:
 
 def _extra_flop_formulas() -> dict:
     """FLOP formulas PyTorch's counter lacks: the CPU flash-attention kernel that
-    ``scaled_dot_product_attention`` dispatches to on CPU (same formula as the GPU kernels)."""
+    ``scaled_dot_product_attention`` dispatches to on CPU (same formula as the GPU kernels), and
+    oneDNN's LSTM layer kernel (``mkldnn_rnn_layer``, one call per layer and direction), which
+    multiplies every time step of every sequence by ``w_ih`` (4H x I) and ``w_hh`` (4H x H):
+    MACs = steps x batch x (4H x I + 4H x H). (GRU and RNN on CPU decompose into counted
+    ``addmm``.)"""
     from torch.utils.flop_counter import sdpa_flop_count
 
+    formulas = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None:
-        return {}
+    if op is not None:
+        def cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    def cpu_flash(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
+        formulas[op] = cpu_flash
+    lstm = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
+    if lstm is not None:
+        def lstm_layer(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+            rows = math.prod(input_shape[:-1])  # steps x batch, whichever comes first
+            return 2 * rows * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
 
-    return {op: cpu_flash}
+        formulas[lstm] = lstm_layer
+    return formulas
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """``(params, nonzero_params)`` of ``model``: logical weights, tied tensors counted once.
+def count_params(model: nn.Module, recurse: bool = True) -> tuple[int, int]:
+    """``(params, nonzero_params)`` of ``model``: logical weights, tied tensors counted once;
+    ``recurse=False``: the module's own weights only, not its children's.
 
     A module with ``slim_weights()`` declares its own tensors by attribute name (quantized codes
     count as the weights they encode; a code equal to its zero point is a zero); every other
@@ -24,7 +25,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     """
     total = nonzero = 0
     seen: set[int] = set()
-    for module in model.modules():
+    for module in (model.modules() if recurse else [model]):
         declared = module.slim_weights() if hasattr(module, "slim_weights") else None
         if declared is not None:
             for attr, (numel, nnz) in declared.items():
