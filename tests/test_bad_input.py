@@ -311,14 +311,15 @@ def test_logger_not_installed_is_caught_before_any_work(tmp_path, capsys, monkey
 
 
 def test_every_recipe_error_is_reported_at_once(tmp_path, capsys):
-    text = (GOOD.replace("lr: 0.003", "lr: -1").replace("sparsity: 0.5", "sparsity: 1.5")
+    text = (GOOD.replace("lr: 0.003", "lr: -1, optimiser: sgd").replace("sparsity: 0.5", "sparsity: 1.5, scope: globl")
             + "  - quantize: {method: lineer}\n")
     code, _, err = run_cli(["compress", write(tmp_path, text), "--out", tmp_path / "out"], capsys)
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 3 and all(ln.startswith("error: ") for ln in lines), err
-    assert ":3: train.lr" in lines[0] and ":5: steps.0.prune.sparsity" in lines[1]
-    assert ":7: steps.2.quantize.method" in lines[2] and "did you mean 'linear'" in lines[2]
+    assert len(lines) == 5 and all(ln.startswith("error: ") for ln in lines), err
+    assert ":3: train: unknown key 'optimiser'" in lines[0] and ":3: train.lr" in lines[1]  # same mapping
+    assert ":5: steps.0.prune.sparsity" in lines[2] and "steps.0.prune.scope: 'globl'" in lines[3]
+    assert ":7: steps.2.quantize.method" in lines[4] and "did you mean 'linear'" in lines[4]
 
 
 def test_group_size_that_does_not_divide_a_layer_fails_the_dry_run(tmp_path, capsys):

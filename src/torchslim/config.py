@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-from .errors import RecipeError, did_you_mean
+from .errors import Problems, RecipeError, did_you_mean
 
 _MISSING = dataclasses.MISSING
 
@@ -190,14 +190,17 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         hints = _type_hints(type(self))
+        problems = Problems()  # every field's problem at once; cross-field checks after
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            tp = hints[f.name]
-            where = f"{type(self).__name__}.{f.name}"
-            coerced = _coerce(value, tp, where)
-            if coerced is not value:
-                object.__setattr__(self, f.name, coerced)
-            _check_constraints(where, coerced, f.metadata)
+            with problems.check():
+                value = getattr(self, f.name)
+                tp = hints[f.name]
+                where = f"{type(self).__name__}.{f.name}"
+                coerced = _coerce(value, tp, where)
+                if coerced is not value:
+                    object.__setattr__(self, f.name, coerced)
+                _check_constraints(where, coerced, f.metadata)
+        problems.raise_all()
         self.validate()
 
     def validate(self) -> None:
@@ -257,23 +260,27 @@ class MethodConfig:
         where = where or cls.__name__
         data = as_mapping(data, where)
         names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                raise RecipeError(
-                    f"{where}: unknown key {key!r}{did_you_mean(key, names)}; "
-                    f"accepted keys: {', '.join(names) or '(none)'}"
-                )
+        problems = Problems()  # every bad key and value of the mapping, reported together
         hints = _type_hints(cls)
-        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-        try:
-            return cls(**kwargs)
-        except RecipeError as exc:
-            # re-anchor messages raised in __post_init__ at the recipe location
-            msg = str(exc)
-            prefix = f"{cls.__name__}."
-            if msg.startswith(prefix):
-                msg = f"{where}.{msg[len(prefix):]}"
-            raise RecipeError(msg) from None
+        kwargs = {}
+        for key, value in data.items():
+            with problems.check():
+                if key not in names:
+                    raise RecipeError(
+                        f"{where}: unknown key {key!r}{did_you_mean(key, names)}; "
+                        f"accepted keys: {', '.join(names) or '(none)'}"
+                    )
+                kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        with problems.check():
+            try:
+                config = cls(**kwargs)
+            except RecipeError as exc:
+                # re-anchor messages raised in __post_init__ at the recipe location
+                prefix = f"{cls.__name__}."
+                raise RecipeError("\n".join(f"{where}.{line[len(prefix):]}" if line.startswith(prefix) else line
+                                            for line in str(exc).splitlines())) from None
+        problems.raise_all()
+        return config
 
     @classmethod
     def describe_fields(cls) -> list[dict[str, Any]]:
