@@ -295,3 +295,11 @@ def test_log_lines_name_the_final_paths_not_the_temporary_directory(tmp_path, ca
         torchslim.compress(recipe, tmp_path / "run")
     assert f"exported {tmp_path / 'run' / 'onnx' / 'model.onnx'} (max abs diff" in caplog.text
     assert ".partial" not in caplog.text and (tmp_path / "run" / "onnx" / "model.onnx").is_file()
+
+
+def test_methods_takes_a_verb_alone(capsys):
+    from torchslim.cli import main
+
+    assert main(["methods", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prune.magnitude") and "quantize." not in out

@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: compress, measure, report and export models.
+"""torchslim: compress, measure, report and export PyTorch models.
 
 Exit codes: 0 success, 2 bad input (usage, recipe, spec, data, checkpoint), 1 internal failure.
 Bad input prints one ``error:`` line without a traceback unless ``--debug``.
@@ -240,7 +240,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import list_methods
-    entries = list_methods(args.pattern)
+    pattern = args.pattern
+    if "." not in pattern and not any(c in pattern for c in "*?["):
+        pattern += ".*"  # a verb alone: its methods
+    entries = list_methods(pattern)
     if not entries:
         keys = [e.key for e in list_methods()]
         raise UserError(f"no method matches {args.pattern!r}{did_you_mean(args.pattern, keys)}; "
@@ -364,8 +367,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         sys.stderr.write(_error_lines(str(exc)))
         return 2
+    except BrokenPipeError:  # the reader went away (`torchslim methods | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        again = " (rerun with --resume to continue from the finished steps)" if args.command in (
+            "compress", "demo") else ""
+        sys.stderr.write(f"error: interrupted{again}\n")
         return 130
     except SystemExit as exc:  # sys.exit() inside a user's model, task or factory file
         if args.debug:

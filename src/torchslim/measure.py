@@ -431,6 +431,7 @@ def measure(model: nn.Module, task: Task | str | None, *, batch_sizes: Sequence[
         with selected_output(model, output):
             return measure(model, task, batch_sizes=batch_sizes, artifact_dir=artifact_dir, metric=metric,
                            latency=latency, runtime=runtime, split=split, min_run_time=min_run_time)
+    check_runs(model, task)  # a model that does not fit the task: a SpecError naming both, not a trace
     params, nonzero = count_params(model)
     out: dict[str, Any] = {"params": params, "nonzero_params": nonzero}
     if artifact_dir is not None and Path(artifact_dir).is_dir():

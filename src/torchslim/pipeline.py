@@ -166,7 +166,7 @@ def metric_warnings(row: dict[str, Any], before: list[dict[str, Any]], task: Tas
     found = []
     if not math.isfinite(value):
         found.append({"code": "metric_not_finite",
-                      "message": f"{row['name']}: the {metric.get('name')} is {value}: the model outputs NaN or "
+                      "message": f"the {metric.get('name')} is {value}: the model outputs NaN or "
                                  "inf (check its weights and inputs)"})
     elif row["verb"] == "baseline":
         chance = task.chance_level(metric.get("split", "test")) if hasattr(task, "chance_level") else None
@@ -184,11 +184,11 @@ def metric_warnings(row: dict[str, Any], before: list[dict[str, Any]], task: Tas
                 drop = -drop
             if drop > warn_drop:
                 found.append({"code": "metric_drop",
-                              "message": f"{row['name']}: {metric.get('name')} fell from {prev['metric']['value']:.4f} "
+                              "message": f"{metric.get('name')} fell from {prev['metric']['value']:.4f} "
                                          f"to {value:.4f} ({drop:.4f} lost, more than measure.warn_drop={warn_drop}); "
                                          "fine-tune after the step (finetune: {epochs: N}) or make it milder"})
     for w in found:
-        log.warning("%s", w["message"])
+        log.warning("%s: %s", row["name"], w["message"])
     return found
 
 
@@ -380,7 +380,8 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
             layers = ctx.recalibrate_batchnorm(model, recipe.recalibrate_bn)
             if layers:
                 log.info("%s: BatchNorm statistics of %d layers re-estimated on %d training examples "
-                         "(recalibrate_bn: 0 turns this off)", step.key, layers, recipe.recalibrate_bn)
+                         "(the recipe's top-level key recalibrate_bn: 0 turns this off)", step.key, layers,
+                         recipe.recalibrate_bn)
                 extra["bn_recalibrated"] = {"layers": layers, "samples": recipe.recalibrate_bn}
         finish_step(i, step, model, t0, extra, ctx.warnings)
 
