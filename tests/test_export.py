@@ -80,6 +80,13 @@ def test_minilm_onnx_serves_any_token_length(tmp_path):
     assert [o.name for o in sess.get_outputs()] == ["token_embeddings"]
     props = sess.get_modelmeta().custom_metadata_map
     assert json.loads(props["torchslim.preprocessing"])["tokenizer"] == "sentence-transformers/all-MiniLM-L6-v2"
+    # the tokenizer travels with the file: raw text is served offline from tmp_path alone
+    from transformers import AutoTokenizer
+
+    assert props["torchslim.tokenizer"] == "tokenizer"
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / props["torchslim.tokenizer"]), local_files_only=True)
+    text = "A man is playing a guitar on the stage."
+    assert saved(text)["input_ids"] == task.tokenizer(text)["input_ids"]
     # real test sentences: a batch padded to 22 tokens (one sentence of exactly 22, shorter ones
     # padded) and the one 5-token sentence
     test = task.split("test")

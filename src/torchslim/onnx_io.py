@@ -105,13 +105,18 @@ def export_for_task(model: nn.Module, task: Any, path: Path, opset: int = 18) ->
     """Export ``model`` to serve ``task``'s inputs: the task's input and output names (a task
     whose input count differs from its names gets ``input0``, ...), a dynamic sequence length
     for token inputs, and the task's preprocessing in ``metadata_props``
-    (``torchslim.preprocessing``: JSON, ``null`` when the task records none)."""
+    (``torchslim.preprocessing``: JSON, ``null`` when the task records none). A task that
+    tokenizes text (a ``tokenizer`` with ``save_pretrained``) gets its tokenizer saved beside the
+    file (``tokenizer/``, named in ``torchslim.tokenizer``), so the export serves raw text offline."""
     inputs = task.example_inputs(1)
     names = tuple(task.input_names)
+    metadata = {"torchslim.task": task.spec, "torchslim.preprocessing": json.dumps(task.preprocessing)}
+    tokenizer = getattr(task, "tokenizer", None)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(Path(path).parent / "tokenizer"))
+        metadata["torchslim.tokenizer"] = "tokenizer"  # relative to the ONNX file's folder
     return export_onnx(model, inputs, path, opset, input_names=names if len(names) == len(inputs) else None,
-                       output_name=task.output_name, variable_length=task.variable_length,
-                       metadata={"torchslim.task": task.spec,
-                                 "torchslim.preprocessing": json.dumps(task.preprocessing)})
+                       output_name=task.output_name, variable_length=task.variable_length, metadata=metadata)
 
 
 def onnx_session(path: Path):
