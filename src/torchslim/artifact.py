@@ -409,7 +409,9 @@ def read_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
     return read_manifest(path).get("preprocessing")
 
 
-def _code_trusted(trust_code: bool) -> bool:
+def code_trusted(trust_code: bool = False) -> bool:
+    """Whether importing a ``py:`` model's file is allowed: ``trust_code``, or the environment
+    variable ``TORCHSLIM_TRUST_CODE`` set to 1 (``--trust-code`` sets it)."""
     return trust_code or os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
@@ -542,7 +544,7 @@ def load(path: str | os.PathLike, *, trust_code: bool = False, trusted_code: Col
             raise ArtifactError(f"{f}: checksum mismatch: the file is truncated or was modified")
     if source["spec"].partition(":")[0] == "py":
         code = path / source["code"] if "code" in source else Path(source["file"])
-        if not _code_trusted(trust_code) and not (trusted_code and code.is_file() and _sha256(code) in trusted_code):
+        if not code_trusted(trust_code) and not (trusted_code and code.is_file() and _sha256(code) in trusted_code):
             raise ArtifactError(
                 f"{path}: refused: rebuilding this model imports and runs the Python file {code} "
                 f"({'a copy of ' + source['file'] + ', ' if 'code' in source else ''}"

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from ._version import __version__
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, first_line
 
 log = logging.getLogger("torchslim")
 
@@ -61,9 +61,7 @@ def _error_lines(message: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """An exception's message without what C++ libraries append (backtraces, frames)."""
-    text = str(exc).strip()
-    return clip((text.splitlines() or [""])[0].split(" Exception raised from ")[0])
+    return clip(first_line(exc, limit=10 * MAX_LINE))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _task_of_run(d: Path) -> str | None:
     """The task a run directory's metrics.json names: read from disk, so untrusted: a ``py:``
     task (a Python file that building it would run) is used only with --trust-code."""
-    from .artifact import TRUST_ENV
+    from .artifact import code_trusted
 
     try:
         data = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
@@ -177,7 +175,7 @@ def _task_of_run(d: Path) -> str | None:
     task = data.get("task") if isinstance(data, dict) else None
     if task is not None and not isinstance(task, str):
         raise UserError(f"{d / 'metrics.json'}: 'task' is not a task spec; pass --task")
-    if task and task.startswith("py:") and os.environ.get(TRUST_ENV, "").strip().lower() not in ("1", "true", "yes"):
+    if task and task.startswith("py:") and not code_trusted():
         raise UserError(f"{d / 'metrics.json'} names the task {clip(task, 200)!r}, a Python file that building it would "
                         "run; name the task yourself with --task, or pass --trust-code if you trust that file")
     return task

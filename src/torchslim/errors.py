@@ -39,6 +39,19 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, without what C++ libraries append (``Exception
+    raised from ...`` frames), cut to ``limit`` characters.
+
+    Examples
+    --------
+    >>> first_line(RuntimeError("bad shape Exception raised from f at a.cpp:1\\nframe #0"))
+    'bad shape'
+    """
+    text = (str(exc).strip().splitlines() or [""])[0].split(" Exception raised from ")[0]
+    return text[:limit]
+
+
 class Problems:
     """Collects the UserErrors of independent checks so that all are reported at once.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..errors import DataError, SpecError
+from ..errors import DataError, SpecError, first_line
 from .models import _load_py_factory
 from .tasks import Task, image_preprocessing, register_task
 
@@ -122,7 +122,7 @@ def _py_task(ref: str, data_dir: Path) -> Task:
         raise
     except Exception as exc:  # the user's own factory failed: its message, and --debug shows where
         raise SpecError(f"py:{ref}: the task factory raised {type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
+                        f"{first_line(exc, 300)}") from exc
     if not isinstance(task, Task):
         raise SpecError(f"py:{ref} returned {type(task).__name__}, not a task: the factory must return "
                         "an instance of a torchslim.specs.Task subclass")
