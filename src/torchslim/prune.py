@@ -7,6 +7,8 @@ Examples
 'global'
 """
 
+from .methods.prune.base import PruneConfig
+from .methods.prune.criteria import Group, register_criterion
 from .methods.prune.magnitude import GradualSchedule, MagnitudePruneConfig, MaskPlugin
 
-__all__ = ["MagnitudePruneConfig", "MaskPlugin", "GradualSchedule"]
+__all__ = ["PruneConfig", "MagnitudePruneConfig", "MaskPlugin", "GradualSchedule", "Group", "register_criterion"]
