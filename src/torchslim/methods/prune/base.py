@@ -34,6 +34,8 @@ from ...train.config import TrainConfig
 PATTERN_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
 
 GRANULARITY_WORDS = ("weight", "channel", "head", "layer")
+#: granularities that remove units physically (shapes change)
+STRUCTURED = ("channel", "head", "layer")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -100,8 +102,25 @@ class PruneConfig(MethodConfig):
         """The criterion this config's method uses (``magnitude`` for MagnitudePruneConfig)."""
         return getattr(type(self), "CRITERION", "magnitude")
 
+    @property
+    def CHANGES_SHAPES(self) -> bool:  # noqa: N802 (the capability's name, read by the pipeline)
+        """Heads and layers (and channels) are removed physically: later steps see other shapes."""
+        return self.granularity in STRUCTURED
+
     def check_targets(self, model: nn.Module) -> None:
+        if self.granularity in ("head", "layer"):
+            return  # the modules named are attention modules or layers: check_model checks them
         prunable_weights(model, self.targets, self.ignore)
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.granularity == "head":
+            from .heads import attention_sites, check_feasible
+            check_feasible([s.heads for s in attention_sites(model, self.targets, self.ignore)], self,
+                           "attention layer", "head")
+        elif self.granularity == "layer":
+            from .heads import check_feasible, layer_stacks
+            check_feasible([len(s.droppable) for s in layer_stacks(model, self.targets, self.ignore)], self,
+                           "stack of layers", "layer")
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -111,6 +130,9 @@ class PruneConfig(MethodConfig):
                               f"{', '.join(GRANULARITY_WORDS)} or an N:M pattern such as 2:4")
         if nm is not None and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"{cls}.granularity: N:M needs 0 < N < M, got {self.granularity!r}")
+        if self.granularity in ("head", "layer") and self.schedule != "oneshot":
+            raise RecipeError(f"{cls}.schedule: granularity {self.granularity!r} removes {self.granularity}s "
+                              f"at once (schedule oneshot, then finetune); {self.schedule!r} is for weights")
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"{cls}.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")
@@ -130,4 +152,10 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str) ->
     if parse_nm(config.granularity) is not None or config.granularity == "weight":
         from .unstructured import prune_weights
         return prune_weights(model, config, session, entry)
+    if config.granularity == "head":
+        from .heads import prune_heads
+        return prune_heads(model, config, session, entry)
+    if config.granularity == "layer":
+        from .heads import drop_layers
+        return drop_layers(model, config, session, entry)
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")

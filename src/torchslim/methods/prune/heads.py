@@ -1,0 +1,356 @@
+"""Granularities ``head`` and ``layer``: attention heads and whole layers physically removed.
+
+**Heads** (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"; Voita et al. 2019).
+An *attention site* is a module whose heads can be removed:
+
+- Hugging Face BERT-style self-attention (``BertSelfAttention`` and relatives: ``query``,
+  ``key``, ``value`` Linear children, ``num_attention_heads``, ``attention_head_size``; the
+  output projection is the sibling ``output.dense``): q/k/v lose the removed heads' output rows
+  and ``output.dense`` their input columns (rebuilt ``nn.Linear``), and the module's own
+  ``num_attention_heads`` / ``all_head_size`` follow, per layer (the shared config keeps the
+  original count: layers may differ);
+- ``nn.MultiheadAttention`` (torchvision ViT, ``nn.TransformerEncoderLayer``; without
+  ``bias_k``/``add_zero_attn``): replaced by a
+  :class:`~torchslim.layers.attention.PrunedMultiheadAttention`;
+- torchvision Swin ``ShiftedWindowAttention`` (v1): replaced by a
+  :class:`~torchslim.layers.attention.PrunedShiftedWindowAttention` (the relative position
+  bias table keeps the kept heads' columns).
+
+Each site is one :class:`~.criteria.Group` with ``units`` = its heads; a head's row holds its
+q, k and v output rows and its columns of the output projection (biases and the Swin bias
+table are not scored). ``scope: layer`` removes ``round(sparsity * heads)`` in every site;
+``scope: global`` ranks all heads together after dividing each site's scores by their mean
+(a head of average importance in its layer scores 1, so a layer with larger weights does not
+keep all its heads), removing ``round(sparsity * total heads)``. Every site keeps at least one
+head (and at most ``max_layer_sparsity`` of a site goes); a warning says when that changed
+the global choice. ``targets`` / ``ignore`` name sites (``encoder.layer.0.attention.self``,
+``encoder.layers.encoder_layer_0.self_attention``, ``features.1.0.attn``) or patterns.
+
+**Layers** (Fan et al. 2020, LayerDrop; Sajjad et al. 2023, "On the effect of dropping layers
+of pre-trained transformer models"). A *stack* is a list of residual layers whose input and
+output shapes match: a Hugging Face ``encoder.layer`` ModuleList (``config.num_hidden_layers``
+follows), an ``nn.TransformerEncoder``'s ``layers`` (``num_layers`` follows), a torchvision ViT
+``encoder.layers``, a Swin stage's blocks, and a torchvision ResNet stage's blocks without
+``downsample`` (never the first, downsampling block). A layer's score is the criterion over its
+weight tensors as one unit, divided by their number of elements (``magnitude``: the mean |w|);
+the lowest-scoring ``round(sparsity * candidates)`` go, over all stacks (``global``) or in each
+(``layer``); each stack keeps at least one layer. ``targets`` / ``ignore`` name candidate
+layers (``encoder.layer.3``, ``re:layer[34]\\..*``): to drop exactly the layers named, give
+them as targets with ``sparsity: 0.99``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...edits import delete_module, replace_module, set_attribute
+from ...errors import RecipeError
+from ...layers.attention import (PrunedMultiheadAttention, PrunedShiftedWindowAttention, attention_projections)
+from ...modules import _matches, check_patterns, get_submodule, weight_names
+from .criteria import CriterionEntry, Group, check_scores
+from .primitives import capped_lowest
+
+log = logging.getLogger(__name__)
+
+HEAD_KINDS = ("Hugging Face self-attention (query/key/value Linear + output.dense)",
+              "nn.MultiheadAttention (without bias_k/add_zero_attn)", "torchvision Swin ShiftedWindowAttention")
+LAYER_KINDS = ("Hugging Face encoder.layer lists", "nn.TransformerEncoder layers", "torchvision ViT encoder blocks",
+               "Swin stage blocks", "ResNet blocks without downsample")
+
+
+# -- attention sites ------------------------------------------------------------------------
+@dataclass
+class HeadSite:
+    """An attention module whose heads can be removed."""
+
+    name: str
+    kind: str                 # "hf" | "mha" | "swin"
+    heads: int
+    head_dim: int
+
+
+def _plain_linear(*mods: object) -> bool:
+    return all(type(m) is nn.Linear for m in mods)
+
+
+def _site(model: nn.Module, name: str, m: nn.Module) -> HeadSite | None:
+    if isinstance(m, PrunedMultiheadAttention):
+        return HeadSite(name, "mha", m.num_heads, m.head_dim)
+    if type(m) is nn.MultiheadAttention:  # not a quantized subclass: its weights are codes
+        plain = m.bias_k is None and not m.add_zero_attn and isinstance(m.out_proj, nn.Linear)
+        return HeadSite(name, "mha", m.num_heads, m.head_dim) if plain else None
+    if type(m).__name__ in ("ShiftedWindowAttention", "PrunedShiftedWindowAttention") and _plain_linear(m.qkv, m.proj):
+        return HeadSite(name, "swin", m.num_heads, getattr(m, "head_dim", m.qkv.in_features // m.num_heads))
+    if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads", "attention_head_size")):
+        parent = get_submodule(model, name.rpartition(".")[0])
+        out = getattr(getattr(parent, "output", None), "dense", None)
+        if _plain_linear(m.query, m.key, m.value, out):
+            return HeadSite(name, "hf", int(m.num_attention_heads), int(m.attention_head_size))
+    return None
+
+
+def attention_sites(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
+                    ignore: tuple[str, ...] = ()) -> list[HeadSite]:
+    """The attention modules of ``model`` whose heads can be removed, chosen by ``targets``/``ignore``.
+
+    Raises RecipeError naming what was searched when there is none, and for a module named in
+    ``targets`` that is not one.
+    """
+    check_patterns(model, (*targets, *ignore), "prune.targets")
+    sites = []
+    for name, m in model.named_modules():
+        if not name or any(_matches(name, p) for p in ignore) or not any(_matches(name, p) for p in targets):
+            continue
+        site = _site(model, name, m)
+        if site is not None:
+            sites.append(site)
+        elif name in targets:
+            raise RecipeError(f"prune.targets: module {name!r} is a {type(m).__name__}, not an attention module "
+                              f"granularity head can prune ({'; '.join(HEAD_KINDS)}); name those modules instead")
+    if not sites:
+        raise RecipeError(f"prune granularity head: no attention module found in {type(model).__name__} "
+                          f"(targets={list(targets)}, ignore={list(ignore)}); searched for {'; '.join(HEAD_KINDS)}")
+    return sites
+
+
+def _projections(model: nn.Module, site: HeadSite) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """q, k, v weights (heads * head_dim, in) and the output projection weight (out, heads * head_dim)."""
+    m = get_submodule(model, site.name)
+    if site.kind == "hf":
+        out = get_submodule(model, site.name.rpartition(".")[0]).output.dense
+        return [m.query.weight, m.key.weight, m.value.weight], out.weight
+    if site.kind == "swin":
+        return list(m.qkv.weight.chunk(3)), m.proj.weight
+    q, k, v, o = attention_projections(m)
+    return [q.weight, k.weight, v.weight], o.weight
+
+
+def head_group(model: nn.Module, site: HeadSite) -> Group:
+    """One unit per head: its q/k/v rows (heads, head_dim * in) and its output-projection
+    columns (heads, out * head_dim)."""
+    qkv, out = _projections(model, site)
+    rows = [w.detach().reshape(site.heads, -1) for w in qkv]
+    cols = out.detach().reshape(out.shape[0], site.heads, -1).transpose(0, 1).reshape(site.heads, -1)
+    names = [f"{site.name}.{p}" for p in ("q", "k", "v", "out")]
+    return Group(units=site.heads, weights=[*rows, cols], names=names)
+
+
+def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.detach()
+    w = w if rows is None else w[rows]
+    w = w if cols is None else w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None).to(w.device, w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias if rows is None else lin.bias[rows])
+    return new.train(lin.training)
+
+
+def remove_heads(model: nn.Module, site: HeadSite, keep: list[int]) -> None:
+    """Keep heads ``keep`` (sorted indices) of ``site``; every change through the edit log."""
+    m = get_submodule(model, site.name)
+    if site.kind == "mha":
+        replace_module(model, site.name, PrunedMultiheadAttention.from_attention(m, keep))
+    elif site.kind == "swin":
+        replace_module(model, site.name, PrunedShiftedWindowAttention.from_attention(m, keep))
+    else:
+        from ...layers.attention import head_rows
+        rows = head_rows(keep, site.head_dim)
+        for proj in ("query", "key", "value"):
+            replace_module(model, f"{site.name}.{proj}", _sliced_linear(getattr(m, proj), rows=rows))
+        out_name = f"{site.name.rpartition('.')[0]}.output.dense"
+        replace_module(model, out_name, _sliced_linear(get_submodule(model, out_name), cols=rows))
+        set_attribute(model, site.name, "num_attention_heads", len(keep))
+        set_attribute(model, site.name, "all_head_size", len(keep) * site.head_dim)
+
+
+# -- how many go where ----------------------------------------------------------------------
+def _caps(sizes: list[int], max_layer_sparsity: float) -> list[int]:
+    """Most units each group may lose: at most ``max_layer_sparsity`` of them, at least one kept."""
+    return [min(int(max_layer_sparsity * n + 1e-9), n - 1) for n in sizes]
+
+
+def _choose(scores: list[torch.Tensor], sparsity: float, scope: str, caps: list[int], what: str,
+            unit: str) -> tuple[list[torch.Tensor], bool]:
+    """Keep-masks, and whether the caps changed a global choice."""
+    if scope == "layer":
+        return [capped_lowest([s], min(int(round(sparsity * s.numel())), c), [c])[0]
+                for s, c in zip(scores, caps)], False
+    total = sum(s.numel() for s in scores)
+    k = int(round(sparsity * total))
+    if k > sum(caps):
+        raise RecipeError(f"prune: sparsity {sparsity} removes {k} of {total} {unit}s, but each {what} keeps at "
+                          f"least one (and max_layer_sparsity bounds the rest): at most {sum(caps)} can go; "
+                          "lower sparsity")
+    masks = capped_lowest(scores, k, caps)
+    free = capped_lowest(scores, k, [s.numel() for s in scores])
+    return masks, any(not torch.equal(a, b) for a, b in zip(masks, free))
+
+
+def check_feasible(sizes: list[int], config, what: str, unit: str) -> None:
+    """RecipeError at preflight when ``config.sparsity`` cannot be met with one unit kept per group."""
+    if config.scope == "global":
+        _choose([torch.zeros(n) for n in sizes], config.sparsity, "global", _caps(sizes, config.max_layer_sparsity),
+                what, unit)
+
+
+def _scores_of(entry: CriterionEntry, group: Group) -> torch.Tensor:
+    return check_scores(entry.fn(group), group, entry.name)
+
+
+def _check_entry(entry: CriterionEntry, granularity: str) -> None:
+    if granularity not in entry.granularities:
+        raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} is not available with this "
+                          f"criterion; it scores {', '.join(entry.granularities)}")
+    if entry.needs:
+        raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} with a criterion that needs "
+                          f"{', '.join(entry.needs)}: not available yet; use magnitude or random")
+
+
+def _finetune(model: nn.Module, config, session) -> None:
+    if config.finetune is not None and config.finetune.epochs > 0:
+        session.train(model, config.finetune, desc="prune-finetune")
+
+
+def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
+    """Granularity ``head``: remove the lowest-scoring attention heads (see the module doc)."""
+    _check_entry(entry, "head")
+    sites = attention_sites(model, config.targets, config.ignore)
+    scores = [_scores_of(entry, head_group(model, s)) for s in sites]
+    if config.scope == "global":  # comparable across layers: each site's scores over their mean
+        scores = [s / s.mean() if s.mean() > 0 else s for s in scores]
+    caps = _caps([s.heads for s in sites], config.max_layer_sparsity)
+    masks, capped = _choose(scores, config.sparsity, config.scope, caps, "attention layer", "head")
+    kept = {}
+    for site, keep in zip(sites, masks):
+        idx = [int(i) for i in torch.nonzero(keep).flatten()]
+        if len(idx) < site.heads:
+            remove_heads(model, site, idx)
+        kept[site.name] = len(idx)
+    if capped:
+        session.warn("heads_kept", f"{entry.name} head pruning: the global ranking would have removed every head "
+                                   "(or more than max_layer_sparsity) of some layers; each keeps at least one and "
+                                   "the next lowest heads elsewhere went instead")
+    total, left = sum(s.heads for s in sites), sum(kept.values())
+    log.info("%s head pruning: %d of %d heads removed (%s): %s", entry.name, total - left, total, config.scope,
+             ", ".join(f"{n} {k}" for n, k in kept.items()))
+    session.info.setdefault("metrics", {})["heads_kept"] = kept
+    _finetune(model, config, session)
+    return model
+
+
+# -- layer stacks ---------------------------------------------------------------------------
+@dataclass
+class LayerStack:
+    """A list of residual layers; ``candidates``: the child keys that may be dropped."""
+
+    name: str
+    children: list[str]
+    candidates: list[str]
+    #: (module name, dotted attribute) holding the layer count, set after dropping
+    count_attr: tuple[str, str] | None = None
+    droppable: list[str] = field(default_factory=list)
+
+
+def _block_kinds() -> dict[str, Callable[[nn.Module], bool]]:
+    from torchvision.models import resnet, swin_transformer, vision_transformer
+    return {
+        "vit": lambda m: isinstance(m, vision_transformer.EncoderBlock),
+        "swin": lambda m: isinstance(m, (swin_transformer.SwinTransformerBlock,
+                                         swin_transformer.SwinTransformerBlockV2)),
+        "resnet": lambda m: isinstance(m, (resnet.BasicBlock, resnet.Bottleneck)),
+        "torch": lambda m: isinstance(m, nn.TransformerEncoderLayer),
+    }
+
+
+def _stack(model: nn.Module, name: str, m: nn.Module, kinds: dict) -> LayerStack | None:
+    if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
+        return None
+    children = list(m._modules)
+    blocks = list(m._modules.values())
+    parent_name, _, attr = name.rpartition(".")
+    parent = get_submodule(model, parent_name)
+    for kind, test in kinds.items():
+        if all(test(b) for b in blocks):
+            if kind == "resnet":
+                droppable = [c for c, b in zip(children, blocks) if b.downsample is None]
+                return LayerStack(name, children, droppable) if droppable else None
+            count = (parent_name, "num_layers") if kind == "torch" and hasattr(parent, "num_layers") else None
+            return LayerStack(name, children, list(children), count)
+    config = getattr(parent, "config", None)
+    if attr == "layer" and isinstance(m, nn.ModuleList) and getattr(config, "num_hidden_layers", None) == len(m):
+        return LayerStack(name, children, list(children), (parent_name, "config.num_hidden_layers"))
+    return None
+
+
+def layer_stacks(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
+                 ignore: tuple[str, ...] = ()) -> list[LayerStack]:
+    """The stacks of ``model`` with their candidate layers as ``targets``/``ignore`` choose them
+    (``droppable``: full names). RecipeError naming what was searched when there is none."""
+    check_patterns(model, (*targets, *ignore), "prune.targets")
+    kinds = _block_kinds()
+    stacks, named = [], set()
+    for name, m in model.named_modules():
+        stack = _stack(model, name, m, kinds) if name else None
+        if stack is None:
+            continue
+        for c in stack.candidates:
+            full = f"{name}.{c}"
+            named.add(full)
+            if any(_matches(full, p) for p in targets) and not any(_matches(full, p) for p in ignore):
+                stack.droppable.append(full)
+        if stack.droppable:
+            stacks.append(stack)
+    bad = [t for t in targets if not t.startswith("re:") and t not in named]
+    if bad:
+        m = get_submodule(model, bad[0])
+        raise RecipeError(f"prune.targets: module {bad[0]!r} is a {type(m).__name__}, not a layer granularity layer "
+                          f"can drop ({'; '.join(LAYER_KINDS)}); name those layers instead")
+    if not stacks:
+        raise RecipeError(f"prune granularity layer: no droppable layer found in {type(model).__name__} "
+                          f"(targets={list(targets)}, ignore={list(ignore)}); searched for {'; '.join(LAYER_KINDS)}")
+    return stacks
+
+
+def layer_score(entry: CriterionEntry, model: nn.Module, name: str) -> float:
+    """The criterion over layer ``name``'s weight tensors as one unit, per element of them."""
+    block = get_submodule(model, name)
+    ws = [p.detach().reshape(1, -1) for m in block.modules() for p in
+          (getattr(m, w) for w in weight_names(m))]
+    if not ws:
+        return 0.0
+    group = Group(units=1, weights=ws, names=[name])
+    return float(_scores_of(entry, group)[0]) / sum(w.numel() for w in ws)
+
+
+def drop_layers(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
+    """Granularity ``layer``: drop the lowest-scoring residual layers (see the module doc)."""
+    _check_entry(entry, "layer")
+    stacks = layer_stacks(model, config.targets, config.ignore)
+    scores = [torch.tensor([layer_score(entry, model, n) for n in s.droppable]) for s in stacks]
+    # a stack keeps one layer: beside its candidates (a ResNet's first block), or one of them
+    caps = [len(s.droppable) - (1 if len(s.droppable) == len(s.children) else 0) for s in stacks]
+    caps = [min(c, int(config.max_layer_sparsity * len(s.droppable) + 1e-9)) for c, s in zip(caps, stacks)]
+    masks, capped = _choose(scores, config.sparsity, config.scope, caps, "stack of layers", "layer")
+    dropped = []
+    for stack, keep in zip(stacks, masks):
+        gone = [n for n, k in zip(stack.droppable, keep.tolist()) if not k]
+        for full in sorted(gone, key=lambda n: stack.children.index(n.rpartition(".")[2]), reverse=True):
+            delete_module(model, full)   # last first: the names of the others stay valid
+        if gone and stack.count_attr is not None:
+            set_attribute(model, stack.count_attr[0], stack.count_attr[1], len(stack.children) - len(gone))
+        dropped += gone
+    if capped:
+        session.warn("layers_kept", f"{entry.name} layer pruning: the global ranking would have emptied a stack of "
+                                    "layers; each keeps at least one and the next lowest layers went instead")
+    log.info("%s layer pruning: dropped %d of %d candidate layers: %s", entry.name, len(dropped),
+             sum(len(s.droppable) for s in stacks), ", ".join(dropped) or "none")
+    session.info.setdefault("metrics", {})["layers_dropped"] = dropped
+    _finetune(model, config, session)
+    return model

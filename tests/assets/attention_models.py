@@ -1,0 +1,18 @@
+"""Small torchvision transformers for the head and layer pruning tests (``py:`` model specs):
+the ViT and Swin architectures at a few layers, narrow widths and 32x32 inputs."""
+
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
+
+def small_vit(layers: int = 2):
+    """Images (B, 3, 32, 32) -> (B, 10): 4 patches + class token, 4 heads of 16, ``layers`` blocks."""
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=layers, num_heads=4, hidden_dim=64,
+                             mlp_dim=128, num_classes=10)
+
+
+def small_swin():
+    """Images (B, 3, 32, 32) -> (B, 10): stages of 2 blocks (2 then 4 heads of 16), 4x4 windows;
+    stage 1 (8x8 tokens) shifts its second block's windows."""
+    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           stochastic_depth_prob=0.0, num_classes=10)
