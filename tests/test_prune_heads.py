@@ -210,6 +210,20 @@ def test_swin_heads_match_torchvision_and_reload_exactly(tmp_path):
         assert torch.equal(back(x), out)
 
 
+@pytest.mark.slow
+def test_vit_b_16_loses_a_quarter_of_its_heads_and_runs():
+    """The full-size torchvision ViT-B/16 (86M parameters; 32x32 inputs keep the forward cheap):
+    36 of its 144 heads go, at least one stays in each of the 12 layers (about 5 s of CPU)."""
+    torch.manual_seed(0)
+    model = torchslim.build_model("torchvision:vit_b_16", args={"image_size": 32, "num_classes": 10}).eval()
+    pruned = torchslim.apply(model, _heads(0.25))
+    heads = [b.self_attention.num_heads for b in pruned.encoder.layers]
+    assert sum(heads) == 108 and min(heads) >= 1
+    with torch.no_grad():
+        assert pruned(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert count_params(model)[0] - count_params(pruned)[0] == 36 * (3 * (64 * 768 + 64) + 768 * 64)
+
+
 def test_global_heads_compare_layers_by_their_mean_and_keep_one_each(caplog):
     """nn.TransformerEncoder of 2 layers, the second's weights x100: the global ranking divides
     each layer's scores by their mean, so 50% takes 2 heads from each layer; at 75% the ranking
@@ -313,6 +327,15 @@ def test_head_or_layer_on_a_model_without_them_fails_the_dry_run(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "steps.0.prune" in err and says in err, err
     assert "searched for" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("granularity,model,task", [("layer", "torchvision:resnet18", "shape:3x32x32"),
+                                                    ("head", ENCODER, "shape:12")])
+def test_head_or_layer_where_they_exist_passes_the_dry_run(tmp_path, capsys, granularity, model, task):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: '{model}'\ntask: '{task}'\nsteps:\n"
+                      f"  - prune: {{method: magnitude, granularity: {granularity}, sparsity: 0.5}}\n")
+    assert main(["compress", str(recipe), "--dry-run"]) == 0, capsys.readouterr().err
 
 
 def test_head_targets_naming_a_linear_and_impossible_sparsity_are_refused():

@@ -24,7 +24,7 @@ from torch import nn
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
-from ...modules import select_modules, weight_names
+from ...modules import check_patterns, select_modules, weight_names
 from ...train.config import TrainConfig
 
 #: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
@@ -113,14 +113,16 @@ class PruneConfig(MethodConfig):
         prunable_weights(model, self.targets, self.ignore)
 
     def check_model(self, model: nn.Module) -> None:
-        if self.granularity == "head":
-            from .heads import attention_sites, check_feasible
-            check_feasible([s.heads for s in attention_sites(model, self.targets, self.ignore)], self,
-                           "attention layer", "head")
-        elif self.granularity == "layer":
-            from .heads import check_feasible, layer_stacks
-            check_feasible([len(s.droppable) for s in layer_stacks(model, self.targets, self.ignore)], self,
-                           "stack of layers", "layer")
+        """Head and layer pruning: the model has attention modules / droppable layers among the
+        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched)."""
+        if self.granularity not in ("head", "layer"):
+            return
+        try:
+            check_patterns(model, (*self.targets, *self.ignore), "prune.targets")
+        except RecipeError:
+            return  # the pipeline reports the pattern itself
+        from .heads import check_heads, check_layers
+        (check_heads if self.granularity == "head" else check_layers)(model, self)
 
     def validate(self) -> None:
         cls = type(self).__name__

@@ -84,7 +84,8 @@ def _site(model: nn.Module, name: str, m: nn.Module) -> HeadSite | None:
     if type(m) is nn.MultiheadAttention:  # not a quantized subclass: its weights are codes
         plain = m.bias_k is None and not m.add_zero_attn and isinstance(m.out_proj, nn.Linear)
         return HeadSite(name, "mha", m.num_heads, m.head_dim) if plain else None
-    if type(m).__name__ in ("ShiftedWindowAttention", "PrunedShiftedWindowAttention") and _plain_linear(m.qkv, m.proj):
+    from torchvision.models.swin_transformer import ShiftedWindowAttention  # v1 only: v2 scales per head
+    if type(m) in (ShiftedWindowAttention, PrunedShiftedWindowAttention) and _plain_linear(m.qkv, m.proj):
         return HeadSite(name, "swin", m.num_heads, getattr(m, "head_dim", m.qkv.in_features // m.num_heads))
     if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads", "attention_head_size")):
         parent = get_submodule(model, name.rpartition(".")[0])
@@ -101,7 +102,6 @@ def attention_sites(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
     Raises RecipeError naming what was searched when there is none, and for a module named in
     ``targets`` that is not one.
     """
-    check_patterns(model, (*targets, *ignore), "prune.targets")
     sites = []
     for name, m in model.named_modules():
         if not name or any(_matches(name, p) for p in ignore) or not any(_matches(name, p) for p in targets):
@@ -193,11 +193,25 @@ def _choose(scores: list[torch.Tensor], sparsity: float, scope: str, caps: list[
     return masks, any(not torch.equal(a, b) for a, b in zip(masks, free))
 
 
-def check_feasible(sizes: list[int], config, what: str, unit: str) -> None:
-    """RecipeError at preflight when ``config.sparsity`` cannot be met with one unit kept per group."""
+def _check_feasible(sizes: list[int], caps: list[int], config, what: str, unit: str) -> None:
     if config.scope == "global":
-        _choose([torch.zeros(n) for n in sizes], config.sparsity, "global", _caps(sizes, config.max_layer_sparsity),
-                what, unit)
+        _choose([torch.zeros(n) for n in sizes], config.sparsity, "global", caps, what, unit)
+
+
+def check_heads(model: nn.Module, config) -> None:
+    """Preflight for granularity ``head``: attention modules among the targets, and a
+    ``sparsity`` that leaves a head in each (RecipeError naming what was searched)."""
+    sites = attention_sites(model, config.targets, config.ignore)
+    _check_feasible([s.heads for s in sites], _caps([s.heads for s in sites], config.max_layer_sparsity), config,
+                    "attention layer", "head")
+
+
+def check_layers(model: nn.Module, config) -> None:
+    """Preflight for granularity ``layer``: droppable layers among the targets, and a
+    ``sparsity`` that leaves a layer in each stack."""
+    stacks = layer_stacks(model, config.targets, config.ignore)
+    _check_feasible([len(s.droppable) for s in stacks], _stack_caps(stacks, config.max_layer_sparsity), config,
+                    "stack of layers", "layer")
 
 
 def _scores_of(entry: CriterionEntry, group: Group) -> torch.Tensor:
@@ -221,6 +235,7 @@ def _finetune(model: nn.Module, config, session) -> None:
 def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
     """Granularity ``head``: remove the lowest-scoring attention heads (see the module doc)."""
     _check_entry(entry, "head")
+    check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
     sites = attention_sites(model, config.targets, config.ignore)
     scores = [_scores_of(entry, head_group(model, s)) for s in sites]
     if config.scope == "global":  # comparable across layers: each site's scores over their mean
@@ -293,7 +308,6 @@ def layer_stacks(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
                  ignore: tuple[str, ...] = ()) -> list[LayerStack]:
     """The stacks of ``model`` with their candidate layers as ``targets``/``ignore`` choose them
     (``droppable``: full names). RecipeError naming what was searched when there is none."""
-    check_patterns(model, (*targets, *ignore), "prune.targets")
     kinds = _block_kinds()
     stacks, named = [], set()
     for name, m in model.named_modules():
@@ -318,6 +332,13 @@ def layer_stacks(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
     return stacks
 
 
+def _stack_caps(stacks: list[LayerStack], max_layer_sparsity: float) -> list[int]:
+    """Most layers each stack may lose: it keeps one, beside its candidates (a ResNet's first
+    block) or among them, and loses at most ``max_layer_sparsity`` of its candidates."""
+    return [min(len(s.droppable) - (len(s.droppable) == len(s.children)),
+                int(max_layer_sparsity * len(s.droppable) + 1e-9)) for s in stacks]
+
+
 def layer_score(entry: CriterionEntry, model: nn.Module, name: str) -> float:
     """The criterion over layer ``name``'s weight tensors as one unit, per element of them."""
     block = get_submodule(model, name)
@@ -332,11 +353,10 @@ def layer_score(entry: CriterionEntry, model: nn.Module, name: str) -> float:
 def drop_layers(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
     """Granularity ``layer``: drop the lowest-scoring residual layers (see the module doc)."""
     _check_entry(entry, "layer")
+    check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
     stacks = layer_stacks(model, config.targets, config.ignore)
     scores = [torch.tensor([layer_score(entry, model, n) for n in s.droppable]) for s in stacks]
-    # a stack keeps one layer: beside its candidates (a ResNet's first block), or one of them
-    caps = [len(s.droppable) - (1 if len(s.droppable) == len(s.children) else 0) for s in stacks]
-    caps = [min(c, int(config.max_layer_sparsity * len(s.droppable) + 1e-9)) for c, s in zip(caps, stacks)]
+    caps = _stack_caps(stacks, config.max_layer_sparsity)
     masks, capped = _choose(scores, config.sparsity, config.scope, caps, "stack of layers", "layer")
     dropped = []
     for stack, keep in zip(stacks, masks):
