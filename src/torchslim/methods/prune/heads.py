@@ -224,7 +224,8 @@ def _check_entry(entry: CriterionEntry, granularity: str) -> None:
                           f"criterion; it scores {', '.join(entry.granularities)}")
     if entry.needs:
         raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} with a criterion that needs "
-                          f"{', '.join(entry.needs)}: not available yet; use magnitude or random")
+                          f"{', '.join(entry.needs)}: not available yet; use one that reads only the weights "
+                          "(magnitude)")
 
 
 def _finetune(model: nn.Module, config, session) -> None:
