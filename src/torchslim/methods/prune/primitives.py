@@ -169,3 +169,54 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[st
             if excess <= 0:
                 break
     return {n: round(v, 6) for n, v in r.items()}
+
+
+# -- statistics of activations (data criteria) ---------------------------------------------
+def channels_last(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``x`` of shape ``[B, ...]`` as ``[B, P, C]``: ``C`` channels along ``channel_dim`` (1 for a
+    conv output ``[B, C, H, W]``; -1 for a linear output ``[B, T, C]``), ``P`` positions each.
+
+    Examples
+    --------
+    >>> channels_last(torch.zeros(2, 3, 4, 5), 1).shape, channels_last(torch.zeros(2, 7, 3), -1).shape
+    (torch.Size([2, 20, 3]), torch.Size([2, 7, 3]))
+    """
+    x = x.movedim(channel_dim, -1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def apoz(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Average Percentage of Zeros per channel (Hu et al. 2016, "Network Trimming", eq. 1): the
+    fraction of the entries of channel ``c`` (over the batch and every position) that are
+    ``<= 0``, i.e. zero after the ReLU that follows. Returns ``[C]`` in [0, 1].
+
+    Examples
+    --------
+    >>> apoz(torch.tensor([[1.0, -2.0], [0.0, 3.0], [-1.0, 4.0]]), -1)
+    tensor([0.6667, 0.3333])
+    """
+    return (channels_last(x, channel_dim) <= 0).float().mean(dim=(0, 1))
+
+
+def histogram_entropy(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Shannon entropy (nats) of each column of ``values`` ``[N, C]``, from a histogram of its N
+    values in ``bins`` equal bins spanning that column's own [min, max] (Luo & Wu 2017, "An
+    Entropy-based Pruning Method for CNN Compression", eq. 1: H = -sum_i p_i log p_i). A constant
+    column has entropy 0. Returns ``[C]`` in [0, log(bins)].
+
+    Examples
+    --------
+    >>> histogram_entropy(torch.tensor([[0.0, 5.0], [1.0, 5.0]]), bins=2)   # log 2, constant
+    tensor([0.6931, 0.0000])
+    >>> histogram_entropy(torch.tensor([[0.0], [0.1], [0.2], [1.0]]), bins=4)  # counts 3, 0, 0, 1
+    tensor([0.5623])
+    """
+    if bins < 1:
+        raise ValueError(f"histogram_entropy: bins must be >= 1, got {bins}")
+    v = values.float()
+    lo, hi = v.min(dim=0).values, v.max(dim=0).values
+    width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    idx = ((v - lo) / width * bins).long().clamp_(0, bins - 1)        # [N, C]: each value's bin
+    counts = torch.zeros(bins, v.shape[1]).scatter_add_(0, idx, torch.ones_like(v))
+    p = counts / v.shape[0]
+    return torch.special.entr(p).sum(dim=0) + 0.0      # entr: -p log p, 0 at p = 0; + 0.0: no -0.0
