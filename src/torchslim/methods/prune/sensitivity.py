@@ -167,32 +167,14 @@ def write(data: dict[str, Any], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sensitivity.json"
     write_json(path, data)
-    fig = plot(data)
-    from ...fileio import atomic_path
-    with atomic_path(out / "sensitivity.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    from ...fileio import atomic_open
+    from ...report import sensitivity_figure
+    fig = sensitivity_figure(data)
+    if fig is not None:
+        fig.tight_layout()
+        with atomic_open(out / "sensitivity.png", "wb") as f:
+            fig.savefig(f, format="png")
     return path
 
 
-def plot(data: dict[str, Any]):
-    """A Figure: metric vs sparsity, one line per layer, the baseline dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in data["layers"].items():
-        pts = [(0.0, data["baseline"])] + [(p, m) for p, m in row["points"] if m is not None]
-        ax.plot([100 * p for p, _ in pts], [m for _, m in pts], marker="o", ms=3, label=name or "(model)")
-    ax.axhline(data["baseline"], color="grey", ls="--", lw=1)
-    ax.set_xlabel(f"{data['granularity']} sparsity of the layer alone (%)")
-    ax.set_ylabel(f"{data['metric']} on {data['split']}")
-    ax.set_title(f"Sensitivity ({data['method']}, {data['granularity']})")
-    if len(data["layers"]) <= 20:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
-
-
-__all__ = ["analyze", "load_curves", "ratios_from_curves", "write", "plot", "DEFAULT_POINTS"]
+__all__ = ["analyze", "load_curves", "ratios_from_curves", "write", "DEFAULT_POINTS"]
