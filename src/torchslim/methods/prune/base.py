@@ -17,6 +17,7 @@ A method file only declares its config (extra fields such as ``alpha``) and regi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from ...config import MethodConfig, option
 from ...errors import RecipeError
-from ...modules import select_modules, weight_names
+from ...modules import check_patterns, matches, select_modules, weight_names
 from ...train.config import TrainConfig
 
 #: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
@@ -92,6 +93,11 @@ class PruneConfig(MethodConfig):
                                                      "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
                                                      "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
+    layer_sparsity: dict[str, float] = option(
+        default_factory=dict, low=0.0, high=1.0, high_open=True,
+        doc="granularity weight: {module name or re: pattern: sparsity} for layers pruned to their own "
+            "fraction (first match wins); the other targets get sparsity (scope global: one threshold "
+            "over them only)")
 
     CHANGES_WEIGHTS = True
 
@@ -100,8 +106,50 @@ class PruneConfig(MethodConfig):
         """The criterion this config's method uses (``magnitude`` for MagnitudePruneConfig)."""
         return getattr(type(self), "CRITERION", "magnitude")
 
+    def target_patterns(self) -> dict[str, tuple[str, ...]]:
+        return {**super().target_patterns(), **({"layer_sparsity": tuple(self.layer_sparsity)}
+                                                  if self.layer_sparsity else {})}
+
     def check_targets(self, model: nn.Module) -> None:
-        prunable_weights(model, self.targets, self.ignore)
+        names = prunable_weights(model, self.targets, self.ignore)
+        # a layer_sparsity key matching no module at all is the pattern check's error (target_patterns)
+        modules = [n for n, _ in model.named_modules() if n]
+        found = {k: v for k, v in self.layer_sparsity.items() if any(matches(n, k) for n in modules)}
+        dataclasses.replace(self, layer_sparsity=found).sparsity_of(names)
+
+    def sparsity_of(self, names: list[str], model: nn.Module | None = None) -> dict[str, float]:
+        """The weight tensors among ``names`` (parameter names, as :func:`prunable_weights` gives)
+        that ``layer_sparsity`` sets, with their sparsity: the first key matching the tensor's module
+        name (exactly, or a ``re:`` pattern matching the whole name) wins.
+
+        Raises RecipeError for a key that matches no module of ``model`` (naming the nearest
+        module names; checked when ``model`` is given) or none of the pruned layers (a module
+        outside ``targets``, in ``ignore``, or taken by an earlier key), naming the pruned ones.
+
+        Examples
+        --------
+        >>> c = PruneConfig(layer_sparsity={"fc1": 0.92, "re:fc.*": 0.5})
+        >>> c.sparsity_of(["fc1.weight", "fc2.weight", "conv.weight"])
+        {'fc1.weight': 0.92, 'fc2.weight': 0.5}
+        """
+
+        keys = list(self.layer_sparsity)
+        if model is not None:
+            check_patterns(model, keys, "prune.layer_sparsity")
+        out, used = {}, set()
+        for name in names:
+            module = name.rpartition(".")[0]
+            key = next((k for k in keys if matches(module, k)), None)
+            if key is not None:
+                out[name] = self.layer_sparsity[key]
+                used.add(key)
+        unused = [k for k in keys if k not in used]
+        if unused:
+            layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+            raise RecipeError(f"prune.layer_sparsity: {', '.join(map(repr, unused))} matches none of the "
+                              f"pruned layers (a module outside targets, in ignore, or matched by an earlier "
+                              f"key); pruned layers: {', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
+        return out
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -118,6 +166,21 @@ class PruneConfig(MethodConfig):
             raise RecipeError(f"{cls}.finetune.early_stopping: not available with schedule "
                               "gradual: epochs are pruned to different sparsities, so the best one is an "
                               "early, denser epoch; set early_stopping: 0 or use schedule: oneshot/iterative")
+        if self.layer_sparsity and self.granularity != "weight":
+            raise RecipeError(f"{cls}.layer_sparsity: per-layer sparsity is available with granularity "
+                              f"weight only, not {self.granularity!r}")
+        for key, value in self.layer_sparsity.items():
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise RecipeError(f"{cls}.layer_sparsity: bad regular expression {key!r}: {exc}") from None
+            if value > self.max_layer_sparsity:
+                raise RecipeError(f"{cls}.layer_sparsity[{key!r}]: {value} exceeds max_layer_sparsity "
+                                  f"{self.max_layer_sparsity}")
+            if value < self.initial_sparsity:
+                raise RecipeError(f"{cls}.layer_sparsity[{key!r}]: {value} is below initial_sparsity "
+                                  f"{self.initial_sparsity}")
         if self.initial_sparsity > self.sparsity:
             raise RecipeError(f"{cls}.initial_sparsity: must not exceed sparsity "
                               f"({self.initial_sparsity} > {self.sparsity})")

@@ -3,6 +3,14 @@
 
 Pruned weights are exact zeros in the dense tensors; the artifact writer stores such tensors as
 a bitmask plus the non-zero values, so sparsity shows up as bytes saved on disk.
+
+Per-layer overrides (``layer_sparsity: {fc1: 0.92, "re:conv.*": 0.5}``, Han et al. 2015's
+per-layer rates): a layer matched by a key is pruned to that fraction by its own ranking; the
+other targets get ``sparsity``, each by itself (scope ``layer``) or under one threshold shared by
+them alone (scope ``global``: the overridden layers are fixed, and ``sparsity`` is then the
+fraction removed from the rest, not from the whole). The schedule takes every layer to its own
+target at the same pace. ``max_layer_sparsity`` caps the shared layers only (an override above
+it is refused).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from ...errors import RecipeError
 from ...train.plugins import TrainingPlugin
 from .base import PruneConfig, prunable_weights
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import cubic_sparsity, global_masks, layer_masks
+from .primitives import cubic_sparsity, global_masks, layer_masks, topk_mask
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +51,21 @@ def criterion_scorer(entry: CriterionEntry) -> Scorer:
     return score
 
 
-def _compute_masks(scores: list[torch.Tensor], sparsity: float, scope: str,
-                   max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
-    if scope != "global":
-        return layer_masks(scores, sparsity)
-    try:
-        return global_masks(scores, sparsity, max_layer_sparsity)
-    except ValueError as exc:
-        raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
+def _compute_masks(scores: list[torch.Tensor], sparsity: float, scope: str, max_layer_sparsity: float = 1.0,
+                   fixed: list[float | None] | None = None) -> list[torch.Tensor]:
+    """Keep-masks: a tensor with a ``fixed`` sparsity by its own ranking; the others at ``sparsity``,
+    per tensor (scope layer) or under one threshold over them alone (scope global)."""
+    fixed = fixed or [None] * len(scores)
+    masks = {i: topk_mask(s, f) for i, (s, f) in enumerate(zip(scores, fixed)) if f is not None}
+    rest = [i for i, f in enumerate(fixed) if f is None]
+    if rest and scope != "global":
+        masks.update(zip(rest, layer_masks([scores[i] for i in rest], sparsity)))
+    elif rest:
+        try:
+            masks.update(zip(rest, global_masks([scores[i] for i in rest], sparsity, max_layer_sparsity)))
+        except ValueError as exc:
+            raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
+    return [masks[i] for i in range(len(scores))]
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -65,30 +80,36 @@ class MaskPlugin(TrainingPlugin):
 
     ``names`` are parameter names (``lstm.weight_hh_l0``, ``attn.in_proj_weight``) or module
     names, which stand for the module's ``weight``. ``scorer`` ranks the weights (magnitude by
-    default).
+    default). ``fixed`` maps some of ``names`` to their own final sparsity (``layer_sparsity``);
+    the others share the sparsity given to :meth:`prune_to`.
 
     The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
     in force when it stopped (the gradual schedule changes them during training).
     """
 
     def __init__(self, names: list[str], scope: str, max_layer_sparsity: float = 1.0,
-                 scorer: Scorer = magnitude_scorer) -> None:
+                 scorer: Scorer = magnitude_scorer, fixed: dict[str, float] | None = None) -> None:
         self.names, self.scope, self.max_layer_sparsity = names, scope, max_layer_sparsity
         self.scorer = scorer
+        self.fixed = dict(fixed or {})
         self.masks: list[torch.Tensor] | None = None
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
         return [_weight(model, n) for n in self.names]
 
     @torch.no_grad()
-    def prune_to(self, model: nn.Module, sparsity: float) -> None:
+    def prune_to(self, model: nn.Module, sparsity: float, fixed: dict[str, float] | None = None) -> None:
+        """Masks at ``sparsity``, the tensors of ``fixed`` (default: the final ``self.fixed``) at
+        their own, then applied."""
+        fixed = self.fixed if fixed is None else fixed
         ws = self.weights(model)
         # a weight shared by several layers (tied) is ranked once, and they share its mask
         first: dict[int, int] = {}
         unique = [i for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
         scores = self.scorer([self.names[i] for i in unique], [ws[i] for i in unique])
         masks = dict(zip((id(ws[i]) for i in unique),
-                         _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity)))
+                         _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity,
+                                        [fixed.get(self.names[i]) for i in unique])))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
@@ -98,6 +119,11 @@ class MaskPlugin(TrainingPlugin):
             return
         for w, m in zip(self.weights(model), self.masks):
             w.masked_fill_(~m, 0.0)  # +0.0: a product with 0 would leave -0.0 for negative weights
+
+    def prune_along(self, model: nn.Module, final: float, point: Callable[[float], float]) -> None:
+        """Prune to ``point(s)`` for each final sparsity ``s``: ``final`` for the shared tensors,
+        ``self.fixed``'s own for the others (a schedule's stage, the same for every layer)."""
+        self.prune_to(model, point(final), {n: point(s) for n, s in self.fixed.items()})
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         self.apply(model)
@@ -113,8 +139,9 @@ class GradualSchedule(MaskPlugin):
     """Raise sparsity along the cubic schedule of Zhu & Gupta (2017, eq. 1) during training,
     ``updates`` times over the first ``ramp`` fraction of the steps; masks hold in between."""
 
-    def __init__(self, names: list[str], config: PruneConfig, scorer: Scorer = magnitude_scorer) -> None:
-        super().__init__(names, config.scope, config.max_layer_sparsity, scorer)
+    def __init__(self, names: list[str], config: PruneConfig, scorer: Scorer = magnitude_scorer,
+                 fixed: dict[str, float] | None = None) -> None:
+        super().__init__(names, config.scope, config.max_layer_sparsity, scorer, fixed)
         self.config = config
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
@@ -122,25 +149,28 @@ class GradualSchedule(MaskPlugin):
         ramp_steps = max(int(c.ramp * total), 1)
         every = max(ramp_steps // c.updates, 1)
         if step <= ramp_steps and (step % every == 0 or step == ramp_steps):
-            self.prune_to(model, cubic_sparsity(step, ramp_steps, c.sparsity, c.initial_sparsity))
+            self.prune_along(model, c.sparsity, lambda s: cubic_sparsity(step, ramp_steps, s, c.initial_sparsity))
         else:
             self.apply(model)
 
 
 def run_schedule(model: nn.Module, config: PruneConfig, ctx, masker: MaskPlugin) -> None:
-    """One-shot, gradual or iterative pruning with ``masker``, then the exact target sparsity."""
+    """One-shot, gradual or iterative pruning with ``masker``, then the exact target sparsity.
+
+    A layer with its own sparsity (``masker.fixed``) follows the same schedule to its own target:
+    the gradual ramp from ``initial_sparsity``, or iterative rounds that each keep the same
+    fraction of what it had (kept fraction ``(1 - s) ** (r / iterations)`` after round ``r``)."""
     ft = config.finetune
     if config.schedule == "oneshot":
         masker.prune_to(model, config.sparsity)
         if ft is not None and ft.epochs > 0:
             ctx.train(model, ft, desc="prune-finetune", plugins=[masker])
     elif config.schedule == "gradual":
-        masker.prune_to(model, config.initial_sparsity)
+        masker.prune_along(model, config.sparsity, lambda s: config.initial_sparsity)
         ctx.train(model, ft, desc="prune-gradual", plugins=[masker])
     else:  # iterative: equal-ratio rounds, each followed by fine-tuning
-        keep_per_round = (1.0 - config.sparsity) ** (1.0 / config.iterations)
         for r in range(1, config.iterations + 1):
-            masker.prune_to(model, 1.0 - keep_per_round ** r)
+            masker.prune_along(model, config.sparsity, lambda s, r=r: 1.0 - (1.0 - s) ** (r / config.iterations))
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
     # the exact target at the end, whatever early stopping restored
     masker.prune_to(model, config.sparsity)
@@ -152,8 +182,11 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
     # keyed by module name for a layer's `weight`, by parameter name for other weight tensors
     per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean())
                  for n, w in zip(names, masker.weights(model))}
-    log.info("%s pruning: %.1f%% sparsity (%s) over %d weight tensors: %s", what, 100 * config.sparsity,
-             config.scope, len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
+    ws = masker.weights(model)
+    overall = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+    log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, config.scope,
+             f", {len(masker.fixed)} with their own" if masker.fixed else "", len(names),
+             ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
             ctx.warn("layer_collapse", f"{what} pruning removed {100 * v:.2f}% of layer {n}: it barely passes a "
@@ -168,8 +201,9 @@ def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEn
         raise RecipeError(f"prune.{entry.name}: granularity {config.granularity!r} with a criterion that "
                           f"needs {', '.join(entry.needs)}: not available yet")
     scorer = magnitude_scorer if entry.name == "magnitude" else criterion_scorer(entry)
-    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer) if config.schedule != "gradual"
-              else GradualSchedule(names, config, scorer))
+    fixed = config.sparsity_of(names, model)
+    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, fixed)
+              if config.schedule != "gradual" else GradualSchedule(names, config, scorer, fixed))
     run_schedule(model, config, ctx, masker)
     report_sparsity(model, names, masker, config, ctx, entry.name)
     return model
