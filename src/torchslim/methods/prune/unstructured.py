@@ -15,9 +15,10 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...train.plugins import TrainingPlugin
-from .base import PruneConfig, prunable_weights
+from .base import PruneConfig, prunable_weights, rank_masks
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import cubic_sparsity, global_masks, layer_masks
+from .primitives import cubic_sparsity
+from .stats import collect_grads
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,26 @@ def magnitude_scorer(names: list[str], weights: list[torch.Tensor]) -> list[torc
     return [w.detach().abs() for w in weights]
 
 
-def criterion_scorer(entry: CriterionEntry) -> Scorer:
-    """Element scores of each weight from a criterion that needs nothing but the weights."""
+def criterion_scorer(entry: CriterionEntry, grads_of: Callable[[list[str]], dict] | None = None) -> Scorer:
+    """Element scores of each weight from a criterion: each element is a unit of one member.
+
+    ``grads_of(names) -> {name: summed loss gradient}`` supplies what a criterion that needs
+    ``grads`` reads (:func:`.stats.collect_grads`); it is called at every scoring, so a gradual
+    or iterative schedule scores the weights as fine-tuning has left them.
+    """
     def score(names: list[str], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = grads_of(names) if grads_of is not None else None
         out = []
         for n, w in zip(names, weights):
-            g = Group(units=w.numel(), weights=[w.detach().reshape(-1, 1)], names=[n])
+            g = Group(units=w.numel(), weights=[w.detach().reshape(-1, 1)], names=[n],
+                      grads=None if grads is None else [grads[n].reshape(-1, 1)])
             out.append(check_scores(entry.fn(g), g, entry.name).reshape(w.shape).to(w.device))
         return out
     return score
 
 
-def _compute_masks(scores: list[torch.Tensor], sparsity: float, scope: str,
-                   max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
-    if scope != "global":
-        return layer_masks(scores, sparsity)
-    try:
-        return global_masks(scores, sparsity, max_layer_sparsity)
-    except ValueError as exc:
-        raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
+#: ``rule(scores, sparsity) -> keep-masks``: which elements stay (PruneConfig.keep_masks)
+MaskRule = Callable[[list[torch.Tensor], float], list[torch.Tensor]]
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -67,14 +69,18 @@ class MaskPlugin(TrainingPlugin):
     names, which stand for the module's ``weight``. ``scorer`` ranks the weights (magnitude by
     default).
 
+    ``rule`` turns scores into keep-masks (:meth:`PruneConfig.keep_masks`); by default the
+    ranking of ``scope`` and ``max_layer_sparsity``.
+
     The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
     in force when it stopped (the gradual schedule changes them during training).
     """
 
     def __init__(self, names: list[str], scope: str, max_layer_sparsity: float = 1.0,
-                 scorer: Scorer = magnitude_scorer) -> None:
+                 scorer: Scorer = magnitude_scorer, rule: MaskRule | None = None) -> None:
         self.names, self.scope, self.max_layer_sparsity = names, scope, max_layer_sparsity
         self.scorer = scorer
+        self.rule = rule or (lambda scores, sparsity: rank_masks(scores, sparsity, scope, max_layer_sparsity))
         self.masks: list[torch.Tensor] | None = None
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
@@ -88,7 +94,7 @@ class MaskPlugin(TrainingPlugin):
         unique = [i for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
         scores = self.scorer([self.names[i] for i in unique], [ws[i] for i in unique])
         masks = dict(zip((id(ws[i]) for i in unique),
-                         _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity)))
+                         self.rule(scores, sparsity)))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
@@ -114,7 +120,7 @@ class GradualSchedule(MaskPlugin):
     ``updates`` times over the first ``ramp`` fraction of the steps; masks hold in between."""
 
     def __init__(self, names: list[str], config: PruneConfig, scorer: Scorer = magnitude_scorer) -> None:
-        super().__init__(names, config.scope, config.max_layer_sparsity, scorer)
+        super().__init__(names, config.scope, config.max_layer_sparsity, scorer, config.keep_masks)
         self.config = config
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
@@ -142,8 +148,10 @@ def run_schedule(model: nn.Module, config: PruneConfig, ctx, masker: MaskPlugin)
         for r in range(1, config.iterations + 1):
             masker.prune_to(model, 1.0 - keep_per_round ** r)
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
-    # the exact target at the end, whatever early stopping restored
-    masker.prune_to(model, config.sparsity)
+    if config.SPARSITY_IS_RESULT:   # the rule's masks stand: re-applying it now would prune untrained
+        masker.apply(model)
+    else:                           # the exact target at the end, whatever early stopping restored
+        masker.prune_to(model, config.sparsity)
 
 
 def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, config: PruneConfig, ctx,
@@ -152,7 +160,9 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
     # keyed by module name for a layer's `weight`, by parameter name for other weight tensors
     per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean())
                  for n, w in zip(names, masker.weights(model))}
-    log.info("%s pruning: %.1f%% sparsity (%s) over %d weight tensors: %s", what, 100 * config.sparsity,
+    ws = masker.weights(model)
+    overall = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+    log.info("%s pruning: %.1f%% sparsity (%s) over %d weight tensors: %s", what, 100 * overall,
              config.scope, len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
@@ -162,14 +172,26 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
 
 
 def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc)."""
+    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc).
+
+    A criterion that needs ``grads`` (taylor) gets the loss gradients summed over
+    ``config.samples`` calibration examples, taken again at every mask update: once for
+    one-shot, once per round for iterative, ``updates`` times for gradual (each costs a
+    forward and backward pass over the samples), so the scores follow the fine-tuned weights.
+    """
     names = prunable_weights(model, config.targets, config.ignore)
-    if entry.needs:
+    if "activations" in entry.needs:
         raise RecipeError(f"prune.{entry.name}: granularity {config.granularity!r} with a criterion that "
-                          f"needs {', '.join(entry.needs)}: not available yet")
-    scorer = magnitude_scorer if entry.name == "magnitude" else criterion_scorer(entry)
-    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer) if config.schedule != "gradual"
-              else GradualSchedule(names, config, scorer))
+                          "reads activations: single weights have no output of their own; use granularity "
+                          "channel or head")
+    if entry.name == "magnitude":
+        scorer = magnitude_scorer
+    elif "grads" in entry.needs:
+        scorer = criterion_scorer(entry, lambda ns: collect_grads(ctx, model, ns, config.samples))
+    else:
+        scorer = criterion_scorer(entry)
+    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, config.keep_masks)
+              if config.schedule != "gradual" else GradualSchedule(names, config, scorer))
     run_schedule(model, config, ctx, masker)
     report_sparsity(model, names, masker, config, ctx, entry.name)
     return model
