@@ -180,11 +180,11 @@ def threshold(group: Group) -> torch.Tensor:
 def random(group: Group, seed: int = 0) -> torch.Tensor:
     """Uniform random scores in [0, 1): the control every criterion should beat.
 
-    The generator is seeded from ``seed`` and the group's member names (CRC-32), so a layer gets
-    the same scores whatever else is pruned, and two layers get different ones.
+    The generator is seeded from the CRC-32 of ``seed`` and the group's member names (the CPU
+    generator keeps 32 bits of a seed), so a layer gets the same scores whatever else is pruned,
+    and two layers, or two seeds, get different ones.
     """
-    key = zlib.crc32("|".join(group.names).encode())
-    gen = torch.Generator().manual_seed(seed * 2**32 + key)
+    gen = torch.Generator().manual_seed(zlib.crc32("|".join([str(seed), *group.names]).encode()))
     return torch.rand(group.units, generator=gen)
 
 

@@ -93,6 +93,10 @@ class MaskPlugin(TrainingPlugin):
         first: dict[int, int] = {}
         unique = [i for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
         scores = self.scorer([self.names[i] for i in unique], [ws[i] for i in unique])
+        if self.masks is not None:
+            # what is pruned stays pruned: below every score, so a kept weight that scores as
+            # low (a zero gradient under taylor) does not trade places with a pruned one
+            scores = [torch.where(self.masks[i].to(s.device), s.float(), -torch.inf) for i, s in zip(unique, scores)]
         masks = dict(zip((id(ws[i]) for i in unique),
                          self.rule(scores, sparsity)))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
@@ -148,6 +152,8 @@ def run_schedule(model: nn.Module, config: PruneConfig, ctx, masker: MaskPlugin)
         for r in range(1, config.iterations + 1):
             masker.prune_to(model, 1.0 - keep_per_round ** r)
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
+    if config.schedule == "oneshot" and (ft is None or ft.epochs == 0):
+        return                      # nothing trained: the masks are the target's already
     if config.SPARSITY_IS_RESULT:   # the rule's masks stand: re-applying it now would prune untrained
         masker.apply(model)
     else:                           # the exact target at the end, whatever early stopping restored
