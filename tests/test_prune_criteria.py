@@ -189,6 +189,18 @@ def test_threshold_removes_exactly_what_falls_under_alpha_times_the_layer_max(al
         assert torch.equal(both[i].weight == 0, m[i].weight.abs() < alpha * top), i
 
 
+def test_threshold_masks_hold_through_fine_tuning(trained_digits, digits_task):
+    """Fine-tuning after threshold pruning keeps the masks drawn on the trained weights: the
+    rule is not applied again to the fine-tuned ones (that would prune untrained)."""
+    cfg = ThresholdPruneConfig.from_dict({"alpha": 0.2, "finetune": {"optimizer": "adamw", "epochs": 1,
+                                                                    "lr": 1e-3, "loggers": []}})
+    pruned = torchslim.apply(trained_digits, cfg, task=digits_task)
+    for name in ("0.weight", "2.weight", "6.weight", "9.weight"):
+        w0, w = trained_digits.get_parameter(name).detach(), pruned.get_parameter(name).detach()
+        assert torch.equal(w == 0, w0.abs() < 0.2 * w0.abs().max()), name
+        assert not torch.equal(w[w != 0], w0[w != 0]), name      # trained in between
+
+
 def test_random_is_seeded_and_exact():
     m = torchslim.build_model("zoo:lenet-300-100")
     a, b, c = (torchslim.apply(m, RandomPruneConfig(sparsity=0.5, scope="layer", seed=s)) for s in (3, 3, 4))
@@ -264,18 +276,6 @@ def test_taylor_gradual_recomputes_gradients_at_each_update(trained_digits, digi
     assert updates[0] == 0.0 and updates[-1] == 0.6 and updates == sorted(updates)
     ws = [pruned.get_parameter(n) for n in ("0.weight", "2.weight", "6.weight", "9.weight")]
     assert sum(int((w == 0).sum()) for w in ws) == round(0.6 * sum(w.numel() for w in ws))
-
-
-def test_taylor_through_compress_records_layer_sparsity(tmp_path):
-    recipe = {"model": "zoo:digits-cnn", "task": "digits",
-              "steps": [{"prune": {"method": "taylor", "sparsity": 0.7, "samples": 32, "scope": "layer"}}],
-              "measure": {"batch_sizes": [1], "latency": False}}
-    metrics = torchslim.compress(recipe, tmp_path / "run")
-    row = metrics["steps"][1]
-    model = torchslim.build_model("zoo:digits-cnn")
-    sizes = {n.removesuffix(".weight"): p.numel() for n, p in model.named_parameters() if n.endswith("weight")}
-    assert row["layer_sparsity"] == {n: round(round(0.7 * k) / k, 4) for n, k in sizes.items()}
-    assert metrics["steps"][0]["nonzero_params"] - row["nonzero_params"] == sum(round(0.7 * k) for k in sizes.values())
 
 
 def test_magnitude_is_unchanged_by_the_mask_rule_hook():
