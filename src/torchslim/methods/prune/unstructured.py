@@ -23,9 +23,10 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...train.plugins import TrainingPlugin
-from .base import PruneConfig, prunable_weights
+from .base import PruneConfig, prunable_weights, rank_masks
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import cubic_sparsity, global_masks, layer_masks, topk_mask
+from .primitives import cubic_sparsity, topk_mask
+from .stats import collect_grads
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +41,37 @@ def magnitude_scorer(names: list[str], weights: list[torch.Tensor]) -> list[torc
     return [w.detach().abs() for w in weights]
 
 
-def criterion_scorer(entry: CriterionEntry) -> Scorer:
-    """Element scores of each weight from a criterion that needs nothing but the weights."""
+def criterion_scorer(entry: CriterionEntry, grads_of: Callable[[list[str]], dict] | None = None) -> Scorer:
+    """Element scores of each weight from a criterion: each element is a unit of one member.
+
+    ``grads_of(names) -> {name: summed loss gradient}`` supplies what a criterion that needs
+    ``grads`` reads (:func:`.stats.collect_grads`); it is called at every scoring, so a gradual
+    or iterative schedule scores the weights as fine-tuning has left them.
+    """
     def score(names: list[str], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = grads_of(names) if grads_of is not None else None
         out = []
         for n, w in zip(names, weights):
-            g = Group(units=w.numel(), weights=[w.detach().reshape(-1, 1)], names=[n])
+            g = Group(units=w.numel(), weights=[w.detach().reshape(-1, 1)], names=[n],
+                      grads=None if grads is None else [grads[n].reshape(-1, 1)])
             out.append(check_scores(entry.fn(g), g, entry.name).reshape(w.shape).to(w.device))
         return out
     return score
 
 
-def _compute_masks(scores: list[torch.Tensor], sparsity: float, scope: str, max_layer_sparsity: float = 1.0,
+#: ``rule(scores, sparsity) -> keep-masks``: which elements stay (PruneConfig.keep_masks)
+MaskRule = Callable[[list[torch.Tensor], float], list[torch.Tensor]]
+
+
+def _compute_masks(scores: list[torch.Tensor], sparsity: float, rule: MaskRule,
                    fixed: list[float | None] | None = None) -> list[torch.Tensor]:
-    """Keep-masks: a tensor with a ``fixed`` sparsity by its own ranking; the others at ``sparsity``,
-    per tensor (scope layer) or under one threshold over them alone (scope global)."""
+    """Keep-masks: a tensor with a ``fixed`` sparsity by its own ranking; the others by ``rule`` at
+    ``sparsity`` (per tensor for scope layer, one threshold over them alone for scope global)."""
     fixed = fixed or [None] * len(scores)
     masks = {i: topk_mask(s, f) for i, (s, f) in enumerate(zip(scores, fixed)) if f is not None}
     rest = [i for i, f in enumerate(fixed) if f is None]
-    if rest and scope != "global":
-        masks.update(zip(rest, layer_masks([scores[i] for i in rest], sparsity)))
-    elif rest:
-        try:
-            masks.update(zip(rest, global_masks([scores[i] for i in rest], sparsity, max_layer_sparsity)))
-        except ValueError as exc:
-            raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
+    if rest:
+        masks.update(zip(rest, rule([scores[i] for i in rest], sparsity)))
     return [masks[i] for i in range(len(scores))]
 
 
@@ -83,14 +90,19 @@ class MaskPlugin(TrainingPlugin):
     default). ``fixed`` maps some of ``names`` to their own final sparsity (``layer_sparsity``);
     the others share the sparsity given to :meth:`prune_to`.
 
+    ``rule`` turns scores into keep-masks (:meth:`PruneConfig.keep_masks`); by default the
+    ranking of ``scope`` and ``max_layer_sparsity``.
+
     The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
     in force when it stopped (the gradual schedule changes them during training).
     """
 
     def __init__(self, names: list[str], scope: str, max_layer_sparsity: float = 1.0,
-                 scorer: Scorer = magnitude_scorer, fixed: dict[str, float] | None = None) -> None:
+                 scorer: Scorer = magnitude_scorer, rule: MaskRule | None = None,
+                 fixed: dict[str, float] | None = None) -> None:
         self.names, self.scope, self.max_layer_sparsity = names, scope, max_layer_sparsity
         self.scorer = scorer
+        self.rule = rule or (lambda scores, sparsity: rank_masks(scores, sparsity, scope, max_layer_sparsity))
         self.fixed = dict(fixed or {})
         self.masks: list[torch.Tensor] | None = None
 
@@ -107,9 +119,12 @@ class MaskPlugin(TrainingPlugin):
         first: dict[int, int] = {}
         unique = [i for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
         scores = self.scorer([self.names[i] for i in unique], [ws[i] for i in unique])
+        if self.masks is not None:
+            # what is pruned stays pruned: below every score, so a kept weight that scores as
+            # low (a zero gradient under taylor) does not trade places with a pruned one
+            scores = [torch.where(self.masks[i].to(s.device), s.float(), -torch.inf) for i, s in zip(unique, scores)]
         masks = dict(zip((id(ws[i]) for i in unique),
-                         _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity,
-                                        [fixed.get(self.names[i]) for i in unique])))
+                         _compute_masks(scores, sparsity, self.rule, [fixed.get(self.names[i]) for i in unique])))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
@@ -141,7 +156,7 @@ class GradualSchedule(MaskPlugin):
 
     def __init__(self, names: list[str], config: PruneConfig, scorer: Scorer = magnitude_scorer,
                  fixed: dict[str, float] | None = None) -> None:
-        super().__init__(names, config.scope, config.max_layer_sparsity, scorer, fixed)
+        super().__init__(names, config.scope, config.max_layer_sparsity, scorer, config.keep_masks, fixed)
         self.config = config
 
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
@@ -172,8 +187,12 @@ def run_schedule(model: nn.Module, config: PruneConfig, ctx, masker: MaskPlugin)
         for r in range(1, config.iterations + 1):
             masker.prune_along(model, config.sparsity, lambda s, r=r: 1.0 - (1.0 - s) ** (r / config.iterations))
             ctx.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}", plugins=[masker])
-    # the exact target at the end, whatever early stopping restored
-    masker.prune_to(model, config.sparsity)
+    if config.schedule == "oneshot" and (ft is None or ft.epochs == 0):
+        return                      # nothing trained: the masks are the target's already
+    if config.SPARSITY_IS_RESULT:   # the rule's masks stand: re-applying it now would prune untrained
+        masker.apply(model)
+    else:                           # the exact target at the end, whatever early stopping restored
+        masker.prune_to(model, config.sparsity)
 
 
 def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, config: PruneConfig, ctx,
@@ -195,14 +214,26 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
 
 
 def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc)."""
+    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc).
+
+    A criterion that needs ``grads`` (taylor) gets the loss gradients summed over
+    ``config.samples`` calibration examples, taken again at every mask update: once for
+    one-shot, once per round for iterative, ``updates`` times for gradual (each costs a
+    forward and backward pass over the samples), so the scores follow the fine-tuned weights.
+    """
     names = prunable_weights(model, config.targets, config.ignore)
-    if entry.needs:
+    if "activations" in entry.needs:
         raise RecipeError(f"prune.{entry.name}: granularity {config.granularity!r} with a criterion that "
-                          f"needs {', '.join(entry.needs)}: not available yet")
-    scorer = magnitude_scorer if entry.name == "magnitude" else criterion_scorer(entry)
+                          "reads activations: single weights have no output of their own; use granularity "
+                          "channel or head")
+    if entry.name == "magnitude":
+        scorer = magnitude_scorer
+    elif "grads" in entry.needs:
+        scorer = criterion_scorer(entry, lambda ns: collect_grads(ctx, model, ns, config.samples))
+    else:
+        scorer = criterion_scorer(entry)
     fixed = config.sparsity_of(names, model)
-    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, fixed)
+    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, config.keep_masks, fixed)
               if config.schedule != "gradual" else GradualSchedule(names, config, scorer, fixed))
     run_schedule(model, config, ctx, masker)
     report_sparsity(model, names, masker, config, ctx, entry.name)
