@@ -111,6 +111,46 @@ def test_hand_computed_head_scores_choose_the_heads():
     torch.testing.assert_close(pruned(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_threshold_keeps_the_heads_above_alpha_times_the_largest():
+    """Scores 64 * (3, 1, 4, 2) per head: alpha 0.6 keeps those >= 0.6 * 256, heads 0 and 2."""
+    from torchslim.methods.prune.threshold import ThresholdPruneConfig
+    model = nn.Sequential(nn.MultiheadAttention(8, 4, batch_first=True))
+    scale = torch.tensor([3.0, 1.0, 4.0, 2.0]).repeat_interleave(2)
+    with torch.no_grad():
+        model[0].in_proj_weight.copy_(scale.repeat(3)[:, None].expand(24, 8))
+        model[0].out_proj.weight.copy_(scale[None, :].expand(8, 8))
+    pruned = torchslim.apply(model, ThresholdPruneConfig(granularity="head", alpha=0.6))
+    assert pruned[0].num_heads == 2
+    assert pruned[0].q_proj.weight[:, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
+
+
+def test_taylor_head_scores_are_gradient_times_weight_over_the_data():
+    """Taylor (Molchanov et al. 2019): |sum of grad * weight| over a head's q/k/v rows and output
+    columns, the gradient of the summed loss over the whole training split, computed here with
+    autograd on the stacked split; the two lowest of 4 heads go (heads 0 and 1 here, where
+    magnitude would keep 1 and 3)."""
+    import torch.nn.functional as F
+    from torchslim.methods.prune.taylor import TaylorPruneConfig
+    torch.manual_seed(2)
+    model = torchslim.build_model(f"py:{ASSETS / 'attention_models.py'}:digits_attention").eval()
+    task = torchslim.build_task("digits")
+    ds = task.split("train")
+    xs, ys = torch.stack([ds[i][0] for i in range(len(ds))]), torch.stack([ds[i][1] for i in range(len(ds))])
+    att = model.att
+    loss = F.cross_entropy(model(xs), ys, reduction="sum")
+    g_in, g_out = torch.autograd.grad(loss, [att.in_proj_weight, att.out_proj.weight])
+    prod_in, prod_out = (g_in * att.in_proj_weight).detach(), (g_out * att.out_proj.weight).detach()
+    scores = torch.tensor([float(sum(prod_in[p * 16 + h * 4:p * 16 + (h + 1) * 4].sum() for p in range(3))
+                                 + prod_out[:, h * 4:(h + 1) * 4].sum()) for h in range(4)]).abs()
+    kept = [h for h in range(4) if h not in _lowest(scores, 2)]
+    assert kept == [0, 1]
+    pruned = torchslim.apply(model, TaylorPruneConfig(granularity="head", sparsity=0.5, samples=len(ds)),
+                             task=task)
+    assert pruned.att.num_heads == 2
+    torch.testing.assert_close(pruned.att.q_proj.weight, torch.cat([att.in_proj_weight[h * 4:(h + 1) * 4]
+                                                                    for h in kept]).detach())
+
+
 # -- model kinds ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):

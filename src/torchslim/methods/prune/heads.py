@@ -37,6 +37,12 @@ the lowest-scoring ``round(sparsity * candidates)`` go, over all stacks (``globa
 (``layer``); each stack keeps at least one layer. ``targets`` / ``ignore`` name candidate
 layers (``encoder.layer.3``, ``re:layer[34]\\..*``): to drop exactly the layers named, give
 them as targets with ``sparsity: 0.99``.
+
+**Criteria.** Any criterion reading the weights (``magnitude``, ``random``), ``taylor`` (its
+``grads``: the loss gradients over ``samples`` calibration examples, one pass for all heads or
+layers) and ``threshold`` (a unit goes below ``alpha`` times the largest score of its layer, or
+of all with ``scope: global``; a layer it would empty keeps its best unit). Criteria reading
+activations (``activation``, ``entropy``) are refused for now.
 """
 
 from __future__ import annotations
@@ -50,10 +56,11 @@ from torch import nn
 
 from ...edits import delete_module, replace_module, set_attribute
 from ...errors import RecipeError
-from ...layers.attention import (PrunedMultiheadAttention, PrunedShiftedWindowAttention, attention_projections)
-from ...modules import _matches, check_patterns, get_submodule, weight_names
+from ...layers.attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention, head_rows
+from ...modules import check_patterns, matches, get_submodule, weight_names
 from .criteria import CriterionEntry, Group, check_scores
 from .primitives import capped_lowest
+from .stats import collect_grads
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +111,7 @@ def attention_sites(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
     """
     sites = []
     for name, m in model.named_modules():
-        if not name or any(_matches(name, p) for p in ignore) or not any(_matches(name, p) for p in targets):
+        if not name or any(matches(name, p) for p in ignore) or not any(matches(name, p) for p in targets):
             continue
         site = _site(model, name, m)
         if site is not None:
@@ -118,26 +125,39 @@ def attention_sites(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
     return sites
 
 
-def _projections(model: nn.Module, site: HeadSite) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """q, k, v weights (heads * head_dim, in) and the output projection weight (out, heads * head_dim)."""
-    m = get_submodule(model, site.name)
+def _site_params(model: nn.Module, site: HeadSite) -> tuple[list[str], str]:
+    """Parameter names of the q/k/v weights (one packed name: ``in_proj_weight``, Swin's
+    ``qkv.weight``) and of the output projection weight."""
+    m, n = get_submodule(model, site.name), site.name
     if site.kind == "hf":
-        out = get_submodule(model, site.name.rpartition(".")[0]).output.dense
-        return [m.query.weight, m.key.weight, m.value.weight], out.weight
+        return [f"{n}.query.weight", f"{n}.key.weight", f"{n}.value.weight"], \
+            f"{n.rpartition('.')[0]}.output.dense.weight"
     if site.kind == "swin":
-        return list(m.qkv.weight.chunk(3)), m.proj.weight
-    q, k, v, o = attention_projections(m)
-    return [q.weight, k.weight, v.weight], o.weight
+        return [f"{n}.qkv.weight"], f"{n}.proj.weight"
+    if isinstance(m, PrunedMultiheadAttention):
+        return [f"{n}.q_proj.weight", f"{n}.k_proj.weight", f"{n}.v_proj.weight"], f"{n}.out_proj.weight"
+    packed = m._qkv_same_embed_dim
+    return ([f"{n}.in_proj_weight"] if packed else [f"{n}.{p}_proj_weight" for p in "qkv"]), f"{n}.out_proj.weight"
 
 
-def head_group(model: nn.Module, site: HeadSite) -> Group:
+def _per_head(qkv: list[torch.Tensor], out: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """q, k, v (heads * head_dim, in) -> (heads, head_dim * in) rows each; out (E, heads * head_dim)
+    -> (heads, E * head_dim): its columns of each head."""
+    qkv = [part for w in qkv for part in (w.chunk(3) if len(qkv) == 1 else (w,))]
+    rows = [w.detach().reshape(heads, -1) for w in qkv]
+    cols = out.detach().reshape(out.shape[0], heads, -1).transpose(0, 1).reshape(heads, -1)
+    return [*rows, cols]
+
+
+def head_group(model: nn.Module, site: HeadSite, grads: dict[str, torch.Tensor] | None = None) -> Group:
     """One unit per head: its q/k/v rows (heads, head_dim * in) and its output-projection
-    columns (heads, out * head_dim)."""
-    qkv, out = _projections(model, site)
-    rows = [w.detach().reshape(site.heads, -1) for w in qkv]
-    cols = out.detach().reshape(out.shape[0], site.heads, -1).transpose(0, 1).reshape(site.heads, -1)
+    columns (heads, out * head_dim); ``grads`` (parameter name -> loss gradient) fills
+    ``Group.grads`` alike."""
+    qkv, out = _site_params(model, site)
+    weights = _per_head([model.get_parameter(n) for n in qkv], model.get_parameter(out), site.heads)
+    g = None if grads is None else _per_head([grads[n] for n in qkv], grads[out], site.heads)
     names = [f"{site.name}.{p}" for p in ("q", "k", "v", "out")]
-    return Group(units=site.heads, weights=[*rows, cols], names=names)
+    return Group(units=site.heads, weights=weights, grads=g, names=names)
 
 
 def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -160,7 +180,6 @@ def remove_heads(model: nn.Module, site: HeadSite, keep: list[int]) -> None:
     elif site.kind == "swin":
         replace_module(model, site.name, PrunedShiftedWindowAttention.from_attention(m, keep))
     else:
-        from ...layers.attention import head_rows
         rows = head_rows(keep, site.head_dim)
         for proj in ("query", "key", "value"):
             replace_module(model, f"{site.name}.{proj}", _sliced_linear(getattr(m, proj), rows=rows))
@@ -176,26 +195,37 @@ def _caps(sizes: list[int], max_layer_sparsity: float) -> list[int]:
     return [min(int(max_layer_sparsity * n + 1e-9), n - 1) for n in sizes]
 
 
-def _choose(scores: list[torch.Tensor], sparsity: float, scope: str, caps: list[int], what: str,
+def _choose(scores: list[torch.Tensor], config, caps: list[int], what: str,
             unit: str) -> tuple[list[torch.Tensor], bool]:
-    """Keep-masks, and whether the caps changed a global choice."""
-    if scope == "layer":
-        return [capped_lowest([s], min(int(round(sparsity * s.numel())), c), [c])[0]
+    """Keep-masks, and whether keeping one per group (or ``caps``) changed the choice.
+
+    A ranking removes ``round(sparsity * n)`` (per group, or over all at once within ``caps``);
+    a rule whose sparsity is its result (``threshold``) gives the masks, and a group it would
+    empty keeps its best unit."""
+    if getattr(config, "SPARSITY_IS_RESULT", False):
+        masks = [m.clone() for m in config.keep_masks(scores, config.sparsity)]
+        emptied = [m for m in masks if not m.any()]
+        for s, m in zip(scores, masks):
+            if not m.any():
+                m[int(torch.argmax(s))] = True
+        return masks, bool(emptied)
+    if config.scope == "layer":
+        return [capped_lowest([s], min(int(round(config.sparsity * s.numel())), c), [c])[0]
                 for s, c in zip(scores, caps)], False
     total = sum(s.numel() for s in scores)
-    k = int(round(sparsity * total))
+    k = int(round(config.sparsity * total))
     if k > sum(caps):
-        raise RecipeError(f"prune: sparsity {sparsity} removes {k} of {total} {unit}s, but each {what} keeps at "
-                          f"least one (and max_layer_sparsity bounds the rest): at most {sum(caps)} can go; "
-                          "lower sparsity")
+        raise RecipeError(f"prune: sparsity {config.sparsity} removes {k} of {total} {unit}s, but each {what} "
+                          f"keeps at least one (and max_layer_sparsity bounds the rest): at most {sum(caps)} can "
+                          "go; lower sparsity")
     masks = capped_lowest(scores, k, caps)
     free = capped_lowest(scores, k, [s.numel() for s in scores])
     return masks, any(not torch.equal(a, b) for a, b in zip(masks, free))
 
 
 def _check_feasible(sizes: list[int], caps: list[int], config, what: str, unit: str) -> None:
-    if config.scope == "global":
-        _choose([torch.zeros(n) for n in sizes], config.sparsity, "global", caps, what, unit)
+    if config.scope == "global" and not getattr(config, "SPARSITY_IS_RESULT", False):
+        _choose([torch.zeros(n) for n in sizes], config, caps, what, unit)
 
 
 def check_heads(model: nn.Module, config) -> None:
@@ -222,10 +252,9 @@ def _check_entry(entry: CriterionEntry, granularity: str) -> None:
     if granularity not in entry.granularities:
         raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} is not available with this "
                           f"criterion; it scores {', '.join(entry.granularities)}")
-    if entry.needs:
-        raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} with a criterion that needs "
-                          f"{', '.join(entry.needs)}: not available yet; use one that reads only the weights "
-                          "(magnitude)")
+    if "activations" in entry.needs:
+        raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} with a criterion that reads "
+                          "activations: not available yet; use magnitude, taylor or random")
 
 
 def _finetune(model: nn.Module, config, session) -> None:
@@ -238,11 +267,15 @@ def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
     _check_entry(entry, "head")
     check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
     sites = attention_sites(model, config.targets, config.ignore)
-    scores = [_scores_of(entry, head_group(model, s)) for s in sites]
+    grads = None
+    if "grads" in entry.needs:  # one pass over the calibration examples for every site
+        names = [n for s in sites for qkv, out in [_site_params(model, s)] for n in (*qkv, out)]
+        grads = collect_grads(session, model, names, config.samples)
+    scores = [_scores_of(entry, head_group(model, s, grads)) for s in sites]
     if config.scope == "global":  # comparable across layers: each site's scores over their mean
         scores = [s / s.mean() if s.mean() > 0 else s for s in scores]
     caps = _caps([s.heads for s in sites], config.max_layer_sparsity)
-    masks, capped = _choose(scores, config.sparsity, config.scope, caps, "attention layer", "head")
+    masks, capped = _choose(scores, config, caps, "attention layer", "head")
     kept = {}
     for site, keep in zip(sites, masks):
         idx = [int(i) for i in torch.nonzero(keep).flatten()]
@@ -318,7 +351,7 @@ def layer_stacks(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
         for c in stack.candidates:
             full = f"{name}.{c}"
             named.add(full)
-            if any(_matches(full, p) for p in targets) and not any(_matches(full, p) for p in ignore):
+            if any(matches(full, p) for p in targets) and not any(matches(full, p) for p in ignore):
                 stack.droppable.append(full)
         if stack.droppable:
             stacks.append(stack)
@@ -340,14 +373,21 @@ def _stack_caps(stacks: list[LayerStack], max_layer_sparsity: float) -> list[int
                 int(max_layer_sparsity * len(s.droppable) + 1e-9)) for s in stacks]
 
 
-def layer_score(entry: CriterionEntry, model: nn.Module, name: str) -> float:
+def _layer_params(model: nn.Module, name: str) -> list[str]:
+    """Parameter names of every weight tensor inside layer ``name``."""
+    return [".".join(filter(None, (name, sub, w))) for sub, m in get_submodule(model, name).named_modules()
+            for w in weight_names(m)]
+
+
+def layer_score(entry: CriterionEntry, model: nn.Module, name: str,
+                grads: dict[str, torch.Tensor] | None = None) -> float:
     """The criterion over layer ``name``'s weight tensors as one unit, per element of them."""
-    block = get_submodule(model, name)
-    ws = [p.detach().reshape(1, -1) for m in block.modules() for p in
-          (getattr(m, w) for w in weight_names(m))]
-    if not ws:
+    params = _layer_params(model, name)
+    if not params:
         return 0.0
-    group = Group(units=1, weights=ws, names=[name])
+    ws = [model.get_parameter(n).detach().reshape(1, -1) for n in params]
+    g = None if grads is None else [grads[n].reshape(1, -1) for n in params]
+    group = Group(units=1, weights=ws, grads=g, names=[name])
     return float(_scores_of(entry, group)[0]) / sum(w.numel() for w in ws)
 
 
@@ -356,9 +396,13 @@ def drop_layers(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
     _check_entry(entry, "layer")
     check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
     stacks = layer_stacks(model, config.targets, config.ignore)
-    scores = [torch.tensor([layer_score(entry, model, n) for n in s.droppable]) for s in stacks]
+    grads = None
+    if "grads" in entry.needs:
+        grads = collect_grads(session, model, [p for s in stacks for n in s.droppable for p in _layer_params(model, n)],
+                              config.samples)
+    scores = [torch.tensor([layer_score(entry, model, n, grads) for n in s.droppable]) for s in stacks]
     caps = _stack_caps(stacks, config.max_layer_sparsity)
-    masks, capped = _choose(scores, config.sparsity, config.scope, caps, "stack of layers", "layer")
+    masks, capped = _choose(scores, config, caps, "stack of layers", "layer")
     dropped = []
     for stack, keep in zip(stacks, masks):
         gone = [n for n, k in zip(stack.droppable, keep.tolist()) if not k]
