@@ -126,16 +126,17 @@ def test_threshold_keeps_the_heads_above_alpha_times_the_largest():
 
 def test_taylor_head_scores_are_gradient_times_weight_over_the_data():
     """Taylor (Molchanov et al. 2019): |sum of grad * weight| over a head's q/k/v rows and output
-    columns, the gradient of the summed loss over the whole training split, computed here with
-    autograd on the stacked split; the two lowest of 4 heads go (heads 0 and 1 here, where
+    columns, the gradient of the summed loss over the 256 calibration examples, computed here
+    with autograd on them stacked; the two lowest of 4 heads go (heads 0 and 1 here, where
     magnitude would keep 1 and 3)."""
     import torch.nn.functional as F
     from torchslim.methods.prune.taylor import TaylorPruneConfig
+    from torchslim.session import Session
     torch.manual_seed(2)
     model = torchslim.build_model(f"py:{ASSETS / 'attention_models.py'}:digits_attention").eval()
     task = torchslim.build_task("digits")
-    ds = task.split("train")
-    xs, ys = torch.stack([ds[i][0] for i in range(len(ds))]), torch.stack([ds[i][1] for i in range(len(ds))])
+    batches = Session(task=task).calibration_batches(256)
+    xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     att = model.att
     loss = F.cross_entropy(model(xs), ys, reduction="sum")
     g_in, g_out = torch.autograd.grad(loss, [att.in_proj_weight, att.out_proj.weight])
@@ -144,11 +145,25 @@ def test_taylor_head_scores_are_gradient_times_weight_over_the_data():
                                  + prod_out[:, h * 4:(h + 1) * 4].sum()) for h in range(4)]).abs()
     kept = [h for h in range(4) if h not in _lowest(scores, 2)]
     assert kept == [0, 1]
-    pruned = torchslim.apply(model, TaylorPruneConfig(granularity="head", sparsity=0.5, samples=len(ds)),
-                             task=task)
+    pruned = torchslim.apply(model, TaylorPruneConfig(granularity="head", sparsity=0.5, samples=256), task=task)
     assert pruned.att.num_heads == 2
     torch.testing.assert_close(pruned.att.q_proj.weight, torch.cat([att.in_proj_weight[h * 4:(h + 1) * 4]
                                                                     for h in kept]).detach())
+
+
+def test_head_sensitivity_has_a_curve_per_attention_module(digits_task):
+    """``torchslim sensitivity --granularity head``: one curve per attention module; its point at
+    50% is the metric of the model with that module's 2 lowest-magnitude heads switched off."""
+    from torchslim.methods.prune import sensitivity
+    torch.manual_seed(0)
+    model = torchslim.build_model(f"py:{ASSETS / 'attention_models.py'}:digits_attention").eval()
+    data = sensitivity.analyze(model, digits_task, _heads(), points=(0.5,), split="val", recalibrate_bn=0)
+    assert list(data["layers"]) == ["att"]
+    att = model.att
+    ref = copy.deepcopy(model)
+    gone = _lowest(_l1_per_head(list(att.in_proj_weight.chunk(3)), att.out_proj.weight, 4), 2)
+    _zero_columns(ref.att.out_proj.weight, gone, 4)
+    assert data["layers"]["att"]["points"] == [[0.5, pytest.approx(digits_task.evaluate(ref, "val"))]]
 
 
 # -- model kinds ----------------------------------------------------------------------------
