@@ -111,6 +111,13 @@ class PruneConfig(MethodConfig):
                                                      "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
                                                      "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
+    ratios: str = option("uniform", choices=("uniform", "sensitivity"),
+                         doc="uniform: sparsity as scope says; sensitivity: per-layer sparsities from sensitivity "
+                             "curves that remove the budget at the least predicted metric loss")
+    sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
+                                               "sensitivity` (default: measured in the step on the val split)")
+    budget: str = option("params", choices=("params", "macs"),
+                         doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
         doc="granularity weight: {module name or re: pattern: sparsity} for layers pruned to their own "
@@ -162,6 +169,16 @@ class PruneConfig(MethodConfig):
     def check_ready(self, task=None) -> None:
         super().check_ready(task)
         self.check_data(task)
+        if self.ratios == "sensitivity" and self.sensitivity is not None:
+            from .sensitivity import load_curves
+            load_curves(self.sensitivity)
+        elif self.ratios == "sensitivity" and task is not None:
+            try:
+                task.split("val")
+            except UserError:
+                raise RecipeError(f"prune.ratios: sensitivity measures curves on the val split, and task "
+                                  f"{task.spec!r} has no data; give sensitivity: PATH (a sensitivity.json) or "
+                                  "use ratios: uniform") from None
 
     @property
     def CHANGES_SHAPES(self) -> bool:  # noqa: N802 (the capability's name, read by the pipeline)
@@ -241,6 +258,16 @@ class PruneConfig(MethodConfig):
             raise RecipeError(f"{cls}.finetune.early_stopping: not available with schedule "
                               "gradual: epochs are pruned to different sparsities, so the best one is an "
                               "early, denser epoch; set early_stopping: 0 or use schedule: oneshot/iterative")
+        if self.ratios == "sensitivity":
+            if self.layer_sparsity:
+                raise RecipeError(f"{cls}.ratios: sensitivity sets every layer's sparsity; leave layer_sparsity out")
+            if self.SPARSITY_IS_RESULT:
+                raise RecipeError(f"{cls}.ratios: sensitivity needs a ranking criterion, not the {self.name} rule")
+            if self.granularity != "weight":
+                raise RecipeError(f"{cls}.ratios: sensitivity is available with granularity weight, not "
+                                  f"{self.granularity!r}")
+        elif self.sensitivity is not None:
+            raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")
@@ -284,6 +311,8 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
         For a criterion that needs data without a task.
     """
     entry = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    if config.ratios == "sensitivity":
+        config = sensitivity_ratios(model, config, session)
     if entry.needs:
         config.check_data(session.task)
         session.require_task(f"prune.{entry.name} (its criterion needs {' and '.join(entry.needs)})")
@@ -297,3 +326,34 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
         from .heads import drop_layers
         return drop_layers(model, config, session, entry)
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
+
+
+def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneConfig:
+    """``config`` with ``ratios: sensitivity`` resolved into ``layer_sparsity``: every targeted
+    layer's own sparsity, from the curves of ``config.sensitivity`` or of a sensitivity analysis
+    run now on the ``val`` split, for a budget of ``config.sparsity`` of the layers' ``budget``
+    (params or MACs). The curves go into the step's row (``sensitivity``), where the report
+    plots them.
+    """
+    from . import sensitivity as sens
+    task = session.require_task("prune.ratios: sensitivity")
+    method = f"prune.{config.name}"
+    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={})
+    if config.sensitivity is not None:
+        data = sens.load_curves(config.sensitivity)
+        names = set(prunable_weights(model, config.targets, config.ignore))
+        layers = {n.rpartition(".")[0] for n in names}
+        missing = sorted(layers - set(data["layers"]))
+        if missing:
+            raise RecipeError(f"prune.sensitivity: {config.sensitivity} has no curve for "
+                              f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
+        data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
+    else:
+        data = sens.analyze(model, task, uniform, method=method, split="val")
+    cap = min(config.max_layer_sparsity, 0.95)
+    ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
+    session.info.setdefault("metrics", {})["sensitivity"] = data
+    session.info["metrics"]["sensitivity_ratios"] = ratios
+    # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
+    return dataclasses.replace(uniform, scope="layer", layer_sparsity={k: v for k, v in ratios.items() if v > 0},
+                               sparsity=0.0, initial_sparsity=0.0)
