@@ -972,7 +972,8 @@ _SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after e
 
 
 _MERGE_NOTE = ("The models a merge step combined, each measured alone on the test split; the merged "
-               "model's own figures are the step's row above.")
+               "model's own figures are the step's row above. The current model is the one entering the "
+               "step (with torchslim merge, the first MODEL: the baseline row).")
 _SKIPPED_NOTE = ("Modules a step could not handle and left unchanged, with the reason; the model still "
                  "runs and the other modules were processed.")
 
