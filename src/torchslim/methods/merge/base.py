@@ -122,11 +122,10 @@ class MergeConfig(MethodConfig):
 def check_same_architecture(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
                             first: str, this: str) -> None:
     """RecipeError naming the first tensor whose name or shape differs between two state_dicts."""
-    found = first_mismatch(reference, other)
+    found = first_mismatch(reference, other, first, this)
     if found is not None:
-        raise RecipeError(f"merge: {this} does not have the architecture of {first}: "
-                          + found.replace("the first model", first).replace("here", f"in {this}")
-                          + "; only models of one architecture can be merged")
+        raise RecipeError(f"merge: {this} does not have the architecture of {first}: {found}; only models of "
+                          "one architecture can be merged")
 
 
 def resolve(ref: str | ModelRef, model: nn.Module, ctx) -> nn.Module:

@@ -182,23 +182,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLE
     return (math.sin((1 - t) * theta) / s * x + math.sin(t * theta) / s * y).to(a.dtype)
 
 
-def first_mismatch(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str | None:
-    """The first difference of names or shapes between two state_dicts, in words, or None.
+def first_mismatch(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                   first: str = "the first model", this: str = "the other") -> str | None:
+    """The first difference of names or shapes between two state_dicts, in words (``first`` and
+    ``this`` name the two models), or None when they match.
 
     Examples
     --------
     >>> first_mismatch({"w": torch.zeros(2, 3)}, {"w": torch.zeros(3, 2)})
-    "tensor 'w' has shape [2, 3] in the first model and [3, 2] here"
-    >>> first_mismatch({"w": torch.zeros(1)}, {"v": torch.zeros(1)})
-    "tensor 'w' of the first model is missing here"
+    "tensor 'w' has shape [2, 3] in the first model and [3, 2] in the other"
+    >>> first_mismatch({"w": torch.zeros(1)}, {"v": torch.zeros(1)}, "A", "B")
+    "tensor 'w' of A is missing in B"
     """
     for name, ref in reference.items():
         if name not in other:
-            return f"tensor {name!r} of the first model is missing here"
+            return f"tensor {name!r} of {first} is missing in {this}"
         if tuple(other[name].shape) != tuple(ref.shape):
-            return (f"tensor {name!r} has shape {list(ref.shape)} in the first model and "
-                    f"{list(other[name].shape)} here")
+            return (f"tensor {name!r} has shape {list(ref.shape)} in {first} and "
+                    f"{list(other[name].shape)} in {this}")
     for name in other:
         if name not in reference:
-            return f"tensor {name!r} is not in the first model"
+            return f"tensor {name!r} of {this} is missing in {first}"
     return None
