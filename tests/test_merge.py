@@ -277,7 +277,8 @@ def test_cli_merge_end_to_end(saved, tmp_path, capsys):
     assert [i["model"] for i in rows["merge-ties"]["ingredients"]] == ["the current model", *specs[1:]]
     assert rows["merge-ties"]["base"]["model"] == specs[0]
     assert rows["merge-ties"]["config"]["density"] == 0.5
-    assert (out / "report.md").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Merged models" in report and f"| merge-ties | base | {specs[0]} |" in report
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -287,6 +288,7 @@ def test_cli_merge_end_to_end(saved, tmp_path, capsys):
     (["A", "B", "--method", "ties", "--base", "C", "--set", "density=2"], "density: 2.0 is out of range"),
     (["A", "B", "--method", "ties"], "needs --base MODEL"),
     (["A", "B", "--method", "soup"], "did you mean"),
+    (["A", "B", "--set", "models=[]"], "give it as --method, MODEL arguments or --base"),
 ])
 def test_cli_merge_bad_input(saved, argv, match, capsys, tmp_path):
     _, specs = saved

@@ -317,6 +317,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise UserError(f"merge --set {clip(item, 80)!r}: expected KEY=VALUE, e.g. --set scale=0.5")
+        if key.strip() in ("method", "models", "base"):
+            raise UserError(f"merge --set {key.strip()}: give it as --method, MODEL arguments or --base")
         fields[key.strip()] = yaml.safe_load(value)
     measure = {"batch_sizes": list(args.batch_sizes), "latency": not args.no_latency}
     recipe = Recipe.from_dict({"model": models[0], "task": args.task, "measure": measure,
