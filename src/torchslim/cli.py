@@ -281,6 +281,54 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arg(text: str) -> str:
+    """A model on the command line: a spec, or an artifact directory (``DIR`` for ``artifact:DIR``)."""
+    if ":" not in text and (Path(text) / "manifest.json").is_file():
+        return f"artifact:{text}"
+    return text
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .pipeline import run_recipe
+    from .recipe import Recipe
+    from .registry import get_method
+    from .report import format_table
+
+    entry = get_method("merge", args.method)
+    uses_base = getattr(entry.config_cls, "USES_BASE", False)
+    models = [_model_arg(m) for m in args.models]
+    if args.base is not None and not uses_base:
+        raise UserError(f"merge --method {args.method}: --base is for the task-vector methods (task-arithmetic, "
+                        "ties, dare); a soup merges the models given")
+    if uses_base and args.base is None:
+        raise UserError(f"merge --method {args.method}: needs --base MODEL, the model the task vectors are taken "
+                        "from (e.g. the pre-trained model the others were fine-tuned from)")
+    if len(models) < 2 and args.base is None:
+        raise UserError("merge: give at least two models (or one model and --base for task vectors)")
+    if not args.task:
+        raise UserError("merge: --task TASK is needed to measure the models (e.g. --task mnist; "
+                        "shape:1x28x28 for a task without data)")
+    fields: dict = {"method": args.method, "models": models[1:]}
+    if args.base is not None:
+        fields["base"] = _model_arg(args.base)
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"merge --set {clip(item, 80)!r}: expected KEY=VALUE, e.g. --set scale=0.5")
+        if key.strip() in ("method", "models", "base"):
+            raise UserError(f"merge --set {key.strip()}: give it as --method, MODEL arguments or --base")
+        fields[key.strip()] = yaml.safe_load(value)
+    measure = {"batch_sizes": list(args.batch_sizes), "latency": not args.no_latency}
+    recipe = Recipe.from_dict({"model": models[0], "task": args.task, "measure": measure,
+                               "steps": [{"merge": fields}]})
+    metrics = run_recipe(recipe, args.out, data_dir=args.data_dir)
+    _out(format_table(metrics))
+    _out(f"wrote {args.out}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .registry import list_methods
     pattern = args.pattern
@@ -386,6 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--json", help="write the rows as JSON")
     s.set_defaults(fn=cmd_layers)
+
+    s = sub.add_parser("merge", parents=[common], help="merge models of one architecture (soups, task vectors)")
+    s.add_argument("models", nargs="+", metavar="MODEL",
+                   help="models to merge: specs (artifact:DIR, zoo:...) or artifact directories; the first "
+                        "is the merged model's architecture and source record")
+    s.add_argument("--method", required=True, help="uniform, greedy-soup, slerp, task-arithmetic, ties or dare")
+    s.add_argument("--base", help="the model the task vectors are taken from (task-arithmetic, ties, dare)")
+    s.add_argument("--task", help="task spec the models are measured on (greedy-soup: one with data)")
+    s.add_argument("--out", required=True, help="output directory: model/, metrics.json, report")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a field of the method, e.g. --set scale=0.5, --set density=0.2, --set t=0.3")
+    s.add_argument("--data-dir", help="data directory (default $TORCHSLIM_DATA or ./data)")
+    s.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 32), help="latency batch sizes (1,32)")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.set_defaults(fn=cmd_merge)
 
     s = sub.add_parser("methods", parents=[common], help="list registered methods and their fields")
     s.add_argument("pattern", nargs="?", default="*", help="glob over VERB.NAME, e.g. 'prune.*'")

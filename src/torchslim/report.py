@@ -37,7 +37,8 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
                             # shown in their own sections: latency table and plot, header, banner,
                             # per-layer tables, training curves
                             "latency", "runtime", "onnx_latency_ms", "onnx_latency", "input_shapes",
-                            "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped"})
+                            "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped",
+                            "ingredients", "base", "greedy"})
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
 # removed so the folder matches the report.
 _PLOT_FILES = ("size.png", "macs.png", "latency.png", "metric.png", "metric_vs_size.png", "training.png",
@@ -823,6 +824,29 @@ def skipped_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return (["step", "module", "reason"], rows) if rows else ([], [])
 
 
+def ingredient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The models a merge step merged (``ingredients: [{model, metric}]``, ``base``) with each
+    one's test metric, and for a greedy soup whether it went in and the soup's metric on its
+    split with it. Empty when no step merged."""
+    rows = []
+    for i, s in enumerate(metrics.get("steps") or []):
+        if not (isinstance(s, dict) and isinstance(s.get("ingredients"), list)):
+            continue
+        greedy = s.get("greedy") if isinstance(s.get("greedy"), dict) else {}
+        tried = {str(e.get("model")): e for e in greedy.get("steps") or [] if isinstance(e, dict)}
+        entries = [("ingredient", e) for e in s["ingredients"] if isinstance(e, dict)]
+        if isinstance(s.get("base"), dict):
+            entries.append(("base", s["base"]))
+        for role, e in entries:
+            value = _num(e.get("metric"))
+            got = tried.get(str(e.get("model")))
+            soup = "-" if got is None else (("kept" if got.get("kept") else "left out")
+                                            + f" ({greedy.get('split', 'val')} {_num(got.get('metric')) or 0:.4f})")
+            rows.append([_step_name(s, i), role, str(e.get("model", "?")),
+                         "-" if value is None else f"{value:.4f}", soup])
+    return (["step", "role", "model", "test metric", "greedy soup"], rows) if rows else ([], [])
+
+
 # -- files -----------------------------------------------------------------------------------
 
 #: the most steps and latency batch sizes a report renders (a run has a handful; more is not a
@@ -926,6 +950,9 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
     header, rows = skipped_rows(metrics)
     if rows:
         md += ["## Skipped modules", "", _SKIPPED_NOTE, "", _md_table(header, rows), ""]
+    header, rows = ingredient_rows(metrics)
+    if rows:
+        md += ["## Merged models", "", _MERGE_NOTE, "", _md_table(header, rows), ""]
     md += ["## Step details", "", _md_table(*_details_rows(metrics["steps"])), ""]
     configs = [(_step_name(s, i), s["config"]) for i, s in enumerate(metrics["steps"]) if s.get("config")]
     if configs:
@@ -944,6 +971,9 @@ _SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after e
                   "step's own layer_sparsity, of the weights alone, where a step was not measured per layer).")
 
 
+_MERGE_NOTE = ("The models a merge step combined, each measured alone on the test split; the merged "
+               "model's own figures are the step's row above. The current model is the one entering the "
+               "step (with torchslim merge, the first MODEL: the baseline row).")
 _SKIPPED_NOTE = ("Modules a step could not handle and left unchanged, with the reason; the model still "
                  "runs and the other modules were processed.")
 
@@ -1012,7 +1042,8 @@ def _html(metrics: dict[str, Any], plots: list[Path]) -> str:
             ("training", "Training", training_rows(metrics), ""),
             ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
             ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
-            ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE)):
+            ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE),
+            ("ingredients", "Merged models", ingredient_rows(metrics), _MERGE_NOTE)):
         if tr:
             sections.append(f"<h2>{h2}</h2>\n" + (f'<p class="note">{html.escape(note)}</p>\n' if note else "")
                             + _html_table(table_id, th, tr))

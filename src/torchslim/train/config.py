@@ -15,11 +15,14 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 #: teachers named by role: the recipe's baseline model, or the model as it entered the step
 TEACHER_ROLES = ("baseline", "current")
+#: config fields whose values may be a role: a teacher, a merge's ingredients (``models``) and base
+MODEL_FIELDS = ("teacher", "models", "base")
 
 
-def teacher_ref(value: str | ModelRef, where: str) -> str | ModelRef:
-    """A teacher as given: a role (``baseline``, ``current``), or a ModelRef for a model spec;
-    RecipeError for a string that is neither (a misspelt role).
+def teacher_ref(value: str | ModelRef, where: str, kind: str = "teacher role") -> str | ModelRef:
+    """A teacher (or a merge's ingredient, ``kind="role"``) as given: a role (``baseline``,
+    ``current``), or a ModelRef for a model spec; RecipeError for a string that is neither (a
+    misspelt role).
 
     Examples
     --------
@@ -29,7 +32,7 @@ def teacher_ref(value: str | ModelRef, where: str) -> str | ModelRef:
     if not isinstance(value, str) or value in TEACHER_ROLES:
         return value
     if ":" not in value:
-        raise RecipeError(f"{where}: {value!r} is neither a teacher role{did_you_mean(value, TEACHER_ROLES)} "
+        raise RecipeError(f"{where}: {value!r} is neither a {kind}{did_you_mean(value, TEACHER_ROLES)} "
                           f"nor a model spec (PREFIX:NAME); accepted: {', '.join(TEACHER_ROLES)}, or a spec such "
                           "as zoo:lenet-5 / {spec: ..., weights: ...}")
     return ModelRef(spec=value)
@@ -175,8 +178,10 @@ def teacher_roles(config: MethodConfig) -> set[str]:
     roles: set[str] = set()
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "teacher" and isinstance(value, str) and value in TEACHER_ROLES:
-            roles.add(value)
+        if f.name in MODEL_FIELDS:  # a merge's ingredients and base name models as teachers do
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, str) and item in TEACHER_ROLES:
+                    roles.add(item)
         if isinstance(value, MethodConfig):
             roles |= teacher_roles(value)
     return roles
