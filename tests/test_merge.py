@@ -299,3 +299,20 @@ def test_cli_merge_bad_input(saved, argv, match, capsys, tmp_path):
         argv += ["--task", "shape:1x28x28"]
     assert main(["merge", *argv, "--no-latency", "--out", str(tmp_path / "o")]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_merge_takes_the_task_of_the_run_the_models_came_from(saved, tmp_path, capsys):
+    models, _ = saved
+    run = tmp_path / "run"
+    for i, m in enumerate(models[:2]):
+        torchslim.save(m, run / f"m{i}")
+    (run / "metrics.json").write_text(json.dumps({"task": "shape:1x28x28", "steps": []}))
+    out = tmp_path / "out"
+    assert main(["merge", str(run / "m0"), str(run / "m1"), "--method", "uniform", "--no-latency",
+                 "--out", str(out), "-q"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["task"] == "shape:1x28x28"
+    # models from nowhere still need --task, and say so
+    loose = tmp_path / "loose"
+    torchslim.save(models[0], loose)
+    assert main(["merge", str(loose), str(run / "m1"), "--method", "uniform", "--out", str(tmp_path / "o2")]) == 2
+    assert "--task TASK is needed" in capsys.readouterr().err

@@ -288,6 +288,21 @@ def _model_arg(text: str) -> str:
     return text
 
 
+def _task_of_run(spec: str) -> str | None:
+    """The task of the run an ``artifact:`` model came from (its folder's or parent's metrics.json)."""
+    if not spec.startswith("artifact:"):
+        return None
+    where = Path(spec.partition(":")[2])
+    for mf in (where / "metrics.json", where.parent / "metrics.json"):
+        try:
+            task = json.loads(mf.read_text(encoding="utf-8")).get("task")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(task, str) and task:
+            return task
+    return None
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import yaml
 
@@ -308,8 +323,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if len(models) < 2 and args.base is None:
         raise UserError("merge: give at least two models (or one model and --base for task vectors)")
     if not args.task:
+        args.task = _task_of_run(models[0])
+        if args.task:
+            log.info("merge: measuring on task %s, the task of the run %s came from", args.task, models[0])
+    if not args.task:
         raise UserError("merge: --task TASK is needed to measure the models (e.g. --task mnist; "
-                        "shape:1x28x28 for a task without data)")
+                        "shape:1x28x28 for a task without data); it can be left out only for artifacts "
+                        "saved by a torchslim run (their run's metrics.json names the task)")
     fields: dict = {"method": args.method, "models": models[1:]}
     if args.base is not None:
         fields["base"] = _model_arg(args.base)
