@@ -85,6 +85,8 @@ class PruneConfig(MethodConfig):
                          doc="gradual: fraction of fine-tuning steps over which sparsity rises")
     updates: int = option(20, low=1, doc="gradual: number of mask updates during the ramp")
     iterations: int = option(3, low=1, doc="iterative: prune/fine-tune rounds")
+    round_to: int = option(1, low=1, doc="channel: kept channel counts rounded to a multiple of this "
+                                         "(e.g. 8); 1 = no rounding")
     samples: int = option(128, low=1, doc="calibration examples for criteria that need data "
                                           "(taylor, activation, entropy)")
     finetune: TrainConfig | None = option(None, doc="training after (gradual: during) pruning")
@@ -94,6 +96,11 @@ class PruneConfig(MethodConfig):
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
 
     CHANGES_WEIGHTS = True
+
+    @property
+    def CHANGES_SHAPES(self) -> bool:  # noqa: N802 (the capability's name on every config)
+        """Removing channels, heads or layers changes layer shapes; single weights and N:M do not."""
+        return self.granularity in ("channel", "head", "layer")
 
     @property
     def name(self) -> str:
@@ -130,4 +137,7 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str) ->
     if parse_nm(config.granularity) is not None or config.granularity == "weight":
         from .unstructured import prune_weights
         return prune_weights(model, config, session, entry)
+    if config.granularity == "channel":
+        from .structured import prune_channels
+        return prune_channels(model, config, session, entry)
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
