@@ -108,6 +108,10 @@ class PruneConfig(MethodConfig):
         return getattr(type(self), "CRITERION", "magnitude")
 
     def check_targets(self, model: nn.Module) -> None:
+        if self.granularity == "channel":
+            from .structured import channel_targets
+            channel_targets(model, self)
+            return
         prunable_weights(model, self.targets, self.ignore)
 
     def validate(self) -> None:

@@ -114,14 +114,23 @@ def _rows(t: torch.Tensor, module: Any, out: bool, dim: int | None = None) -> to
     return None
 
 
+def _take(rows: torch.Tensor, idxs: Sequence[int]) -> torch.Tensor:
+    """``rows[idxs]``, without a copy when ``idxs`` is every row in order."""
+    if len(idxs) == rows.shape[0] and idxs[0] == 0 and idxs[-1] == len(idxs) - 1 and list(idxs) == list(range(len(idxs))):
+        return rows
+    return rows[torch.as_tensor(list(idxs), dtype=torch.long)]
+
+
 def _by_unit(rows: torch.Tensor, roots: list[int], units: int) -> torch.Tensor:
     """Rows of one member (``rows[i]`` belongs to unit ``roots[i]``) as ``[units, m * k]``: the
     ``m`` rows of each unit side by side (flatten -> linear: a channel owns ``m`` features),
     padded with zeros where a unit has fewer."""
     roots_t = torch.as_tensor(roots, dtype=torch.long)
-    order = torch.sort(roots_t, stable=True).indices
     counts = torch.bincount(roots_t, minlength=units)
     m, k = int(counts.max()), rows.shape[1]
+    if bool((roots_t[1:] >= roots_t[:-1]).all()) and bool((counts == m).all()):
+        return rows.reshape(units, m * k)  # already in unit order: a view, no copy
+    order = torch.sort(roots_t, stable=True).indices
     if bool((counts == m).all()):
         return rows[order].reshape(units, m * k)
     starts = torch.cumsum(counts, 0) - counts
@@ -158,6 +167,13 @@ def _guard_reshapes(tp: Any) -> None:
     original = im.update_reshape_index_mapping
     if getattr(original, "_torchslim_guarded", False):
         return
+    update_all = im.update_index_mapping
+
+    def update_unless_frozen(graph: Any) -> None:
+        # a graph whose model has not changed since the last update keeps its mappings: every
+        # group is taken before any is pruned, and the update walks every concat each time
+        if not getattr(graph, "frozen", False):
+            update_all(graph)
 
     def guarded(graph: Any, node: Any) -> None:
         try:
@@ -167,6 +183,7 @@ def _guard_reshapes(tp: Any) -> None:
 
     guarded._torchslim_guarded = True  # type: ignore[attr-defined]
     im.update_reshape_index_mapping = guarded
+    im.update_index_mapping = update_unless_frozen
 
 
 def _why(exc: Exception) -> str:
@@ -225,6 +242,7 @@ class _Graph:
         caught = [str(w.message).split("\n")[0] for w in seen if "Unknown operation" in str(w.message)]
         if caught:
             log.info("channel pruning: operations the graph treats as element-wise: %s", "; ".join(caught[:5]))
+        self.dg.frozen = True
         for node in list(self.dg.module2node.values()):  # walks stop at a channel shuffle
             if _unmapped(node, tp):
                 for dep in [*node.dependencies, *(d for n in (*node.inputs, *node.outputs) for d in n.dependencies
@@ -352,12 +370,12 @@ class _Graph:
             rows = _rows(tensor.detach(), module, out, getattr(dep.target, "pruning_dim", None))
             if rows is None or max(idxs) >= rows.shape[0]:
                 continue
-            weights.append(_by_unit(rows[list(idxs)], list(roots), units))
+            weights.append(_by_unit(_take(rows, idxs), list(roots), units))
             labels.append(f"{pname}[{'out' if out else 'in'}]")
             if grads is not None:
                 g = grads.get(pname)
                 g_rows = _rows(g, module, out, getattr(dep.target, "pruning_dim", None)) if g is not None else None
-                grad_rows.append(_by_unit(g_rows[list(idxs)], list(roots), units) if g_rows is not None
+                grad_rows.append(_by_unit(_take(g_rows, idxs), list(roots), units) if g_rows is not None
                                  else torch.zeros_like(weights[-1]))
         activations = zeros = None
         if acts is not None and plan.name in acts:
@@ -506,8 +524,7 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
     want = _output_shape(model, inputs)
     before = _shapes(model)
     backup = copy.deepcopy(model)
-    for p in plans:
-        _prune_plan(graph, p, report)
+    _prune_all(graph, plans, report)
     try:
         ok = _output_shape(model, inputs) == want
         problem = "the output shape changed"
@@ -517,6 +534,7 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
         log.info("channel pruning broke the forward pass (%s); pruning group by group", problem)
         model.__dict__ = backup.__dict__
         graph = _Graph(model, inputs, config, targets, ignore, original)
+        graph.dg.frozen = False  # pruned one group at a time: the mappings follow each change
         by_name = {p.name: p for p in plans}
         for p in graph.groups:
             p.remove = by_name[p.name].remove if p.name in by_name else []
@@ -524,16 +542,38 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
     record_changes(model, before)
 
 
-def _prune_plan(graph: _Graph, plan: _Plan, report: dict[str, Any]) -> None:
+def _removal_group(graph: _Graph, plan: _Plan, report: dict[str, Any]) -> Any:
+    """torch-pruning's group removing ``plan.remove`` (in every channel group), or None."""
     if not plan.remove:
-        return
+        return None
     size = plan.units
     idxs = sorted(u + g * size for g in range(plan.per_group) for u in plan.remove)
     group = graph.dg.get_pruning_group(plan.root, graph.dg.get_pruner_of_module(plan.root).prune_out_channels, idxs)
     if not graph.dg.check_pruning_group(group):
         report["skipped"][plan.name] = "torch-pruning refused the group (a coupled layer would lose every channel)"
-        return
-    group.prune()
+        return None
+    return group
+
+
+def _prune_plan(graph: _Graph, plan: _Plan, report: dict[str, Any]) -> None:
+    group = _removal_group(graph, plan, report)
+    if group is not None:
+        group.prune(record_history=False)
+
+
+def _prune_all(graph: _Graph, plans: list[_Plan], report: dict[str, Any]) -> None:
+    """Remove every plan's channels at once: the groups are all taken on the unchanged model (in
+    its channel numbering) and merged, so each layer is cut once, by the union of its indices
+    (a layer after a concatenation is in several groups)."""
+    tp = graph.tp
+    merged = tp.dependency.Group()
+    merged._DG = graph.dg
+    for p in plans:
+        group = _removal_group(graph, p, report)
+        for item in group or ():
+            merged.add_and_merge(item.dep, [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in item.idxs])
+    if len(merged):
+        merged.prune(record_history=False)
 
 
 def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, report: dict[str, Any]) -> None:
@@ -599,9 +639,7 @@ def prune_channels(model: nn.Module, config: PruneConfig, session, entry: Criter
         raise RecipeError("prune (granularity channel) traces one forward pass to find the coupled layers: "
                           "give a task (e.g. task='shape:3x224x224' or a data set)")
     inputs = tuple(to_device(session.task.example_inputs(1), session.device))
-    kinds = ROOT_KINDS + tuple(_PRUNERS)
-    targets = {n for n, _ in select_modules(model, config.targets, config.ignore, kinds=kinds,
-                                            what="prune.targets", refuse=_refuse)}
+    targets = channel_targets(model, config)
     ignore = {n for n, _ in model.named_modules() if n and n not in targets
               and any(_match(n, p) for p in config.ignore)}
     original = _channels(model)
@@ -622,6 +660,15 @@ def prune_channels(model: nn.Module, config: PruneConfig, session, entry: Criter
                           sub=f"train-round{r}")
     _report(model, original, report, entry, config, session)
     return model
+
+
+def channel_targets(model: nn.Module, config: PruneConfig) -> set[str]:
+    """Names of the layers whose output channels ``config.targets`` pick: Conv/Linear layers and
+    classes given a pruner; RecipeError for a pattern that matches nothing or a named module of
+    another class."""
+    kinds = ROOT_KINDS + tuple(_PRUNERS)
+    return {n for n, _ in select_modules(model, config.targets, config.ignore, kinds=kinds,
+                                         what="prune.targets", refuse=_refuse)}
 
 
 def _refuse(module: nn.Module) -> str | None:
