@@ -244,3 +244,40 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(UserError, match="cannot trace the model"):
         torchslim.apply(m, MagnitudePruneConfig(**CHANNEL), task="shape:5x8x8")   # 5 channels into a 3-channel conv
     assert MagnitudePruneConfig(**CHANNEL).CHANGES_SHAPES and not MagnitudePruneConfig().CHANGES_SHAPES
+
+
+# -- criteria that need data ----------------------------------------------------------------
+def _taylor(g):
+    """|sum over the group of w * dL/dw| per channel (first-order Taylor, Molchanov et al. 2019)."""
+    return sum((w * d).sum(1) for w, d in zip(g.weights, g.grads)).abs()
+
+
+def _mean_act(g):
+    assert g.activations.shape[1] == g.units and g.zeros.shape == (g.units,)
+    return g.activations.abs().mean(0)
+
+
+def test_data_criteria_get_grads_and_activations_per_channel(digits_task):
+    from torchslim.methods.prune.criteria import get_criterion
+    from torchslim.methods.prune.structured import prune_channels
+    for name, fn, needs in (("test-taylor", _taylor, ("grads",)), ("test-act", _mean_act, ("activations",))):
+        if name not in _CRITERIA:
+            register_criterion(name, fn, needs=needs)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 64, 10))
+    session = Session(task=digits_task)
+    batches = session.calibration_batches(64)
+    # independent: the summed loss gradient and each channel's spatial-mean output of layer 0
+    m = copy.deepcopy(model)
+    loss = sum(digits_task.loss(digits_task.forward(m, b), b) * len(digits_task.targets(b)) for b in batches)
+    g0, g2 = torch.autograd.grad(loss, [m[0].weight, m[2].weight])
+    taylor = ((m[0].weight * g0).flatten(1).sum(1) + (m[2].weight * g2).transpose(0, 1).flatten(1).sum(1)).abs()
+    with torch.no_grad():
+        acts = torch.cat([m[0](b[0]).mean((2, 3)) for b in batches]).abs().mean(0)
+    for crit, expected in (("test-taylor", taylor), ("test-act", acts)):
+        pruned = copy.deepcopy(model)
+        prune_channels(pruned, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer", samples=64),
+                       Session(task=digits_task), get_criterion(crit))
+        keep = sorted(torch.argsort(expected, descending=True)[:2].tolist())
+        assert torch.equal(pruned[0].weight, model[0].weight[keep]), crit
