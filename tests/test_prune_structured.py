@@ -281,3 +281,19 @@ def test_data_criteria_get_grads_and_activations_per_channel(digits_task):
                        Session(task=digits_task), get_criterion(crit))
         keep = sorted(torch.argsort(expected, descending=True)[:2].tolist())
         assert torch.equal(pruned[0].weight, model[0].weight[keep]), crit
+
+
+def test_batchnorm_recalibration_after_channels_removed(digits_task):
+    from torchslim.methods.prune.criteria import get_criterion
+    from torchslim.methods.prune.structured import prune_channels
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    session = Session(task=digits_task)
+    prune_channels(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer"), session,
+                   get_criterion("magnitude"))
+    assert m[1].running_mean.shape == (4,) and m[4].in_features == 256
+    assert session.recalibrate_batchnorm(m, 64) == 1
+    # the statistics are now those of the pruned conv's outputs on those examples
+    with torch.no_grad():
+        out = torch.cat([m[0](b[0]) for b in session.calibration_batches(64, batch_size=64)])
+    assert torch.allclose(m[1].running_mean, out.mean((0, 2, 3)), atol=1e-5)
