@@ -297,3 +297,32 @@ def test_batchnorm_recalibration_after_channels_removed(digits_task):
     with torch.no_grad():
         out = torch.cat([m[0](b[0]) for b in session.calibration_batches(64, batch_size=64)])
     assert torch.allclose(m[1].running_mean, out.mean((0, 2, 3)), atol=1e-5)
+
+
+class _InputResidual(nn.Module):
+    """conv0's output is added to the model's input, which cannot lose channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 3, 1)
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv1(x + self.conv0(x))).mean((2, 3)))
+
+
+def test_a_group_that_breaks_the_model_is_skipped_and_reported():
+    from torchslim.methods.prune.criteria import get_criterion
+    from torchslim.methods.prune.structured import prune_channels
+    torch.manual_seed(0)
+    m = _InputResidual()
+    session = Session(task=build_task("shape:3x4x4"))
+    prune_channels(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer"), session,
+                   get_criterion("magnitude"))
+    assert m.conv0.out_channels == 3 and m.conv1.out_channels == 4 and m.fc.in_features == 4
+    skipped = session.info["metrics"]["skipped"]
+    assert [s["module"] for s in skipped] == ["conv0"] and "forward pass" in skipped[0]["reason"]
+    assert "channel_skipped" in [w["code"] for w in session.warnings]
+    x = torch.randn(2, 3, 4, 4)
+    assert m(x).shape == (2, 2)

@@ -31,7 +31,6 @@ a multiple (e.g. 8, for tensor-core friendly widths).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -523,7 +522,7 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
     choose(plans, ratio, config, session)
     want = _output_shape(model, inputs)
     before = _shapes(model)
-    backup = copy.deepcopy(model)
+    backup = _snapshot(model.modules())
     _prune_all(graph, plans, report)
     try:
         ok = _output_shape(model, inputs) == want
@@ -532,7 +531,7 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
         ok, problem = False, f"{type(exc).__name__}: {first_line(exc)}"
     if not ok:  # start again from the copy, one group at a time, leaving out those that break it
         log.info("channel pruning broke the forward pass (%s); pruning group by group", problem)
-        model.__dict__ = backup.__dict__
+        _restore(backup)
         graph = _Graph(model, inputs, config, targets, ignore, original)
         graph.dg.frozen = False  # pruned one group at a time: the mappings follow each change
         by_name = {p.name: p for p in plans}
@@ -576,9 +575,26 @@ def _prune_all(graph: _Graph, plans: list[_Plan], report: dict[str, Any]) -> Non
         merged.prune(record_history=False)
 
 
+def _snapshot(modules: Iterator[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module's attributes, with its own dicts of parameters, buffers and children: enough to
+    undo torch-pruning, whose pruners put new tensors in place and never change one in place."""
+    out = []
+    for m in modules:
+        state = dict(m.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = dict(state[key])
+        out.append((m, state))
+    return out
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for m, state in snapshot:
+        m.__dict__.clear()
+        m.__dict__.update(state)
+
+
 def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, report: dict[str, Any]) -> None:
-    touched = [item.dep.target.module for item in plan.group if isinstance(item.dep.target.module, nn.Module)]
-    saved = [copy.deepcopy(m.__dict__) for m in touched]
+    saved = _snapshot(graph.model.modules())
     _prune_plan(graph, plan, report)
     try:
         if _output_shape(graph.model, inputs) == want:
@@ -586,8 +602,7 @@ def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, repor
         reason = "pruning it changed the model's output shape"
     except Exception as exc:
         reason = f"pruning it broke the forward pass ({type(exc).__name__}: {first_line(exc, 120)})"
-    for m, d in zip(touched, saved):
-        m.__dict__ = d
+    _restore(saved)
     report["skipped"][plan.name] = reason
 
 
