@@ -34,7 +34,12 @@ FAMILIES = {  # the smallest variant of each family, and the smallest input it a
 }
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+#: over 60 M parameters each (a classifier of 4096-wide linears, or 2x-wide bottlenecks): 20-60 s
+#: apiece on the shared 2-core machine, so they run with ``-m slow``
+HEAVY = ("vgg11", "alexnet", "wide_resnet50_2")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in FAMILIES])
 def test_torchvision_family_pruned_by_channels(name, tmp_path):
     args = {"num_classes": 10}
     if name == "googlenet":

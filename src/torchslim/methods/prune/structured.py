@@ -196,7 +196,7 @@ def _unmapped(node: Any, tp: Any) -> bool:
     or 4-D tensor (torch-pruning maps those alone)."""
     if node.type != tp.ops.OPTYPE.RESHAPE:
         return False
-    sizes = getattr(node.grad_fn, "_saved_self_sizes", None)
+    sizes = getattr(node.grad_fn, "_saved_self_sizes", None) or getattr(node.grad_fn, "_saved_self_sym_sizes", None)
     return getattr(node, "unmapped", False) or (sizes is not None and len(sizes) not in (1, 2, 4))
 
 
@@ -246,7 +246,7 @@ class _Graph:
             if _unmapped(node, tp):
                 for dep in [*node.dependencies, *(d for n in (*node.inputs, *node.outputs) for d in n.dependencies
                                                   if d.target is node)]:
-                    dep.index_mapping[1] = _stop
+                    dep.index_mapping[0] = dep.index_mapping[1] = _stop
         self.name_of = {m: n for n, m in model.named_modules()}
         self.output_fn = out_fn.get("grad_fn")
         self.groups: list[_Plan] = []
