@@ -541,13 +541,25 @@ def prune_round(model: nn.Module, ratio: float, config: PruneConfig, session, en
     record_changes(model, before)
 
 
-def _removal_group(graph: _Graph, plan: _Plan, report: dict[str, Any]) -> Any:
-    """torch-pruning's group removing ``plan.remove`` (in every channel group), or None."""
+def _removal_group(graph: _Graph, plan: _Plan, report: dict[str, Any], unchanged: bool = False) -> Any:
+    """torch-pruning's group removing ``plan.remove`` (in every channel group), or None. On the
+    ``unchanged`` model it is read off the full group (each member's indices whose root channel
+    goes), as the graph's walk would give it, without walking again."""
     if not plan.remove:
         return None
     size = plan.units
     idxs = sorted(u + g * size for g in range(plan.per_group) for u in plan.remove)
-    group = graph.dg.get_pruning_group(plan.root, graph.dg.get_pruner_of_module(plan.root).prune_out_channels, idxs)
+    if unchanged and all(r is not None for item in plan.group for r in item.root_idxs):
+        gone = set(idxs)
+        group = graph.tp.dependency.Group()
+        group._DG = graph.dg
+        for item in plan.group:
+            mine = [i for i, r in zip(item.idxs, item.root_idxs) if r in gone]
+            if mine:
+                group.add_dep(item.dep, mine)
+    else:
+        group = graph.dg.get_pruning_group(plan.root, graph.dg.get_pruner_of_module(plan.root).prune_out_channels,
+                                           idxs)
     if not graph.dg.check_pruning_group(group):
         report["skipped"][plan.name] = "torch-pruning refused the group (a coupled layer would lose every channel)"
         return None
@@ -564,13 +576,15 @@ def _prune_all(graph: _Graph, plans: list[_Plan], report: dict[str, Any]) -> Non
     """Remove every plan's channels at once: the groups are all taken on the unchanged model (in
     its channel numbering) and merged, so each layer is cut once, by the union of its indices
     (a layer after a concatenation is in several groups)."""
-    tp = graph.tp
-    merged = tp.dependency.Group()
-    merged._DG = graph.dg
+    cuts: dict[tuple[int, Any], tuple[Any, set[int]]] = {}   # (target, pruning function) -> indices
     for p in plans:
-        group = _removal_group(graph, p, report)
-        for item in group or ():
-            merged.add_and_merge(item.dep, [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in item.idxs])
+        group = _removal_group(graph, p, report, unchanged=True)
+        for dep, idxs in group or ():
+            cuts.setdefault((id(dep.target), dep.handler), (dep, set()))[1].update(idxs)
+    merged = graph.tp.dependency.Group()
+    merged._DG = graph.dg
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
     if len(merged):
         merged.prune(record_history=False)
 
