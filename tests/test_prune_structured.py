@@ -232,7 +232,8 @@ def test_iterative_and_gradual_schedule_channels(digits_task):
     m = torchslim.build_model("zoo:digits-cnn")
     ft = TrainConfig(epochs=2, batch_size=256, lr=0.01)
     it = torchslim.apply(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5, schedule="iterative",
-                                                 iterations=2, finetune=ft), task=digits_task)
+                                                 iterations=2, finetune=TrainConfig(epochs=1, batch_size=256, lr=0.01)),
+                         task=digits_task)
     gr = torchslim.apply(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5, schedule="gradual",
                                                  updates=2, finetune=ft), task=digits_task)
     for pruned in (it, gr):  # 32 + 64 + 128 prunable channels (the classifier keeps its 10): 112 gone

@@ -226,7 +226,6 @@ class _Graph:
             out_fn["grad_fn"] = y.grad_fn
             return y
 
-        caught: list[str] = []
         with eval_mode(model), torch.enable_grad(), warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
