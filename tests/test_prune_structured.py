@@ -252,23 +252,10 @@ def test_bad_input_is_a_clear_error():
     assert MagnitudePruneConfig(**CHANNEL).CHANGES_SHAPES and not MagnitudePruneConfig().CHANGES_SHAPES
 
 
-# -- criteria that need data ----------------------------------------------------------------
-def _taylor(g):
-    """|sum over the group of w * dL/dw| per channel (first-order Taylor, Molchanov et al. 2019)."""
-    return sum((w * d).sum(1) for w, d in zip(g.weights, g.grads)).abs()
-
-
-def _mean_act(g):
-    assert g.activations.shape[1] == g.units and g.zeros.shape == (g.units,)
-    return g.activations.abs().mean(0)
-
-
-def test_data_criteria_get_grads_and_activations_per_channel(digits_task):
+# -- criteria that need data, random, threshold ---------------------------------------------
+def test_taylor_and_activation_criteria_by_channels(digits_task):
     from torchslim.methods.prune.criteria import get_criterion
     from torchslim.methods.prune.structured import prune_channels
-    for name, fn, needs in (("test-taylor", _taylor, ("grads",)), ("test-act", _mean_act, ("activations",))):
-        if name not in _CRITERIA:
-            register_criterion(name, fn, needs=needs)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(6 * 64, 10))
@@ -281,12 +268,25 @@ def test_data_criteria_get_grads_and_activations_per_channel(digits_task):
     taylor = ((m[0].weight * g0).flatten(1).sum(1) + (m[2].weight * g2).transpose(0, 1).flatten(1).sum(1)).abs()
     with torch.no_grad():
         acts = torch.cat([m[0](b[0]).mean((2, 3)) for b in batches]).abs().mean(0)
-    for crit, expected in (("test-taylor", taylor), ("test-act", acts)):
+    for crit, expected in (("taylor", taylor), ("activation", acts)):
         pruned = copy.deepcopy(model)
         prune_channels(pruned, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer", samples=64),
                        Session(task=digits_task), get_criterion(crit))
         keep = sorted(torch.argsort(expected, descending=True)[:2].tolist())
         assert torch.equal(pruned[0].weight, model[0].weight[keep]), crit
+
+
+def test_random_and_threshold_criteria_by_channels():
+    from torchslim.prune import RandomPruneConfig, ThresholdPruneConfig
+    m = _cnn()
+    a = torchslim.apply(m, RandomPruneConfig(granularity="channel", sparsity=0.5, scope="layer"), task="shape:3x8x8")
+    b = torchslim.apply(m, RandomPruneConfig(granularity="channel", sparsity=0.5, scope="layer"), task="shape:3x8x8")
+    assert (a[0].out_channels, a[3].out_channels) == (8, 16) and torch.equal(a[0].weight, b[0].weight)
+    # threshold: a channel stays when its group L1 norm >= alpha * the largest of its layer
+    w0, w3, b1 = m[0].weight, m[3].weight, m[1].weight
+    scores = w0.abs().flatten(1).sum(1) + b1.abs() + w3.abs().transpose(0, 1).flatten(1).sum(1)
+    t = torchslim.apply(m, ThresholdPruneConfig(granularity="channel", alpha=0.9), task="shape:3x8x8")
+    assert t[0].out_channels == int((scores >= 0.9 * scores.max()).sum())
 
 
 def test_batchnorm_recalibration_after_channels_removed(digits_task):

@@ -71,3 +71,49 @@ def test_cli_bad_points_is_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torchslim.cli", "sensitivity", "zoo:digits-cnn", "--task", "digits",
                         "--out", str(tmp_path), "--points", "0.5,1.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "sparsities in (0, 1)" in r.stderr and "Traceback" not in r.stderr
+
+
+def _sparsity(model, names):
+    ws = [model.get_submodule(n).weight for n in names]
+    return [float((w == 0).float().mean()) for w in ws], sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws)
+
+
+def test_ratios_sensitivity_meets_the_budget_and_beats_uniform(tmp_path, trained_digits, digits_task):
+    layers = ("0", "2", "6", "9")
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(), split="val")
+    path = sensitivity.write(data, tmp_path)
+    cfg = MagnitudePruneConfig(sparsity=0.85, ratios="sensitivity", sensitivity=str(path))
+    planned = torchslim.apply(trained_digits, cfg, task=digits_task)
+    want = sensitivity.ratios_from_curves(data, 0.85, "params")
+    per_layer, removed, total = _sparsity(planned, layers)
+    assert per_layer == pytest.approx([want[n] for n in layers], abs=1e-3)
+    assert removed == pytest.approx(0.85 * total, rel=2e-3)
+    uniform = torchslim.apply(trained_digits, MagnitudePruneConfig(sparsity=0.85, scope="layer"), task=digits_task)
+    assert _sparsity(uniform, layers)[1] == pytest.approx(removed, rel=2e-3)
+    acc_plan, acc_uniform = digits_task.evaluate(planned), digits_task.evaluate(uniform)
+    assert acc_plan >= acc_uniform, (acc_plan, acc_uniform)
+
+
+def test_ratios_sensitivity_measured_in_the_step_are_recorded(trained_digits, digits_task):
+    from torchslim.session import Session
+    from torchslim.methods.prune.base import run_prune
+
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity")
+    model = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    row = session.info["metrics"]
+    assert set(row["sensitivity"]["layers"]) == {"0", "2", "6", "9"} and row["sensitivity"]["split"] == "val"
+    ratios = row["sensitivity_ratios"]
+    got = {n: float((model.get_submodule(n).weight == 0).float().mean()) for n in ratios}
+    assert got == pytest.approx(ratios, abs=1e-3)
+
+
+def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
+    with pytest.raises(RecipeError, match="granularity weight"):
+        MagnitudePruneConfig(ratios="sensitivity", granularity="channel")
+    with pytest.raises(RecipeError, match="ratios: sensitivity only"):
+        MagnitudePruneConfig(sensitivity="x.json")
+    (tmp_path / "bad.json").write_text("{}")
+    from torchslim.errors import UserError
+    with pytest.raises(UserError, match="not a torchslim sensitivity file"):
+        MagnitudePruneConfig(ratios="sensitivity", sensitivity=str(tmp_path / "bad.json")).check_ready(digits_task)

@@ -12,7 +12,7 @@ The result is a JSON-ready mapping (``sensitivity.json``, schema 1)::
 
     {"schema": 1, "method": "prune.magnitude", "granularity": "channel", "split": "val",
      "metric": "accuracy", "baseline": 0.97,
-     "layers": {"features.0": {"params": 864, "macs": 110592,
+     "layers": {"features.0": {"params": 896, "weights": 864, "macs": 110592,
                                "points": [[0.1, 0.97], [0.3, 0.96], ...]}, ...}}
 """
 
@@ -34,6 +34,7 @@ from ...measure import _traced_pass, layer_summary
 from ...progress import Progress
 from ...session import Session
 from ...specs.tasks import Task, to_device
+from ...modules import weight_names
 from .base import PruneConfig, parse_nm
 
 log = logging.getLogger("torchslim.sensitivity")  # outside the pruning loggers silenced below
@@ -126,7 +127,10 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
                 curve.append([float(p), float(metric) if metric is not None and math.isfinite(metric) else None])
                 bar.update(layer=layer, sparsity=p)
             row = summary.get(layer, {})
-            out["layers"][layer] = {"params": row.get("params"), "macs": row.get("macs"), "points": curve}
+            module = model.get_submodule(layer)
+            weights = sum(getattr(module, w).numel() for w in weight_names(module))
+            out["layers"][layer] = {"params": row.get("params"), "weights": weights, "macs": row.get("macs"),
+                                    "points": curve}
             log.info("sensitivity %s: %s", layer, ", ".join(f"{p:.0%} {m:.4f}" if m is not None else f"{p:.0%} nan"
                                                           for p, m in curve))
 
@@ -154,7 +158,8 @@ def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params"
     for name, row in data["layers"].items():
         pts = [(0.0, data["baseline"])] + [(p, m if m is not None else -math.inf) for p, m in row["points"]]
         curves[name] = pts
-        costs[name] = float(row.get(cost) or 0)
+        # params: the weights pruning removes (biases stay), where the file records them
+        costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
     try:
         return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity)
     except ValueError as exc:

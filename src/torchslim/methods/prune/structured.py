@@ -44,7 +44,7 @@ from torch import nn
 
 from ...edits import replace_module, resize_tensor
 from ...errors import RecipeError, UserError, first_line
-from ...modules import build_from_record, eval_mode, module_rebuild_record, select_modules
+from ...modules import build_from_record, eval_mode, matches, module_rebuild_record, select_modules
 from ...outputs import prediction
 from ...specs.tasks import to_device
 from .base import PruneConfig
@@ -400,12 +400,17 @@ def _keep_floor(plan: _Plan, max_layer_sparsity: float) -> int:
 
 def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> None:
     """Set ``plan.remove`` (units, lowest scores first) so that ``ratio`` of the original units
-    are gone (per group for scope ``layer``, over all groups for ``global``)."""
+    are gone (per group for scope ``layer``, over all groups for ``global``), or as the config's
+    own ``keep_masks`` rule says when its sparsity is a result (``threshold``)."""
     if not plans:
         return
     floors = [_keep_floor(p, config.max_layer_sparsity) for p in plans]
     collapsed: list[str] = []
-    if config.scope == "layer":
+    if getattr(type(config), "SPARSITY_IS_RESULT", False):  # the config's own rule (threshold) decides
+        masks = config.keep_masks([p.scores for p in plans], ratio)
+        removals = [min(int((~m).sum()), p.units - f) for p, m, f in zip(plans, masks, floors)]
+        collapsed += [p.name for p, m in zip(plans, masks) if not bool(m.any())]
+    elif config.scope == "layer":
         removals = []
         for p, floor in zip(plans, floors):
             original_units = p.original // p.per_group
@@ -669,7 +674,7 @@ def prune_channels(model: nn.Module, config: PruneConfig, session, entry: Criter
     inputs = tuple(to_device(session.task.example_inputs(1), session.device))
     targets = channel_targets(model, config)
     ignore = {n for n, _ in model.named_modules() if n and n not in targets
-              and any(_match(n, p) for p in config.ignore)}
+              and any(matches(n, p) for p in config.ignore)}
     original = _channels(model)
     report: dict[str, Any] = {"skipped": {}, "kept": {}}
     ft = config.finetune
@@ -704,11 +709,6 @@ def _refuse(module: nn.Module) -> str | None:
         return None
     return ("channel pruning removes the output channels of Conv and Linear layers (and of classes given a "
             "pruner with torchslim.prune.register_pruner); use granularity weight for this module")
-
-
-def _match(name: str, pattern: str) -> bool:
-    from ...modules import _matches
-    return _matches(name, pattern)
 
 
 def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], entry: CriterionEntry,
