@@ -332,3 +332,9 @@ def test_a_group_that_breaks_the_model_is_skipped_and_reported():
     assert "channel_skipped" in [w["code"] for w in session.warnings]
     x = torch.randn(2, 3, 4, 4)
     assert m(x).shape == (2, 2)
+
+
+def test_layer_sparsity_sets_a_group_apart():
+    m = torchslim.apply(_cnn(), MagnitudePruneConfig(granularity="channel", sparsity=0.5, layer_sparsity={"3": 0.75}),
+                        task="shape:3x8x8")
+    assert m[3].out_channels == 8 and m[0].out_channels == 8   # 75% of 32; the rest: 50% of layer 0 alone

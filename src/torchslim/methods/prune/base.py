@@ -120,7 +120,7 @@ class PruneConfig(MethodConfig):
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
-        doc="granularity weight: {module name or re: pattern: sparsity} for layers pruned to their own "
+        doc="granularity weight or channel: {module name or re: pattern: sparsity} for layers pruned to their own "
             "fraction (first match wins); the other targets get sparsity (scope global: one threshold "
             "over them only)")
 
@@ -258,9 +258,9 @@ class PruneConfig(MethodConfig):
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")
-        if self.layer_sparsity and self.granularity != "weight":
+        if self.layer_sparsity and self.granularity not in ("weight", "channel"):
             raise RecipeError(f"{cls}.layer_sparsity: per-layer sparsity is available with granularity "
-                              f"weight only, not {self.granularity!r}")
+                              f"weight and channel only, not {self.granularity!r}")
         for key, value in self.layer_sparsity.items():
             if key.startswith("re:"):
                 try:

@@ -401,41 +401,37 @@ def _keep_floor(plan: _Plan, max_layer_sparsity: float) -> int:
 def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> None:
     """Set ``plan.remove`` (units, lowest scores first) so that ``ratio`` of the original units
     are gone (per group for scope ``layer``, over all groups for ``global``), or as the config's
-    own ``keep_masks`` rule says when its sparsity is a result (``threshold``)."""
+    own ``keep_masks`` rule says when its sparsity is a result (``threshold``). A group one of
+    whose layers ``layer_sparsity`` names (first key matching its root or a layer whose output
+    channels it removes; ``ratios: sensitivity`` fills it) loses its own fraction, scaled with
+    the round's ``ratio``; the global ranking is then over the other groups only."""
     if not plans:
         return
     floors = [_keep_floor(p, config.max_layer_sparsity) for p in plans]
     collapsed: list[str] = []
+    removals = [0] * len(plans)
+    own = {}
+    for i, p in enumerate(plans):
+        key = next((k for k in config.layer_sparsity if any(matches(n, k) for n in (p.name, *p.members))), None)
+        if key is not None:
+            own[i] = config.layer_sparsity[key] * (ratio / config.sparsity if config.sparsity else 1.0)
+    rest = [i for i in range(len(plans)) if i not in own]
     if getattr(type(config), "SPARSITY_IS_RESULT", False):  # the config's own rule (threshold) decides
         masks = config.keep_masks([p.scores for p in plans], ratio)
         removals = [min(int((~m).sum()), p.units - f) for p, m, f in zip(plans, masks, floors)]
         collapsed += [p.name for p, m in zip(plans, masks) if not bool(m.any())]
-    elif config.scope == "layer":
-        removals = []
-        for p, floor in zip(plans, floors):
-            original_units = p.original // p.per_group
-            want = original_units - int(round(ratio * original_units))
+    else:
+        for i in [*own, *(rest if config.scope == "layer" else [])]:
+            p, original_units = plans[i], plans[i].original // plans[i].per_group
+            want = original_units - int(round(min(own.get(i, ratio), 1.0) * original_units))
             if want < 1:
                 collapsed.append(p.name)
-            removals.append(max(p.units - max(want, floor), 0))
-    else:
-        scores = [p.scores / p.scores.mean() if float(p.scores.mean()) > 0 else p.scores for p in plans]
-        total0 = sum(p.original // p.per_group for p in plans)
-        gone = total0 - sum(p.units for p in plans)              # removed by earlier rounds
-        k = max(int(round(ratio * total0)) - gone, 0)
-        caps = [max(p.units - f, 0) for p, f in zip(plans, floors)]
-        if sum(caps) < k:
-            session.warn("channel_limit", f"channel pruning: {ratio:.0%} of {total0} channel units cannot go while "
-                                          f"every layer keeps at least one channel and max_layer_sparsity "
-                                          f"{config.max_layer_sparsity} holds; {gone + sum(caps)} go")
-            k = sum(caps)
-        cur_total = sum(p.units for p in plans)
-        masks = global_masks(scores, k / cur_total if cur_total else 0.0, caps=caps) if k else \
-            [torch.ones(p.units, dtype=torch.bool) for p in plans]
-        removals = [int((~m).sum()) for m in masks]
-        # a layer the ranking would empty: its floor of one unit held (kept: its best channel)
-        collapsed += [p.name for p, s, r, f in zip(plans, scores, removals, floors)
-                      if f == 1 and r == p.units - 1 and _would_empty(s, scores, k)]
+            removals[i] = max(p.units - max(want, floors[i]), 0)
+        if config.scope == "global" and rest:
+            got, empty = _global_removals([plans[i] for i in rest], [floors[i] for i in rest], ratio, config, session)
+            for i, n in zip(rest, got):
+                removals[i] = n
+            collapsed += empty
     for p, n in zip(plans, removals):
         if config.round_to > 1 and n:
             kept = round_kept(p.units - n, p.units, p.per_group, config.round_to)
@@ -445,6 +441,29 @@ def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> No
         session.warn("layer_collapse", f"channel pruning would remove every channel of {len(collapsed)} "
                                        f"layer(s) ({', '.join(collapsed[:5])}); each keeps its best channel "
                                        "(a layer never loses all of them); lower sparsity or set max_layer_sparsity")
+
+
+def _global_removals(plans: list[_Plan], floors: list[int], ratio: float, config: PruneConfig,
+                     session) -> tuple[list[int], list[str]]:
+    """Units each plan loses under one ranking of mean-normalised scores, and the plans that
+    ranking would have emptied (each kept at its floor)."""
+    scores = [p.scores / p.scores.mean() if float(p.scores.mean()) > 0 else p.scores for p in plans]
+    total0 = sum(p.original // p.per_group for p in plans)
+    gone = total0 - sum(p.units for p in plans)              # removed by earlier rounds
+    k = max(int(round(ratio * total0)) - gone, 0)
+    caps = [max(p.units - f, 0) for p, f in zip(plans, floors)]
+    if sum(caps) < k:
+        session.warn("channel_limit", f"channel pruning: {ratio:.0%} of {total0} channel units cannot go while "
+                                      f"every layer keeps at least one channel and max_layer_sparsity "
+                                      f"{config.max_layer_sparsity} holds; {gone + sum(caps)} go")
+        k = sum(caps)
+    cur_total = sum(p.units for p in plans)
+    masks = global_masks(scores, k / cur_total if cur_total else 0.0, caps=caps) if k else \
+        [torch.ones(p.units, dtype=torch.bool) for p in plans]
+    removals = [int((~m).sum()) for m in masks]
+    empty = [p.name for p, s, r, f in zip(plans, scores, removals, floors)
+             if f == 1 and r == p.units - 1 and _would_empty(s, scores, k)]
+    return removals, empty
 
 
 def _would_empty(s: torch.Tensor, scores: list[torch.Tensor], k: int) -> bool:
