@@ -27,6 +27,8 @@ user's own Python file, which rebuilding would import) is only rebuilt when the 
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import hashlib
 import json
@@ -586,6 +588,9 @@ def load(path: str | os.PathLike, *, trust_code: bool = False, trusted_code: Col
         model = _rebuild(path, source, edits, mode="weights")
         if _on_meta(model, exclude=state):
             model = _rebuild(path, source, edits, mode="cpu")
+    # the modules' state_dict versions, which some read on loading (torchvision's MNASNet refuses none)
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(model.state_dict(keep_vars=True), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True, assign=True)  # stored dtypes win
     except RuntimeError as exc:

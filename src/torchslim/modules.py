@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -194,9 +195,12 @@ UNKNOWN_CLASS_HOOKS: list[Callable[[], None]] = []
 
 
 def module_rebuild_record(module: nn.Module) -> dict[str, Any]:
-    for key, (cls, get_args, _) in _MODULE_CLASSES.items():
-        if type(module) is cls:
-            return {"class": key, "args": get_args(module)}
+    for attempt in range(2):
+        for key, (cls, get_args, _) in _MODULE_CLASSES.items():
+            if type(module) is cls:
+                return {"class": key, "args": get_args(module)}
+        if attempt == 0:
+            _torchvision_classes()
     raise TypeError(
         f"{type(module).__name__} is not rebuildable; register it with "
         "torchslim.modules.register_module_class"
@@ -226,13 +230,31 @@ def _conv_args(m: nn.Conv2d) -> dict:
                 padding_mode=m.padding_mode)
 
 
+def _conv_transpose_args(m: nn.modules.conv._ConvTransposeNd) -> dict:
+    args = _conv_args(m)
+    args["output_padding"] = list(m.output_padding)
+    return args
+
+
+def _batchnorm_args(m: nn.modules.batchnorm._BatchNorm) -> dict:
+    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                track_running_stats=m.track_running_stats)
+
+
 register_module_class(nn.Linear, "torch.nn.Linear",
                       lambda m: dict(in_features=m.in_features, out_features=m.out_features,
                                      bias=m.bias is not None))
-register_module_class(nn.Conv2d, "torch.nn.Conv2d", _conv_args)
-register_module_class(nn.BatchNorm2d, "torch.nn.BatchNorm2d",
-                      lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
-                                     affine=m.affine, track_running_stats=m.track_running_stats))
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_module_class(_cls, f"torch.nn.{_cls.__name__}", _conv_args)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_module_class(_cls, f"torch.nn.{_cls.__name__}", _conv_transpose_args)
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_module_class(_cls, f"torch.nn.{_cls.__name__}", _batchnorm_args)
+register_module_class(nn.GroupNorm, "torch.nn.GroupNorm",
+                      lambda m: dict(num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps,
+                                     affine=m.affine))
+register_module_class(nn.PReLU, "torch.nn.PReLU",
+                      lambda m: dict(num_parameters=m.num_parameters))
 register_module_class(nn.LayerNorm, "torch.nn.LayerNorm",
                       lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps,
                                      elementwise_affine=m.elementwise_affine))
@@ -240,6 +262,20 @@ register_module_class(nn.Identity, "torch.nn.Identity", lambda m: {})
 register_module_class(nn.Embedding, "torch.nn.Embedding",
                       lambda m: dict(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim,
                                      padding_idx=m.padding_idx))
+
+
+def _torchvision_classes() -> None:
+    """Register torchvision's own resizable layers (convnext's ``LayerNorm2d``) once torchvision
+    is loaded: a model holding them was built with it, and the core does not import it."""
+    if "torchvision" not in sys.modules or "torchvision.models.convnext.LayerNorm2d" in _MODULE_CLASSES:
+        return
+    from torchvision.models.convnext import LayerNorm2d
+    register_module_class(LayerNorm2d, "torchvision.models.convnext.LayerNorm2d",
+                          lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps,
+                                         elementwise_affine=m.elementwise_affine))
+
+
+UNKNOWN_CLASS_HOOKS.append(_torchvision_classes)
 
 
 def iter_weights(modules: list[tuple[str, nn.Module]]) -> Iterator[tuple[str, torch.Tensor]]:

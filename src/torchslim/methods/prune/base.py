@@ -104,6 +104,8 @@ class PruneConfig(MethodConfig):
                          doc="gradual: fraction of fine-tuning steps over which sparsity rises")
     updates: int = option(20, low=1, doc="gradual: number of mask updates during the ramp")
     iterations: int = option(3, low=1, doc="iterative: prune/fine-tune rounds")
+    round_to: int = option(1, low=1, doc="channel: kept channel counts rounded to a multiple of this "
+                                         "(e.g. 8); 1 = no rounding")
     samples: int = option(128, low=1, doc="calibration examples for criteria that need data "
                                           "(taylor, activation, entropy)")
     finetune: TrainConfig | None = option(None, doc="training after (gradual: during) pruning")
@@ -120,7 +122,7 @@ class PruneConfig(MethodConfig):
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
-        doc="granularity weight: {module name or re: pattern: sparsity} for layers pruned to their own "
+        doc="granularity weight or channel: {module name or re: pattern: sparsity} for layers pruned to their own "
             "fraction (first match wins); the other targets get sparsity (scope global: one threshold "
             "over them only)")
 
@@ -198,6 +200,10 @@ class PruneConfig(MethodConfig):
         (check_heads if self.granularity == "head" else check_layers)(model, self)
 
     def check_targets(self, model: nn.Module) -> None:
+        if self.granularity == "channel":
+            from .structured import channel_targets
+            channel_targets(model, self)
+            return
         if self.granularity in ("head", "layer"):
             return  # the modules named are attention modules or layers: check_model checks them
         names = prunable_weights(model, self.targets, self.ignore)
@@ -271,9 +277,9 @@ class PruneConfig(MethodConfig):
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")
-        if self.layer_sparsity and self.granularity != "weight":
+        if self.layer_sparsity and self.granularity not in ("weight", "channel"):
             raise RecipeError(f"{cls}.layer_sparsity: per-layer sparsity is available with granularity "
-                              f"weight only, not {self.granularity!r}")
+                              f"weight and channel only, not {self.granularity!r}")
         for key, value in self.layer_sparsity.items():
             if key.startswith("re:"):
                 try:
@@ -319,6 +325,9 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
     if parse_nm(config.granularity) is not None or config.granularity == "weight":
         from .unstructured import prune_weights
         return prune_weights(model, config, session, entry)
+    if config.granularity == "channel":
+        from .structured import prune_channels
+        return prune_channels(model, config, session, entry)
     if config.granularity == "head":
         from .heads import prune_heads
         return prune_heads(model, config, session, entry)

@@ -26,7 +26,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def global_masks(scores: list[torch.Tensor], sparsity: float,
-                 max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
+                 max_layer_sparsity: float = 1.0, caps: list[int] | None = None) -> list[torch.Tensor]:
     """Keep-masks for several tensors with one threshold across all of them (global scope).
 
     ``max_layer_sparsity`` caps the fraction removed from any one tensor: a tensor the global
@@ -44,7 +44,8 @@ def global_masks(scores: list[torch.Tensor], sparsity: float,
     """
     sizes = [s.numel() for s in scores]
     k_total = int(round(sparsity * sum(sizes)))
-    caps = [int(max_layer_sparsity * n) for n in sizes]          # most removable per tensor
+    if caps is None:
+        caps = [int(max_layer_sparsity * n) for n in sizes]      # most removable per tensor
     if sum(caps) < k_total:
         raise ValueError(f"max_layer_sparsity {max_layer_sparsity} leaves at most {sum(caps)} of "
                          f"{sum(sizes)} weights removable, fewer than sparsity {sparsity} needs ({k_total})")
@@ -86,6 +87,27 @@ def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) ->
         return final
     t = min(max(step / total, 0.0), 1.0)
     return final + (initial - final) * (1.0 - t) ** 3
+
+
+def round_kept(kept: int, units: int, per_unit: int = 1, round_to: int = 1) -> int:
+    """The number of units to keep (of ``units``, each ``per_unit`` channels wide) nearest to
+    ``kept`` whose channel count ``kept * per_unit`` is a multiple of ``round_to``, at least one
+    unit; ``kept`` itself (at least 1) when no such count exists. Ties go to the larger count.
+
+    Examples
+    --------
+    >>> round_kept(13, 64, round_to=8), round_kept(3, 64, round_to=8), round_kept(5, 6, round_to=8)
+    (16, 8, 5)
+    >>> round_kept(5, 32, per_unit=2, round_to=8)   # 5 units = 10 channels -> 4 units = 8 channels
+    4
+    """
+    kept = min(max(kept, 1), units)
+    if round_to <= 1:
+        return kept
+    fits = [k for k in range(1, units + 1) if (k * per_unit) % round_to == 0]
+    if not fits:
+        return kept
+    return min(fits, key=lambda k: (abs(k - kept), -k))
 
 
 def interpolate_curve(points: list[tuple[float, float]], sparsity: float) -> float:
