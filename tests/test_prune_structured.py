@@ -338,3 +338,15 @@ def test_layer_sparsity_sets_a_group_apart():
     m = torchslim.apply(_cnn(), MagnitudePruneConfig(granularity="channel", sparsity=0.5, layer_sparsity={"3": 0.75}),
                         task="shape:3x8x8")
     assert m[3].out_channels == 8 and m[0].out_channels == 8   # 75% of 32; the rest: 50% of layer 0 alone
+
+
+def test_torch_pruning_is_left_as_it_was():
+    """The reshape guard is installed only while torchslim prunes: direct users of torch-pruning
+    in the same process see its own functions."""
+    import torch_pruning as tp
+
+    im = tp.dependency.index_mapping
+    before = (im.update_reshape_index_mapping, im.update_index_mapping)
+    m = torchslim.build_model("zoo:digits-cnn")
+    torchslim.apply(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5), task="shape:1x8x8")
+    assert (im.update_reshape_index_mapping, im.update_index_mapping) == before

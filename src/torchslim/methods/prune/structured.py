@@ -31,6 +31,8 @@ a multiple (e.g. 8, for tensor-core friendly widths).
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import logging
 import math
@@ -158,19 +160,21 @@ class _Plan:
         return self.channels // self.per_group
 
 
-def _guard_reshapes(tp: Any) -> None:
-    """Make torch-pruning leave a reshape it cannot map (a channel shuffle's ``view`` into 5-D
-    raises ZeroDivisionError in its index mapping) without a mapping, marked ``unmapped``: groups
-    through it are skipped, not corrupted. Installed once per process."""
+@contextlib.contextmanager
+def _guard_reshapes(tp: Any) -> Iterator[None]:
+    """While torchslim prunes, make torch-pruning leave a reshape it cannot map (a channel
+    shuffle's ``view`` into 5-D raises ZeroDivisionError in its index mapping) without a mapping,
+    marked ``unmapped``: groups through it are skipped, not corrupted; and keep the mappings of a
+    graph whose model has not changed (``frozen``). torch-pruning's functions are restored on
+    exit, so its own users in the same process see it unchanged."""
     im = tp.dependency.index_mapping
-    original = im.update_reshape_index_mapping
-    if getattr(original, "_torchslim_guarded", False):
+    original, update_all = im.update_reshape_index_mapping, im.update_index_mapping
+    if getattr(original, "_torchslim_guarded", False):   # nested: already installed
+        yield
         return
-    update_all = im.update_index_mapping
 
     def update_unless_frozen(graph: Any) -> None:
-        # a graph whose model has not changed since the last update keeps its mappings: every
-        # group is taken before any is pruned, and the update walks every concat each time
+        # every group is taken before any is pruned, and the update walks every concat each time
         if not getattr(graph, "frozen", False):
             update_all(graph)
 
@@ -181,8 +185,11 @@ def _guard_reshapes(tp: Any) -> None:
             node.unmapped = True
 
     guarded._torchslim_guarded = True  # type: ignore[attr-defined]
-    im.update_reshape_index_mapping = guarded
-    im.update_index_mapping = update_unless_frozen
+    im.update_reshape_index_mapping, im.update_index_mapping = guarded, update_unless_frozen
+    try:
+        yield
+    finally:
+        im.update_reshape_index_mapping, im.update_index_mapping = original, update_all
 
 
 def _why(exc: Exception) -> str:
@@ -216,7 +223,6 @@ class _Graph:
                  original: dict[str, int]) -> None:
         import torch_pruning as tp
 
-        _guard_reshapes(tp)
         self.tp = tp
         self.model = model
         out_fn: dict[str, Any] = {}
@@ -672,6 +678,14 @@ def _channels(model: nn.Module) -> dict[str, int]:
 
 
 def prune_channels(model: nn.Module, config: PruneConfig, session, entry: CriterionEntry) -> nn.Module:
+    """Granularity ``channel`` (see :func:`_prune_channels`), with torch-pruning's reshape guard
+    installed for the duration."""
+    import torch_pruning as tp
+    with _guard_reshapes(tp):
+        return _prune_channels(model, config, session, entry)
+
+
+def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: CriterionEntry) -> nn.Module:
     """Granularity ``channel``: remove the lowest-scoring channels of every targeted group (see
     the module doc). ``session.task`` gives the example inputs the graph is traced on.
 
