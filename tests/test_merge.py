@@ -316,3 +316,15 @@ def test_cli_merge_takes_the_task_of_the_run_the_models_came_from(saved, tmp_pat
     torchslim.save(models[0], loose)
     assert main(["merge", str(loose), str(run / "m1"), "--method", "uniform", "--out", str(tmp_path / "o2")]) == 2
     assert "--task TASK is needed" in capsys.readouterr().err
+
+
+def test_cli_merge_does_not_run_a_py_task_named_by_the_run(saved, tmp_path, capsys):
+    models, _ = saved
+    run = tmp_path / "run"
+    for i, m in enumerate(models[:2]):
+        torchslim.save(m, run / f"m{i}")
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (run / "metrics.json").write_text(json.dumps({"task": f"py:{tmp_path / 'evil.py'}:make", "steps": []}))
+    assert main(["merge", str(run / "m0"), str(run / "m1"), "--method", "uniform", "--out", str(tmp_path / "o")]) == 2
+    assert "--trust-code" in capsys.readouterr().err and not marker.exists()

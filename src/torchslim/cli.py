@@ -288,19 +288,13 @@ def _model_arg(text: str) -> str:
     return text
 
 
-def _task_of_run(spec: str) -> str | None:
-    """The task of the run an ``artifact:`` model came from (its folder's or parent's metrics.json)."""
+def _run_of_artifact(spec: str) -> Path | None:
+    """The run directory an ``artifact:`` model was saved in (its folder or its parent holding a
+    metrics.json), or None."""
     if not spec.startswith("artifact:"):
         return None
     where = Path(spec.partition(":")[2])
-    for mf in (where / "metrics.json", where.parent / "metrics.json"):
-        try:
-            task = json.loads(mf.read_text(encoding="utf-8")).get("task")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(task, str) and task:
-            return task
-    return None
+    return next((d for d in (where, where.parent) if (d / "metrics.json").is_file()), None)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -322,8 +316,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                         "from (e.g. the pre-trained model the others were fine-tuned from)")
     if len(models) < 2 and args.base is None:
         raise UserError("merge: give at least two models (or one model and --base for task vectors)")
-    if not args.task:
-        args.task = _task_of_run(models[0])
+    run = _run_of_artifact(models[0]) if not args.task else None
+    if run is not None:
+        args.task = _task_of_run(run)      # a py: task there runs only with --trust-code
         if args.task:
             log.info("merge: measuring on task %s, the task of the run %s came from", args.task, models[0])
     if not args.task:
