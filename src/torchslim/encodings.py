@@ -5,12 +5,19 @@ JSON metadata, and back. The artifact writer tries every registered encoding tha
 tensor and keeps the smallest, so a 90%-sparse weight is stored as a bitmask plus its non-zero
 values without any method having to ask for it. New encodings (packed 4-bit codes, codebooks)
 register here with :func:`register_encoding`.
+
+Sparse tensors have three encodings, and the smallest wins per tensor: ``bitmask`` (one bit per
+element + the non-zeros: best from about 10% to 90% density), ``relative-index`` (Deep
+Compression's 4- or 8-bit gaps between non-zeros: best when very sparse) and ``nm`` (N values of
+every M with the rank of their positions: N:M-pruned weights, 2:4 below a bitmask).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +32,11 @@ class Encoding:
     encode: Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, Any]] | None]
     #: (parts, meta, shape, dtype) -> tensor
     decode: Callable[[dict[str, torch.Tensor], dict[str, Any], tuple[int, ...], torch.dtype], torch.Tensor]
+    #: the artifact format version that introduced it (the writer records the newest one used,
+    #: so an older torchslim says "upgrade" instead of failing on an unknown encoding)
+    since: int = 1
+    #: stores zeros implicitly (bitmask, relative-index, nm): counted in ``bits_per_nonzero``
+    sparse: bool = False
 
 
 ENCODINGS: dict[str, Encoding] = {}
@@ -116,11 +128,11 @@ def code_bits(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def pack_bits(t: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
-    """``t - offset`` as ``bits``-bit unsigned codes packed into bytes, little-endian bit order:
-    ``ceil(numel * bits / 8)`` uint8 (4-bit: two codes per byte, 2-bit: four, 3-bit: 8 codes in
-    3 bytes)."""
-    u = (t.reshape(-1).to(torch.int64) - offset).numpy().astype(np.uint8)          # (n,)
-    b = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits]             # (n, bits)
+    """``t - offset`` as ``bits``-bit unsigned codes (``bits`` <= 16) packed into bytes,
+    little-endian bit order: ``ceil(numel * bits / 8)`` uint8 (4-bit: two codes per byte, 2-bit:
+    four, 3-bit: 8 codes in 3 bytes)."""
+    u = (t.reshape(-1).to(torch.int64) - offset).numpy().astype("<u2").view(np.uint8)  # (2n,) bytes
+    b = np.unpackbits(u.reshape(-1, 2), axis=1, bitorder="little")[:, :bits]          # (n, bits)
     return torch.from_numpy(np.packbits(b.reshape(-1), bitorder="little"))
 
 
@@ -130,7 +142,7 @@ def unpack_bits(packed: torch.Tensor, n: int, bits: int, offset: int, dtype: tor
         raise ValueError(f"packed codes: {packed.numel()} bytes of {packed.dtype} cannot hold {n} "
                          f"{bits}-bit codes")
     b = np.unpackbits(packed.numpy(), bitorder="little", count=n * bits).reshape(n, bits)
-    u = np.packbits(np.pad(b, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little")[:, 0]
+    u = np.packbits(np.pad(b, ((0, 0), (0, 16 - bits))), axis=1, bitorder="little").view("<u2")[:, 0]
     return (torch.from_numpy(u.astype(np.int64)) + offset).to(dtype)
 
 
@@ -226,4 +238,152 @@ def _bitmask_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape:
     return out.reshape(shape)
 
 
-register_encoding(Encoding("bitmask", _bitmask_encode, _bitmask_decode))
+register_encoding(Encoding("bitmask", _bitmask_encode, _bitmask_decode, sparse=True))
+
+
+# -- shared by the sparse encodings below --------------------------------------------------
+def _zero_filled(t: torch.Tensor) -> bool:
+    """Whether ``t`` is worth a zero-skipping encoding: >= 64 elements of a float or integer
+    dtype whose pruned entries are 0 (not a quantized weight's per-row zero point: that is the
+    bitmask's ``fill``)."""
+    return (t.numel() >= 64 and (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16,
+                                                                        torch.int32))
+            and _row_fill(t) is None)
+
+
+def _stored(flat: torch.Tensor) -> torch.Tensor:
+    """Entries a zero-skipping encoding must store: non-zeros, and -0.0 (decoders fill +0.0)."""
+    mask = flat != 0
+    return mask | torch.signbit(flat) if flat.is_floating_point() else mask
+
+
+def stored_nonzeros(t: torch.Tensor) -> int:
+    """Entries of ``t`` the sparse encodings store as values: those differing from the fill
+    (0, or a quantized row's zero point: see the bitmask encoding), -0.0 included."""
+    fill = _row_fill(t)
+    if fill is not None:
+        return int((t.reshape(t.shape[0], -1) != fill[:, None]).sum())
+    return int(_stored(t.detach().reshape(-1)).sum())
+
+
+# -- relative-index: gaps between non-zeros in 4- or 8-bit codes, padding zeros for long gaps --
+def _relative_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Deep Compression's sparse coding (Han et al. 2016, sec. 2): each stored entry is a value
+    and the number of zeros skipped before it, in ``bits`` (4 or 8, whichever is smaller for
+    this tensor); a run of zeros longer than ``2**bits - 1`` gets padding entries (gap
+    ``2**bits - 1``, value 0), each advancing ``2**bits`` positions. Trailing zeros are implied
+    by the shape."""
+    if not _zero_filled(t):
+        return None
+    flat = t.reshape(-1)
+    pos = _stored(flat).nonzero().squeeze(1)                                  # (nnz,) ascending
+    skips = torch.diff(pos, prepend=torch.tensor([-1])) - 1                   # zeros before each
+    elt = t.element_size()
+
+    def size(bits: int) -> int:
+        entries = pos.numel() + int((skips >> bits).sum())
+        return entries * elt + (entries * bits + 7) // 8
+
+    bits = min((4, 8), key=size)
+    pads = skips >> bits                                                      # padding entries before each
+    last = (pads + 1).cumsum(0) - 1                                           # where each real entry lands
+    count = int(last[-1]) + 1 if pos.numel() else 0
+    gaps = torch.full((count,), 2**bits - 1, dtype=torch.int64)
+    gaps[last] = skips & (2**bits - 1)
+    values = torch.zeros(count, dtype=t.dtype)
+    values[last] = flat[pos]
+    return {"values": values, "gaps": pack_bits(gaps, bits, 0)}, {"bits": bits, "count": count}
+
+
+def _relative_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    bits, count = meta.get("bits"), meta.get("count")
+    if bits not in (4, 8) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"relative-index needs meta bits 4 or 8 and a count >= 0, got {bits!r}, {count!r}")
+    n = _numel(shape)
+    gaps = unpack_bits(parts["gaps"], count, bits, 0, torch.int64)
+    values = check_part(parts, "values", dtype, count)
+    pos = (gaps + 1).cumsum(0) - 1                                            # (count,) ascending
+    if count and int(pos[-1]) >= n:
+        raise ValueError(f"relative-index gaps reach position {int(pos[-1])} of a tensor of {n} elements")
+    out = torch.zeros(n, dtype=dtype)
+    out[pos] = values
+    return out.reshape(shape)
+
+
+register_encoding(Encoding("relative-index", _relative_encode, _relative_decode, since=4, sparse=True))
+
+
+# -- nm: N values kept in every M consecutive elements + the rank of which N -----------------
+#: group sizes tried; a rank needs ceil(log2(C(M, N))) bits (2:4 -> 3, 4:8 -> 7, 8:16 -> 14)
+NM_GROUPS = (2, 4, 8, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _combinations(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table, rank_of)``: ``table[r]`` the ``n`` ascending positions of combination ``r``
+    (lexicographic) of ``range(m)``; ``rank_of[pattern]`` the rank of a bit pattern (-1: not
+    ``n`` bits set)."""
+    combos = list(itertools.combinations(range(m), n))
+    table = torch.tensor(combos, dtype=torch.int64).reshape(len(combos), n)
+    rank_of = torch.full((2**m,), -1, dtype=torch.int64)
+    rank_of[(torch.ones(len(combos), n, dtype=torch.int64) << table).sum(1)] = torch.arange(len(combos))
+    return table, rank_of
+
+
+def _rank_bits(m: int, n: int) -> int:
+    return (math.comb(m, n) - 1).bit_length()
+
+
+def _nm_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """N:M storage: in every ``m`` consecutive elements (flat, storage order) at most ``n`` are
+    non-zero; each group stores exactly ``n`` values (padded with zeros) and the rank of its
+    ``n`` positions among the C(m, n) combinations, bit-packed. For 2:4 that is 3 bits a group
+    (the hardware layout's 2-bit index per kept value takes 4, as many as a bitmask). ``m`` is
+    the group size of :data:`NM_GROUPS` giving the fewest bytes."""
+    if not _zero_filled(t):
+        return None
+    flat = t.reshape(-1)
+    stored = _stored(flat)
+    best = None
+    for m in NM_GROUPS:
+        if flat.numel() % m:
+            continue
+        groups = flat.numel() // m
+        n = int(stored.reshape(groups, m).sum(1).max())
+        if n < m:
+            size = groups * n * t.element_size() + (groups * _rank_bits(m, n) + 7) // 8
+            best = min(best or (size, m, n), (size, m, n))
+    if best is None:
+        return None
+    _, m, n = best
+    groups = stored.reshape(-1, m)                                            # (G, m)
+    # the n positions of each group: its stored entries first, then its earliest zeros
+    first = torch.sort((~groups).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    pattern = (torch.ones_like(first) << first).sum(1)                        # (G,) n bits set
+    table, rank_of = _combinations(m, n)
+    ranks = rank_of[pattern]
+    values = flat.reshape(-1, m).gather(1, table[ranks])                      # (G, n) ascending positions
+    return ({"values": values.reshape(-1).clone(), "ranks": pack_bits(ranks, _rank_bits(m, n), 0)},
+            {"n": n, "m": m})
+
+
+def _nm_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    n, m = meta.get("n"), meta.get("m")
+    total = _numel(shape)
+    if m not in NM_GROUPS or not isinstance(n, int) or not 0 <= n < m or total % m:
+        raise ValueError(f"nm needs meta m in {NM_GROUPS} dividing {total} elements and 0 <= n < m, "
+                         f"got n={n!r}, m={m!r}")
+    groups = total // m
+    table, _ = _combinations(m, n)
+    ranks = unpack_bits(parts["ranks"], groups, _rank_bits(m, n), 0, torch.int64)
+    if groups and int(ranks.max()) >= table.shape[0]:
+        raise ValueError(f"nm rank {int(ranks.max())} is out of range for {n}:{m} ({table.shape[0]} combinations)")
+    values = check_part(parts, "values", dtype, groups * n).reshape(groups, n)
+    out = torch.zeros(groups, m, dtype=dtype)
+    out.scatter_(1, table[ranks], values)
+    return out.reshape(shape)
+
+
+register_encoding(Encoding("nm", _nm_encode, _nm_decode, since=4, sparse=True))
