@@ -59,6 +59,45 @@ def prunable_weights(model: nn.Module, targets: tuple[str, ...] = ("re:.*",), ig
     return [f"{n}.{w}" for n, m in chosen for w in weight_names(m)]
 
 
+def nm_row_length(weight) -> int:
+    """Length of the rows N:M groups run along: a weight viewed as ``[shape[0], -1]`` (a Linear's
+    input features, a conv filter's ``in*kh*kw`` in storage order; 0 for a 1-D tensor)."""
+    return weight.numel() // weight.shape[0] if weight.dim() >= 2 and weight.shape[0] else 0
+
+
+def nm_weights(model: nn.Module, config: "PruneConfig") -> tuple[list[str], list[str]]:
+    """The weights granularity ``N:M`` prunes, and those it skips.
+
+    Returns ``(names, skipped)``: parameter names as :func:`prunable_weights` gives them, and one
+    ``"name (rows of K)"`` per weight matched only by a ``re:`` pattern whose rows (see
+    :func:`nm_row_length`) do not split into groups of M (the pruning step warns about them).
+
+    Raises
+    ------
+    RecipeError
+        a module named exactly in ``targets`` with such a weight, or nothing left to prune.
+    """
+    n, m = parse_nm(config.granularity)
+    chosen = select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="prune.targets",
+                            refuse=_unprunable)
+    names, skipped = [], []
+    for name, module in chosen:
+        for w in weight_names(module):
+            k = nm_row_length(getattr(module, w))
+            if k and k % m == 0:
+                names.append(f"{name}.{w}")
+            elif name in config.targets:
+                raise RecipeError(f"prune.granularity {config.granularity}: {name}.{w} has rows of {k} weights "
+                                  f"(shape {list(getattr(module, w).shape)}), not a multiple of {m}; "
+                                  "remove it from targets or add it to ignore")
+            else:
+                skipped.append(f"{name}.{w} (rows of {k})")
+    if not names:
+        raise RecipeError(f"prune.granularity {config.granularity}: no targeted weight has rows that split into "
+                          f"groups of {m} ({', '.join(skipped[:4])}); target other layers or choose another M")
+    return names, skipped
+
+
 @dataclass(frozen=True)
 class PruneConfig(MethodConfig):
     """Fields every pruning criterion accepts (CONTRACT §4, ``prune``).
@@ -103,6 +142,10 @@ class PruneConfig(MethodConfig):
     def check_targets(self, model: nn.Module) -> None:
         prunable_weights(model, self.targets, self.ignore)
 
+    def check_model(self, model: nn.Module) -> None:
+        if parse_nm(self.granularity) is not None:
+            nm_weights(model, self)
+
     def validate(self) -> None:
         cls = type(self).__name__
         nm = parse_nm(self.granularity)
@@ -111,6 +154,15 @@ class PruneConfig(MethodConfig):
                               f"{', '.join(GRANULARITY_WORDS)} or an N:M pattern such as 2:4")
         if nm is not None and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"{cls}.granularity: N:M needs 0 < N < M, got {self.granularity!r}")
+        if nm is not None:
+            fixed = 1.0 - nm[0] / nm[1]
+            default = type(self).__dataclass_fields__["sparsity"].default
+            if abs(self.sparsity - fixed) > 1e-9 and self.sparsity != default:
+                raise RecipeError(f"{cls}.sparsity: granularity {self.granularity} fixes sparsity at "
+                                  f"{fixed:g} (1 - N/M), got {self.sparsity}; leave sparsity out or set it to {fixed:g}")
+            if self.schedule != "oneshot":
+                raise RecipeError(f"{cls}.schedule: granularity {self.granularity} prunes one-shot (each group "
+                                  f"keeps N of M from the start); use schedule: oneshot with finetune: {{epochs: N}}")
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"{cls}.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")

@@ -1,5 +1,9 @@
-"""Granularity ``weight``: single weights zeroed by a criterion's ranking, one-shot, gradual
-(Zhu & Gupta) or iterative (Han et al. 2015), with fine-tuning.
+"""Granularities ``weight`` and ``N:M``: single weights zeroed by a criterion's ranking.
+
+``weight``: one-shot, gradual (Zhu & Gupta) or iterative (Han et al. 2015), with fine-tuning.
+``N:M`` (``2:4``, ``4:8``): in every M consecutive weights of a row the N highest-scoring are
+kept (:func:`~.primitives.nm_mask`; rows as :func:`~.base.nm_row_length` says), one-shot, then
+fine-tuned with the masks kept.
 
 Pruned weights are exact zeros in the dense tensors; the artifact writer stores such tensors as
 a bitmask plus the non-zero values, so sparsity shows up as bytes saved on disk.
@@ -15,9 +19,9 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...train.plugins import TrainingPlugin
-from .base import PruneConfig, prunable_weights
+from .base import PruneConfig, nm_weights, parse_nm, prunable_weights
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import cubic_sparsity, global_masks, layer_masks
+from .primitives import cubic_sparsity, global_masks, layer_masks, nm_mask
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +69,17 @@ class MaskPlugin(TrainingPlugin):
 
     ``names`` are parameter names (``lstm.weight_hh_l0``, ``attn.in_proj_weight``) or module
     names, which stand for the module's ``weight``. ``scorer`` ranks the weights (magnitude by
-    default).
+    default). With ``nm = (N, M)`` the masks keep N of every M along each row, whatever the
+    sparsity asked of :meth:`prune_to`.
 
     The trainer checkpoints the masks with each epoch, so a resumed run continues with the masks
     in force when it stopped (the gradual schedule changes them during training).
     """
 
     def __init__(self, names: list[str], scope: str, max_layer_sparsity: float = 1.0,
-                 scorer: Scorer = magnitude_scorer) -> None:
+                 scorer: Scorer = magnitude_scorer, nm: tuple[int, int] | None = None) -> None:
         self.names, self.scope, self.max_layer_sparsity = names, scope, max_layer_sparsity
-        self.scorer = scorer
+        self.scorer, self.nm = scorer, nm
         self.masks: list[torch.Tensor] | None = None
 
     def weights(self, model: nn.Module) -> list[torch.Tensor]:
@@ -87,8 +92,9 @@ class MaskPlugin(TrainingPlugin):
         first: dict[int, int] = {}
         unique = [i for i, w in enumerate(ws) if first.setdefault(id(w), i) == i]
         scores = self.scorer([self.names[i] for i in unique], [ws[i] for i in unique])
-        masks = dict(zip((id(ws[i]) for i in unique),
-                         _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity)))
+        found = ([nm_mask(s, *self.nm) for s in scores] if self.nm is not None
+                 else _compute_masks(scores, sparsity, self.scope, self.max_layer_sparsity))
+        masks = dict(zip((id(ws[i]) for i in unique), found))
         self.masks = [masks[id(w)].to(w.device) for w in ws]
         self.apply(model)
 
@@ -152,8 +158,10 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
     # keyed by module name for a layer's `weight`, by parameter name for other weight tensors
     per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean())
                  for n, w in zip(names, masker.weights(model))}
-    log.info("%s pruning: %.1f%% sparsity (%s) over %d weight tensors: %s", what, 100 * config.sparsity,
-             config.scope, len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
+    nm = parse_nm(config.granularity)
+    log.info("%s pruning: %s over %d weight tensors: %s", what,
+             f"{config.granularity} ({100 * (1 - nm[0] / nm[1]):.1f}% sparsity)" if nm
+             else f"{100 * config.sparsity:.1f}% sparsity ({config.scope})", len(names), ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
             ctx.warn("layer_collapse", f"{what} pruning removed {100 * v:.2f}% of layer {n}: it barely passes a "
@@ -162,13 +170,24 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
 
 
 def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc)."""
-    names = prunable_weights(model, config.targets, config.ignore)
+    """Granularity ``weight`` or ``N:M``: zero single weights ranked by ``entry`` (see the module doc)."""
+    nm = parse_nm(config.granularity)
+    if nm is None:
+        names = prunable_weights(model, config.targets, config.ignore)
+    else:
+        if "N:M" not in entry.granularities:
+            raise RecipeError(f"prune.{entry.name}: this criterion does not score granularity N:M; it scores "
+                              f"{', '.join(entry.granularities)}")
+        names, skipped = nm_weights(model, config)
+        if skipped:
+            ctx.warn("nm_skipped", f"{config.granularity} pruning left {len(skipped)} weight(s) dense, their rows "
+                                   f"are not a multiple of {nm[1]}: {', '.join(skipped[:6])}"
+                                   f"{' ...' if len(skipped) > 6 else ''}; name them in ignore to silence this")
     if entry.needs:
         raise RecipeError(f"prune.{entry.name}: granularity {config.granularity!r} with a criterion that "
                           f"needs {', '.join(entry.needs)}: not available yet")
     scorer = magnitude_scorer if entry.name == "magnitude" else criterion_scorer(entry)
-    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer) if config.schedule != "gradual"
+    masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, nm) if config.schedule != "gradual"
               else GradualSchedule(names, config, scorer))
     run_schedule(model, config, ctx, masker)
     report_sparsity(model, names, masker, config, ctx, entry.name)
