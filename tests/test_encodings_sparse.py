@@ -59,7 +59,7 @@ def test_relative_index_gaps_and_padding_zeros_as_in_deep_compression():
     parts, meta = ENCODINGS["relative-index"].encode(t)
     # zeros skipped: 20 -> padding (15) + 4; 3; 39 -> two paddings (15, 15) + 7; then 1 before each
     gaps = [15, 4, 3, 15, 15, 7] + [1] * 31
-    assert meta == {"bits": 4, "count": 37}            # 4-bit: 37 * 4.5 bytes; 8-bit: 34 * 5
+    assert meta == {"index_bits": 4, "entries": 37}            # 4-bit: 37 * 4.5 bytes; 8-bit: 34 * 5
     assert parts["gaps"].tolist() == [g0 | g1 << 4 for g0, g1 in zip(gaps[::2], gaps[1::2] + [0])]
     assert parts["values"].tolist() == [0.0, 1.5, -2.0, 0.0, 0.0] + [3.0] * 32
     assert torch.equal(decode_tensor("relative-index", parts, meta, (128,), torch.float32), t)
@@ -70,7 +70,7 @@ def test_relative_index_takes_8_bit_gaps_when_non_zeros_are_far_apart():
     t[::100] = 1.0                                                    # 99 zeros before each
     parts, meta = ENCODINGS["relative-index"].encode(t)
     # 8-bit: one entry per non-zero (5 bytes); 4-bit would need 6 padding entries each (31.5 bytes)
-    assert meta == {"bits": 8, "count": 100} and _nbytes(parts) == 100 * 5
+    assert meta == {"index_bits": 8, "entries": 100} and _nbytes(parts) == 100 * 5
     assert torch.equal(decode_tensor("relative-index", parts, meta, (10_000,), torch.float32), t)
     name, parts, _ = encode_tensor(t)
     assert name == "relative-index" and _nbytes(parts) < _nbytes(ENCODINGS["bitmask"].encode(t)[0]) / 2
@@ -105,8 +105,8 @@ def test_all_zero_and_dense_tensors():
 
 
 @pytest.mark.parametrize("change,error", [
-    ({"bits": 5}, "bits 4 or 8"),
-    ({"count": 40}, "cannot hold"),
+    ({"index_bits": 5}, "index_bits 4 or 8"),
+    ({"entries": 40}, "cannot hold"),
     ({}, "reach position 126"),
 ])
 def test_bad_relative_index_parts_are_refused(change, error):
@@ -117,3 +117,23 @@ def test_bad_relative_index_parts_are_refused(change, error):
     shape = (100,) if not change else (128,)                          # unchanged parts, shorter tensor
     with pytest.raises(ValueError, match=error):
         decode_tensor("relative-index", parts, {**meta, **change}, shape, torch.float32)
+
+
+@pytest.mark.parametrize("pattern", ["90%", "2:4"])
+def test_pruned_affine_codes_keep_their_row_fill_and_packed_values(pattern):
+    """Affine-quantized pruned weights: pruned codes equal their row's zero point (the fill), and
+    4-bit codes are bit-packed as values, in every sparse encoding as in the bitmask."""
+    g = torch.Generator().manual_seed(0)
+    zero = torch.randint(-8, 8, (48, 1), generator=g)
+    codes = torch.randint(-8, 8, (48, 128), generator=g)
+    keep = nm_mask(torch.rand(48, 128, generator=g), 2, 4) if pattern == "2:4" else torch.rand(48, 128, generator=g) < 0.1
+    t = torch.where(keep, codes, zero).to(torch.int8)
+    assert stored_nonzeros(t) == int((t != zero.to(torch.int8)).sum())
+    sizes = {}
+    for name in SPARSE:
+        parts, meta = ENCODINGS[name].encode(t)
+        assert parts["fill"].tolist() == zero.reshape(-1).tolist() and meta["bits"] == 4, name
+        assert torch.equal(decode_tensor(name, parts, meta, tuple(t.shape), t.dtype), t), name
+        sizes[name] = _nbytes(parts)
+    assert encode_tensor(t)[0] == ("nm" if pattern == "2:4" else "relative-index")
+    assert min(sizes.values()) < sizes["bitmask"]
