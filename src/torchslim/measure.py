@@ -15,7 +15,8 @@
   process's thread count, timed by ``torch.utils.benchmark`` after warm-up (see :func:`time_fn`).
 - ``latency``: per batch size, ``median_ms``, ``iqr_ms``, ``cpu_ms`` (process CPU time per
   call), ``runs``, ``threads``, and ``unstable: true`` when IQR / median stayed above 0.25.
-- ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing.
+- ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing, plus what the
+  runtime reports of its preparation (``sparse``: ``sparse_layers``, ``sparse_speedup``).
 - ``metric``: the task metric on the ``split`` asked for (test by default; ``None`` for
   ``shape:`` tasks).
 - ``input_shapes``: the shapes of the example inputs latency and MACs are taken on, at batch
@@ -386,12 +387,17 @@ def measure_latency(model: nn.Module, inputs: tuple, **kwargs: Any) -> float:
 
 
 def measure_runtime_latency(model: nn.Module, task: Task, runtime: str = "eager",
-                            batch_sizes: Sequence[int] = (1, 32), **kwargs: Any) -> dict[str, Timing]:
+                            batch_sizes: Sequence[int] = (1, 32), report: dict[str, Any] | None = None,
+                            **kwargs: Any) -> dict[str, Timing]:
     """``{batch size: Timing}`` of ``model``'s forward pass on ``runtime`` (prepared once, on
-    the batch-size-1 inputs), on ``task``'s example inputs; ``kwargs`` go to :func:`time_fn`."""
+    the batch-size-1 inputs), on ``task``'s example inputs; ``kwargs`` go to :func:`time_fn`.
+    ``report``: filled with what the session reports of its preparation (the ``sparse``
+    runtime's per-layer choices), if anything."""
     device = _device_of(model)
     with get_runtime(runtime) as rt:
         session = rt.prepare(model, to_device(task.example_inputs(1), device))
+        if report is not None:
+            report.update(getattr(session, "report", None) or {})
         return {str(bs): time_session(session, to_device(task.example_inputs(bs), device), **kwargs)
                 for bs in batch_sizes}
 
@@ -458,10 +464,13 @@ def measure(model: nn.Module, task: Task | str | None, *, batch_sizes: Sequence[
         out["input_shapes"] = input_shapes(inputs)
         out["layers"] = layer_summary(model, counter)
         if latency:
-            timings = measure_runtime_latency(model, task, runtime, batch_sizes, min_run_time=min_run_time)
+            prepared: dict[str, Any] = {}
+            timings = measure_runtime_latency(model, task, runtime, batch_sizes, report=prepared,
+                                              min_run_time=min_run_time)
             out["latency_ms"] = {bs: round(t.median_ms, 4) for bs, t in timings.items()}
             out["latency"] = {bs: t.to_dict() for bs, t in timings.items()}
-            out["runtime"] = runtime_info(runtime, next(iter(timings.values())).threads if timings else None)
+            out["runtime"] = {**runtime_info(runtime, next(iter(timings.values())).threads if timings else None),
+                              **prepared}
         value = task.evaluate(model, split=split) if metric else None
         out["metric"] = None if value is None or task.metric_name is None else {
             "name": task.metric_name, "value": round(float(value), 6),

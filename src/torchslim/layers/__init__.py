@@ -17,5 +17,7 @@ which :mod:`torchslim.artifact` does, so loading an artifact needs no method pac
 
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
+from .sparse import SparseLinear
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention"]
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
+           "SparseLinear"]
