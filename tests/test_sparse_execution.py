@@ -66,18 +66,18 @@ def test_sparse_runtime_converts_only_what_it_measured_faster():
         want = model.eval()(x)
     with get_runtime("sparse", margin=0.0, min_run_time=FAST, rounds=1) as rt:   # every candidate converts
         session = rt.prepare(model, (x[:1],))
-        layers = session.report["sparse_layers"]
+        layers = session.details["sparse_layers"]
         assert set(layers) == {"1", "3"}                               # layer 5 is dense: not a candidate
         assert all(v["csr"] and v["sparsity"] == 0.98 and set(v["speedup"]) == {"1", "32"} for v in layers.values())
-        assert "sparse_speedup" not in session.report
+        assert session.fields == {"sparse_speedup": {k: v["speedup"] for k, v in layers.items()}}
         assert isinstance(session.model[1], SparseLinear) and type(session.model[5]) is nn.Linear
         torch.testing.assert_close(session(x), want, atol=1e-5, rtol=1e-5)
     assert type(model[1]) is nn.Linear                                 # the model itself is not changed
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with get_runtime("sparse", margin=float("inf"), min_run_time=FAST, rounds=1) as rt:   # nothing is faster
         session = rt.prepare(model, (x[:1],))
-        assert session.report["sparse_speedup"] == "none"
-        assert not any(v["csr"] for v in session.report["sparse_layers"].values())
+        assert session.fields == {"sparse_speedup": "none"}
+        assert not any(v["csr"] for v in session.details["sparse_layers"].values())
         assert not any(isinstance(m, SparseLinear) for m in session.model.modules())
 
 
@@ -86,4 +86,4 @@ def test_measure_row_says_what_the_sparse_runtime_chose():
                   min_run_time=FAST)
     # a dense model: nothing timed, nothing converted, no speed-up claimed
     assert row["runtime"]["name"] == "sparse"
-    assert row["runtime"]["sparse_layers"] == {} and row["runtime"]["sparse_speedup"] == "none"
+    assert row["runtime"]["sparse_layers"] == {} and row["sparse_speedup"] == "none"

@@ -15,8 +15,9 @@
   process's thread count, timed by ``torch.utils.benchmark`` after warm-up (see :func:`time_fn`).
 - ``latency``: per batch size, ``median_ms``, ``iqr_ms``, ``cpu_ms`` (process CPU time per
   call), ``runs``, ``threads``, and ``unstable: true`` when IQR / median stayed above 0.25.
-- ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing, plus what the
-  runtime reports of its preparation (``sparse``: ``sparse_layers``, ``sparse_speedup``).
+- ``runtime``: ``{"name", "threads", "omp_wait_policy"}`` in force while timing, plus the
+  runtime session's ``details`` (``sparse``: ``sparse_layers``); the session's ``fields`` become
+  fields of the row (``sparse``: ``sparse_speedup``, ``"none"`` when no layer runs sparse).
 - ``metric``: the task metric on the ``split`` asked for (test by default; ``None`` for
   ``shape:`` tasks).
 - ``input_shapes``: the shapes of the example inputs latency and MACs are taken on, at batch
@@ -391,13 +392,13 @@ def measure_runtime_latency(model: nn.Module, task: Task, runtime: str = "eager"
                             **kwargs: Any) -> dict[str, Timing]:
     """``{batch size: Timing}`` of ``model``'s forward pass on ``runtime`` (prepared once, on
     the batch-size-1 inputs), on ``task``'s example inputs; ``kwargs`` go to :func:`time_fn`.
-    ``report``: filled with what the session reports of its preparation (the ``sparse``
-    runtime's per-layer choices), if anything."""
+    ``report``: filled with what the session found in its preparation, if anything:
+    ``{"details": ..., "fields": ...}`` (the ``sparse`` runtime's per-layer choices)."""
     device = _device_of(model)
     with get_runtime(runtime) as rt:
         session = rt.prepare(model, to_device(task.example_inputs(1), device))
         if report is not None:
-            report.update(getattr(session, "report", None) or {})
+            report.update(details=getattr(session, "details", {}), fields=getattr(session, "fields", {}))
         return {str(bs): time_session(session, to_device(task.example_inputs(bs), device), **kwargs)
                 for bs in batch_sizes}
 
@@ -470,7 +471,8 @@ def measure(model: nn.Module, task: Task | str | None, *, batch_sizes: Sequence[
             out["latency_ms"] = {bs: round(t.median_ms, 4) for bs, t in timings.items()}
             out["latency"] = {bs: t.to_dict() for bs, t in timings.items()}
             out["runtime"] = {**runtime_info(runtime, next(iter(timings.values())).threads if timings else None),
-                              **prepared}
+                              **prepared["details"]}
+            out.update(prepared["fields"])
         value = task.evaluate(model, split=split) if metric else None
         out["metric"] = None if value is None or task.metric_name is None else {
             "name": task.metric_name, "value": round(float(value), 6),

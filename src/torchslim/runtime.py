@@ -10,7 +10,10 @@ for given inputs (inputs converted once, mode switches entered once). Built-in r
 - ``onnxruntime``: the model exported with :func:`torchslim.onnx_io.export_onnx` to a
   temporary ONNX file and run by ONNX Runtime's CPU provider (:func:`~torchslim.onnx_io.onnx_session`);
 - ``sparse``: eager, with each sparse linear layer in CSR form where that measured faster
-  (:class:`SparseRuntime`; its session's ``report`` goes into the metrics row's ``runtime``).
+  (:class:`SparseRuntime`; what it measured and chose goes into the metrics row).
+
+A session may carry what its preparation found: ``details`` (recorded in the metrics row's
+``runtime``) and ``fields`` (top-level fields of the row, shown in the report's step details).
 
 A new runtime (integer kernels, another engine) is a :class:`Runtime` subclass registered with
 ``@register_runtime("name")``; ``measure(..., runtime="name")`` and recipes' ``measure.runtime``
@@ -423,11 +426,12 @@ class OnnxRuntime(Runtime):
 # -- sparse: CSR linear layers where measured faster -------------------------------------------
 class SparseSession(EagerSession):
     """Eager session on a copy of the model whose linear layers run in CSR form where that was
-    measured faster; ``report`` says what was measured and chosen."""
+    measured faster; ``details`` and ``fields`` say what was measured and chosen."""
 
-    def __init__(self, model: nn.Module, report: dict[str, Any], runtime: str = "sparse") -> None:
+    def __init__(self, model: nn.Module, details: dict[str, Any], fields: dict[str, Any],
+                 runtime: str = "sparse") -> None:
         super().__init__(model, runtime=runtime)
-        self.report = report
+        self.details, self.fields = details, fields
 
 
 @register_runtime("sparse")
@@ -440,10 +444,11 @@ class SparseRuntime(Runtime):
     in its weight is timed dense and in CSR on inputs of its own shape at batch sizes 1 and 32
     (its input captured on the example inputs; ``torch.utils.benchmark``, the two forms
     interleaved, ``rounds`` times ``min_run_time`` seconds each), and converted when CSR is at
-    least ``margin`` times faster at both. The session's ``report`` (recorded in the metrics
-    row's ``runtime``) gives per layer ``sparsity``, ``speedup`` (dense time / CSR time by batch
-    size) and ``csr`` (converted or not), and ``sparse_speedup: "none"`` when no layer was
-    converted: then the latency measured is the dense one, and no speed-up is claimed.
+    least ``margin`` times faster at both. The session's ``details`` (the metrics row's
+    ``runtime.sparse_layers``) give per layer ``sparsity``, ``speedup`` (dense time / CSR time
+    by batch size) and ``csr`` (converted or not); its ``fields`` give the row's
+    ``sparse_speedup``: the converted layers' speed-ups, or ``"none"`` when no layer was
+    converted (then the latency measured is the dense one, and no speed-up is claimed).
 
     Parameters
     ----------
@@ -518,7 +523,6 @@ class SparseRuntime(Runtime):
                             "csr": convert}
             if convert:
                 replace_module(copied, name, SparseLinear.from_linear(m))
-        report: dict[str, Any] = {"sparse_layers": layers}
-        if not any(v["csr"] for v in layers.values()):
-            report["sparse_speedup"] = "none"
-        return SparseSession(copied, report, runtime=self.name)
+        converted = {name: v["speedup"] for name, v in layers.items() if v["csr"]}
+        return SparseSession(copied, {"sparse_layers": layers}, {"sparse_speedup": converted or "none"},
+                             runtime=self.name)
