@@ -468,7 +468,7 @@ class SparseRuntime(Runtime):
     def _candidates(self, model: nn.Module) -> dict[str, nn.Linear]:
         out = {}
         for name, m in model.named_modules():
-            if type(m) in (nn.Linear,) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
                 if float((m.weight == 0).float().mean()) >= self.min_sparsity:
                     out[name] = m
         return out
