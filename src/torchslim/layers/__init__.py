@@ -15,9 +15,10 @@ The classes here are registered with :func:`torchslim.modules.register_module_cl
 which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
 """
 
+from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
 from .sparse import SparseLinear
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
-           "SparseLinear"]
+__all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
+           "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear"]

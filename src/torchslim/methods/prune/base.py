@@ -39,6 +39,8 @@ from .primitives import global_masks, layer_masks, nm_mask
 PATTERN_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
 
 GRANULARITY_WORDS = ("weight", "channel", "head", "layer")
+#: granularities that remove units physically (shapes change)
+STRUCTURED = ("channel", "head", "layer")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -222,7 +224,26 @@ class PruneConfig(MethodConfig):
                                   f"{task.spec!r} has no data; give sensitivity: PATH (a sensitivity.json) or "
                                   "use ratios: uniform") from None
 
+    @property
+    def CHANGES_SHAPES(self) -> bool:  # noqa: N802 (the capability's name, read by the pipeline)
+        """Heads and layers (and channels) are removed physically: later steps see other shapes."""
+        return self.granularity in STRUCTURED
+
+    def check_model(self, model: nn.Module) -> None:
+        """Head and layer pruning: the model has attention modules / droppable layers among the
+        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched)."""
+        if self.granularity not in ("head", "layer"):
+            return
+        try:
+            check_patterns(model, (*self.targets, *self.ignore), "prune.targets")
+        except RecipeError:
+            return  # the pipeline reports the pattern itself
+        from .heads import check_heads, check_layers
+        (check_heads if self.granularity == "head" else check_layers)(model, self)
+
     def check_targets(self, model: nn.Module) -> None:
+        if self.granularity in ("head", "layer"):
+            return  # the modules named are attention modules or layers: check_model checks them
         names = prunable_weights(model, self.targets, self.ignore)
         # a layer_sparsity key matching no module at all is the pattern check's error (target_patterns)
         modules = [n for n, _ in model.named_modules() if n]
@@ -284,6 +305,9 @@ class PruneConfig(MethodConfig):
             if self.schedule != "oneshot":
                 raise RecipeError(f"{cls}.schedule: granularity {self.granularity} prunes one-shot (each group "
                                   f"keeps N of M from the start); use schedule: oneshot with finetune: {{epochs: N}}")
+        if self.granularity in ("head", "layer") and self.schedule != "oneshot":
+            raise RecipeError(f"{cls}.schedule: granularity {self.granularity!r} removes {self.granularity}s "
+                              f"at once (schedule oneshot, then finetune); {self.schedule!r} is for weights")
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"{cls}.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")
@@ -352,6 +376,12 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
     if parse_nm(config.granularity) is not None or config.granularity == "weight":
         from .unstructured import prune_weights
         return prune_weights(model, config, session, entry)
+    if config.granularity == "head":
+        from .heads import prune_heads
+        return prune_heads(model, config, session, entry)
+    if config.granularity == "layer":
+        from .heads import drop_layers
+        return drop_layers(model, config, session, entry)
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
 
 

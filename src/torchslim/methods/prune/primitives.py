@@ -222,6 +222,37 @@ def histogram_entropy(values: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.special.entr(p).sum(dim=0) + 0.0      # entr: -p log p, 0 at p = 0; + 0.0: no -0.0
 
 
+def capped_lowest(scores: list[torch.Tensor], k: int, caps: list[int]) -> list[torch.Tensor]:
+    """Keep-masks removing the ``k`` lowest scores over all tensors together, no tensor losing
+    more than ``caps[i]`` elements (the next lowest elsewhere go instead); ties by position.
+
+    Used for whole units (heads, layers) where every group must keep some: a cap of ``n - 1``
+    keeps at least one. Raises ValueError when ``k > sum(caps)``.
+
+    Examples
+    --------
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    >>> [m.tolist() for m in capped_lowest([a, b], 2, [1, 2])]
+    [[False, True], [False, True, True]]
+    """
+    if k > sum(caps):
+        raise ValueError(f"{k} removals asked for, at most {sum(caps)} allowed by the caps")
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    start = [0]
+    for s in scores:
+        start.append(start[-1] + s.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    removed = [0] * len(scores)
+    for j in torch.sort(flat, stable=True).indices.tolist():
+        if k == 0:
+            break
+        i = int(owner[j])
+        if removed[i] < caps[i]:
+            keep[j], removed[i], k = False, removed[i] + 1, k - 1
+    return [keep[start[i]:start[i + 1]].reshape(s.shape) for i, s in enumerate(scores)]
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean keep-mask keeping the ``n`` highest scores in every ``m`` consecutive elements of
     each row (N:M semi-structured sparsity, Mishra et al. 2021, "Accelerating Sparse Deep Neural

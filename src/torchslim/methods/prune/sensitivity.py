@@ -45,6 +45,9 @@ DEFAULT_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def _layers(model: nn.Module, config: PruneConfig) -> list[str]:
     from .base import prunable_weights
+    if config.granularity == "head":  # a curve per attention module: its heads removed
+        from .heads import attention_sites
+        return [s.name for s in attention_sites(model, config.targets, config.ignore)]
     names = []
     for param in prunable_weights(model, config.targets, config.ignore):
         module = param.rsplit(".", 1)[0] if "." in param else ""
