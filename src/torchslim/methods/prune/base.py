@@ -231,7 +231,12 @@ class PruneConfig(MethodConfig):
 
     def check_model(self, model: nn.Module) -> None:
         """Head and layer pruning: the model has attention modules / droppable layers among the
-        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched)."""
+        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched).
+        ``N:M``: every weight named in ``targets`` has rows that split into groups of M
+        (:func:`nm_weights`)."""
+        if parse_nm(self.granularity) is not None:
+            nm_weights(model, self)
+            return
         if self.granularity not in ("head", "layer"):
             return
         try:
@@ -283,10 +288,6 @@ class PruneConfig(MethodConfig):
                               f"pruned layers (a module outside targets, in ignore, or matched by an earlier "
                               f"key); pruned layers: {', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
         return out
-
-    def check_model(self, model: nn.Module) -> None:
-        if parse_nm(self.granularity) is not None:
-            nm_weights(model, self)
 
     def validate(self) -> None:
         cls = type(self).__name__
