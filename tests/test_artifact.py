@@ -66,8 +66,19 @@ def test_smallest_encoding_is_chosen():
     t = torch.zeros(1000)
     t[::10] = 1.0
     name, parts, _ = encode_tensor(t)
+    # gaps of 9 zeros: 4-bit relative indices (100 * 4 bits) beat the bitmask's 1000 bits
+    assert name == "relative-index"
+    assert sum(p.numel() * p.element_size() for p in parts.values()) == 50 + 100 * 4
+    t[::2] = 2.0                    # 55% non-zero, one in every pair: 1:2 sparse
+    name, parts, _ = encode_tensor(t)
+    assert name == "nm"             # 500 values + a 1-bit rank per pair
+    assert sum(p.numel() * p.element_size() for p in parts.values()) == 500 * 4 + 500 // 8 + 1
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    t[t.abs() < 0.5] = 0.0          # 62% non-zero at random places: the bitmask wins
+    nonzero = int((t != 0).sum())
+    name, parts, _ = encode_tensor(t)
     assert name == "bitmask"
-    assert sum(p.numel() * p.element_size() for p in parts.values()) == 125 + 100 * 4
+    assert sum(p.numel() * p.element_size() for p in parts.values()) == 125 + nonzero * 4
     name, _, _ = encode_tensor(torch.randn(1000))
     assert name == "dense"
 

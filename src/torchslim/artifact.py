@@ -51,10 +51,13 @@ from .modules import SOURCE_ATTR, get_submodule
 from .outputs import get_output
 from .specs.models import rebuild_from_source, register_model_source, source_record
 
-#: the newest format this code reads and the one it writes: 1 had module swaps (``modules``),
-#: 2 added ``aliases`` (tied tensors), 3 the ``edits`` log and packed / filled encodings, so an
-#: older torchslim says "upgrade" instead of misreading them.
-FORMAT_VERSION = 3
+#: the newest format this code reads: 1 had module swaps (``modules``), 2 added ``aliases`` (tied
+#: tensors), 3 the ``edits`` log and packed / filled encodings, 4 the ``relative-index`` and ``nm``
+#: sparse encodings, so an older torchslim says "upgrade" instead of misreading them. An artifact
+#: is written with the oldest version that describes it (3 unless a tensor uses an encoding of 4).
+FORMAT_VERSION = 4
+#: the version written when no tensor needs a newer one (the ``edits`` log is always written)
+BASE_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 #: the copy of a ``py:`` model's Python file inside the artifact
@@ -198,7 +201,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | N
             files.append(SOURCE_CODE)
         manifest = {
             "format": "torchslim-artifact",
-            "format_version": FORMAT_VERSION,
+            "format_version": max([BASE_FORMAT_VERSION] + [ENCODINGS[t["encoding"]].since for t in tensors.values()]),
             "torchslim_version": __version__,
             "source": source,
             "edits": edits_of(model),
@@ -249,6 +252,19 @@ def artifact_size(path: str | os.PathLike) -> int:
     compression, so counting it would only blur size ratios)."""
     path = Path(path)
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f != path / SOURCE_CODE)
+
+
+def encoded_bytes(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """``{state_dict name: (encoding, bytes of its parts)}`` of a saved artifact, from its manifest
+    and the safetensors header (tied tensors: the stored name only). Sizes of the tensor data,
+    without the file's header and the manifest (which ``artifact_size`` counts)."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    with open(path / TENSORS, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    size = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return {name: (info["encoding"], sum(size[k] for k in info["parts"].values()))
+            for name, info in manifest["tensors"].items()}
 
 
 def state_dict_size(model: nn.Module) -> int:

@@ -5,12 +5,19 @@ JSON metadata, and back. The artifact writer tries every registered encoding tha
 tensor and keeps the smallest, so a 90%-sparse weight is stored as a bitmask plus its non-zero
 values without any method having to ask for it. New encodings (packed 4-bit codes, codebooks)
 register here with :func:`register_encoding`.
+
+Sparse tensors have three encodings, and the smallest wins per tensor: ``bitmask`` (one bit per
+element + the non-zeros: best from about 10% to 90% density), ``relative-index`` (Deep
+Compression's 4- or 8-bit gaps between non-zeros: best when very sparse) and ``nm`` (N values of
+every M with the rank of their positions: N:M-pruned weights, 2:4 below a bitmask).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +32,11 @@ class Encoding:
     encode: Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, Any]] | None]
     #: (parts, meta, shape, dtype) -> tensor
     decode: Callable[[dict[str, torch.Tensor], dict[str, Any], tuple[int, ...], torch.dtype], torch.Tensor]
+    #: the artifact format version that introduced it (the writer records the newest one used,
+    #: so an older torchslim says "upgrade" instead of failing on an unknown encoding)
+    since: int = 1
+    #: stores zeros implicitly (bitmask, relative-index, nm): counted in ``bits_per_nonzero``
+    sparse: bool = False
 
 
 ENCODINGS: dict[str, Encoding] = {}
@@ -116,11 +128,11 @@ def code_bits(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def pack_bits(t: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
-    """``t - offset`` as ``bits``-bit unsigned codes packed into bytes, little-endian bit order:
-    ``ceil(numel * bits / 8)`` uint8 (4-bit: two codes per byte, 2-bit: four, 3-bit: 8 codes in
-    3 bytes)."""
-    u = (t.reshape(-1).to(torch.int64) - offset).numpy().astype(np.uint8)          # (n,)
-    b = np.unpackbits(u[:, None], axis=1, bitorder="little")[:, :bits]             # (n, bits)
+    """``t - offset`` as ``bits``-bit unsigned codes (``bits`` <= 16) packed into bytes,
+    little-endian bit order: ``ceil(numel * bits / 8)`` uint8 (4-bit: two codes per byte, 2-bit:
+    four, 3-bit: 8 codes in 3 bytes)."""
+    u = (t.reshape(-1).to(torch.int64) - offset).numpy().astype("<u2").view(np.uint8)  # (2n,) bytes
+    b = np.unpackbits(u.reshape(-1, 2), axis=1, bitorder="little")[:, :bits]          # (n, bits)
     return torch.from_numpy(np.packbits(b.reshape(-1), bitorder="little"))
 
 
@@ -130,7 +142,7 @@ def unpack_bits(packed: torch.Tensor, n: int, bits: int, offset: int, dtype: tor
         raise ValueError(f"packed codes: {packed.numel()} bytes of {packed.dtype} cannot hold {n} "
                          f"{bits}-bit codes")
     b = np.unpackbits(packed.numpy(), bitorder="little", count=n * bits).reshape(n, bits)
-    u = np.packbits(np.pad(b, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little")[:, 0]
+    u = np.packbits(np.pad(b, ((0, 0), (0, 16 - bits))), axis=1, bitorder="little").view("<u2")[:, 0]
     return (torch.from_numpy(u.astype(np.int64)) + offset).to(dtype)
 
 
@@ -160,7 +172,7 @@ def _packed_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: 
 register_encoding(Encoding("packed", _packed_encode, _packed_decode))
 
 
-# -- bitmask: one bit per element that differs from the fill + those values in order ----------
+# -- what the sparse encodings share: the fill, the stored entries, their values ---------------
 def _row_fill(t: torch.Tensor) -> torch.Tensor | None:
     """Per-row most frequent value of an integer tensor of >= 2 dims (the zero point of an
     affine-quantized pruned weight: its pruned codes all equal the row's zero point)."""
@@ -170,32 +182,89 @@ def _row_fill(t: torch.Tensor) -> torch.Tensor | None:
     return None if bool((fill == 0).all()) else fill.to(t.dtype)
 
 
-def _bitmask_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    if t.numel() < 64 or t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (
-            torch.int8, torch.uint8, torch.int16, torch.int32)):
+def _stored_mask(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+    """Flat mask of the entries a sparse encoding keeps as values: those differing from the
+    row's fill (0 without one), and -0.0 (decoders fill +0.0 only)."""
+    if fill is not None:
+        stored = (t.reshape(t.shape[0], -1) != fill[:, None]).reshape(-1)
+    else:
+        stored = t.reshape(-1) != 0
+    return stored | torch.signbit(t.reshape(-1)) if t.is_floating_point() else stored
+
+
+def _sparse_split(t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """``(fill, stored)`` (:func:`_row_fill`, :func:`_stored_mask`) for a tensor a sparse
+    encoding may take: >= 64 elements of a float or int8/uint8/int16/int32 dtype; else None."""
+    if t.numel() < 64 or not (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16,
+                                                                     torch.int32)):
         return None
     fill = _row_fill(t)
-    if fill is not None:                                       # (rows,) fill value of each row
-        rows = t.reshape(t.shape[0], -1)
-        mask = (rows != fill[:, None]).reshape(-1)
-    else:
-        mask = t.reshape(-1) != 0
-    flat = t.reshape(-1)
-    if t.is_floating_point():
-        mask |= torch.signbit(flat)  # -0.0 is kept as a value: the decoder fills +0.0 only
-    packed = np.packbits(mask.numpy(), bitorder="little")          # (ceil(n/8),) uint8
-    values = flat[mask].clone()
-    parts: dict[str, torch.Tensor] = {"mask": torch.from_numpy(packed)}
+    return fill, _stored_mask(t, fill)
+
+
+def stored_nonzeros(t: torch.Tensor) -> int:
+    """Entries of ``t`` the sparse encodings store as values: those differing from the fill
+    (0, or a quantized row's zero point), -0.0 included."""
+    t = t.detach()
+    return int(_stored_mask(t, _row_fill(t)).sum())
+
+
+def _values_parts(values: torch.Tensor, fill: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The stored values (small integer codes bit-packed: meta ``bits``, ``offset``, ``count``)
+    and the per-row ``fill`` when there is one."""
+    parts: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     found = code_bits(values)
-    if found is not None:                                      # small integer codes: packed too
+    if found is not None:
         meta["bits"], meta["offset"] = found
         parts["values"] = pack_bits(values, *found)
         meta["count"] = values.numel()
     else:
-        parts["values"] = values
+        parts["values"] = values.clone()
     if fill is not None:
         parts["fill"] = fill
+    return parts, meta
+
+
+def _value_bits(values: torch.Tensor) -> int:
+    """Bits each value takes in :func:`_values_parts`."""
+    found = code_bits(values)
+    return found[0] if found is not None else 8 * values.element_size()
+
+
+def _read_values(parts: dict[str, torch.Tensor], meta: dict[str, Any], count: int, dtype: torch.dtype,
+                 what: str) -> torch.Tensor:
+    """Inverse of :func:`_values_parts`: ``count`` values; ValueError when they do not fit."""
+    if "bits" in meta:
+        if dtype not in _INT_DTYPES:
+            raise ValueError(f"packed values decode to integer dtypes only, the manifest says {dtype}")
+        if meta.get("count") != count:
+            raise ValueError(f"{what} {count} values but the manifest counts {meta.get('count')!r}")
+        return unpack_bits(parts["values"], count, *_check_bits(meta), dtype)
+    values = check_part(parts, "values", dtype)
+    if values.numel() != count:
+        raise ValueError(f"{what} {count} values but {values.numel()} are stored")
+    return values.reshape(-1)
+
+
+def _filled(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of ``shape``'s size holding each row's fill (zeros without one)."""
+    n = _numel(shape)
+    if "fill" not in parts:
+        return torch.zeros(n, dtype=dtype)
+    rows = shape[0] if shape else 0
+    fill = check_part(parts, "fill", dtype, rows)
+    return fill.reshape(-1, 1).expand(rows, n // max(rows, 1)).reshape(-1).clone()
+
+
+# -- bitmask: one bit per element that differs from the fill + those values in order ----------
+def _bitmask_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    split = _sparse_split(t)
+    if split is None:
+        return None
+    fill, mask = split
+    parts, meta = _values_parts(t.reshape(-1)[mask], fill)
+    parts["mask"] = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))   # (ceil(n/8),) uint8
     return parts, meta
 
 
@@ -203,27 +272,138 @@ def _bitmask_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape:
                     dtype: torch.dtype) -> torch.Tensor:
     n = _numel(shape)
     packed = check_part(parts, "mask", torch.uint8, (n + 7) // 8)
-    bits = np.unpackbits(packed.numpy(), bitorder="little", count=n).astype(bool)
-    mask = torch.from_numpy(bits)
-    ones = int(mask.sum())
-    if "bits" in meta:
-        if dtype not in _INT_DTYPES:
-            raise ValueError(f"packed values decode to integer dtypes only, the manifest says {dtype}")
-        if meta.get("count") != ones:
-            raise ValueError(f"bitmask holds {ones} ones but the manifest counts {meta.get('count')!r} values")
-        values = unpack_bits(parts["values"], ones, *_check_bits(meta), dtype)
-    else:
-        values = check_part(parts, "values", dtype)
-    if ones != values.numel():
-        raise ValueError(f"bitmask holds {ones} ones but {values.numel()} values")
-    if "fill" in parts:
-        rows = shape[0] if shape else 0
-        fill = check_part(parts, "fill", dtype, rows)
-        out = fill.reshape(-1, 1).expand(rows, n // max(rows, 1)).reshape(-1).clone()
-    else:
-        out = torch.zeros(n, dtype=dtype)
-    out[mask] = values.reshape(-1)
+    mask = torch.from_numpy(np.unpackbits(packed.numpy(), bitorder="little", count=n).astype(bool))
+    values = _read_values(parts, meta, int(mask.sum()), dtype, "bitmask holds ones for")
+    out = _filled(parts, shape, dtype)
+    out[mask] = values
     return out.reshape(shape)
 
 
-register_encoding(Encoding("bitmask", _bitmask_encode, _bitmask_decode))
+register_encoding(Encoding("bitmask", _bitmask_encode, _bitmask_decode, sparse=True))
+
+
+# -- relative-index: gaps between stored entries in 4- or 8-bit codes, padding for long gaps ----
+def _relative_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Deep Compression's sparse coding (Han et al. 2016, sec. 2): each stored entry is a value
+    and the number of fill entries skipped before it, in ``index_bits`` (4 or 8, whichever is
+    smaller for this tensor); a run longer than ``2**index_bits - 1`` gets padding entries (gap
+    ``2**index_bits - 1``, holding the fill), each advancing ``2**index_bits`` positions.
+    Trailing fill is implied by the shape; values and fill are stored as the bitmask stores them."""
+    split = _sparse_split(t)
+    if split is None:
+        return None
+    fill, stored = split
+    flat = t.reshape(-1)
+    pos = stored.nonzero().squeeze(1)                                         # (nnz,) ascending
+    skips = torch.diff(pos, prepend=torch.tensor([-1])) - 1                   # fill entries before each
+    value_bits = _value_bits(flat[pos])
+
+    def size(bits: int) -> int:
+        entries = pos.numel() + int((skips >> bits).sum())
+        return (entries * bits + 7) // 8 + (entries * value_bits + 7) // 8
+
+    bits = min((4, 8), key=size)
+    pads = skips >> bits                                                      # padding entries before each
+    gaps = torch.full((pos.numel() + int(pads.sum()),), 2**bits - 1, dtype=torch.int64)
+    gaps[(pads + 1).cumsum(0) - 1] = skips & (2**bits - 1)                    # each real entry's gap
+    where = (gaps + 1).cumsum(0) - 1                                          # positions of all entries
+    parts, meta = _values_parts(flat[where], fill)                            # padding entries hold the fill
+    parts["gaps"] = pack_bits(gaps, bits, 0)
+    return parts, {**meta, "index_bits": bits, "entries": gaps.numel()}
+
+
+def _relative_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    bits, count = meta.get("index_bits"), meta.get("entries")
+    if bits not in (4, 8) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"relative-index needs meta index_bits 4 or 8 and entries >= 0, got {bits!r}, {count!r}")
+    n = _numel(shape)
+    gaps = unpack_bits(parts["gaps"], count, bits, 0, torch.int64)
+    values = _read_values(parts, meta, count, dtype, "relative-index gaps place")
+    pos = (gaps + 1).cumsum(0) - 1                                            # (count,) ascending
+    if count and int(pos[-1]) >= n:
+        raise ValueError(f"relative-index gaps reach position {int(pos[-1])} of a tensor of {n} elements")
+    out = _filled(parts, shape, dtype)
+    out[pos] = values
+    return out.reshape(shape)
+
+
+register_encoding(Encoding("relative-index", _relative_encode, _relative_decode, since=4, sparse=True))
+
+
+# -- nm: N values kept in every M consecutive elements + the rank of which N -----------------
+#: group sizes tried; a rank needs ceil(log2(C(M, N))) bits (2:4 -> 3, 4:8 -> 7, 8:16 -> 14)
+NM_GROUPS = (2, 4, 8, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _combinations(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table, rank_of)``: ``table[r]`` the ``n`` ascending positions of combination ``r``
+    (lexicographic) of ``range(m)``; ``rank_of[pattern]`` the rank of a bit pattern (-1: not
+    ``n`` bits set)."""
+    combos = list(itertools.combinations(range(m), n))
+    table = torch.tensor(combos, dtype=torch.int64).reshape(len(combos), n)
+    rank_of = torch.full((2**m,), -1, dtype=torch.int64)
+    rank_of[(torch.ones(len(combos), n, dtype=torch.int64) << table).sum(1)] = torch.arange(len(combos))
+    return table, rank_of
+
+
+def _rank_bits(m: int, n: int) -> int:
+    return (math.comb(m, n) - 1).bit_length()
+
+
+def _nm_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """N:M storage: in every ``m`` consecutive elements (flat, storage order) at most ``n``
+    differ from the fill; each group stores exactly ``n`` values (padded with fill entries) and
+    the rank of its ``n`` positions among the C(m, n) combinations, bit-packed. For 2:4 that is 3
+    bits a group (the hardware layout's 2-bit index per kept value takes 4, as many as a
+    bitmask). ``m`` is the group size of :data:`NM_GROUPS` giving the fewest bytes; values and
+    fill are stored as the bitmask stores them."""
+    split = _sparse_split(t)
+    if split is None:
+        return None
+    fill, stored = split
+    flat = t.reshape(-1)
+    value_bits = _value_bits(flat[stored])
+    best = None
+    for m in NM_GROUPS:
+        if flat.numel() % m:
+            continue
+        groups = flat.numel() // m
+        n = int(stored.reshape(groups, m).sum(1).max())
+        if n < m:
+            size = (groups * n * value_bits + 7) // 8 + (groups * _rank_bits(m, n) + 7) // 8
+            best = min(best or (size, m, n), (size, m, n))
+    if best is None:
+        return None
+    _, m, n = best
+    groups = stored.reshape(-1, m)                                            # (G, m)
+    # the n positions of each group: its stored entries first, then its earliest fill entries
+    first = torch.sort((~groups).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    pattern = (torch.ones_like(first) << first).sum(1)                        # (G,) n bits set
+    table, rank_of = _combinations(m, n)
+    ranks = rank_of[pattern]
+    parts, meta = _values_parts(flat.reshape(-1, m).gather(1, table[ranks]).reshape(-1), fill)
+    parts["ranks"] = pack_bits(ranks, _rank_bits(m, n), 0)
+    return parts, {**meta, "n": n, "m": m}
+
+
+def _nm_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    n, m = meta.get("n"), meta.get("m")
+    total = _numel(shape)
+    if m not in NM_GROUPS or not isinstance(n, int) or not 0 <= n < m or total % m:
+        raise ValueError(f"nm needs meta m in {NM_GROUPS} dividing {total} elements and 0 <= n < m, "
+                         f"got n={n!r}, m={m!r}")
+    groups = total // m
+    table, _ = _combinations(m, n)
+    ranks = unpack_bits(parts["ranks"], groups, _rank_bits(m, n), 0, torch.int64)
+    if groups and int(ranks.max()) >= table.shape[0]:
+        raise ValueError(f"nm rank {int(ranks.max())} is out of range for {n}:{m} ({table.shape[0]} combinations)")
+    values = _read_values(parts, meta, groups * n, dtype, f"{groups} groups of {n}:{m} need")
+    out = _filled(parts, shape, dtype).reshape(groups, m)
+    out.scatter_(1, table[ranks], values.reshape(groups, n))
+    return out.reshape(shape)
+
+
+register_encoding(Encoding("nm", _nm_encode, _nm_decode, since=4, sparse=True))

@@ -57,7 +57,7 @@ class MeasureConfig(MethodConfig):
     >>> MeasureConfig(runtime="eagr")
     Traceback (most recent call last):
     ...
-    torchslim.errors.RecipeError: MeasureConfig.runtime: unknown runtime 'eagr' (did you mean 'eager'?); runtimes: compile, eager, onnxruntime
+    torchslim.errors.RecipeError: MeasureConfig.runtime: unknown runtime 'eagr' (did you mean 'eager'?); runtimes: compile, eager, onnxruntime, sparse
     """
 
     batch_sizes: tuple[int, ...] = option((1, 32), low=1, high=MAX_BATCH, doc="latency batch sizes")

@@ -8,7 +8,12 @@ for given inputs (inputs converted once, mode switches entered once). Built-in r
 - ``compile``: ``torch.compile`` of the model, compiled in ``prepare`` (and, for a new input
   shape, in ``bind``), never while timed;
 - ``onnxruntime``: the model exported with :func:`torchslim.onnx_io.export_onnx` to a
-  temporary ONNX file and run by ONNX Runtime's CPU provider (:func:`~torchslim.onnx_io.onnx_session`).
+  temporary ONNX file and run by ONNX Runtime's CPU provider (:func:`~torchslim.onnx_io.onnx_session`);
+- ``sparse``: eager, with each sparse linear layer in CSR form where that measured faster
+  (:class:`SparseRuntime`; what it measured and chose goes into the metrics row).
+
+A session may carry what its preparation found: ``details`` (recorded in the metrics row's
+``runtime``) and ``fields`` (top-level fields of the row, shown in the report's step details).
 
 A new runtime (integer kernels, another engine) is a :class:`Runtime` subclass registered with
 ``@register_runtime("name")``; ``measure(..., runtime="name")`` and recipes' ``measure.runtime``
@@ -26,7 +31,7 @@ torch.Size([2, 10])
 >>> get_runtime("eagre")
 Traceback (most recent call last):
 ...
-torchslim.errors.RecipeError: unknown runtime 'eagre' (did you mean 'eager'?); runtimes: compile, eager, onnxruntime
+torchslim.errors.RecipeError: unknown runtime 'eagre' (did you mean 'eager' or 'sparse'?); runtimes: compile, eager, onnxruntime, sparse
 """
 
 from __future__ import annotations
@@ -416,3 +421,108 @@ class OnnxRuntime(Runtime):
         session = OnnxSession(Path(path), runtime=self.name)
         self._sessions.append(session)
         return session
+
+
+# -- sparse: CSR linear layers where measured faster -------------------------------------------
+class SparseSession(EagerSession):
+    """Eager session on a copy of the model whose linear layers run in CSR form where that was
+    measured faster; ``details`` and ``fields`` say what was measured and chosen."""
+
+    def __init__(self, model: nn.Module, details: dict[str, Any], fields: dict[str, Any],
+                 runtime: str = "sparse") -> None:
+        super().__init__(model, runtime=runtime)
+        self.details, self.fields = details, fields
+
+
+@register_runtime("sparse")
+class SparseRuntime(Runtime):
+    """Eager PyTorch with each sparse ``nn.Linear`` swapped for a
+    :class:`~torchslim.layers.SparseLinear` (CSR weight, MKL sparse BLAS) where that was measured
+    faster, on a copy of the model (the model itself is not changed).
+
+    In ``prepare``, every float32 linear layer on the CPU with at least ``min_sparsity`` zeros
+    in its weight is timed dense and in CSR on inputs of its own shape at batch sizes 1 and 32
+    (its input captured on the example inputs; ``torch.utils.benchmark``, the two forms
+    interleaved, ``rounds`` times ``min_run_time`` seconds each), and converted when CSR is at
+    least ``margin`` times faster at both. The session's ``details`` (the metrics row's
+    ``runtime.sparse_layers``) give per layer ``sparsity``, ``speedup`` (dense time / CSR time
+    by batch size) and ``csr`` (converted or not); its ``fields`` give the row's
+    ``sparse_speedup``: the converted layers' speed-ups, or ``"none"`` when no layer was
+    converted (then the latency measured is the dense one, and no speed-up is claimed).
+
+    Parameters
+    ----------
+    min_sparsity : float, default=0.5
+        Layers with fewer zeros are not timed (CSR was never faster there on any CPU measured).
+    margin : float, default=1.05
+        Speed-up needed at both batch sizes to convert (timing noise is a few percent).
+    """
+
+    BATCHES = (1, 32)
+
+    def __init__(self, min_sparsity: float = 0.5, margin: float = 1.05, rounds: int = 2,
+                 min_run_time: float = 0.02) -> None:
+        super().__init__()
+        self.min_sparsity, self.margin, self.rounds, self.min_run_time = min_sparsity, margin, rounds, min_run_time
+
+    def _candidates(self, model: nn.Module) -> dict[str, nn.Linear]:
+        out = {}
+        for name, m in model.named_modules():
+            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+                if float((m.weight == 0).float().mean()) >= self.min_sparsity:
+                    out[name] = m
+        return out
+
+    def _speedups(self, linear: nn.Linear, rows: int) -> dict[str, float]:
+        """Dense time / CSR time of ``linear`` on ``rows * batch`` input rows, per batch size."""
+        from torch.utils import benchmark
+
+        from .layers.sparse import SparseLinear
+        sparse = SparseLinear.from_linear(linear).eval()
+        out = {}
+        with torch.inference_mode(), quiet_cpp_extension():
+            for bs in self.BATCHES:
+                x = torch.randn(rows * bs, linear.in_features)
+                times: dict[str, list[float]] = {"dense": [], "csr": []}
+                for _ in range(self.rounds):
+                    for form, fn in (("dense", linear), ("csr", sparse)):
+                        t = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
+                        times[form].append(t.blocked_autorange(min_run_time=self.min_run_time).median)
+                out[str(bs)] = round(min(times["dense"]) / min(times["csr"]), 3)
+        return out
+
+    def build_session(self, model: nn.Module, example_inputs: tuple) -> RuntimeSession:
+        import copy
+
+        from .edits import replace_module
+        from .layers.sparse import SparseLinear
+
+        copied = copy.deepcopy(model).eval()
+        found = self._candidates(copied)
+        rows: dict[str, int] = {}   # input rows of each candidate at batch size 1
+
+        def seen(name: str) -> Callable:
+            def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+                rows.setdefault(name, args[0].numel() // mod.in_features)
+            return hook
+
+        hooks = [m.register_forward_hook(seen(name)) for name, m in found.items()]
+        try:
+            with torch.inference_mode():
+                copied(*example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        layers = {}
+        for name, m in found.items():
+            if name not in rows:      # not called on these inputs
+                continue
+            speedup = self._speedups(m, rows[name])
+            convert = min(speedup.values()) >= self.margin
+            layers[name] = {"sparsity": round(float((m.weight == 0).float().mean()), 4), "speedup": speedup,
+                            "csr": convert}
+            if convert:
+                replace_module(copied, name, SparseLinear.from_linear(m))
+        converted = {name: v["speedup"] for name, v in layers.items() if v["csr"]}
+        return SparseSession(copied, {"sparse_layers": layers}, {"sparse_speedup": converted or "none"},
+                             runtime=self.name)

@@ -18,5 +18,7 @@ which :mod:`torchslim.artifact` does, so loading an artifact needs no method pac
 from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
+from .sparse import SparseLinear
 
-__all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention"]
+__all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
+           "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear"]

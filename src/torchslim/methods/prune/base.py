@@ -30,7 +30,7 @@ from ...errors import RecipeError, UserError
 from ...modules import check_patterns, matches, select_modules, weight_names
 from ...train.config import TrainConfig
 from .criteria import CriterionEntry, get_criterion
-from .primitives import global_masks, layer_masks
+from .primitives import global_masks, layer_masks, nm_mask
 
 #: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
 #: Conv/ConvTranspose, nn.MultiheadAttention's q/k/v projections, LSTM/GRU/RNN). Embeddings
@@ -76,6 +76,45 @@ def prunable_weights(model: nn.Module, targets: tuple[str, ...] = ("re:.*",), ig
     :func:`torchslim.modules.select_modules`); raises RecipeError for a named module without weights."""
     chosen = select_modules(model, targets, ignore, kinds=PATTERN_KINDS, what=what, refuse=_unprunable)
     return [f"{n}.{w}" for n, m in chosen for w in weight_names(m)]
+
+
+def nm_row_length(weight) -> int:
+    """Length of the rows N:M groups run along: a weight viewed as ``[shape[0], -1]`` (a Linear's
+    input features, a conv filter's ``in*kh*kw`` in storage order; 0 for a 1-D tensor)."""
+    return weight.numel() // weight.shape[0] if weight.dim() >= 2 and weight.shape[0] else 0
+
+
+def nm_weights(model: nn.Module, config: "PruneConfig") -> tuple[list[str], list[str]]:
+    """The weights granularity ``N:M`` prunes, and those it skips.
+
+    Returns ``(names, skipped)``: parameter names as :func:`prunable_weights` gives them, and one
+    ``"name (rows of K)"`` per weight matched only by a ``re:`` pattern whose rows (see
+    :func:`nm_row_length`) do not split into groups of M (the pruning step warns about them).
+
+    Raises
+    ------
+    RecipeError
+        a module named exactly in ``targets`` with such a weight, or nothing left to prune.
+    """
+    n, m = parse_nm(config.granularity)
+    chosen = select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="prune.targets",
+                            refuse=_unprunable)
+    names, skipped = [], []
+    for name, module in chosen:
+        for w in weight_names(module):
+            k = nm_row_length(getattr(module, w))
+            if k and k % m == 0:
+                names.append(f"{name}.{w}")
+            elif name in config.targets:
+                raise RecipeError(f"prune.granularity {config.granularity}: {name}.{w} has rows of {k} weights "
+                                  f"(shape {list(getattr(module, w).shape)}), not a multiple of {m}; "
+                                  "remove it from targets or add it to ignore")
+            else:
+                skipped.append(f"{name}.{w} (rows of {k})")
+    if not names:
+        raise RecipeError(f"prune.granularity {config.granularity}: no targeted weight has rows that split into "
+                          f"groups of {m} ({', '.join(skipped[:4])}); target other layers or choose another M")
+    return names, skipped
 
 
 @dataclass(frozen=True)
@@ -145,13 +184,18 @@ class PruneConfig(MethodConfig):
 
         The default ranks: the ``round(sparsity * n)`` lowest-scoring units go, over all tensors
         at once (``scope: global``, no tensor losing more than ``max_layer_sparsity``) or in each
-        (``scope: layer``). A method with another rule overrides it (``threshold``).
+        (``scope: layer``). With granularity ``N:M`` each tensor keeps its N highest scores in
+        every M along its rows (:func:`~.primitives.nm_mask`), whatever ``sparsity`` says. A
+        method with another rule overrides it (``threshold``).
 
         Raises
         ------
         RecipeError
             When ``max_layer_sparsity`` leaves fewer removable units than ``sparsity`` needs.
         """
+        nm = parse_nm(self.granularity)
+        if nm is not None:
+            return [nm_mask(s, *nm) for s in scores]
         return rank_masks(scores, sparsity, self.scope, self.max_layer_sparsity)
 
     def check_data(self, task) -> None:
@@ -189,7 +233,12 @@ class PruneConfig(MethodConfig):
 
     def check_model(self, model: nn.Module) -> None:
         """Head and layer pruning: the model has attention modules / droppable layers among the
-        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched)."""
+        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched).
+        ``N:M``: every weight named in ``targets`` has rows that split into groups of M
+        (:func:`nm_weights`)."""
+        if parse_nm(self.granularity) is not None:
+            nm_weights(model, self)
+            return
         if self.granularity not in ("head", "layer"):
             return
         try:
@@ -254,6 +303,15 @@ class PruneConfig(MethodConfig):
                               f"{', '.join(GRANULARITY_WORDS)} or an N:M pattern such as 2:4")
         if nm is not None and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"{cls}.granularity: N:M needs 0 < N < M, got {self.granularity!r}")
+        if nm is not None:
+            fixed = 1.0 - nm[0] / nm[1]
+            default = type(self).__dataclass_fields__["sparsity"].default
+            if abs(self.sparsity - fixed) > 1e-9 and self.sparsity != default:
+                raise RecipeError(f"{cls}.sparsity: granularity {self.granularity} fixes sparsity at "
+                                  f"{fixed:g} (1 - N/M), got {self.sparsity}; leave sparsity out or set it to {fixed:g}")
+            if self.schedule != "oneshot":
+                raise RecipeError(f"{cls}.schedule: granularity {self.granularity} prunes one-shot (each group "
+                                  f"keeps N of M from the start); use schedule: oneshot with finetune: {{epochs: N}}")
         if self.granularity in ("head", "layer") and self.schedule != "oneshot":
             raise RecipeError(f"{cls}.schedule: granularity {self.granularity!r} removes {self.granularity}s "
                               f"at once (schedule oneshot, then finetune); {self.schedule!r} is for weights")

@@ -273,3 +273,35 @@ def capped_lowest(scores: list[torch.Tensor], k: int, caps: list[int]) -> list[t
         if removed[i] < caps[i]:
             keep[j], removed[i], k = False, removed[i] + 1, k - 1
     return [keep[start[i]:start[i + 1]].reshape(s.shape) for i, s in enumerate(scores)]
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean keep-mask keeping the ``n`` highest scores in every ``m`` consecutive elements of
+    each row (N:M semi-structured sparsity, Mishra et al. 2021, "Accelerating Sparse Deep Neural
+    Networks"; NVIDIA's 2:4).
+
+    ``scores`` is ``[rows, k]`` or any shape whose trailing dimensions flatten into ``k`` per
+    row (``[out, in, kh, kw]`` groups along ``in*kh*kw`` in storage order); ``k`` must be a
+    multiple of ``m``. Ties keep the earlier position (a stable sort), so every group keeps
+    exactly ``n`` elements even when scores are equal (weights already zero).
+
+    Raises
+    ------
+    ValueError
+        ``not 0 < n <= m`` or a row length that is not a multiple of ``m``.
+
+    Examples
+    --------
+    >>> nm_mask(torch.tensor([[0.1, -3.0, 2.0, 0.5, 1.0, 1.0, 0.0, 4.0]]).abs(), 2, 4).int()
+    tensor([[0, 1, 1, 0, 1, 0, 0, 1]], dtype=torch.int32)
+    """
+    if not 0 < n <= m:
+        raise ValueError(f"N:M needs 0 < N <= M, got {n}:{m}")
+    rows = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    if rows.shape[1] % m:
+        raise ValueError(f"rows of {rows.shape[1]} elements do not split into groups of {m}")
+    groups = rows.float().reshape(-1, m)                                   # (rows * k / m, m)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, order[:, :n], True)
+    return keep.reshape(scores.shape)

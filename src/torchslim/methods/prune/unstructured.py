@@ -1,5 +1,9 @@
-"""Granularity ``weight``: single weights zeroed by a criterion's ranking, one-shot, gradual
-(Zhu & Gupta) or iterative (Han et al. 2015), with fine-tuning.
+"""Granularities ``weight`` and ``N:M``: single weights zeroed by a criterion's ranking.
+
+``weight``: one-shot, gradual (Zhu & Gupta) or iterative (Han et al. 2015), with fine-tuning.
+``N:M`` (``2:4``, ``4:8``): in every M consecutive weights of a row the N highest-scoring are
+kept (:func:`~.primitives.nm_mask`; rows as :func:`~.base.nm_row_length` says), one-shot, then
+fine-tuned with the masks kept.
 
 Pruned weights are exact zeros in the dense tensors; the artifact writer stores such tensors as
 a bitmask plus the non-zero values, so sparsity shows up as bytes saved on disk.
@@ -23,7 +27,7 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...train.plugins import TrainingPlugin
-from .base import PruneConfig, prunable_weights, rank_masks
+from .base import PruneConfig, nm_weights, parse_nm, prunable_weights, rank_masks
 from .criteria import CriterionEntry, Group, check_scores
 from .primitives import cubic_sparsity, topk_mask
 from .stats import collect_grads
@@ -214,14 +218,24 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
 
 
 def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``weight``: zero single weights ranked by ``entry`` (see the module doc).
+    """Granularity ``weight`` or ``N:M``: zero single weights ranked by ``entry`` (see the module doc).
 
     A criterion that needs ``grads`` (taylor) gets the loss gradients summed over
     ``config.samples`` calibration examples, taken again at every mask update: once for
     one-shot, once per round for iterative, ``updates`` times for gradual (each costs a
     forward and backward pass over the samples), so the scores follow the fine-tuned weights.
+    With ``N:M`` the weights are those :func:`~.base.nm_weights` keeps (an ``nm_skipped``
+    warning names the others) and the mask rule keeps N of every M (:meth:`PruneConfig.keep_masks`).
     """
-    names = prunable_weights(model, config.targets, config.ignore)
+    nm = parse_nm(config.granularity)
+    if nm is None:
+        names = prunable_weights(model, config.targets, config.ignore)
+    else:
+        names, skipped = nm_weights(model, config)
+        if skipped:
+            ctx.warn("nm_skipped", f"{config.granularity} pruning left {len(skipped)} weight(s) dense, their rows "
+                                   f"are not a multiple of {nm[1]}: {', '.join(skipped[:6])}"
+                                   f"{' ...' if len(skipped) > 6 else ''}; name them in ignore to silence this")
     if "activations" in entry.needs:
         raise RecipeError(f"prune.{entry.name}: granularity {config.granularity!r} with a criterion that "
                           "reads activations: single weights have no output of their own; use granularity "
