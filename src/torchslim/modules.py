@@ -218,7 +218,7 @@ def build_from_record(record: dict[str, Any]) -> nn.Module:
     return build(**record.get("args", {}))
 
 
-def _conv_args(m: nn.Conv2d) -> dict:
+def _conv_args(m: nn.modules.conv._ConvNd) -> dict:
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                 stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
                 dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None,
@@ -228,7 +228,9 @@ def _conv_args(m: nn.Conv2d) -> dict:
 register_module_class(nn.Linear, "torch.nn.Linear",
                       lambda m: dict(in_features=m.in_features, out_features=m.out_features,
                                      bias=m.bias is not None))
+register_module_class(nn.Conv1d, "torch.nn.Conv1d", _conv_args)
 register_module_class(nn.Conv2d, "torch.nn.Conv2d", _conv_args)
+register_module_class(nn.Conv3d, "torch.nn.Conv3d", _conv_args)
 register_module_class(nn.BatchNorm2d, "torch.nn.BatchNorm2d",
                       lambda m: dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
                                      affine=m.affine, track_running_stats=m.track_running_stats))

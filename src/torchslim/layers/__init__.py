@@ -15,7 +15,9 @@ The classes here are registered with :func:`torchslim.modules.register_module_cl
 which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
 """
 
+from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention"]
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
+           "LowRankLinear", "TuckerConv2d", "CPConv2d"]
