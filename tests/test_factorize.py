@@ -152,3 +152,36 @@ def test_conv_methods_refuse_grouped_convs_and_need_tensorly(monkeypatch):
     with pytest.raises(UserError, match=r"torchslim\[lowrank\]"):
         CPFactorizeConfig(rank=4).check_ready()
     SVDFactorizeConfig(rank=4).check_ready()                 # SVD needs torch only
+
+
+def test_recipe_records_spectra_and_the_report_plots_them(tmp_path):
+    """fold and factorize steps in one recipe: the row carries ranks and spectra, the report draws
+    spectra.png and keeps the spectra out of the step-details table, the final model reloads."""
+    recipe = {"model": "zoo:digits-cnn", "task": "shape:1x8x8", "measure": {"latency": False},
+              "steps": [{"fold": {"method": "identity"}},
+                        {"factorize": {"method": "svd", "rank": 8, "targets": ["6", "8"]}}]}  # 8: the Dropout until step 1
+    metrics = torchslim.compress(recipe, tmp_path / "run")
+    step = metrics["steps"][-1]
+    assert step["ranks"] == {"6": 8, "8": 8}            # Dropout 8 deleted: the last Linear renumbered
+    assert len(step["spectra"]["6"]) == 64 and step["spectra"]["6"][0] == 1.0
+    assert metrics["steps"][1]["folded"] == ["8"]
+    assert step["macs"] < metrics["steps"][0]["macs"]
+    assert (tmp_path / "run" / "plots" / "spectra.png").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "ranks: " in report and "spectra: " not in report and "plots/spectra.png" in report
+    back = torchslim.load(tmp_path / "run" / "model")
+    assert isinstance(back[6], LowRankLinear) and isinstance(back[8], LowRankLinear) and len(back) == 9
+
+
+def test_finetune_recovers_accuracy_after_a_harsh_rank(trained_digits, digits_task):
+    from torchslim.train import TrainConfig
+
+    cut = SVDFactorizeConfig(rank=2, targets=("6",))
+    torch.manual_seed(0)
+    plain = torchslim.apply(trained_digits, cut)
+    tuned = torchslim.apply(trained_digits, SVDFactorizeConfig(
+        rank=2, targets=("6",), finetune=TrainConfig(optimizer="adamw", epochs=1, lr=0.003, loggers=())),
+        task=digits_task)
+    assert isinstance(tuned[6], LowRankLinear) and tuned[6].rank == 2
+    before, after = digits_task.evaluate(plain), digits_task.evaluate(tuned)
+    assert after > before + 0.02, (before, after)

@@ -44,7 +44,8 @@ class FactorizeConfig(MethodConfig):
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left dense")
 
     CHANGES_WEIGHTS = True
-    CHANGES_SHAPES = True       # a layer becomes two to four smaller ones
+    CHANGES_SHAPES = True       # a layer becomes two to four smaller ones ...
+    CHANGES_NAMES = True        # ... its children (``fc.first``, ``fc.second``)
     #: the classes a ``re:`` pattern picks; a module named exactly may be any of these too
     KINDS: ClassVar[tuple[type, ...]] = (nn.Linear,)
 

@@ -35,6 +35,8 @@ class IdentityFoldConfig(FoldConfig):
     2
     """
 
+    CHANGES_NAMES = True
+
     remove: tuple[str, ...] = option(("dropout", "identity"), choices=("dropout", "identity"),
                                      doc="dropout: Dropout -> Identity; identity: Identity entries of a "
                                          "Sequential deleted")
