@@ -94,8 +94,8 @@ def test_spectra_and_ranks_are_recorded_for_the_report():
     metrics = session.info["metrics"]
     assert metrics["ranks"] == {"1": 8, "3": 8, "5": 8}
     s = torch.linalg.svdvals(model[3].weight.detach().double())
-    expected = (s[:64] / s[0]).tolist()
-    assert metrics["spectra"]["3"] == pytest.approx(expected, abs=1e-5) and len(metrics["spectra"]["3"]) == 64
+    expected = (s / s[0]).tolist()                  # all 100 (the first 256 are kept)
+    assert metrics["spectra"]["3"] == pytest.approx(expected, abs=1e-5) and len(metrics["spectra"]["3"]) == 100
 
 
 def test_tucker_on_a_real_conv_shrinks_and_error_falls_with_rank(resnet18):
@@ -163,7 +163,7 @@ def test_recipe_records_spectra_and_the_report_plots_them(tmp_path):
     metrics = torchslim.compress(recipe, tmp_path / "run")
     step = metrics["steps"][-1]
     assert step["ranks"] == {"6": 8, "8": 8}            # Dropout 8 deleted: the last Linear renumbered
-    assert len(step["spectra"]["6"]) == 64 and step["spectra"]["6"][0] == 1.0
+    assert len(step["spectra"]["6"]) == 128 and step["spectra"]["6"][0] == 1.0   # 1024 -> 128
     assert metrics["steps"][1]["folded"] == ["8"]
     assert step["macs"] < metrics["steps"][0]["macs"]
     assert (tmp_path / "run" / "plots" / "spectra.png").is_file()

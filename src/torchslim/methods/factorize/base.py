@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 READ_BY_PARENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 #: singular values kept per layer in the metrics row (``spectra``), normalized by the largest
-SPECTRUM_POINTS = 64
+SPECTRUM_POINTS = 256
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class SVDFactorizeConfig(FactorizeConfig):
     layers' weights, and singular values go where they keep the most (normalized) energy per
     weight. A layer whose rank would not make it smaller is left dense, with a ``no_gain``
     warning in the step's row. The step's metrics row gets ``ranks`` and ``spectra`` (the first
-    64 singular values of each layer, divided by the largest). Linears tied to each other share
+    256 singular values of each layer, divided by the largest). Linears tied to each other share
     their factors. ``nn.MultiheadAttention``'s ``out_proj`` (read as a tensor by the attention)
     is passed over, as are the Linears of ``nn.TransformerEncoderLayer``/``DecoderLayer`` (their fast
     path reads the weights); a Hugging Face model's Linears are all called, so all factorizable.
