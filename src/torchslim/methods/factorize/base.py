@@ -36,8 +36,9 @@ class FactorizeConfig(MethodConfig):
     """Fields every factorization method accepts (CONTRACT §4, ``factorize``)."""
 
     rank: int | float | None = option(None, low=0.0, low_open=True,
-                                      doc="an integer rank per layer, or a fraction in (0, 1) (see the method); "
-                                          "default: the method's")
+                                      doc="an integer rank per layer, or a fraction in (0, 1): of the spectral "
+                                          "energy kept (svd, tucker; default 0.9) or of the weights kept (cp; "
+                                          "default 0.25)")
     finetune: TrainConfig | None = option(None, doc="training after factorization (recovers accuracy)")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names or re: patterns (they pick the method's "
                                                      "layer classes)")

@@ -47,6 +47,10 @@ class BatchNormFoldConfig(FoldConfig):
     into: tuple[str, ...] = option(("conv", "linear"), choices=tuple(INTO),
                                    doc="which layers BatchNorms fold into: conv, linear or both")
 
+    def check_model(self, model: nn.Module) -> None:
+        """TraceError (exit 2) at preflight when the model does not trace with torch.fx."""
+        trace(model, "fold.batchnorm")
+
 
 def _two_dim_outputs(graph: torch.fx.Graph, model: nn.Module, names: set[str], session) -> set[str]:
     """Of the modules ``names``, those whose output is 2-D on the task's example input (none

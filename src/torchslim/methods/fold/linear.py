@@ -40,6 +40,10 @@ class LinearFoldConfig(FoldConfig):
     max_growth: float = option(1.0, low=0.0, low_open=True,
                                doc="fuse a pair when the fused weights are at most this times the pair's")
 
+    def check_model(self, model: nn.Module) -> None:
+        """TraceError (exit 2) at preflight when the model does not trace with torch.fx."""
+        trace(model, "fold.linear")
+
 
 def _weights(layer: nn.Linear) -> int:
     return layer.in_features * layer.out_features
