@@ -31,10 +31,10 @@ from torchslim.session import Session
 FFN = r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense"
 
 
-def row(name: str, model: torch.nn.Module, task, **extra) -> dict:
+def row(name: str, model: torch.nn.Module, task, evaluate: bool = True, **extra) -> dict:
     x1, x32 = task.example_inputs(1), task.example_inputs(32)
     t0 = time.perf_counter()
-    metric = task.evaluate(model)
+    metric = task.evaluate(model) if evaluate else float("nan")
     return {"name": name, "spearman": round(metric, 4), "params": count_params(model)[0],
             "macs": count_macs(model, x1), "latency_ms_bs1": round(measure_latency(model, x1), 3),
             "latency_ms_bs32": round(measure_latency(model, x32), 3),
@@ -47,12 +47,14 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[256, 192, 128, 64])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--latency-only", action="store_true", help="skip the Spearman evaluation (a quick re-timing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task = torchslim.build_task("stsb", args.data_dir)
     base = torchslim.build_model("hf:minilm").eval()
     measure_latency(base, task.example_inputs(1))        # thread-pool start-up out of the first row
-    rows = [row("dense", base, task)]
+    evaluate = not args.latency_only
+    rows = [row("dense", base, task, evaluate)]
     for rank in args.ranks:
         session = Session(task=task)   # the handler itself, to read the spectra it records
         t0 = time.perf_counter()
@@ -61,7 +63,7 @@ def main() -> int:
         spectra = session.info["metrics"]["spectra"]
         s = {name: torch.linalg.svdvals(base.get_submodule(name).weight.detach().double()) for name in spectra}
         energy = sum(float(v[:rank].square().sum() / v.square().sum()) for v in s.values()) / len(s)
-        rows.append(row(f"svd rank {rank}", small, task, factorize_s=round(spent, 1),
+        rows.append(row(f"svd rank {rank}", small, task, evaluate, factorize_s=round(spent, 1),
                         energy_kept=round(energy, 4)))
         print(json.dumps(rows[-1]), file=sys.stderr)
     dense = rows[0]
