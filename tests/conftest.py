@@ -50,3 +50,9 @@ def trained_digits(digits_task):
     model = torchslim.build_model("zoo:digits-cnn")
     train(model, digits_task, TrainConfig(optimizer="adamw", epochs=8, lr=0.003, loggers=()))
     return model
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (each holds its own torch and models)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import torchslim
-from torchslim.errors import RecipeError
+from torchslim.errors import RecipeError, UserError
 from torchslim.pipeline import StepContext
 from torchslim.recipe import Recipe
 
@@ -31,7 +31,12 @@ def _example(entry):
 def _run(entry, model, task, tmp_path):
     torch.manual_seed(0)
     cfg = _example(entry)
-    out = entry.handler(copy.deepcopy(model), cfg, StepContext(task=task, out_dir=tmp_path))
+    try:
+        out = entry.handler(copy.deepcopy(model), cfg, StepContext(task=task, out_dir=tmp_path))
+    except RecipeError as exc:  # a registered method whose default granularity is still to come
+        if "not available yet" in str(exc):
+            pytest.skip(str(exc))
+        raise
     return out.eval()
 
 
@@ -137,8 +142,21 @@ def _fp16():
 
 
 ARCHS = {"resnet18-bn-residual": _resnet, "encoder-mha": _encoder, "tied-weights": _tied, "fp16-cnn": _fp16}
-#: methods that train need a task with data; the architectures above come with random inputs
-SHAPE_ENTRIES = [e for e in ENTRIES if not _example(e).trains()]
+
+
+def _runs_on_random_inputs(entry) -> bool:
+    """Whether the method's example passes preflight on a task without data (a pruning
+    criterion that reads gradients or activations does not)."""
+    try:
+        _example(entry).check_ready(torchslim.build_task("shape:1x8x8"))
+    except UserError:
+        return False
+    return True
+
+
+#: methods that train or calibrate need a task with data; the architectures above come with
+#: random inputs
+SHAPE_ENTRIES = [e for e in ENTRIES if not _example(e).trains() and _runs_on_random_inputs(e)]
 
 
 def _inputs(name, task):
@@ -172,13 +190,12 @@ def test_method_has_its_effect_on_architecture(entry, arch, tmp_path, monkeypatc
         y0 = model(*x)
     params0, nnz0 = count_params(model)
     size0 = torchslim.save(model, tmp_path / "before")
-    cfg = _example(entry)
-    kinds = getattr(cfg, "KINDS", None)   # a method for some layer classes only (factorize: Conv2d)
+    kinds = getattr(_example(entry), "KINDS", None)   # a method for some layer classes only (tucker: Conv2d)
     if kinds and not any(type(m) in kinds for m in model.modules()):
         with pytest.raises(RecipeError, match=kinds[0].__name__):   # said so, nothing done
-            entry.handler(copy.deepcopy(model), cfg, StepContext(task=task, out_dir=tmp_path / "run"))
+            _run(entry, model, task, tmp_path / "run")
         return
-    out = entry.handler(copy.deepcopy(model), cfg, StepContext(task=task, out_dir=tmp_path / "run")).eval()
+    out = _run(entry, model, task, tmp_path / "run")
     with torch.no_grad():
         y = out(*x)
     assert torch.isfinite(y).all() and y.dtype == y0.dtype

@@ -10,6 +10,7 @@ import torch
 import torchslim
 from torchslim.errors import RecipeError
 from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+from torchslim.methods.prune.unstructured import GradualSchedule, MaskPlugin, run_schedule
 from torchslim.methods.prune.primitives import cubic_sparsity, global_masks, layer_masks, topk_mask
 from torchslim.train import TrainConfig
 
@@ -326,3 +327,89 @@ def test_transformer_encoder_layer_prunes_packed_in_proj(scope):
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+# -- per-layer sparsity (layer_sparsity: Han et al. 2015's per-layer rates) ------------------
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_layer_sparsity_prunes_each_named_layer_to_its_own_fraction(scope):
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-300-100")   # Linear layers 1 (784x300), 3, 5
+    cfg = MagnitudePruneConfig(sparsity=0.6, scope=scope, layer_sparsity={"1": 0.92, "re:[15]": 0.74})
+    pruned = torchslim.apply(model, cfg)
+    zeros = {i: int((pruned[i].weight == 0).sum()) for i in (1, 3, 5)}
+    # layer 1 by its exact name (the first key wins over the pattern), layer 5 by the pattern,
+    # layer 3 alone under `sparsity`
+    assert zeros == {1: round(0.92 * 235200), 3: round(0.6 * 30000), 5: round(0.74 * 1000)}
+    for i in (1, 3, 5):  # each layer keeps its own largest weights, unchanged
+        w_old, w_new = model[i].weight, pruned[i].weight
+        kept = w_new != 0
+        assert torch.equal(w_new[kept], w_old[kept])
+        assert w_old[~kept].abs().max() <= w_old[kept].abs().min()
+
+
+def test_layer_sparsity_global_threshold_is_shared_by_the_other_layers_only():
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-5")   # conv 0, conv 2, linear 5, linear 7
+    pruned = torchslim.apply(model, MagnitudePruneConfig(sparsity=0.9, layer_sparsity={"0": 0.34}))
+    assert int((pruned[0].weight == 0).sum()) == round(0.34 * 500)
+    rest_old = torch.cat([model[i].weight.reshape(-1) for i in (2, 5, 7)])
+    rest_new = torch.cat([pruned[i].weight.reshape(-1) for i in (2, 5, 7)])
+    kept = rest_new != 0
+    assert int((~kept).sum()) == round(0.9 * rest_old.numel())
+    assert rest_old[~kept].abs().max() <= rest_old[kept].abs().min()
+
+
+class _RecordRounds:
+    """A session whose fine-tuning only records each layer's zeros (the schedule, without training)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[list[int]] = []
+
+    def train(self, model, config, desc="", sub=None, plugins=()):
+        self.rounds.append([int((model[i].weight == 0).sum()) for i in (1, 3, 5)])
+
+
+def test_layer_sparsity_iterative_rounds_take_each_layer_to_its_target():
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-300-100")
+    cfg = MagnitudePruneConfig(sparsity=0.9, schedule="iterative", iterations=3, scope="layer",
+                               layer_sparsity={"1": 0.92, "5": 0.74}, finetune=TrainConfig(epochs=1, loggers=()))
+    names = ["1.weight", "3.weight", "5.weight"]
+    masker = MaskPlugin(names, cfg.scope, fixed=cfg.sparsity_of(names))
+    session = _RecordRounds()
+    run_schedule(model, cfg, session, masker)
+    # after round r of 3 a layer keeps (1 - s) ** (r / 3) of its weights, s its own target
+    sizes, targets = (235200, 30000, 1000), (0.92, 0.9, 0.74)
+    expected = [[round((1 - (1 - s) ** (r / 3)) * n) for s, n in zip(targets, sizes)] for r in (1, 2, 3)]
+    assert session.rounds == expected
+    assert [int((model[i].weight == 0).sum()) for i in (1, 3, 5)] == expected[-1]
+
+
+def test_layer_sparsity_gradual_ramp_takes_each_layer_along_the_cubic_schedule():
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-300-100")
+    cfg = MagnitudePruneConfig(sparsity=0.9, schedule="gradual", ramp=1.0, updates=4, scope="layer",
+                               layer_sparsity={"5": 0.5}, finetune=TrainConfig(epochs=1, loggers=()))
+    masker = GradualSchedule(["1.weight", "3.weight", "5.weight"], cfg, fixed={"5.weight": 0.5})
+    masker.after_step(model, 50, 100)   # half way: s_f (1 - 0.5^3), Zhu & Gupta eq. 1 with s_i = 0
+    assert [int((model[i].weight == 0).sum()) for i in (1, 3, 5)] == [
+        round(0.9 * 0.875 * 235200), round(0.9 * 0.875 * 30000), round(0.5 * 0.875 * 1000)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"fc1": 0.9}, r"layer_sparsity: pattern 'fc1' matches no module; nearest module names: 1"),
+    ({"re:[13]": 0.9, "3": 0.5}, r"'3' matches none of the pruned layers"),
+])
+def test_layer_sparsity_key_matching_no_pruned_layer_is_an_error(bad, message):
+    model = torchslim.build_model("zoo:lenet-300-100")
+    with pytest.raises(RecipeError, match=message):
+        torchslim.apply(model, MagnitudePruneConfig(layer_sparsity=bad))
+
+
+def test_layer_sparsity_bad_values_are_recipe_errors_naming_the_key():
+    with pytest.raises(RecipeError, match=r"steps.0.prune.layer_sparsity\['1'\]: 1.5 is out of range"):
+        MagnitudePruneConfig.from_dict({"layer_sparsity": {"1": 1.5}}, where="steps.0.prune")
+    with pytest.raises(RecipeError, match=r"layer_sparsity\['x'\]: expected a number"):
+        MagnitudePruneConfig.from_dict({"layer_sparsity": {"x": "a"}})
+    with pytest.raises(RecipeError, match="granularity weight only"):
+        MagnitudePruneConfig(granularity="2:4", layer_sparsity={"1": 0.5})

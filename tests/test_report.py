@@ -655,3 +655,23 @@ def test_cli_report_compares_runs(pipeline_run, tmp_path, capsys):
     assert main(["report", str(b), "--out", str(tmp_path / "x.md")]) == 2
     assert capsys.readouterr().err.startswith("error: report --out")
     assert main(["report", str(b), str(tmp_path / "missing")]) == 2
+
+
+def test_sensitivity_curves_and_skipped_modules_are_shown(tmp_path):
+    m = hand_metrics()
+    m["steps"][1]["sensitivity"] = {"schema": 1, "method": "prune.magnitude", "granularity": "channel",
+                                    "split": "val", "metric": "accuracy", "baseline": 0.975,
+                                    "layers": {"0": {"params": 320, "macs": 1, "points": [[0.5, 0.9], [0.9, 0.2]]},
+                                               "6": {"params": 9000, "macs": 1, "points": [[0.5, 0.97], [0.9, None]]}}}
+    m["steps"][1]["skipped"] = [{"module": "attn", "reason": "custom layer without a pruner"}]
+    run = write_metrics(tmp_path / "run", m)
+    md_path, html_path = write_report(run)
+    assert (run / "plots" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    md = md_path.read_text()
+    assert "(plots/sensitivity.png)" in md
+    assert "| prune-magnitude | attn | custom layer without a pruner |" in md
+    assert '<table id="skipped">' in html_path.read_text()
+    # a later report of the same run without curves drops the stale plot
+    del m["steps"][1]["sensitivity"]
+    write_report(write_metrics(run, m))
+    assert not (run / "plots" / "sensitivity.png").exists()

@@ -148,6 +148,51 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _points(text: str) -> tuple[float, ...]:
+    try:
+        pts = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities, got {clip(text, 80)!r}") from None
+    if not pts or len(pts) > 50 or any(not 0.0 < p < 1.0 for p in pts):
+        raise argparse.ArgumentTypeError(f"expected 1 to 50 sparsities in (0, 1), got {clip(text, 80)!r}")
+    return pts
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import torch
+
+    from .methods.prune import sensitivity
+    from .outputs import parse_selector
+    from .registry import get_method
+    from .specs import build_model, build_task
+
+    entry = get_method("prune", args.method)
+    fields = {"granularity": args.granularity}
+    if args.targets:
+        fields["targets"] = args.targets
+    if args.ignore:
+        fields["ignore"] = args.ignore
+    config = entry.config_cls.from_dict(fields, where=f"prune.{args.method}")
+    task = build_task(args.task, args.data_dir)
+    torch.manual_seed(0)
+    model = build_model(args.model, weights=args.weights, output=parse_selector(args.output, "--output"))
+    from .measure import check_runs
+    check_runs(model, task, f"model {args.model}")
+    config.check_ready(task)
+    config.check_targets(model)
+    config.check_model(model)
+    data = sensitivity.analyze(model, task, config, method=entry.key, points=args.points, split=args.split,
+                               recalibrate_bn=args.recalibrate_bn)
+    path = sensitivity.write(data, args.out)
+    _out(f"{'layer':40s} " + " ".join(f"{p:>7.0%}" for p in data["points"]))
+    for name, row in data["layers"].items():
+        _out(f"{(name or '(model)')[:40]:40s} " + " ".join(
+            f"{m:7.4f}" if m is not None else "    nan" for _, m in row["points"]))
+    _out(f"baseline {data['metric']} on {data['split']}: {data['baseline']:.4f}; wrote {path} and "
+         f"{path.with_suffix('.png')}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_comparison, write_report
     if len(args.dir) == 1 and args.out is None:
@@ -297,6 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "mapping: an index (0) or a name (logits); default: automatic where unambiguous")
     s.add_argument("--json", help="write the measurement as one metrics.json step object")
     s.set_defaults(fn=cmd_measure)
+
+    s = sub.add_parser("sensitivity", parents=[common],
+                       help="per-layer curves: the metric as each layer alone is pruned")
+    s.add_argument("model", help="model spec, e.g. zoo:lenet-5 or artifact:DIR")
+    s.add_argument("--task", required=True, help="task spec with data and a metric, e.g. digits or mnist")
+    s.add_argument("--out", required=True, help="output directory (sensitivity.json, sensitivity.png)")
+    s.add_argument("--method", default="magnitude", help="pruning criterion (default magnitude)")
+    s.add_argument("--granularity", default="weight", help="weight, channel, head or layer (default weight)")
+    s.add_argument("--points", type=_points, default=(0.1, 0.3, 0.5, 0.7, 0.9),
+                   help="sparsities of each curve (default 0.1,0.3,0.5,0.7,0.9)")
+    s.add_argument("--split", default="val", choices=("val", "test", "train"),
+                   help="split evaluated (default val: keep test for the final figures)")
+    s.add_argument("--targets", action="append", help="layers analysed (names or re: patterns; default all)")
+    s.add_argument("--ignore", action="append", help="layers left out (names or re: patterns)")
+    s.add_argument("--recalibrate-bn", type=int, default=512, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training examples after each pruning (0: off)")
+    s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
+    s.add_argument("--data-dir", help="data directory")
+    s.add_argument("--output", help="which output is the prediction (index or name) for tuple/mapping outputs")
+    s.set_defaults(fn=cmd_sensitivity)
 
     s = sub.add_parser("report", parents=[common],
                        help="(re)write report.md/.html from metrics.json, or compare runs (A B ...)")

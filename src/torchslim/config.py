@@ -60,7 +60,8 @@ def _describe_type(tp: Any) -> str:
     if origin is tuple:
         return "list of " + _describe_type(typing.get_args(tp)[0])
     if origin is dict:
-        return "mapping"
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return "mapping" if value_tp is Any else f"mapping of {_describe_type(key_tp)} to {_describe_type(value_tp)}"
     if isinstance(tp, type) and issubclass(tp, MethodConfig):
         return "mapping of " + tp.__name__
     if tp is type(None):
@@ -98,7 +99,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        # dict[str, float]: keys and values coerced like any field (``{"fc1": 0.9}``); YAML reads the
+        # key of ``{1: 0.9}`` (a Sequential's module name) as an integer
+        return {_coerce(str(k) if key_tp is str and type(k) is int else k, key_tp, f"{where} key"):
+                _coerce(v, value_tp, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(tp, type) and issubclass(tp, MethodConfig):
         if isinstance(value, tp):
             return value
@@ -335,6 +340,10 @@ def _check_constraints(where: str, value: Any, meta: Any) -> None:
                 )
     low, high = meta.get("low"), meta.get("high")
     if low is None and high is None:
+        return
+    if isinstance(value, dict):  # a mapping's bounds hold for each of its values
+        for key, item in value.items():
+            _check_constraints(f"{where}[{key!r}]", item, meta)
         return
     for item in value if isinstance(value, tuple) else (value,):
         if isinstance(item, bool) or not isinstance(item, (int, float)):

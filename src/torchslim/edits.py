@@ -15,8 +15,9 @@ Built-in ops (a record is ``{"op": ..., "target": MODULE_NAME, ...}``):
             (:func:`replace_module`)
 ``setattr`` set attribute ``attr`` (dotted: ``config.num_attention_heads``) of module
             ``target`` to the JSON value ``value`` (:func:`set_attribute`)
-``delete``  remove module ``target``; in an ``nn.ModuleList``/``nn.Sequential`` the later
-            entries are renumbered, as ``del`` does (:func:`delete_module`)
+``delete``  remove module ``target``; in an ``nn.ModuleList``/``nn.Sequential`` with numbered
+            entries the later ones are renumbered, as ``del`` does; named entries (a ViT's
+            ``encoder_layer_3``) keep their names (:func:`delete_module`)
 ``tensor``  replace the parameter or buffer ``target`` (full state_dict name) by an empty one
             of ``shape`` (a ViT position embedding resized); values come from the artifact
             (:func:`resize_tensor`)
@@ -151,7 +152,7 @@ def _restore_setattr(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 def delete_module(model: nn.Module, name: str) -> None:
-    """Remove module ``name``; entries after it in a ModuleList/Sequential are renumbered."""
+    """Remove module ``name``; numbered entries after it in a ModuleList/Sequential are renumbered."""
     _restore_delete(model, {"target": name})
     record_edit(model, "delete", name)
 
@@ -162,7 +163,7 @@ def _restore_delete(model: nn.Module, record: dict[str, Any]) -> None:
     if not name:
         raise ValueError("cannot delete the root module")
     parent, child = _parent(model, name)
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
         del parent[int(child)]
     else:
         delattr(parent, child)

@@ -33,7 +33,8 @@ SOURCE_ATTR = "_torchslim_source"
 
 
 # -- target matching ------------------------------------------------------------------------
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """Whether module ``name`` is ``pattern`` exactly, or matches it whole when it is ``re:REGEX``."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return name == pattern
@@ -91,7 +92,7 @@ def select_modules(
     refuse = refuse or outside_kinds
     chosen, passed = [], []
     for n, m in named:
-        if any(_matches(n, p) for p in ignore):
+        if any(matches(n, p) for p in ignore):
             continue
         if n in targets:
             reason = refuse(m)
@@ -99,7 +100,7 @@ def select_modules(
                 raise RecipeError(f"{what}: module {n!r} is a {type(m).__name__}: {reason}; "
                                   "remove it from targets or add it to ignore")
             chosen.append((n, m))
-        elif any(_matches(n, p) for p in targets if p.startswith("re:")):
+        elif any(matches(n, p) for p in targets if p.startswith("re:")):
             if isinstance(m, kinds):
                 chosen.append((n, m))
             elif weight_names(m):
@@ -123,7 +124,7 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], what: str) -> None
                 re.compile(pat[3:])
             except re.error as exc:
                 raise RecipeError(f"{what}: bad regular expression {pat!r}: {exc}") from None
-        if not any(_matches(n, pat) for n in names):
+        if not any(matches(n, pat) for n in names):
             near = difflib.get_close_matches(pat.removeprefix("re:"), names, n=5, cutoff=0.3)
             hint = f"; nearest module names: {', '.join(near)}" if near else (
                 f"; module names look like: {', '.join(names[:6])}")

@@ -37,11 +37,12 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
                             # shown in their own sections: latency table and plot, header, banner,
                             # per-layer tables, training curves
                             "latency", "runtime", "onnx_latency_ms", "onnx_latency", "input_shapes",
-                            "warnings", "layers", "layer_sparsity", "training", "spectra"})
+                            "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped",
+                            "spectra"})
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
 # removed so the folder matches the report.
 _PLOT_FILES = ("size.png", "macs.png", "latency.png", "metric.png", "metric_vs_size.png", "training.png",
-               "spectra.png")
+               "sensitivity.png", "spectra.png")
 _PLOT_CAPTIONS = {
     "size": "Size on disk per step",
     "macs": "MACs per forward pass (batch 1)",
@@ -49,6 +50,7 @@ _PLOT_CAPTIONS = {
     "metric": "Task metric per step",
     "metric_vs_size": "Task metric against size on disk",
     "training": "Training curves: loss and validation metric per epoch",
+    "sensitivity": "Sensitivity: the metric as each layer alone is pruned",
     "spectra": "Singular values of the factorized layers (normalized), the kept rank marked",
 }
 #: a task metric whose values lie in [-1, 1] (accuracy, Spearman) is plotted on an axis at least
@@ -809,6 +811,9 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
         ax.set_title(f"{mname} vs size ({'higher' if hib else 'lower'} is better)")
         save(fig, "metric_vs_size.png")
     save(training_figure(metrics), "training.png")
+    found = next((s["sensitivity"] for s in steps if isinstance(s.get("sensitivity"), dict)), None)
+    if found is not None:
+        save(sensitivity_figure(found), "sensitivity.png")
     save(spectra_figure(metrics), "spectra.png")
 
     made = {p.name for p in paths}
@@ -816,6 +821,46 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
         if fname not in made:
             (plot_dir / fname).unlink(missing_ok=True)
     return paths
+
+
+def sensitivity_figure(data: dict[str, Any]):
+    """Metric against sparsity, one line per layer pruned alone, the unpruned metric dashed:
+    the curves of ``torchslim sensitivity`` (``sensitivity.json``) or of a ``ratios: sensitivity``
+    step's ``sensitivity`` record. None when there is no layer with a finite point."""
+    layers = data.get("layers") if isinstance(data, dict) else None
+    base = _num(data.get("baseline")) if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        return None
+    fig, ax = _new_axes(4.5)
+    drawn = 0
+    for name, row in list(layers.items())[:60]:
+        pts = [(p, m) for p, m in (row.get("points") or []) if _num(p) is not None and _num(m) is not None]
+        if base is not None:
+            pts = [(0.0, base)] + pts
+        if len(pts) > (1 if base is not None else 0):
+            ax.plot([100 * p for p, _ in pts], [m for _, m in pts], marker="o", ms=3, lw=1, label=str(name) or "(model)")
+            drawn += 1
+    if not drawn:
+        return None
+    if base is not None:
+        ax.axhline(base, color="grey", ls="--", lw=1)
+    ax.set_xlabel(f"{data.get('granularity', 'weight')} sparsity of the layer alone (%)")
+    ax.set_ylabel(f"{data.get('metric', 'metric')} on {data.get('split', 'val')}")
+    ax.set_title(f"Sensitivity ({data.get('method', 'prune')})")
+    if drawn <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def skipped_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Modules a step left alone and why (``skipped: [{module, reason}]`` of a structured
+    pruning step: a layer its dependency graph cannot handle). Empty when none."""
+    rows = []
+    for i, s in enumerate(metrics.get("steps") or []):
+        if isinstance(s, dict) and isinstance(s.get("skipped"), list):
+            rows += [[_step_name(s, i), str(e.get("module", "?")), str(e.get("reason", "?"))]
+                     for e in s["skipped"] if isinstance(e, dict)]
+    return (["step", "module", "reason"], rows) if rows else ([], [])
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -918,6 +963,9 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
     header, rows = layer_sparsity_rows(metrics)
     if rows:
         md += ["## Per-layer sparsity by step", "", _SPARSITY_NOTE, "", _md_table(header, rows), ""]
+    header, rows = skipped_rows(metrics)
+    if rows:
+        md += ["## Skipped modules", "", _SKIPPED_NOTE, "", _md_table(header, rows), ""]
     md += ["## Step details", "", _md_table(*_details_rows(metrics["steps"])), ""]
     configs = [(_step_name(s, i), s["config"]) for i, s in enumerate(metrics["steps"]) if s.get("config")]
     if configs:
@@ -934,6 +982,10 @@ _LAYER_NOTE = ("Layers that hold weights. Sparsity: zeros among the layer's weig
                "shrank (a narrower student, removed channels); MACs at batch 1.")
 _SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after each step (a pruning "
                   "step's own layer_sparsity, of the weights alone, where a step was not measured per layer).")
+
+
+_SKIPPED_NOTE = ("Modules a step could not handle and left unchanged, with the reason; the model still "
+                 "runs and the other modules were processed.")
 
 
 _CSS = """
@@ -999,7 +1051,8 @@ def _html(metrics: dict[str, Any], plots: list[Path]) -> str:
     for table_id, h2, (th, tr), note in (
             ("training", "Training", training_rows(metrics), ""),
             ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
-            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE)):
+            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
+            ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE)):
         if tr:
             sections.append(f"<h2>{h2}</h2>\n" + (f'<p class="note">{html.escape(note)}</p>\n' if note else "")
                             + _html_table(table_id, th, tr))

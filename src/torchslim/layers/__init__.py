@@ -15,9 +15,10 @@ The classes here are registered with :func:`torchslim.modules.register_module_cl
 which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
 """
 
+from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
 
-__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
-           "LowRankLinear", "TuckerConv2d", "CPConv2d"]
+__all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
+           "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "LowRankLinear", "TuckerConv2d", "CPConv2d"]

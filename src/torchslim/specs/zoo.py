@@ -53,3 +53,28 @@ def digits_cnn(num_classes: int = 10, channels: tuple[int, int] | list[int] = (3
         nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
     )
+
+
+@register_zoo("resnet-fmnist")
+def resnet_fmnist(num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] | list[int] = (16, 32, 64),
+                  blocks: int = 2) -> nn.Module:
+    """A ResNet-style CNN for 28x28 images (Fashion-MNIST, MNIST): a 3x3 stem, three stages of
+    ``blocks`` torchvision BasicBlocks (widths 16/32/64, stride 2 between stages, 1x1 projection
+    shortcuts), global average pooling and a linear classifier (175K params, 20.2M MACs).
+
+    Residual adds couple the channels of each stage, which structured pruning must respect."""
+    from torchvision.models.resnet import BasicBlock
+
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                               nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]   # (N, 16, 28, 28)
+    c_in = widths[0]
+    for i, width in enumerate(widths):
+        stride = 1 if i == 0 else 2                                                 # 28 -> 14 -> 7
+        for b in range(blocks):
+            down = None
+            if b == 0 and (stride != 1 or c_in != width):
+                down = nn.Sequential(nn.Conv2d(c_in, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+            layers.append(BasicBlock(c_in, width, stride=stride if b == 0 else 1, downsample=down))
+            c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]   # (N, 64) -> (N, 10)
+    return nn.Sequential(*layers)

@@ -17,15 +17,20 @@ A method file only declares its config (extra fields such as ``alpha``) and regi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ...config import MethodConfig, option
-from ...errors import RecipeError
-from ...modules import select_modules, weight_names
+from ...errors import RecipeError, UserError
+from ...modules import check_patterns, matches, select_modules, weight_names
 from ...train.config import TrainConfig
+from .criteria import CriterionEntry, get_criterion
+from .primitives import global_masks, layer_masks
 
 #: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
 #: Conv/ConvTranspose, nn.MultiheadAttention's q/k/v projections, LSTM/GRU/RNN). Embeddings
@@ -34,6 +39,8 @@ from ...train.config import TrainConfig
 PATTERN_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
 
 GRANULARITY_WORDS = ("weight", "channel", "head", "layer")
+#: granularities that remove units physically (shapes change)
+STRUCTURED = ("channel", "head", "layer")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -41,6 +48,18 @@ def parse_nm(granularity: str) -> tuple[int, int] | None:
     """``"2:4"`` -> ``(2, 4)`` (N kept of every M); None for the other granularities."""
     found = _NM.match(granularity)
     return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def rank_masks(scores: list[torch.Tensor], sparsity: float, scope: str = "global",
+               max_layer_sparsity: float = 1.0) -> list[torch.Tensor]:
+    """Keep-masks removing the lowest-scoring ``sparsity`` fraction: over all tensors at once
+    (``global``, no tensor losing more than ``max_layer_sparsity``) or in each (``layer``)."""
+    if scope != "global":
+        return layer_masks(scores, sparsity)
+    try:
+        return global_masks(scores, sparsity, max_layer_sparsity)
+    except ValueError as exc:
+        raise RecipeError(f"prune.max_layer_sparsity: {exc}; raise it or lower sparsity") from None
 
 
 def _unprunable(module: nn.Module) -> str | None:
@@ -92,16 +111,134 @@ class PruneConfig(MethodConfig):
                                                      "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
                                                      "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
+    ratios: str = option("uniform", choices=("uniform", "sensitivity"),
+                         doc="uniform: sparsity as scope says; sensitivity: per-layer sparsities from sensitivity "
+                             "curves that remove the budget at the least predicted metric loss")
+    sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
+                                               "sensitivity` (default: measured in the step on the val split)")
+    budget: str = option("params", choices=("params", "macs"),
+                         doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs")
+    layer_sparsity: dict[str, float] = option(
+        default_factory=dict, low=0.0, high=1.0, high_open=True,
+        doc="granularity weight: {module name or re: pattern: sparsity} for layers pruned to their own "
+            "fraction (first match wins); the other targets get sparsity (scope global: one threshold "
+            "over them only)")
 
     CHANGES_WEIGHTS = True
+    #: the mask rule decides how much goes (threshold): ``sparsity`` is not a target, and the
+    #: masks in force after fine-tuning are kept as they are (no final re-pruning to a target)
+    SPARSITY_IS_RESULT: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
         """The criterion this config's method uses (``magnitude`` for MagnitudePruneConfig)."""
         return getattr(type(self), "CRITERION", "magnitude")
 
+    def target_patterns(self) -> dict[str, tuple[str, ...]]:
+        return {**super().target_patterns(), **({"layer_sparsity": tuple(self.layer_sparsity)}
+                                                  if self.layer_sparsity else {})}
+
+    def keep_masks(self, scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+        """Keep-masks (True: kept), one per score tensor (a layer's elements, a group's units).
+
+        The default ranks: the ``round(sparsity * n)`` lowest-scoring units go, over all tensors
+        at once (``scope: global``, no tensor losing more than ``max_layer_sparsity``) or in each
+        (``scope: layer``). A method with another rule overrides it (``threshold``).
+
+        Raises
+        ------
+        RecipeError
+            When ``max_layer_sparsity`` leaves fewer removable units than ``sparsity`` needs.
+        """
+        return rank_masks(scores, sparsity, self.scope, self.max_layer_sparsity)
+
+    def check_data(self, task) -> None:
+        """RecipeError when the criterion needs calibration data and ``task`` has none (a
+        ``shape:`` task: random inputs only). Nothing is checked without a task."""
+        needs = get_criterion(self.name).needs
+        if not needs or task is None:
+            return
+        try:
+            task.split("train")
+        except UserError:
+            raise RecipeError(f"prune.{self.name}: the {self.name} criterion needs calibration data "
+                              f"({' and '.join(needs)} on training examples), and task {task.spec!r} has none "
+                              "(random inputs only); use a task with data (digits, mnist, ...) or "
+                              "prune.magnitude") from None
+
+    def check_ready(self, task=None) -> None:
+        super().check_ready(task)
+        self.check_data(task)
+        if self.ratios == "sensitivity" and self.sensitivity is not None:
+            from .sensitivity import load_curves
+            load_curves(self.sensitivity)
+        elif self.ratios == "sensitivity" and task is not None:
+            try:
+                task.split("val")
+            except UserError:
+                raise RecipeError(f"prune.ratios: sensitivity measures curves on the val split, and task "
+                                  f"{task.spec!r} has no data; give sensitivity: PATH (a sensitivity.json) or "
+                                  "use ratios: uniform") from None
+
+    @property
+    def CHANGES_SHAPES(self) -> bool:  # noqa: N802 (the capability's name, read by the pipeline)
+        """Heads and layers (and channels) are removed physically: later steps see other shapes."""
+        return self.granularity in STRUCTURED
+
+    def check_model(self, model: nn.Module) -> None:
+        """Head and layer pruning: the model has attention modules / droppable layers among the
+        targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched)."""
+        if self.granularity not in ("head", "layer"):
+            return
+        try:
+            check_patterns(model, (*self.targets, *self.ignore), "prune.targets")
+        except RecipeError:
+            return  # the pipeline reports the pattern itself
+        from .heads import check_heads, check_layers
+        (check_heads if self.granularity == "head" else check_layers)(model, self)
+
     def check_targets(self, model: nn.Module) -> None:
-        prunable_weights(model, self.targets, self.ignore)
+        if self.granularity in ("head", "layer"):
+            return  # the modules named are attention modules or layers: check_model checks them
+        names = prunable_weights(model, self.targets, self.ignore)
+        # a layer_sparsity key matching no module at all is the pattern check's error (target_patterns)
+        modules = [n for n, _ in model.named_modules() if n]
+        found = {k: v for k, v in self.layer_sparsity.items() if any(matches(n, k) for n in modules)}
+        dataclasses.replace(self, layer_sparsity=found).sparsity_of(names)
+
+    def sparsity_of(self, names: list[str], model: nn.Module | None = None) -> dict[str, float]:
+        """The weight tensors among ``names`` (parameter names, as :func:`prunable_weights` gives)
+        that ``layer_sparsity`` sets, with their sparsity: the first key matching the tensor's module
+        name (exactly, or a ``re:`` pattern matching the whole name) wins.
+
+        Raises RecipeError for a key that matches no module of ``model`` (naming the nearest
+        module names; checked when ``model`` is given) or none of the pruned layers (a module
+        outside ``targets``, in ``ignore``, or taken by an earlier key), naming the pruned ones.
+
+        Examples
+        --------
+        >>> c = PruneConfig(layer_sparsity={"fc1": 0.92, "re:fc.*": 0.5})
+        >>> c.sparsity_of(["fc1.weight", "fc2.weight", "conv.weight"])
+        {'fc1.weight': 0.92, 'fc2.weight': 0.5}
+        """
+
+        keys = list(self.layer_sparsity)
+        if model is not None:
+            check_patterns(model, keys, "prune.layer_sparsity")
+        out, used = {}, set()
+        for name in names:
+            module = name.rpartition(".")[0]
+            key = next((k for k in keys if matches(module, k)), None)
+            if key is not None:
+                out[name] = self.layer_sparsity[key]
+                used.add(key)
+        unused = [k for k in keys if k not in used]
+        if unused:
+            layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+            raise RecipeError(f"prune.layer_sparsity: {', '.join(map(repr, unused))} matches none of the "
+                              f"pruned layers (a module outside targets, in ignore, or matched by an earlier "
+                              f"key); pruned layers: {', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
+        return out
 
     def validate(self) -> None:
         cls = type(self).__name__
@@ -111,6 +248,9 @@ class PruneConfig(MethodConfig):
                               f"{', '.join(GRANULARITY_WORDS)} or an N:M pattern such as 2:4")
         if nm is not None and not 0 < nm[0] < nm[1]:
             raise RecipeError(f"{cls}.granularity: N:M needs 0 < N < M, got {self.granularity!r}")
+        if self.granularity in ("head", "layer") and self.schedule != "oneshot":
+            raise RecipeError(f"{cls}.schedule: granularity {self.granularity!r} removes {self.granularity}s "
+                              f"at once (schedule oneshot, then finetune); {self.schedule!r} is for weights")
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"{cls}.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")
@@ -118,16 +258,102 @@ class PruneConfig(MethodConfig):
             raise RecipeError(f"{cls}.finetune.early_stopping: not available with schedule "
                               "gradual: epochs are pruned to different sparsities, so the best one is an "
                               "early, denser epoch; set early_stopping: 0 or use schedule: oneshot/iterative")
+        if self.ratios == "sensitivity":
+            if self.layer_sparsity:
+                raise RecipeError(f"{cls}.ratios: sensitivity sets every layer's sparsity; leave layer_sparsity out")
+            if self.SPARSITY_IS_RESULT:
+                raise RecipeError(f"{cls}.ratios: sensitivity needs a ranking criterion, not the {self.name} rule")
+            if self.granularity != "weight":
+                raise RecipeError(f"{cls}.ratios: sensitivity is available with granularity weight, not "
+                                  f"{self.granularity!r}")
+        elif self.sensitivity is not None:
+            raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
+        if self.layer_sparsity and self.SPARSITY_IS_RESULT:
+            raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
+                              "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")
+        if self.layer_sparsity and self.granularity != "weight":
+            raise RecipeError(f"{cls}.layer_sparsity: per-layer sparsity is available with granularity "
+                              f"weight only, not {self.granularity!r}")
+        for key, value in self.layer_sparsity.items():
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise RecipeError(f"{cls}.layer_sparsity: bad regular expression {key!r}: {exc}") from None
+            if value > self.max_layer_sparsity:
+                raise RecipeError(f"{cls}.layer_sparsity[{key!r}]: {value} exceeds max_layer_sparsity "
+                                  f"{self.max_layer_sparsity}")
+            if value < self.initial_sparsity:
+                raise RecipeError(f"{cls}.layer_sparsity[{key!r}]: {value} is below initial_sparsity "
+                                  f"{self.initial_sparsity}")
+
+        entry = get_criterion(self.name)
+        kind = "N:M" if nm is not None else self.granularity
+        if kind not in entry.granularities:
+            why = (" (it reads each unit's output, which single weights do not have)"
+                   if "activations" in entry.needs else "")
+            raise RecipeError(f"{cls}.granularity: criterion {self.name!r} scores "
+                              f"{', '.join(entry.granularities)}, not {self.granularity!r}{why}")
         if self.initial_sparsity > self.sparsity:
             raise RecipeError(f"{cls}.initial_sparsity: must not exceed sparsity "
                               f"({self.initial_sparsity} > {self.sparsity})")
 
 
-def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str) -> nn.Module:
-    """Prune ``model`` in place as ``config`` says, ranking with the registered ``criterion``."""
-    from .criteria import get_criterion
-    entry = get_criterion(criterion)
+def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | CriterionEntry) -> nn.Module:
+    """Prune ``model`` in place as ``config`` says, ranking with the registered ``criterion`` (a
+    name, or an entry with options bound by :func:`~.criteria.bind`).
+
+    Raises
+    ------
+    RecipeError
+        For a criterion that needs data on a task without any (see :meth:`PruneConfig.check_data`).
+    UserError
+        For a criterion that needs data without a task.
+    """
+    entry = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    if config.ratios == "sensitivity":
+        config = sensitivity_ratios(model, config, session)
+    if entry.needs:
+        config.check_data(session.task)
+        session.require_task(f"prune.{entry.name} (its criterion needs {' and '.join(entry.needs)})")
     if parse_nm(config.granularity) is not None or config.granularity == "weight":
         from .unstructured import prune_weights
         return prune_weights(model, config, session, entry)
+    if config.granularity == "head":
+        from .heads import prune_heads
+        return prune_heads(model, config, session, entry)
+    if config.granularity == "layer":
+        from .heads import drop_layers
+        return drop_layers(model, config, session, entry)
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
+
+
+def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneConfig:
+    """``config`` with ``ratios: sensitivity`` resolved into ``layer_sparsity``: every targeted
+    layer's own sparsity, from the curves of ``config.sensitivity`` or of a sensitivity analysis
+    run now on the ``val`` split, for a budget of ``config.sparsity`` of the layers' ``budget``
+    (params or MACs). The curves go into the step's row (``sensitivity``), where the report
+    plots them.
+    """
+    from . import sensitivity as sens
+    task = session.require_task("prune.ratios: sensitivity")
+    method = f"prune.{config.name}"
+    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={})
+    if config.sensitivity is not None:
+        data = sens.load_curves(config.sensitivity)
+        names = set(prunable_weights(model, config.targets, config.ignore))
+        layers = {n.rpartition(".")[0] for n in names}
+        missing = sorted(layers - set(data["layers"]))
+        if missing:
+            raise RecipeError(f"prune.sensitivity: {config.sensitivity} has no curve for "
+                              f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
+        data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
+    else:
+        data = sens.analyze(model, task, uniform, method=method, split="val")
+    cap = min(config.max_layer_sparsity, 0.95)
+    ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
+    session.info.setdefault("metrics", {})["sensitivity"] = data
+    session.info["metrics"]["sensitivity_ratios"] = ratios
+    # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
+    return dataclasses.replace(uniform, scope="layer", layer_sparsity={k: v for k, v in ratios.items() if v > 0},
+                               sparsity=0.0, initial_sparsity=0.0)

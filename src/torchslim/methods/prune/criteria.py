@@ -19,12 +19,16 @@ tensor([7., 1.])
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ...errors import RecipeError, did_you_mean
+from .primitives import histogram_entropy
 
 #: what a criterion may need besides the weights
 NEEDS = ("grads", "activations")
@@ -110,6 +114,20 @@ def get_criterion(name: str) -> CriterionEntry:
                           f"registered: {', '.join(sorted(_CRITERIA))}") from None
 
 
+def bind(name: str, **options) -> CriterionEntry:
+    """Criterion ``name`` with keyword ``options`` fixed (a config's ``seed``, ``bins``,
+    ``statistic``): still a plain ``group -> scores`` callable for every granularity.
+
+    Examples
+    --------
+    >>> g = Group(units=3, weights=[torch.ones(3, 1)], names=["fc.weight"])
+    >>> torch.equal(bind("random", seed=1).fn(g), bind("random", seed=1).fn(g))
+    True
+    """
+    entry = get_criterion(name)
+    return dataclasses.replace(entry, fn=functools.partial(entry.fn, **options)) if options else entry
+
+
 def list_criteria() -> list[CriterionEntry]:
     return [_CRITERIA[k] for k in sorted(_CRITERIA)]
 
@@ -138,3 +156,82 @@ def lp_norm(group: Group, p: int = 1) -> torch.Tensor:
 def magnitude(group: Group) -> torch.Tensor:
     """L1 norm of each unit's weights (Han et al. 2015 for single weights; Li et al. 2017 for filters)."""
     return lp_norm(group, 1)
+
+
+#: granularities whose units have an output of their own (what activation criteria read)
+WITH_OUTPUTS = ("channel", "head")
+
+
+def _require(group: Group, what: str, name: str):
+    value = getattr(group, what)
+    if value is None:
+        raise RecipeError(f"prune criterion {name!r} needs {what} for {', '.join(group.names[:3]) or 'its group'}, "
+                          "and none were collected")
+    return value
+
+
+@register_criterion("threshold", granularities=("weight", "channel", "head", "layer"))
+def threshold(group: Group) -> torch.Tensor:
+    """L1 norm of each unit's weights, kept when >= alpha * the largest in its layer (Han et al. 2015)."""
+    return lp_norm(group, 1)
+
+
+@register_criterion("random")
+def random(group: Group, seed: int = 0) -> torch.Tensor:
+    """Uniform random scores in [0, 1): the control every criterion should beat.
+
+    The generator is seeded from the CRC-32 of ``seed`` and the group's member names (the CPU
+    generator keeps 32 bits of a seed), so a layer gets the same scores whatever else is pruned,
+    and two layers, or two seeds, get different ones.
+    """
+    gen = torch.Generator().manual_seed(zlib.crc32("|".join([str(seed), *group.names]).encode()))
+    return torch.rand(group.units, generator=gen)
+
+
+@register_criterion("taylor", needs=("grads",))
+def taylor(group: Group) -> torch.Tensor:
+    """First-order Taylor importance |sum over a unit's members of grad * weight| (Molchanov et al. 2019).
+
+    ``grads`` are the loss gradients summed over the calibration examples, so a unit's score is
+    ``|sum_members sum_k G[u, k] * W[u, k]|``: the first-order change of the summed loss when
+    the unit is removed (Molchanov et al., "Importance Estimation for Neural Network Pruning",
+    CVPR 2019, sec. 3: the first-order criterion ``(g_m w_m)^2`` of a single weight and its
+    group form ``(sum_{s in S} g_s w_s)^2`` for a filter's members S; the absolute value ranks
+    as the square does). For single weights this is ``|G * W|`` per element. The paper averages the squared score over
+    mini-batches during training; here the gradient is summed over the calibration set first.
+    """
+    grads = _require(group, "grads", "taylor")
+    total = torch.zeros(group.units)
+    for w, g in zip(group.weights, grads):
+        total += (g.detach().float() * w.detach().float()).sum(dim=1).cpu()
+    return total.abs()
+
+
+@register_criterion("activation", needs=("activations",), granularities=WITH_OUTPUTS)
+def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
+    """Mean |activation| of each unit on calibration data, or 1 - APoZ (Hu et al. 2016).
+
+    ``statistic="mean"``: the mean over calibration examples of the absolute value of each
+    example's spatial (token) mean of the unit's output (the mean activation criterion of
+    Molchanov et al. 2017, ICLR, sec. 2.2). ``statistic="apoz"``: ``1 - APoZ``, where APoZ is
+    the fraction of the unit's outputs that are <= 0 (zero after ReLU) over all examples and
+    positions (Hu et al., "Network Trimming", 2016, eq. 1): units mostly zero go first.
+    """
+    if statistic == "apoz":
+        return 1.0 - _require(group, "zeros", "activation").float().cpu()
+    if statistic != "mean":
+        raise RecipeError(f"prune criterion 'activation': statistic {statistic!r} is not mean or apoz")
+    return _require(group, "activations", "activation").float().abs().mean(dim=0).cpu()
+
+
+@register_criterion("entropy", needs=("activations",), granularities=WITH_OUTPUTS)
+def entropy(group: Group, bins: int = 16) -> torch.Tensor:
+    """Entropy of each unit's pooled activation over calibration examples (Luo & Wu 2017).
+
+    Each example's output of a channel is global-average-pooled to one value (``activations``
+    ``[N, units]``); the N values are put in ``bins`` equal bins over the channel's own range and
+    the Shannon entropy of that histogram is the score (Luo & Wu, "An Entropy-based Pruning
+    Method for CNN Compression", 2017, eq. 1): a channel whose output barely varies between
+    examples carries little information and goes first.
+    """
+    return histogram_entropy(_require(group, "activations", "entropy"), bins).cpu()

@@ -86,3 +86,168 @@ def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) ->
         return final
     t = min(max(step / total, 0.0), 1.0)
     return final + (initial - final) * (1.0 - t) ** 3
+
+
+def interpolate_curve(points: list[tuple[float, float]], sparsity: float) -> float:
+    """Metric at ``sparsity`` read off a sensitivity curve ``[(sparsity, metric), ...]`` by
+    linear interpolation (the end values held outside the measured range).
+
+    Examples
+    --------
+    >>> interpolate_curve([(0.0, 1.0), (0.5, 0.8), (1.0, 0.2)], 0.25)
+    0.9
+    """
+    pts = sorted(points)
+    if sparsity <= pts[0][0]:
+        return pts[0][1]
+    for (s0, m0), (s1, m1) in zip(pts, pts[1:]):
+        if sparsity <= s1:
+            return m0 + (m1 - m0) * (sparsity - s0) / (s1 - s0) if s1 > s0 else m1
+    return pts[-1][1]
+
+
+def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[str, float], baseline: float,
+                    budget: float, max_sparsity: float = 0.95, tol: float = 1e-6) -> dict[str, float]:
+    """Per-layer sparsities that remove ``budget`` (a fraction of the summed ``costs``) at the
+    least predicted metric loss, from per-layer sensitivity curves.
+
+    Each layer gets the largest sparsity whose interpolated metric stays within ``t`` of
+    ``baseline`` (capped at ``max_sparsity``), with the tolerance ``t`` found by bisection as the
+    smallest one meeting the budget: insensitive layers are pruned hard, sensitive ones lightly
+    (the per-layer thresholding of Han et al. 2015, sec. 4, and Distiller's sensitivity
+    analysis). ``costs`` are what a layer's sparsity removes in proportion (its parameters or
+    MACs). Higher metric = better. Raises ValueError when even ``max_sparsity`` everywhere
+    cannot meet the budget.
+
+    Examples
+    --------
+    >>> curves = {"a": [(0.0, 1.0), (0.9, 0.99)], "b": [(0.0, 1.0), (0.9, 0.5)]}
+    >>> r = allocate_ratios(curves, {"a": 100, "b": 100}, baseline=1.0, budget=0.5, max_sparsity=0.9)
+    >>> r["a"] > r["b"], round(r["a"] * 100 + r["b"] * 100) >= 100
+    (True, True)
+    """
+    total = sum(costs[n] for n in curves)
+    if total <= 0:
+        raise ValueError("the layers given have no cost to remove")
+    grid = [i / 1000 * max_sparsity for i in range(1001)]
+
+    def ratios_for(t: float) -> dict[str, float]:
+        out = {}
+        for name, pts in curves.items():
+            ok = [s for s in grid if baseline - interpolate_curve(pts, s) <= t]
+            # a curve may dip and recover: take the longest prefix within tolerance
+            best = 0.0
+            for s in grid:
+                if s in ok:
+                    best = s
+                else:
+                    break
+            out[name] = best
+        return out
+
+    def removed(r: dict[str, float]) -> float:
+        return sum(r[n] * costs[n] for n in curves) / total
+
+    if removed({n: max_sparsity for n in curves}) + tol < budget:
+        raise ValueError(f"cannot remove {budget:.0%}: pruning every layer to {max_sparsity:.0%} removes "
+                         f"{removed({n: max_sparsity for n in curves}):.1%}")
+    lo, hi = 0.0, max(abs(baseline - m) for pts in curves.values() for _, m in pts) + 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if removed(ratios_for(mid)) + tol >= budget:
+            hi = mid
+        else:
+            lo = mid
+    r = ratios_for(hi)
+    # the tolerance grid overshoots: trim the least sensitive layer's excess back to the budget
+    excess = (removed(r) - budget) * total
+    if excess > 0:
+        for name in sorted(curves, key=lambda n: -r[n]):
+            cut = min(excess / costs[name], r[name]) if costs[name] else 0.0
+            r[name] -= cut
+            excess -= cut * costs[name]
+            if excess <= 0:
+                break
+    return {n: round(v, 6) for n, v in r.items()}
+
+
+# -- statistics of activations (data criteria) ---------------------------------------------
+def channels_last(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``x`` of shape ``[B, ...]`` as ``[B, P, C]``: ``C`` channels along ``channel_dim`` (1 for a
+    conv output ``[B, C, H, W]``; -1 for a linear output ``[B, T, C]``), ``P`` positions each.
+
+    Examples
+    --------
+    >>> channels_last(torch.zeros(2, 3, 4, 5), 1).shape, channels_last(torch.zeros(2, 7, 3), -1).shape
+    (torch.Size([2, 20, 3]), torch.Size([2, 7, 3]))
+    """
+    x = x.movedim(channel_dim, -1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def apoz(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Average Percentage of Zeros per channel (Hu et al. 2016, "Network Trimming", eq. 1): the
+    fraction of the entries of channel ``c`` (over the batch and every position) that are
+    ``<= 0``, i.e. zero after the ReLU that follows. Returns ``[C]`` in [0, 1].
+
+    Examples
+    --------
+    >>> apoz(torch.tensor([[1.0, -2.0], [0.0, 3.0], [-1.0, 4.0]]), -1)
+    tensor([0.6667, 0.3333])
+    """
+    return (channels_last(x, channel_dim) <= 0).float().mean(dim=(0, 1))
+
+
+def histogram_entropy(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Shannon entropy (nats) of each column of ``values`` ``[N, C]``, from a histogram of its N
+    values in ``bins`` equal bins spanning that column's own [min, max] (Luo & Wu 2017, "An
+    Entropy-based Pruning Method for CNN Compression", eq. 1: H = -sum_i p_i log p_i). A constant
+    column has entropy 0. Returns ``[C]`` in [0, log(bins)].
+
+    Examples
+    --------
+    >>> histogram_entropy(torch.tensor([[0.0, 5.0], [1.0, 5.0]]), bins=2)   # log 2, constant
+    tensor([0.6931, 0.0000])
+    >>> histogram_entropy(torch.tensor([[0.0], [0.1], [0.2], [1.0]]), bins=4)  # counts 3, 0, 0, 1
+    tensor([0.5623])
+    """
+    if bins < 1:
+        raise ValueError(f"histogram_entropy: bins must be >= 1, got {bins}")
+    v = values.float()
+    lo, hi = v.min(dim=0).values, v.max(dim=0).values
+    width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    idx = ((v - lo) / width * bins).long().clamp_(0, bins - 1)        # [N, C]: each value's bin
+    counts = torch.zeros(bins, v.shape[1]).scatter_add_(0, idx, torch.ones_like(v))
+    p = counts / v.shape[0]
+    return torch.special.entr(p).sum(dim=0) + 0.0      # entr: -p log p, 0 at p = 0; + 0.0: no -0.0
+
+
+def capped_lowest(scores: list[torch.Tensor], k: int, caps: list[int]) -> list[torch.Tensor]:
+    """Keep-masks removing the ``k`` lowest scores over all tensors together, no tensor losing
+    more than ``caps[i]`` elements (the next lowest elsewhere go instead); ties by position.
+
+    Used for whole units (heads, layers) where every group must keep some: a cap of ``n - 1``
+    keeps at least one. Raises ValueError when ``k > sum(caps)``.
+
+    Examples
+    --------
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    >>> [m.tolist() for m in capped_lowest([a, b], 2, [1, 2])]
+    [[False, True], [False, True, True]]
+    """
+    if k > sum(caps):
+        raise ValueError(f"{k} removals asked for, at most {sum(caps)} allowed by the caps")
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    start = [0]
+    for s in scores:
+        start.append(start[-1] + s.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    removed = [0] * len(scores)
+    for j in torch.sort(flat, stable=True).indices.tolist():
+        if k == 0:
+            break
+        i = int(owner[j])
+        if removed[i] < caps[i]:
+            keep[j], removed[i], k = False, removed[i] + 1, k - 1
+    return [keep[start[i]:start[i + 1]].reshape(s.shape) for i, s in enumerate(scores)]

@@ -1,0 +1,41 @@
+"""``prune.entropy``: remove the channels whose pooled output varies least between examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...config import option
+from ...registry import register_method
+from .base import PruneConfig, run_prune
+from .criteria import bind
+
+
+@dataclass(frozen=True)
+class EntropyPruneConfig(PruneConfig):
+    """Rank channels by the entropy of their global-average-pooled output over ``samples``
+    calibration examples, in a histogram of ``bins`` bins (Luo & Wu 2017): low entropy, little
+    information, removed first.
+
+    A structured criterion: granularity ``channel`` (the default here) or ``head``; ``weight``
+    is refused when the config is built. With few samples per bin the histogram is noisy: keep
+    ``samples`` at several times ``bins``.
+
+    Needs a task with data: on a ``shape:`` task the recipe is refused at preflight.
+    """
+
+    granularity: str = option("channel", doc="channel | head (units with outputs of their own)")
+    bins: int = option(16, low=2, doc="histogram bins over each channel's range of pooled outputs")
+
+    CRITERION = "entropy"
+
+    @classmethod
+    def example(cls) -> "EntropyPruneConfig":
+        return cls(sparsity=0.25, samples=64, bins=8)
+
+
+@register_method("prune.entropy", EntropyPruneConfig)
+def _entropy(model: nn.Module, config: EntropyPruneConfig, ctx) -> nn.Module:
+    """Entropy pruning: entropy of each channel's pooled activation on calibration data."""
+    return run_prune(model, config, ctx, bind("entropy", bins=config.bins))

@@ -1,0 +1,188 @@
+"""Sensitivity analysis: how the task metric falls as each layer alone is pruned.
+
+For every layer the pruning config targets, a copy of the model is pruned at several
+sparsities with only that layer targeted (one-shot, no fine-tuning, BatchNorm statistics
+re-estimated as the pipeline does) and evaluated on a held-out split (``val`` by default: the
+test split stays untouched for the final figures). The curves say which layers tolerate
+pruning; :func:`~torchslim.methods.prune.primitives.allocate_ratios` turns them into
+non-uniform per-layer sparsities for a global budget (Han et al. 2015, sec. 4; Li et al. 2017,
+sec. 4.1 for filters).
+
+The result is a JSON-ready mapping (``sensitivity.json``, schema 1)::
+
+    {"schema": 1, "method": "prune.magnitude", "granularity": "channel", "split": "val",
+     "metric": "accuracy", "baseline": 0.97,
+     "layers": {"features.0": {"params": 896, "weights": 864, "macs": 110592,
+                               "points": [[0.1, 0.97], [0.3, 0.96], ...]}, ...}}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ...errors import RecipeError, UserError
+from ...fileio import write_json
+from ...measure import _traced_pass, layer_summary
+from ...progress import Progress
+from ...session import Session
+from ...specs.tasks import Task, to_device
+from ...modules import weight_names
+from .base import PruneConfig, parse_nm
+
+log = logging.getLogger("torchslim.sensitivity")  # outside the pruning loggers silenced below
+
+SCHEMA = 1
+DEFAULT_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def _layers(model: nn.Module, config: PruneConfig) -> list[str]:
+    from .base import prunable_weights
+    if config.granularity == "head":  # a curve per attention module: its heads removed
+        from .heads import attention_sites
+        return [s.name for s in attention_sites(model, config.targets, config.ignore)]
+    names = []
+    for param in prunable_weights(model, config.targets, config.ignore):
+        module = param.rsplit(".", 1)[0] if "." in param else ""
+        if module not in names:
+            names.append(module)
+    return names
+
+
+def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
+            points: Sequence[float] = DEFAULT_POINTS, split: str = "val", recalibrate_bn: int = 512,
+            layers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Per-layer sensitivity curves of ``model`` on ``task`` (see the module doc).
+
+    Parameters
+    ----------
+    config : PruneConfig
+        The pruning to analyse (criterion by ``method``, ``granularity``, ``targets``/``ignore``
+        choose the layers); its ``sparsity``, ``scope``, ``schedule`` and ``finetune`` are
+        replaced per point.
+    points : sparsities in (0, 1), each a point of every curve.
+    split : the split evaluated (``val``, ``test``, ``train``).
+    recalibrate_bn : training examples for BatchNorm re-estimation after each pruning (0: off).
+    layers : module names to analyse (default: every layer ``config`` targets).
+
+    Returns the mapping described in the module doc; metric values are the task's metric
+    (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split``.
+
+    Raises
+    ------
+    RecipeError
+        For points outside (0, 1), or a config that cannot prune a layer alone.
+    UserError
+        For a task without data or metric.
+    """
+    from ...registry import get_method
+
+    bad = [p for p in points if not 0.0 < float(p) < 1.0]
+    if bad or not points:
+        raise RecipeError(f"sensitivity: points must be sparsities in (0, 1), got {list(points)}")
+    if parse_nm(config.granularity) is not None:
+        raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
+    verb, _, name = method.partition(".")
+    entry = get_method(verb, name)
+    if not isinstance(config, entry.config_cls):
+        raise RecipeError(f"sensitivity: {method} takes a {entry.config_cls.__name__}, got {type(config).__name__}")
+    baseline = task.evaluate(model, split)
+    if baseline is None:
+        raise UserError(f"sensitivity: task {task.spec!r} has no metric on its {split!r} split")
+    names = list(layers) if layers else _layers(model, config)
+    inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
+    counter, _ = _traced_pass(model, inputs)
+    summary = {r["name"]: r for r in layer_summary(model, counter)}
+    session = Session(task=task)
+    out: dict[str, Any] = {"schema": SCHEMA, "method": method, "granularity": config.granularity,
+                           "criterion": getattr(config, "name", name), "split": split,
+                           "metric": task.metric_name, "baseline": baseline, "points": [float(p) for p in points],
+                           "layers": {}}
+    quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out)
+    finally:
+        quiet.setLevel(level)
+    return out
+
+
+def _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out) -> None:
+    from ...api import apply_
+    with Progress(len(names) * len(points), "sensitivity", unit="eval") as bar:
+        for layer in names:
+            curve = []
+            for p in points:
+                cfg = dataclasses.replace(config, targets=(layer,), ignore=(), sparsity=float(p), scope="layer",
+                                          schedule="oneshot", finetune=None)
+                pruned = apply_(copy.deepcopy(model), cfg, task=task, method=method)
+                if recalibrate_bn:
+                    session.recalibrate_batchnorm(pruned, recalibrate_bn)
+                metric = task.evaluate(pruned, split)
+                curve.append([float(p), float(metric) if metric is not None and math.isfinite(metric) else None])
+                bar.update(layer=layer, sparsity=p)
+            row = summary.get(layer, {})
+            module = model.get_submodule(layer)
+            weights = sum(getattr(module, w).numel() for w in weight_names(module))
+            out["layers"][layer] = {"params": row.get("params"), "weights": weights, "macs": row.get("macs"),
+                                    "points": curve}
+            log.info("sensitivity %s: %s", layer, ", ".join(f"{p:.0%} {m:.4f}" if m is not None else f"{p:.0%} nan"
+                                                          for p, m in curve))
+
+
+def load_curves(path: str | Path) -> dict[str, Any]:
+    """Read a ``sensitivity.json`` written by :func:`analyze` (strict JSON, schema checked)."""
+    import json
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"sensitivity curves {path}: cannot read: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("layers"), dict):
+        raise UserError(f"sensitivity curves {path}: not a torchslim sensitivity file (schema {SCHEMA})")
+    return data
+
+
+def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params",
+                       max_sparsity: float = 0.95) -> dict[str, float]:
+    """Per-layer sparsities from curves for a global ``budget`` (fraction of the layers' summed
+    ``cost``, ``params`` or ``macs``, removed); see :func:`primitives.allocate_ratios`."""
+    from .primitives import allocate_ratios
+    if cost not in ("params", "macs"):
+        raise RecipeError(f"sensitivity budget: cost must be params or macs, got {cost!r}")
+    curves, costs = {}, {}
+    for name, row in data["layers"].items():
+        pts = [(0.0, data["baseline"])] + [(p, m if m is not None else -math.inf) for p, m in row["points"]]
+        curves[name] = pts
+        # params: the weights pruning removes (biases stay), where the file records them
+        costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
+    try:
+        return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity)
+    except ValueError as exc:
+        raise RecipeError(f"sensitivity ratios: {exc}") from None
+
+
+def write(data: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``sensitivity.json`` and ``sensitivity.png`` (one curve per layer) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sensitivity.json"
+    write_json(path, data)
+    from ...fileio import atomic_open
+    from ...report import sensitivity_figure
+    fig = sensitivity_figure(data)
+    if fig is not None:
+        fig.tight_layout()
+        with atomic_open(out / "sensitivity.png", "wb") as f:
+            fig.savefig(f, format="png")
+    return path
+
+
+__all__ = ["analyze", "load_curves", "ratios_from_curves", "write", "DEFAULT_POINTS"]

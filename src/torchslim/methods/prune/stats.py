@@ -1,0 +1,167 @@
+"""Calibration statistics for the data criteria: loss gradients (``taylor``) and per-channel
+activations (``activation``, ``entropy``), from ``session.calibration_batches``.
+
+Both run the model in eval mode (no dropout, BatchNorm running statistics untouched, so the
+scores are reproducible and the model is not changed) and restore every module's own
+training flag afterwards. Both read the same seeded examples (the first ``samples`` of the
+training split's seeded permutation, :meth:`torchslim.session.Session.calibration_batches`),
+identical on every rank of a torchrun job, so no all-reduce is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ...errors import RecipeError
+from .primitives import apoz, channels_last
+
+
+@contextlib.contextmanager
+def _eval_keeping_flags(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; afterwards each module gets back its own flag (a frozen
+    BatchNorm kept in eval inside a training model stays so)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _param(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise RecipeError(f"calibration statistics: the model has no parameter {name!r}") from None
+
+
+def collect_grads(session, model: nn.Module, param_names: Sequence[str], samples: int) -> dict[str, torch.Tensor]:
+    """The loss gradient w.r.t. each named parameter, summed over ``samples`` calibration examples.
+
+    Parameters
+    ----------
+    session : Session
+        Gives the task (its ``forward`` and ``loss``) and :meth:`calibration_batches`.
+    model : nn.Module
+        Run in eval mode; every module's training flag, every ``requires_grad`` flag and every
+        ``.grad`` are as before afterwards (gradients come from ``torch.autograd.grad``).
+    param_names : sequence of str
+        Parameter names (``features.0.weight``); a name given twice is computed once.
+    samples : int
+        Calibration examples (the whole split when it has fewer).
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``name -> d/dθ Σ_i L_i``, the sum over the examples ``i`` of the per-example task loss
+        ``L_i`` (each batch's mean loss times its size), same shape, dtype and device as the
+        parameter. A parameter the loss does not reach gets zeros.
+
+    Raises
+    ------
+    UserError
+        Without a task with data (``calibration needs a task with data``).
+    """
+    task = session.require_task("calibration gradients")
+    batches = session.calibration_batches(samples)
+    names = list(dict.fromkeys(param_names))
+    params = [_param(model, n) for n in names]
+    sums = [torch.zeros_like(p) for p in params]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():      # gradients only for the parameters asked for
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with _eval_keeping_flags(model), torch.enable_grad():
+            for batch in batches:
+                loss = task.loss(task.forward(model, batch), batch) * len(task.targets(batch))
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for s, g in zip(sums, grads):
+                    if g is not None:
+                        s += g.to(s.dtype)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return dict(zip(names, sums))
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Where a module's output keeps its channels: dim 1 for convolutions and norms over
+    channels (``[B, C, H, W]``), the last dim otherwise (Linear ``[B, T, C]``, attention)."""
+    channel_first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                     nn.modules.instancenorm._InstanceNorm)
+    return 1 if isinstance(module, channel_first) else -1
+
+
+def _output_tensor(module: nn.Module, out) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):        # nn.MultiheadAttention: (output, weights)
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise RecipeError(f"activation statistics: {type(module).__name__} returns "
+                          f"{type(out).__name__}, not a tensor")
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first and out.dim() == 3:
+        out = out.transpose(0, 1)             # (L, B, E) -> (B, L, E)
+    return out
+
+
+@torch.no_grad()
+def collect_activations(session, model: nn.Module, module_names: Sequence[str],
+                        samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel activation statistics of the named modules' outputs on calibration data.
+
+    Parameters
+    ----------
+    session : Session
+        Gives the task, :meth:`calibration_batches` and :meth:`capture`.
+    model : nn.Module
+        Run in eval mode under ``no_grad``; training flags restored.
+    module_names : sequence of str
+        Modules whose outputs are measured (``features.0``, ``classifier.1``).
+    samples : int
+        Calibration examples (the whole split when it has fewer).
+
+    Returns
+    -------
+    dict of str to (Tensor, Tensor)
+        ``name -> (acts, zeros)``: ``acts`` ``[N, C]`` float32, each example's mean of the
+        module's output over every position of channel ``c`` (the spatial mean of a conv
+        output, channels on dim 1; the mean over token dims of a linear output, channels on the
+        last dim); ``zeros`` ``[C]``, the fraction of output entries ``<= 0`` over all examples
+        and positions (APoZ, Hu et al. 2016). On the CPU.
+
+    Raises
+    ------
+    UserError
+        Without a task with data, or for a module name the model lacks (the nearest names).
+    RecipeError
+        For a module whose output is not a tensor.
+    """
+    task = session.require_task("calibration activations")
+    batches = session.calibration_batches(samples)
+    names = list(dict.fromkeys(module_names))
+    means: dict[str, list[torch.Tensor]] = {n: [] for n in names}      # per batch: [B, C]
+    nonpos = dict.fromkeys(names, 0.0)      # per channel: entries <= 0 so far
+    positions = dict.fromkeys(names, 0)     # entries per channel so far
+    with _eval_keeping_flags(model), session.capture(model, names, inputs=False, outputs=True) as got:
+        modules = {n: model.get_submodule(n) for n in names}   # names checked by capture
+        for batch in batches:
+            task.forward(model, batch)
+            for n in names:
+                dim = channel_dim(modules[n])
+                xs = [_output_tensor(modules[n], out).float() for out in got[n]["outputs"]]
+                got[n]["outputs"].clear()   # reduced per batch: full feature maps are not kept
+                if not xs:
+                    raise RecipeError(f"activation statistics: module {n!r} did not run in the forward pass")
+                # a module called several times per forward (shared): its calls averaged
+                means[n].append(torch.stack([channels_last(x, dim).mean(dim=1) for x in xs]).mean(0).cpu())
+                for x in xs:
+                    count = x.numel() // x.shape[dim]
+                    nonpos[n] = nonpos[n] + apoz(x, dim).cpu() * count
+                    positions[n] += count
+    return {n: (torch.cat(means[n]), nonpos[n] / positions[n]) for n in names}

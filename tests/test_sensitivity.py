@@ -1,0 +1,119 @@
+"""Sensitivity analysis: per-layer curves measured for real, and ratios allocated from them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.errors import RecipeError
+from torchslim.methods.prune import sensitivity
+from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+from torchslim.methods.prune.primitives import allocate_ratios, interpolate_curve
+
+
+def test_curves_are_the_metric_of_each_layer_pruned_alone(trained_digits, digits_task):
+    cfg = MagnitudePruneConfig(targets=("0", "6"))
+    data = sensitivity.analyze(trained_digits, digits_task, cfg, points=(0.5, 0.95), split="val")
+    assert data["baseline"] == pytest.approx(digits_task.evaluate(trained_digits, "val"))
+    assert list(data["layers"]) == ["0", "6"]
+    assert data["layers"]["6"]["params"] == trained_digits[6].weight.numel() + trained_digits[6].bias.numel()
+    # one point recomputed independently: layer 6 alone at 95% of its weights
+    alone = copy.deepcopy(trained_digits)
+    w = alone[6].weight.data
+    k = round(0.95 * w.numel())
+    w.view(-1)[w.abs().view(-1).argsort()[:k]] = 0.0
+    assert data["layers"]["6"]["points"][1] == [0.95, pytest.approx(digits_task.evaluate(alone, "val"))]
+    # the input left unchanged
+    assert not bool((trained_digits[6].weight == 0).any())
+    # the first conv (288 weights feeding everything) hurts more at 95% than the wide hidden layer
+    assert data["layers"]["0"]["points"][1][1] < data["layers"]["6"]["points"][1][1]
+
+
+def test_written_json_reads_back_and_gives_ratios(tmp_path, trained_digits, digits_task):
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(targets=("0", "6")),
+                               points=(0.5, 0.9), split="val")
+    path = sensitivity.write(data, tmp_path)
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    back = sensitivity.load_curves(path)
+    assert back == json.loads(json.dumps(data))
+    ratios = sensitivity.ratios_from_curves(back, budget=0.5, cost="params", max_sparsity=0.9)
+    removed = sum(ratios[n] * back["layers"][n]["params"] for n in ratios)
+    assert removed == pytest.approx(0.5 * sum(back["layers"][n]["params"] for n in ratios), rel=1e-3)
+    assert ratios["6"] > ratios["0"]
+
+
+def test_allocation_prefers_the_insensitive_layer_and_meets_the_budget():
+    curves = {"flat": [(0.0, 0.9), (0.5, 0.9), (0.9, 0.89)], "steep": [(0.0, 0.9), (0.5, 0.6), (0.9, 0.1)]}
+    r = allocate_ratios(curves, {"flat": 300, "steep": 100}, baseline=0.9, budget=0.5, max_sparsity=0.9)
+    assert r["flat"] * 300 + r["steep"] * 100 == pytest.approx(200, rel=1e-4)
+    # one tolerance for both: ~0.004 of metric lets "flat" reach ~66%, "steep" under 1%
+    assert r["flat"] > 0.6 and r["steep"] < 0.01
+    assert 0.9 - interpolate_curve(curves["flat"], r["flat"]) <= 0.005
+    assert interpolate_curve(curves["steep"], 0.7) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="cannot remove"):
+        allocate_ratios(curves, {"flat": 300, "steep": 100}, baseline=0.9, budget=0.95, max_sparsity=0.9)
+
+
+def test_bad_points_and_nm_are_refused(trained_digits, digits_task):
+    with pytest.raises(RecipeError, match=r"points must be sparsities in \(0, 1\)"):
+        sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(), points=(0.5, 1.0))
+    with pytest.raises(RecipeError, match="N:M"):
+        sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="2:4"), points=(0.5,))
+
+
+def test_cli_bad_points_is_a_usage_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torchslim.cli", "sensitivity", "zoo:digits-cnn", "--task", "digits",
+                        "--out", str(tmp_path), "--points", "0.5,1.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "sparsities in (0, 1)" in r.stderr and "Traceback" not in r.stderr
+
+
+def _sparsity(model, names):
+    ws = [model.get_submodule(n).weight for n in names]
+    return [float((w == 0).float().mean()) for w in ws], sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws)
+
+
+def test_ratios_sensitivity_meets_the_budget_and_beats_uniform(tmp_path, trained_digits, digits_task):
+    layers = ("0", "2", "6", "9")
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(), split="val")
+    path = sensitivity.write(data, tmp_path)
+    cfg = MagnitudePruneConfig(sparsity=0.85, ratios="sensitivity", sensitivity=str(path))
+    planned = torchslim.apply(trained_digits, cfg, task=digits_task)
+    want = sensitivity.ratios_from_curves(data, 0.85, "params")
+    per_layer, removed, total = _sparsity(planned, layers)
+    assert per_layer == pytest.approx([want[n] for n in layers], abs=1e-3)
+    assert removed == pytest.approx(0.85 * total, rel=2e-3)
+    uniform = torchslim.apply(trained_digits, MagnitudePruneConfig(sparsity=0.85, scope="layer"), task=digits_task)
+    assert _sparsity(uniform, layers)[1] == pytest.approx(removed, rel=2e-3)
+    acc_plan, acc_uniform = digits_task.evaluate(planned), digits_task.evaluate(uniform)
+    assert acc_plan >= acc_uniform, (acc_plan, acc_uniform)
+
+
+def test_ratios_sensitivity_measured_in_the_step_are_recorded(trained_digits, digits_task):
+    from torchslim.session import Session
+    from torchslim.methods.prune.base import run_prune
+
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity")
+    model = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    row = session.info["metrics"]
+    assert set(row["sensitivity"]["layers"]) == {"0", "2", "6", "9"} and row["sensitivity"]["split"] == "val"
+    ratios = row["sensitivity_ratios"]
+    got = {n: float((model.get_submodule(n).weight == 0).float().mean()) for n in ratios}
+    assert got == pytest.approx(ratios, abs=1e-3)
+
+
+def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
+    with pytest.raises(RecipeError, match="granularity weight"):
+        MagnitudePruneConfig(ratios="sensitivity", granularity="channel")
+    with pytest.raises(RecipeError, match="ratios: sensitivity only"):
+        MagnitudePruneConfig(sensitivity="x.json")
+    (tmp_path / "bad.json").write_text("{}")
+    from torchslim.errors import UserError
+    with pytest.raises(UserError, match="not a torchslim sensitivity file"):
+        MagnitudePruneConfig(ratios="sensitivity", sensitivity=str(tmp_path / "bad.json")).check_ready(digits_task)
