@@ -9,6 +9,7 @@ from torch import nn
 
 from ...config import option
 from ...edits import delete_module, replace_module
+from ...modules import check_patterns, matches
 from ...registry import register_method
 from .base import FoldConfig
 
@@ -43,10 +44,9 @@ class IdentityFoldConfig(FoldConfig):
 
 
 def _chosen(model: nn.Module, config: IdentityFoldConfig, kinds: tuple[type, ...]) -> list[str]:
-    from ...modules import _matches, check_patterns
     check_patterns(model, (*config.targets, *config.ignore), "fold.targets")
     return [n for n, m in model.named_modules() if n and isinstance(m, kinds)
-            and any(_matches(n, p) for p in config.targets) and not any(_matches(n, p) for p in config.ignore)]
+            and any(matches(n, p) for p in config.targets) and not any(matches(n, p) for p in config.ignore)]
 
 
 @register_method("fold.identity", IdentityFoldConfig)
