@@ -596,6 +596,10 @@ def load(path: str | os.PathLike, *, trust_code: bool = False, trusted_code: Col
                                         info.get("meta", {}), tuple(info["shape"]), DTYPES[info["dtype"]])
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
             raise ArtifactError(f"{path}: tensor {name!r} cannot be decoded: {_reason(exc)}") from None
+    # safetensors places tensors at 8-byte offsets; CPU kernels (oneDNN) choose their code path by
+    # the alignment of their operands, so a copy in freshly allocated (64-byte aligned) memory keeps
+    # the reloaded model's outputs bit-identical to the saved one's
+    state = {n: t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t for n, t in state.items()}
     state.update({alias: state[target] for alias, target in aliases.items()})
     if _on_meta(model, exclude=state):
         # non-persistent buffers (position ids, rotary tables) are in no state_dict and have no

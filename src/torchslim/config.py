@@ -189,6 +189,10 @@ class MethodConfig:
     #: capability: the step changes layer shapes (structured pruning), so later steps'
     #: :meth:`check_model` cannot run on the model as built before the run
     CHANGES_SHAPES: ClassVar[bool] = False
+    #: capability: the step renames or adds modules (deleting a Sequential entry renumbers the
+    #: later ones; a factorized layer gains children), so later steps' targets cannot be checked
+    #: against the model as built before the run
+    CHANGES_NAMES: ClassVar[bool] = False
     #: capability: the step changes weight values without training them afterwards (one-shot
     #: pruning, quantization); the pipeline re-estimates BatchNorm statistics after it
     CHANGES_WEIGHTS: ClassVar[bool] = False

@@ -223,7 +223,7 @@ def build_from_record(record: dict[str, Any]) -> nn.Module:
     return build(**record.get("args", {}))
 
 
-def _conv_args(m: nn.Conv2d) -> dict:
+def _conv_args(m: nn.modules.conv._ConvNd) -> dict:
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=list(m.kernel_size),
                 stride=list(m.stride), padding=m.padding if isinstance(m.padding, str) else list(m.padding),
                 dilation=list(m.dilation), groups=m.groups, bias=m.bias is not None,

@@ -147,6 +147,8 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
             names_known = shapes_known = False  # later steps target a model that does not exist yet
         if step.config.CHANGES_SHAPES:
             shapes_known = False
+        if step.config.CHANGES_NAMES:
+            names_known = shapes_known = False   # check_model finds its layers by name too
     problems.raise_all(recipe.locate)
     return model, task
 

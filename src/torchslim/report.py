@@ -38,11 +38,11 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
                             # per-layer tables, training curves
                             "latency", "runtime", "onnx_latency_ms", "onnx_latency", "input_shapes",
                             "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped",
-                            "ingredients", "base", "greedy"})
+                            "ingredients", "base", "greedy", "spectra"})
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
 # removed so the folder matches the report.
 _PLOT_FILES = ("size.png", "macs.png", "latency.png", "metric.png", "metric_vs_size.png", "training.png",
-               "sensitivity.png")
+               "sensitivity.png", "spectra.png")
 _PLOT_CAPTIONS = {
     "size": "Size on disk per step",
     "macs": "MACs per forward pass (batch 1)",
@@ -51,6 +51,7 @@ _PLOT_CAPTIONS = {
     "metric_vs_size": "Task metric against size on disk",
     "training": "Training curves: loss and validation metric per epoch",
     "sensitivity": "Sensitivity: the metric as each layer alone is pruned",
+    "spectra": "Singular values of the factorized layers (normalized), the kept rank marked",
 }
 #: a task metric whose values lie in [-1, 1] (accuracy, Spearman) is plotted on an axis at least
 #: this tall (10 points), so that a fraction of a point does not fill the plot like a cliff
@@ -692,12 +693,49 @@ def training_figure(metrics: dict[str, Any]):
     return fig
 
 
+#: the most layers drawn in the spectra plot (a deep network factorizes dozens)
+MAX_SPECTRA_LINES = 24
+
+
+def spectra_figure(metrics: dict[str, Any]):
+    """The singular values a factorize step records (``spectra``: layer -> first values divided
+    by the largest), one line per layer on a log axis, a dot at the rank kept (``ranks``); None
+    when no step has spectra."""
+    lines = []
+    for i, step in enumerate(_steps(metrics)):
+        spectra, ranks = step.get("spectra"), step.get("ranks") or {}
+        if isinstance(spectra, dict):
+            lines += [(_step_name(step, i), layer, values, ranks.get(layer) if isinstance(ranks, dict) else None)
+                      for layer, values in spectra.items() if isinstance(values, list)]
+    if not lines:
+        return None
+    fig, ax = _new_axes(3.8)
+    ax.grid(alpha=0.3)
+    steps = {step for step, *_ in lines}
+    for step, layer, values, rank in lines[:MAX_SPECTRA_LINES]:
+        ys = [v if v is not None and v > 0 else math.nan for v in map(_num, values)]
+        (line,) = ax.plot(range(1, len(ys) + 1), ys, lw=1,
+                          label=layer if len(steps) == 1 else f"{step}: {layer}")
+        r = rank[0] if isinstance(rank, list) and rank else rank   # tucker: [r_out, r_in]
+        if isinstance(r, int) and 1 <= r <= len(ys):
+            ax.plot([r], [ys[r - 1]], "o", color=line.get_color(), ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("s_i / s_1")
+    more = f" (first {MAX_SPECTRA_LINES} of {len(lines)} layers)" if len(lines) > MAX_SPECTRA_LINES else ""
+    ax.set_title(f"Singular values per layer{more}", fontsize=10)
+    if len(ax.get_legend_handles_labels()[0]) <= 12:
+        ax.legend(fontsize=6, loc="upper right")
+    return fig
+
+
 def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
     """Write the report's PNG plots into ``plot_dir``; returns their paths, in report order.
 
     Size, MACs and latency (:func:`latency_figure`) per step, the task metric per step
     (:func:`metric_figure`), the metric against size, and the training curves
-    (:func:`training_figure`). A plot whose figures no step has is left out (no metric plots for
+    (:func:`training_figure`), the singular values of factorized layers
+    (:func:`spectra_figure`). A plot whose figures no step has is left out (no metric plots for
     ``shape:`` tasks); a stale file of a left-out plot is removed.
     """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -776,6 +814,7 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
     found = next((s["sensitivity"] for s in steps if isinstance(s.get("sensitivity"), dict)), None)
     if found is not None:
         save(sensitivity_figure(found), "sensitivity.png")
+    save(spectra_figure(metrics), "spectra.png")
 
     made = {p.name for p in paths}
     for fname in _PLOT_FILES:

@@ -16,9 +16,11 @@ which :mod:`torchslim.artifact` does, so loading an artifact needs no method pac
 """
 
 from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
+from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
 from .sparse import SparseLinear
 
 __all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
-           "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear"]
+           "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear", "LowRankLinear",
+           "TuckerConv2d", "CPConv2d"]
