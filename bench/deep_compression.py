@@ -29,6 +29,9 @@ PAPER = {
     "lenet-5": {"error": (0.0080, 0.0077), "kept": 0.08,
                 "layers": {"0": 0.66, "2": 0.12, "5": 0.08, "7": 0.19}},
 }
+#: the paper's layer names for the zoo models' module names
+LABELS = {"lenet-300-100": {"1": "fc1", "3": "fc2", "5": "fc3"},
+          "lenet-5": {"0": "conv1", "2": "conv2", "5": "fc1", "7": "fc2"}}
 
 
 def summary(metrics: dict) -> dict:
@@ -68,8 +71,8 @@ def main() -> None:
         print(f"| {name} | {100 * r['error'][0]:.2f}% -> {100 * r['error'][1]:.2f}% "
               f"| {100 * p['error'][0]:.2f}% -> {100 * p['error'][1]:.2f}% "
               f"| {100 * r['kept']:.2f}% | {100 * p['kept']:.0f}% "
-              f"| {', '.join(f'{k} {100 * v:.1f}%' for k, v in r['layers'].items())} "
-              f"| {', '.join(f'{k} {100 * v:.0f}%' for k, v in p['layers'].items())} "
+              f"| {', '.join(f'{LABELS[name][k]} {100 * v:.1f}%' for k, v in r['layers'].items())} "
+              f"| {', '.join(f'{LABELS[name][k]} {100 * v:.0f}%' for k, v in p['layers'].items())} "
               f"| {r['size_bytes'][0]:,} -> {r['size_bytes'][1]:,} B | {r['size_ratio']:.2f}x | {r['wall_s']:.0f} s |")
     print(json.dumps(rows, indent=1))
 
