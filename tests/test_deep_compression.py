@@ -48,6 +48,7 @@ def test_shipped_recipe_reaches_the_paper(name, data_root, tmp_path):
     metrics = torchslim.compress(RECIPES / name, tmp_path / "run", data_dir=str(data_root))
     final = metrics["steps"][-1]
     assert final["metric"]["name"] == "accuracy"
-    assert 1.0 - final["metric"]["value"] <= GOALS[name], final["metric"]
+    # accuracy over the 10,000 test images is a multiple of 1e-4: rounded, the error compares exactly
+    assert round(1.0 - final["metric"]["value"], 4) <= GOALS[name], final["metric"]
     assert final["nonzero_params"] / final["params"] <= KEPT
     assert final["size_bytes"] < metrics["steps"][0]["size_bytes"] / 7  # bitmask + kept values on disk
