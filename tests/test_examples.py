@@ -1,4 +1,5 @@
-"""Every example recipe in examples/ validates (``--dry-run``), so the docs never rot."""
+"""Every example recipe in examples/ and shipped recipe in recipes/ validates (``--dry-run``), so
+the docs never rot."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 
 from torchslim.cli import main
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", EXAMPLES, ids=[p.stem for p in EXAMPLES])
