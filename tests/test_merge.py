@@ -318,7 +318,10 @@ def test_cli_merge_takes_the_task_of_the_run_the_models_came_from(saved, tmp_pat
     assert "--task TASK is needed" in capsys.readouterr().err
 
 
-def test_cli_merge_does_not_run_a_py_task_named_by_the_run(saved, tmp_path, capsys):
+def test_cli_merge_does_not_run_a_py_task_named_by_the_run(saved, tmp_path, capsys, monkeypatch):
+    from torchslim.artifact import TRUST_ENV
+
+    monkeypatch.delenv(TRUST_ENV, raising=False)   # another test's --trust-code may have set it
     models, _ = saved
     run = tmp_path / "run"
     for i, m in enumerate(models[:2]):

@@ -96,7 +96,7 @@ def test_ratios_sensitivity_meets_the_budget_and_beats_uniform(tmp_path, trained
 
 def test_ratios_sensitivity_measured_in_the_step_are_recorded(trained_digits, digits_task):
     from torchslim.session import Session
-    from torchslim.methods.prune.base import run_prune
+    from torchslim.methods.prune.dispatch import run_prune
 
     session = Session(task=digits_task)
     cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity")
@@ -117,3 +117,29 @@ def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
     from torchslim.errors import UserError
     with pytest.raises(UserError, match="not a torchslim sensitivity file"):
         MagnitudePruneConfig(ratios="sensitivity", sensitivity=str(tmp_path / "bad.json")).check_ready(digits_task)
+
+
+def test_curves_of_another_granularity_or_model_are_refused_or_flagged(tmp_path, trained_digits, digits_task):
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(targets=("0", "2", "6", "9")),
+                               points=(0.5, 0.9), split="val")
+    path = sensitivity.write({**data, "granularity": "channel"}, tmp_path / "channel")
+    with pytest.raises(RecipeError, match="holds 'channel' curves"):
+        run_prune(copy.deepcopy(trained_digits), MagnitudePruneConfig(sparsity=0.5, ratios="sensitivity",
+                                                                      sensitivity=str(path)),
+                  Session(task=digits_task), "magnitude")
+    # curves of the model before training, applied to the trained one: said in the row
+    path = sensitivity.write({**data, "baseline": 0.1}, tmp_path / "untrained")
+    session = Session(task=digits_task)
+    run_prune(copy.deepcopy(trained_digits), MagnitudePruneConfig(sparsity=0.5, ratios="sensitivity",
+                                                                  sensitivity=str(path)), session, "magnitude")
+    assert [w["code"] for w in session.warnings] == ["sensitivity_mismatch"]
+
+
+def test_cli_warns_when_the_model_is_at_chance(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torchslim.cli", "sensitivity", "zoo:digits-cnn", "--task", "digits",
+                        "--out", str(tmp_path), "--points", "0.5", "--targets", "9"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "about chance" in r.stderr and (tmp_path / "sensitivity.json").is_file()

@@ -183,6 +183,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     config.check_model(model)
     data = sensitivity.analyze(model, task, config, method=entry.key, points=args.points, split=args.split,
                                recalibrate_bn=args.recalibrate_bn)
+    chance = task.chance_level(args.split)
+    if chance is not None and data["baseline"] <= chance + 0.02:
+        log.warning("the model scores %.4f on %s, about chance (%.4f): an untrained model's curves are noise; "
+                    "pass --weights or an artifact: of the trained model", data["baseline"], args.split, chance)
     path = sensitivity.write(data, args.out)
     _out(f"{'layer':40s} " + " ".join(f"{p:>7.0%}" for p in data["points"]))
     for name, row in data["layers"].items():
@@ -412,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, help="task spec with data and a metric, e.g. digits or mnist")
     s.add_argument("--out", required=True, help="output directory (sensitivity.json, sensitivity.png)")
     s.add_argument("--method", default="magnitude", help="pruning criterion (default magnitude)")
-    s.add_argument("--granularity", default="weight", help="weight, channel, head or layer (default weight)")
+    s.add_argument("--granularity", default="weight",
+                   help="weight, channel, head or layer (default weight; ratios: sensitivity in a recipe takes "
+                        "weight curves)")
     s.add_argument("--points", type=_points, default=(0.1, 0.3, 0.5, 0.7, 0.9),
                    help="sparsities of each curve (default 0.1,0.3,0.5,0.7,0.9)")
     s.add_argument("--split", default="val", choices=("val", "test", "train"),

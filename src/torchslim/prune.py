@@ -13,7 +13,7 @@ from .methods.prune.criteria import Group, register_criterion
 from .methods.prune.entropy import EntropyPruneConfig
 from .methods.prune.magnitude import GradualSchedule, MagnitudePruneConfig, MaskPlugin
 from .methods.prune.random import RandomPruneConfig
-from .methods.prune.structured import register_pruner
+from .methods.prune.roots import register_pruner
 from .methods.prune.taylor import TaylorPruneConfig
 from .methods.prune.threshold import ThresholdPruneConfig
 

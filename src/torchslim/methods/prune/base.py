@@ -29,7 +29,7 @@ from ...config import MethodConfig, option
 from ...errors import RecipeError, UserError
 from ...modules import check_patterns, matches, select_modules, weight_names
 from ...train.config import TrainConfig
-from .criteria import CriterionEntry, get_criterion
+from .criteria import get_criterion
 from .primitives import global_masks, layer_masks, nm_mask
 
 #: the classes a ``re:`` target pattern picks: layers computing on activations (Linear, every
@@ -153,8 +153,9 @@ class PruneConfig(MethodConfig):
                                                      "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
     ratios: str = option("uniform", choices=("uniform", "sensitivity"),
-                         doc="uniform: sparsity as scope says; sensitivity: per-layer sparsities from sensitivity "
-                             "curves that remove the budget at the least predicted metric loss")
+                         doc="uniform: sparsity as scope says; sensitivity (granularity weight): per-layer "
+                             "sparsities from sensitivity curves that remove the budget at the least predicted "
+                             "metric loss")
     sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
                                                "sensitivity` (default: measured in the step on the val split)")
     budget: str = option("params", choices=("params", "macs"),
@@ -216,7 +217,7 @@ class PruneConfig(MethodConfig):
         super().check_ready(task)
         self.check_data(task)
         if self.ratios == "sensitivity" and self.sensitivity is not None:
-            from .sensitivity import load_curves
+            from .curves import load_curves
             load_curves(self.sensitivity)
         elif self.ratios == "sensitivity" and task is not None:
             try:
@@ -250,7 +251,7 @@ class PruneConfig(MethodConfig):
 
     def check_targets(self, model: nn.Module) -> None:
         if self.granularity == "channel":
-            from .structured import channel_targets
+            from .roots import channel_targets
             channel_targets(model, self)
             return
         if self.granularity in ("head", "layer"):
@@ -361,66 +362,3 @@ class PruneConfig(MethodConfig):
         if self.initial_sparsity > self.sparsity:
             raise RecipeError(f"{cls}.initial_sparsity: must not exceed sparsity "
                               f"({self.initial_sparsity} > {self.sparsity})")
-
-
-def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | CriterionEntry) -> nn.Module:
-    """Prune ``model`` in place as ``config`` says, ranking with the registered ``criterion`` (a
-    name, or an entry with options bound by :func:`~.criteria.bind`).
-
-    Raises
-    ------
-    RecipeError
-        For a criterion that needs data on a task without any (see :meth:`PruneConfig.check_data`).
-    UserError
-        For a criterion that needs data without a task.
-    """
-    entry = get_criterion(criterion) if isinstance(criterion, str) else criterion
-    if config.ratios == "sensitivity":
-        config = sensitivity_ratios(model, config, session)
-    if entry.needs:
-        config.check_data(session.task)
-        session.require_task(f"prune.{entry.name} (its criterion needs {' and '.join(entry.needs)})")
-    if parse_nm(config.granularity) is not None or config.granularity == "weight":
-        from .unstructured import prune_weights
-        return prune_weights(model, config, session, entry)
-    if config.granularity == "channel":
-        from .structured import prune_channels
-        return prune_channels(model, config, session, entry)
-    if config.granularity == "head":
-        from .heads import prune_heads
-        return prune_heads(model, config, session, entry)
-    if config.granularity == "layer":
-        from .heads import drop_layers
-        return drop_layers(model, config, session, entry)
-    raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
-
-
-def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneConfig:
-    """``config`` with ``ratios: sensitivity`` resolved into ``layer_sparsity``: every targeted
-    layer's own sparsity, from the curves of ``config.sensitivity`` or of a sensitivity analysis
-    run now on the ``val`` split, for a budget of ``config.sparsity`` of the layers' ``budget``
-    (params or MACs). The curves go into the step's row (``sensitivity``), where the report
-    plots them.
-    """
-    from . import sensitivity as sens
-    task = session.require_task("prune.ratios: sensitivity")
-    method = f"prune.{config.name}"
-    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={})
-    if config.sensitivity is not None:
-        data = sens.load_curves(config.sensitivity)
-        names = set(prunable_weights(model, config.targets, config.ignore))
-        layers = {n.rpartition(".")[0] for n in names}
-        missing = sorted(layers - set(data["layers"]))
-        if missing:
-            raise RecipeError(f"prune.sensitivity: {config.sensitivity} has no curve for "
-                              f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
-        data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
-    else:
-        data = sens.analyze(model, task, uniform, method=method, split="val")
-    cap = min(config.max_layer_sparsity, 0.95)
-    ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
-    session.info.setdefault("metrics", {})["sensitivity"] = data
-    session.info["metrics"]["sensitivity_ratios"] = ratios
-    # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
-    return dataclasses.replace(uniform, scope="layer", layer_sparsity={k: v for k, v in ratios.items() if v > 0},
-                               sparsity=0.0, initial_sparsity=0.0)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...registry import register_method
-from .base import PATTERN_KINDS, PruneConfig, prunable_weights, run_prune  # noqa: F401 (public names)
+from .base import PATTERN_KINDS, PruneConfig, prunable_weights  # noqa: F401 (public names)
+from .dispatch import run_prune
 from .unstructured import COLLAPSE, GradualSchedule, MaskPlugin  # noqa: F401 (public names)
 
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from ...config import option
 from ...registry import register_method
-from .base import PruneConfig, run_prune
+from .base import PruneConfig
+from .dispatch import run_prune
 from .criteria import bind
 
 

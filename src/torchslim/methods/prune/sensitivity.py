@@ -36,10 +36,10 @@ from ...session import Session
 from ...specs.tasks import Task, to_device
 from ...modules import weight_names
 from .base import PruneConfig, parse_nm
+from .curves import SCHEMA, load_curves  # noqa: F401 (public here too)
 
 log = logging.getLogger("torchslim.sensitivity")  # outside the pruning loggers silenced below
 
-SCHEMA = 1
 DEFAULT_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -136,18 +136,6 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
                                     "points": curve}
             log.info("sensitivity %s: %s", layer, ", ".join(f"{p:.0%} {m:.4f}" if m is not None else f"{p:.0%} nan"
                                                           for p, m in curve))
-
-
-def load_curves(path: str | Path) -> dict[str, Any]:
-    """Read a ``sensitivity.json`` written by :func:`analyze` (strict JSON, schema checked)."""
-    import json
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"sensitivity curves {path}: cannot read: {exc}") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("layers"), dict):
-        raise UserError(f"sensitivity curves {path}: not a torchslim sensitivity file (schema {SCHEMA})")
-    return data
 
 
 def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params",

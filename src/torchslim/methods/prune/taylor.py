@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...registry import register_method
-from .base import PruneConfig, run_prune
+from .base import PruneConfig
+from .dispatch import run_prune
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from torch import nn
 from ...config import option
 from ...errors import RecipeError
 from ...registry import register_method
-from .base import PruneConfig, run_prune
+from .base import PruneConfig
+from .dispatch import run_prune
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,23 @@
+"""Reading ``sensitivity.json`` (written by :mod:`.sensitivity`): no model, no pruning code, so
+the config can check a curves file at preflight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import UserError
+
+SCHEMA = 1
+
+
+def load_curves(path: str | Path) -> dict[str, Any]:
+    """Read a ``sensitivity.json`` written by :func:`analyze` (strict JSON, schema checked)."""
+    import json
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"sensitivity curves {path}: cannot read: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("layers"), dict):
+        raise UserError(f"sensitivity curves {path}: not a torchslim sensitivity file (schema {SCHEMA})")
+    return data
