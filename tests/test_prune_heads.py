@@ -401,3 +401,15 @@ def test_head_targets_naming_a_linear_and_impossible_sparsity_are_refused():
         _heads(0.9).check_model(model)
     with pytest.raises(RecipeError, match="schedule: granularity 'head'"):
         MagnitudePruneConfig(granularity="head", schedule="iterative", finetune={"epochs": 1})
+
+
+def test_layer_count_that_rounds_away_from_the_request_is_said():
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+
+    model = torchslim.build_model("torchvision:resnet18", args={"num_classes": 10}).eval()
+    session = Session()
+    run_prune(model, MagnitudePruneConfig(granularity="layer", sparsity=0.1), session, "magnitude")
+    assert [w["code"] for w in session.warnings] == ["layer_count"]
+    assert "so 0 were dropped" in session.warnings[0]["message"]
+    assert session.info["metrics"]["layers_dropped"] == []

@@ -414,8 +414,13 @@ def drop_layers(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
     if capped:
         session.warn("layers_kept", f"{entry.name} layer pruning: the global ranking would have emptied a stack of "
                                     "layers; each keeps at least one and the next lowest layers went instead")
-    log.info("%s layer pruning: dropped %d of %d candidate layers: %s", entry.name, len(dropped),
-             sum(len(s.droppable) for s in stacks), ", ".join(dropped) or "none")
+    candidates = sum(len(s.droppable) for s in stacks)
+    log.info("%s layer pruning: dropped %d of %d candidate layers: %s", entry.name, len(dropped), candidates,
+             ", ".join(dropped) or "none")
+    if not config.SPARSITY_IS_RESULT and candidates and abs(len(dropped) / candidates - config.sparsity) > 1e-9:
+        session.warn("layer_count", f"{entry.name} layer pruning: sparsity {config.sparsity:g} of {candidates} "
+                                    f"candidate layers is {config.sparsity * candidates:g} layers; whole layers go, "
+                                    f"so {len(dropped)} were dropped ({len(dropped) / candidates:.0%})")
     session.info.setdefault("metrics", {})["layers_dropped"] = dropped
     _finetune(model, config, session)
     return model
