@@ -331,3 +331,11 @@ def test_cli_merge_does_not_run_a_py_task_named_by_the_run(saved, tmp_path, caps
     (run / "metrics.json").write_text(json.dumps({"task": f"py:{tmp_path / 'evil.py'}:make", "steps": []}))
     assert main(["merge", str(run / "m0"), str(run / "m1"), "--method", "uniform", "--out", str(tmp_path / "o")]) == 2
     assert "--trust-code" in capsys.readouterr().err and not marker.exists()
+
+
+def test_cli_merge_names_a_missing_model_directory(saved, tmp_path, capsys):
+    _, specs = saved
+    assert main(["merge", specs[0].partition(":")[2], str(tmp_path / "nodir"), "--method", "uniform",
+                 "--task", "shape:1x28x28", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nodir' does not exist; give an artifact directory" in err and "role" not in err

@@ -289,6 +289,10 @@ def _model_arg(text: str) -> str:
     """A model on the command line: a spec, or an artifact directory (``DIR`` for ``artifact:DIR``)."""
     if ":" not in text and (Path(text) / "manifest.json").is_file():
         return f"artifact:{text}"
+    if ":" not in text and text not in ("baseline", "current"):
+        what = "has no manifest.json (not a torchslim artifact)" if Path(text).is_dir() else "does not exist"
+        raise UserError(f"merge: model {clip(text, 200)!r} {what}; give an artifact directory (such as "
+                        "RUN/model) or a model spec such as zoo:lenet-5")
     return text
 
 
