@@ -702,8 +702,10 @@ def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], 
     now = _channels(model)
     layer_channels = {n: [now[n], c] for n, c in original.items() if n in now}
     total0, total = sum(original.values()), sum(now.get(n, 0) for n in original)
-    log.info("%s channel pruning (%s, %.0f%%): %d of %d output channels kept; %s", entry.name, config.scope,
-             100 * config.sparsity, total, total0,
+    asked = (f"alpha {config.alpha:g}" if config.SPARSITY_IS_RESULT and hasattr(config, "alpha")
+             else f"{100 * config.sparsity:.0f}%")
+    log.info("%s channel pruning (%s, %s): %d of %d output channels kept; %s", entry.name, config.scope,
+             asked, total, total0,
              ", ".join(f"{n} {k}/{c}" for n, (k, c) in layer_channels.items() if k != c) or "nothing removed")
     if report["kept"]:
         log.info("channel pruning left whole: %s", "; ".join(f"{n} ({why})" for n, why in report["kept"].items()))

@@ -207,7 +207,8 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
                  for n, w in zip(names, masker.weights(model))}
     ws = masker.weights(model)
     overall = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
-    log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, config.scope,
+    how = f"{config.granularity} pattern" if config.granularity != "weight" else config.scope
+    log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, how,
              f", {len(masker.fixed)} with their own" if masker.fixed else "", len(names),
              ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
