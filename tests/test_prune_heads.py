@@ -413,3 +413,21 @@ def test_layer_count_that_rounds_away_from_the_request_is_said():
     assert [w["code"] for w in session.warnings] == ["layer_count"]
     assert "so 0 were dropped" in session.warnings[0]["message"]
     assert session.info["metrics"]["layers_dropped"] == []
+
+
+def test_steps_after_a_layer_drop_are_not_checked_against_the_old_names():
+    """Dropping a layer renumbers a ModuleList: a later step's targets name the model as it will
+    be, so preflight leaves them to the run (CHANGES_NAMES), as it does after any renaming step."""
+    from torchslim.pipeline import preflight
+    from torchslim.recipe import Recipe
+
+    assert MagnitudePruneConfig(granularity="layer").CHANGES_NAMES
+    assert not MagnitudePruneConfig(granularity="channel").CHANGES_NAMES
+    steps = [{"prune": {"method": "magnitude", "granularity": "layer", "sparsity": 0.5}},
+             {"prune": {"method": "magnitude", "targets": ["layer9.0.conv1"]}}]
+    recipe = Recipe.from_dict({"model": {"spec": "torchvision:resnet18", "args": {"num_classes": 10}},
+                               "task": "shape:3x32x32", "steps": steps})
+    preflight(recipe)   # the same second step alone is refused at once:
+    with pytest.raises(RecipeError, match="layer9"):
+        preflight(Recipe.from_dict({"model": {"spec": "torchvision:resnet18", "args": {"num_classes": 10}},
+                                    "task": "shape:3x32x32", "steps": steps[1:]}))

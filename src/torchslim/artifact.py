@@ -28,7 +28,6 @@ user's own Python file, which rebuilding would import) is only rebuilt when the 
 from __future__ import annotations
 
 import collections
-
 import contextlib
 import hashlib
 import json

@@ -232,6 +232,12 @@ class PruneConfig(MethodConfig):
         """Heads and layers (and channels) are removed physically: later steps see other shapes."""
         return self.granularity in STRUCTURED
 
+    @property
+    def CHANGES_NAMES(self) -> bool:  # noqa: N802
+        """Dropped layers renumber a ModuleList (``encoder.layer.5`` becomes ``.4``): later steps'
+        targets cannot be checked against the model as built."""
+        return self.granularity == "layer"
+
     def check_model(self, model: nn.Module) -> None:
         """Head and layer pruning: the model has attention modules / droppable layers among the
         targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched).
