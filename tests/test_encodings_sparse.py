@@ -137,3 +137,15 @@ def test_pruned_affine_codes_keep_their_row_fill_and_packed_values(pattern):
         sizes[name] = _nbytes(parts)
     assert encode_tensor(t)[0] == ("nm" if pattern == "2:4" else "relative-index")
     assert min(sizes.values()) < sizes["bitmask"]
+
+
+def test_nm_keeps_bfloat16_nan_payloads():
+    """Regression (hypothesis, test_artifact): CPU gather of bfloat16 turned NaN 0x7FC0 into 0xFFFF,
+    so the nm encoding was not bit-exact; it now moves bit patterns."""
+    bits = torch.zeros(64, dtype=torch.int16)
+    bits[3::12] = 0x7FC0
+    bits[5::12] = -0x8000                                     # -0.0
+    t = bits.view(torch.bfloat16).reshape(4, 16)
+    parts, meta = ENCODINGS["nm"].encode(t)
+    back = decode_tensor("nm", parts, meta, (4, 16), torch.bfloat16)
+    assert torch.equal(back.view(torch.int16), bits.reshape(4, 16))

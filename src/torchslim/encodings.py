@@ -331,6 +331,16 @@ def _relative_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape
 register_encoding(Encoding("relative-index", _relative_encode, _relative_decode, since=4, sparse=True))
 
 
+#: integer dtypes of the same width: gather/scatter of float tensors run on their bit patterns
+_BIT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its width when it is floating point: CPU ``gather`` of
+    bfloat16 rewrites NaN payloads (0x7FC0 -> 0xFFFF), and the encodings are bit-exact."""
+    return t.view(_BIT_VIEWS[t.element_size()]) if t.is_floating_point() else t
+
+
 # -- nm: N values kept in every M consecutive elements + the rank of which N -----------------
 #: group sizes tried; a rank needs ceil(log2(C(M, N))) bits (2:4 -> 3, 4:8 -> 7, 8:16 -> 14)
 NM_GROUPS = (2, 4, 8, 16)
@@ -383,7 +393,8 @@ def _nm_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     pattern = (torch.ones_like(first) << first).sum(1)                        # (G,) n bits set
     table, rank_of = _combinations(m, n)
     ranks = rank_of[pattern]
-    parts, meta = _values_parts(flat.reshape(-1, m).gather(1, table[ranks]).reshape(-1), fill)
+    kept = _as_bits(flat).reshape(-1, m).gather(1, table[ranks]).reshape(-1).view(flat.dtype)
+    parts, meta = _values_parts(kept, fill)
     parts["ranks"] = pack_bits(ranks, _rank_bits(m, n), 0)
     return parts, {**meta, "n": n, "m": m}
 
@@ -401,9 +412,9 @@ def _nm_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tupl
     if groups and int(ranks.max()) >= table.shape[0]:
         raise ValueError(f"nm rank {int(ranks.max())} is out of range for {n}:{m} ({table.shape[0]} combinations)")
     values = _read_values(parts, meta, groups * n, dtype, f"{groups} groups of {n}:{m} need")
-    out = _filled(parts, shape, dtype).reshape(groups, m)
-    out.scatter_(1, table[ranks], values.reshape(groups, n))
-    return out.reshape(shape)
+    out = _as_bits(_filled(parts, shape, dtype)).reshape(groups, m)
+    out.scatter_(1, table[ranks], _as_bits(values).reshape(groups, n))
+    return out.reshape(shape).view(dtype)
 
 
 register_encoding(Encoding("nm", _nm_encode, _nm_decode, since=4, sparse=True))

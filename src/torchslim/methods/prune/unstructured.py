@@ -203,9 +203,8 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
                     what: str) -> None:
     """Log per-layer sparsity, warn on collapsed layers, record ``layer_sparsity`` in the row."""
     # keyed by module name for a layer's `weight`, by parameter name for other weight tensors
-    per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean())
-                 for n, w in zip(names, masker.weights(model))}
     ws = masker.weights(model)
+    per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean()) for n, w in zip(names, ws)}
     overall = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
     how = f"{config.granularity} pattern" if config.granularity != "weight" else config.scope
     log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, how,
