@@ -968,6 +968,16 @@ def _md_warnings(metrics: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _table_sections(metrics: dict[str, Any]) -> list[tuple[str, str, tuple[list[str], list[list[str]]], str]]:
+    """The report's tables after the plots, for both renderers: ``(html id, heading, (header,
+    rows), note)``; a section without rows is left out by the caller."""
+    return [("training", "Training", training_rows(metrics), ""),
+            ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
+            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
+            ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE),
+            ("ingredients", "Merged models", ingredient_rows(metrics), _MERGE_NOTE)]
+
+
 def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
     env = metrics.get("environment") or {}
     md = [f"# {_title(metrics)}", "", *_md_warnings(metrics)]
@@ -977,21 +987,9 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
     if plots:
         md += ["## Plots", ""]
         md += [f"![{_PLOT_CAPTIONS.get(p.stem, p.stem)}](plots/{p.name})" for p in plots] + [""]
-    header, rows = training_rows(metrics)
-    if rows:
-        md += ["## Training", "", _md_table(header, rows), ""]
-    header, rows = layer_rows(metrics)
-    if rows:
-        md += ["## Per-layer figures (final model)", "", _LAYER_NOTE, "", _md_table(header, rows), ""]
-    header, rows = layer_sparsity_rows(metrics)
-    if rows:
-        md += ["## Per-layer sparsity by step", "", _SPARSITY_NOTE, "", _md_table(header, rows), ""]
-    header, rows = skipped_rows(metrics)
-    if rows:
-        md += ["## Skipped modules", "", _SKIPPED_NOTE, "", _md_table(header, rows), ""]
-    header, rows = ingredient_rows(metrics)
-    if rows:
-        md += ["## Merged models", "", _MERGE_NOTE, "", _md_table(header, rows), ""]
+    for _, h2, (header, rows), note in _table_sections(metrics):
+        if rows:
+            md += [f"## {h2}", "", *([note, ""] if note else []), _md_table(header, rows), ""]
     md += ["## Step details", "", _md_table(*_details_rows(metrics["steps"])), ""]
     configs = [(_step_name(s, i), s["config"]) for i, s in enumerate(metrics["steps"]) if s.get("config")]
     if configs:
@@ -1077,12 +1075,7 @@ def _html(metrics: dict[str, Any], plots: list[Path]) -> str:
     head = "".join("<p>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(line)) + "</p>\n"
                    for line in _header_lines(metrics))
     sections = []
-    for table_id, h2, (th, tr), note in (
-            ("training", "Training", training_rows(metrics), ""),
-            ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
-            ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
-            ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE),
-            ("ingredients", "Merged models", ingredient_rows(metrics), _MERGE_NOTE)):
+    for table_id, h2, (th, tr), note in _table_sections(metrics):
         if tr:
             sections.append(f"<h2>{h2}</h2>\n" + (f'<p class="note">{html.escape(note)}</p>\n' if note else "")
                             + _html_table(table_id, th, tr))
