@@ -63,7 +63,8 @@ def test_distill_into_smaller_student(trained_digits, digits_task):
 
 @pytest.mark.parametrize("bad", [dict(temperature=0), dict(alpha=1.5), dict(student=None),
                                  dict(student={"spec": "zoo:digits-cnn", "layers": 2}),
-                                 dict(student={"from_teacher": {"layers": [0]}})])
+                                 dict(student={"from_teacher": {"layers": [0, 0]}}),
+                                 dict(student={"from_teacher": {"layers": [0]}, "spec": "zoo:digits-cnn"})])
 def test_bad_distill_configs(bad):
     kwargs = {"student": "zoo:digits-cnn", **bad}
     with pytest.raises(RecipeError):

@@ -58,8 +58,8 @@ def mixed():
     return MixedLayers()
 
 
-def encoder():
-    return Encoder()
+def encoder(layers: int = 2):
+    return Encoder(layers=layers)
 
 
 def tied_mlp():

@@ -110,15 +110,20 @@ class LogitDistillation(TrainingPlugin):
 
     def loss(self, model: nn.Module, batch: Any, outputs: torch.Tensor | None,
              loss: torch.Tensor) -> torch.Tensor:
-        from ..errors import RecipeError
-        from ..methods.distill.primitives import kd_loss  # pure tensor math
-
         if outputs is None:
             outputs = self.task.forward(model, batch)
         with torch.no_grad():
             t_out = self.task.forward(self.teacher, batch)
-        if outputs.shape != t_out.shape:
-            raise RecipeError(f"distill: the student outputs {tuple(outputs.shape)} but the teacher outputs "
-                              f"{tuple(t_out.shape)}; they must match")
-        soft = kd_loss(outputs, t_out, None, self.temperature, 1.0)
+        soft = self.term(outputs, t_out)
         return soft if self.alpha >= 1.0 else self.alpha * soft + (1.0 - self.alpha) * loss
+
+    def term(self, outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> torch.Tensor:
+        """The distillation term of the student's and teacher's outputs on one batch (a subclass
+        may compare them otherwise: embedding distillation)."""
+        from ..errors import RecipeError
+        from ..methods.distill.primitives import kd_loss  # pure tensor math
+
+        if outputs.shape != teacher_outputs.shape:
+            raise RecipeError(f"distill: the student outputs {tuple(outputs.shape)} but the teacher outputs "
+                              f"{tuple(teacher_outputs.shape)}; they must match")
+        return kd_loss(outputs, teacher_outputs, None, self.temperature, 1.0)

@@ -22,3 +22,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
         return soft
     hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
     return alpha * soft + (1.0 - alpha) * hard
+
+
+EMBEDDING_LOSSES = ("mse", "cosine", "mse+cosine")
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Distance of student embeddings from the teacher's, ``(..., D)`` each (same shape).
+
+    ``mse``: the mean over every element of ``(s - t)^2`` (Reimers & Gurevych 2020, "Making
+    Monolingual Sentence Embeddings Multilingual using Knowledge Distillation", eq. 1, averaged
+    over the batch and dimensions); ``cosine``: the mean over the embeddings of ``1 - cos(s, t)``
+    (DistilBERT's cosine embedding loss, Sanh et al. 2019); ``mse+cosine``: their sum. The
+    teacher is detached.
+    """
+    t = teacher.detach()
+    if kind not in EMBEDDING_LOSSES:
+        raise ValueError(f"embedding loss {kind!r}: accepted {', '.join(EMBEDDING_LOSSES)}")
+    total = student.new_zeros(())
+    if kind in ("mse", "mse+cosine"):
+        total = total + F.mse_loss(student, t)
+    if kind in ("cosine", "mse+cosine"):
+        total = total + (1.0 - F.cosine_similarity(student, t, dim=-1)).mean()
+    return total

@@ -1,0 +1,123 @@
+"""Embedding distillation: train a student to give the teacher's embeddings, without labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import ModelRef, option
+from ...errors import RecipeError
+from ...registry import register_method
+from ...train.config import TrainConfig
+from ...train.plugins import LogitDistillation
+from .primitives import EMBEDDING_LOSSES, embedding_loss
+from .students import DistillStepConfig
+
+
+@dataclass(frozen=True)
+class EmbeddingDistillConfig(DistillStepConfig):
+    """Embedding distillation into a new student (Reimers & Gurevych 2020, eq. 1; Sanh et al.
+    2019's cosine loss), the usual way to shrink a sentence encoder.
+
+    The student is trained to give the teacher's outputs for the task's inputs: on ``stsb`` the
+    mean-pooled sentence embeddings ``(N, 2, D)`` of both sentences of each pair (``2N``
+    sentences a batch), on a classification task its logits. The loss is
+    ``alpha * embedding_loss + (1 - alpha) * task loss`` (:func:`~.primitives.embedding_loss`:
+    ``mse``, ``cosine`` = mean ``1 - cos``, or their sum); with ``alpha: 1`` (the default) the
+    task loss is not computed, so the training split's labels are never read: only its inputs
+    (STS-B's training sentences) are used. Teacher and student must give embeddings of the same
+    width (a student spec of another width is refused, naming both).
+
+    ``teacher``: ``current`` (default), ``baseline`` or a spec. ``student``: a spec or
+    ``{spec, weights, args}``, or ``{from_teacher: {layers: [0, 2, 4]}}`` (DistilBERT's
+    initialisation: the teacher's layers 0, 2, 4 with their weights) or ``{from_teacher: {width:
+    0.5}}`` (:mod:`~torchslim.methods.distill.students`). Training fields go in ``train`` or
+    beside the others.
+
+    Examples
+    --------
+    >>> c = EmbeddingDistillConfig.from_dict({"student": {"from_teacher": {"layers": [0, 2, 4]}},
+    ...                                       "loss": "cosine", "optimizer": "adamw", "lr": 2e-4})
+    >>> c.student.layers, c.loss, c.alpha, c.train.lr
+    ((0, 2, 4), 'cosine', 1.0, 0.0002)
+    """
+
+    loss: str = option("mse+cosine", choices=EMBEDDING_LOSSES,
+                       doc="distance to the teacher's embeddings: mse, cosine (mean 1 - cos) or their sum")
+    alpha: float = option(1.0, low=0.0, high=1.0,
+                          doc="weight of the embedding term; 1 - alpha on the task loss (1: no labels read)")
+
+    @classmethod
+    def example(cls) -> "EmbeddingDistillConfig":
+        return cls(student=ModelRef(spec="zoo:digits-cnn", args={"channels": [8, 16], "hidden": 32}),
+                   loss="mse", train=TrainConfig(optimizer="adamw", epochs=2, loggers=()))
+
+    def check_pair(self, teacher: nn.Module | None, student: nn.Module | None, task: Any) -> None:
+        """Teacher and student built at preflight must give embeddings of one width."""
+        if teacher is None or student is None or task is None or getattr(task, "metric_name", None) is None:
+            return
+        ds = task.split("train")
+        batch = task.collate([ds[i] for i in range(min(2, len(ds)))])
+        with torch.no_grad():
+            t, s = task.forward(teacher.eval(), batch), task.forward(student.eval(), batch)
+        check_widths(s, t)
+
+
+def check_widths(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """RecipeError naming both shapes unless the student's outputs have the teacher's."""
+    if student.shape != teacher.shape:
+        raise RecipeError(f"distill.embedding: the student's embeddings are {tuple(student.shape)} (width "
+                          f"{student.shape[-1]}) but the teacher's are {tuple(teacher.shape)} (width "
+                          f"{teacher.shape[-1]}); give a student of the teacher's width, e.g. "
+                          "{from_teacher: {layers: [...]}}")
+
+
+class EmbeddingDistillation(LogitDistillation):
+    """Embedding distillation as a loss term: ``alpha * embedding_loss(student, teacher) +
+    (1 - alpha) * loss`` on the task's outputs (``task.forward``: sentence embeddings on
+    ``stsb``, ``(N, 2, D)``). The teacher runs in eval mode under ``no_grad`` and is never
+    changed (set up as :class:`~torchslim.train.plugins.LogitDistillation` does).
+
+    Parameters
+    ----------
+    teacher : nn.Module
+        Frozen; moved to the student's device at setup.
+    kind : str
+        ``mse``, ``cosine`` or ``mse+cosine`` (:func:`~.primitives.embedding_loss`).
+    alpha : float
+        Weight of the embedding term in [0, 1]; the trainer's ``loss`` gets ``1 - alpha``.
+
+    Raises
+    ------
+    RecipeError
+        When the student's and teacher's outputs differ in shape (both named).
+    """
+
+    def __init__(self, teacher: nn.Module, kind: str = "mse", alpha: float = 1.0) -> None:
+        super().__init__(teacher, temperature=1.0, alpha=alpha)
+        if kind not in EMBEDDING_LOSSES:
+            raise ValueError(f"EmbeddingDistillation kind {kind!r}: accepted {', '.join(EMBEDDING_LOSSES)}")
+        self.kind = kind
+
+    def term(self, outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> torch.Tensor:
+        check_widths(outputs, teacher_outputs)
+        return embedding_loss(outputs, teacher_outputs, self.kind)
+
+
+def _no_task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The trainer's loss before the plugins when ``alpha`` is 1: zero, so no label is read."""
+    return next(model.parameters()).new_zeros(())
+
+
+@register_method("distill.embedding", EmbeddingDistillConfig)
+def _distill_embedding(model: nn.Module, config: EmbeddingDistillConfig, ctx) -> nn.Module:
+    """Train a new student (a spec or a copy of the teacher with fewer layers) on the teacher's embeddings."""
+    ctx.require_task("distill")
+    teacher, student = config.teacher_and_student(model, ctx)
+    plugin = EmbeddingDistillation(teacher, config.loss, config.alpha)
+    ctx.train(student, config.train, desc="distill", plugins=[plugin],
+              loss_fn=_no_task_loss if config.alpha >= 1.0 else None)
+    return student

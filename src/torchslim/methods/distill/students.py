@@ -1,0 +1,330 @@
+"""Students of a distillation step: a model spec, or a smaller copy of the teacher.
+
+``student:`` takes
+
+- a model spec or ``{spec, weights, args}`` (a :class:`~torchslim.config.ModelRef`): a new model,
+  randomly initialised unless ``weights`` are given;
+- ``{from_teacher: {layers: [0, 2, 4]}}``: a copy of the teacher keeping only the listed layers
+  of its stack of layers, in the teacher's order, with their trained weights (DistilBERT's
+  initialisation: Sanh et al. 2019, "DistilBERT, a distilled version of BERT", section 3, take
+  one layer out of two). Embeddings, the final norm and the head are the teacher's too;
+- ``{from_teacher: {width: 0.5}}``: a copy of the teacher whose channels (conv filters, linear
+  neurons, with every coupled layer) are cut to ``width`` of their number by the magnitude of
+  their weights (``prune.magnitude`` at ``granularity: channel``, ``scope: layer``; see
+  :mod:`~torchslim.methods.prune.structured`). The model's output width and embeddings stay.
+  Meant for CNNs; on a transformer the same rule applies to what the dependency graph can cut.
+  ``layers`` and ``width`` together: the layers are kept first, then the width is cut.
+
+Stacks of layers ``from_teacher.layers`` can keep (:data:`STUDENT_STACKS`): a Hugging Face
+encoder's ``encoder.layer`` (``config.num_hidden_layers`` follows), an ``nn.TransformerEncoder``'s
+``layers`` (``num_layers`` follows) and a torchvision ViT's ``encoder.layers``. The teacher must
+have exactly one of them. Every change goes through :mod:`torchslim.edits` (``delete`` and
+``setattr`` records), so the student saved as an artifact reloads without the teacher.
+
+Examples
+--------
+>>> student_ref({"from_teacher": {"layers": [0, 2, 4]}}, "student").layers
+(0, 2, 4)
+>>> student_ref("zoo:digits-cnn", "student").spec
+'zoo:digits-cnn'
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import MethodConfig, ModelRef, as_mapping, option
+from ...errors import RecipeError, SpecError, UserError, first_line
+from ...modules import get_submodule
+from ...train.config import TEACHER_ROLES, TrainConfig, teacher_ref
+
+log = logging.getLogger(__name__)
+
+STUDENT_STACKS = ("Hugging Face encoder.layer", "nn.TransformerEncoder layers", "torchvision ViT encoder.layers")
+
+
+@dataclass(frozen=True)
+class FromTeacher(MethodConfig):
+    """A student made from a copy of the teacher: ``{from_teacher: {layers: [...], width: ...}}``.
+
+    Examples
+    --------
+    >>> FromTeacher(layers=(4, 0, 2)).layers
+    (0, 2, 4)
+    """
+
+    layers: tuple[int, ...] | None = option(None, low=0, doc="indices of the teacher's layers to keep "
+                                            "(its stack of layers, from 0), e.g. [0, 2, 4]")
+    width: float | None = option(None, low=0.0, high=1.0, low_open=True, high_open=True,
+                                 doc="fraction of each layer's channels kept, by weight magnitude")
+
+    def validate(self) -> None:
+        where = type(self).__name__   # re-anchored at the recipe's location by from_dict
+        if self.layers is None and self.width is None:
+            raise RecipeError(f"{where}.layers: missing; give layers (e.g. [0, 2, 4]) or width (e.g. 0.5)")
+        if self.layers is not None:
+            if not self.layers:
+                raise RecipeError(f"{where}.layers: empty; keep at least one layer, e.g. [0, 2, 4]")
+            dup = sorted({i for i in self.layers if self.layers.count(i) > 1})
+            if dup:
+                raise RecipeError(f"{where}.layers: layer {dup[0]} is listed twice; each layer is kept once")
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"from_teacher": {...}}``, the form a recipe writes (null fields left out)."""
+        return {"from_teacher": {k: v for k, v in super().to_dict().items() if v is not None}}
+
+
+def student_ref(value: Any, where: str) -> ModelRef | FromTeacher | None:
+    """The ``student:`` of a distillation step as given: None, a spec string or ``{spec, weights,
+    args}`` (a ModelRef), or ``{from_teacher: {layers: [...], width: ...}}``.
+
+    Raises
+    ------
+    RecipeError
+        For ``from_teacher`` beside other keys, unknown keys, or bad values (named with ``where``).
+    """
+    if value is None or isinstance(value, (ModelRef, FromTeacher)):
+        return value
+    if isinstance(value, str):
+        return ModelRef.from_dict({"spec": value}, where=where)
+    data = as_mapping(value, where)
+    if "from_teacher" in data:
+        extra = sorted(set(data) - {"from_teacher"})
+        if extra:
+            raise RecipeError(f"{where}: from_teacher takes no sibling keys, got {extra[0]!r}; "
+                              "give {from_teacher: {layers: [...]}} or a model spec")
+        return FromTeacher.from_dict(data["from_teacher"], where=f"{where}.from_teacher")
+    return ModelRef.from_dict(data, where=where)
+
+
+# -- the teacher's stack of layers ----------------------------------------------------------
+def _is_student_stack(model: nn.Module, stack: Any) -> bool:
+    """Stacks whose every layer may go: HF lists and TransformerEncoders (which carry their
+    layer count), ViT encoder blocks; not ResNet or Swin stages."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    if stack.candidates != stack.children:
+        return False
+    blocks = list(get_submodule(model, stack.name)._modules.values())
+    return stack.count_attr is not None or all(isinstance(b, EncoderBlock) for b in blocks)
+
+
+def teacher_stack(teacher: nn.Module, where: str = "student.from_teacher.layers") -> tuple[str, list[str], Any]:
+    """``(name, children, count_attr)`` of the teacher's one stack of layers.
+
+    Raises
+    ------
+    RecipeError
+        When the teacher has none (naming the kinds searched) or several (naming them).
+    """
+    from ..prune.heads import layer_stacks
+
+    try:
+        stacks = [s for s in layer_stacks(teacher) if _is_student_stack(teacher, s)]
+    except RecipeError:
+        stacks = []
+    if not stacks:
+        raise RecipeError(f"{where}: the teacher ({type(teacher).__name__}) has no stack of layers to keep a "
+                          f"subset of; supported: {'; '.join(STUDENT_STACKS)}. Give a student spec instead")
+    if len(stacks) > 1:
+        raise RecipeError(f"{where}: the teacher has {len(stacks)} stacks of layers "
+                          f"({', '.join(s.name for s in stacks)}); from_teacher.layers needs exactly one")
+    s = stacks[0]
+    return s.name, list(s.children), s.count_attr
+
+
+def check_layers(ref: FromTeacher, teacher: nn.Module) -> None:
+    """RecipeError unless every index of ``ref.layers`` is a layer of the teacher's stack."""
+    if ref.layers is None:
+        return
+    name, children, _ = teacher_stack(teacher)
+    bad = [i for i in ref.layers if i >= len(children)]
+    if bad:
+        raise RecipeError(f"student.from_teacher.layers: index {bad[0]} is out of range: the teacher's "
+                          f"{name} has {len(children)} layers (0..{len(children) - 1})")
+
+
+def keep_layers(model: nn.Module, layers: tuple[int, ...]) -> list[str]:
+    """Delete every layer of ``model``'s stack but ``layers`` (in place, through the edit log) and
+    set the stack's layer count; returns the names of the deleted layers (as they were)."""
+    from ...edits import delete_module, set_attribute
+
+    check_layers(FromTeacher(layers=layers), model)
+    name, children, count_attr = teacher_stack(model)
+    gone = [f"{name}.{c}" for i, c in enumerate(children) if i not in layers]
+    for full in reversed(gone):          # last first: the numbers of the earlier ones stay valid
+        delete_module(model, full)
+    if gone and count_attr is not None:
+        set_attribute(model, count_attr[0], count_attr[1], len(layers))
+    return gone
+
+
+def build_student(ref: ModelRef | FromTeacher, teacher: nn.Module, session: Any = None) -> nn.Module:
+    """The student model: ``ref.build()`` for a spec; for ``from_teacher`` a deep copy of
+    ``teacher`` (which is not changed) with the kept layers, then the width cut.
+
+    ``session`` (a :class:`~torchslim.session.Session` with a task) is needed for ``width`` only:
+    the channel groups are traced on the task's example inputs. Every parameter of the copy
+    trains (``requires_grad`` on), whatever the teacher's flags were.
+
+    Raises
+    ------
+    RecipeError
+        For layer indices the teacher does not have or a teacher without a stack of layers.
+    SpecError
+        For a student spec that fails to build.
+    """
+    if isinstance(ref, ModelRef):
+        return ref.build()
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    if ref.layers is not None:
+        gone = keep_layers(student, ref.layers)
+        log.info("student from the teacher: layers %s kept, %d dropped", list(ref.layers), len(gone))
+    if ref.width is not None:
+        from ..prune.dispatch import run_prune
+        from ..prune.magnitude import MagnitudePruneConfig
+
+        if session is None or session.task is None:
+            raise RecipeError("student.from_teacher.width: cutting channels needs a task (its example inputs "
+                              "trace the coupled layers)")
+        cut = MagnitudePruneConfig(granularity="channel", sparsity=round(1.0 - ref.width, 6), scope="layer")
+        try:
+            run_prune(student, cut, session, "magnitude")
+        except UserError as exc:  # a model the dependency graph cannot trace (a Hugging Face encoder)
+            raise RecipeError(f"student.from_teacher.width: the teacher's channels cannot be cut: {first_line(exc)}; "
+                              "width is for CNNs, keep layers of a transformer instead (from_teacher: "
+                              "{layers: [...]})") from None
+    return student
+
+
+def check_student(student: ModelRef | FromTeacher | None, teacher: Any,
+                  task: Any) -> tuple[nn.Module | None, nn.Module | None]:
+    """Preflight of a step's student (and a teacher given as a spec): each builds, runs on
+    ``task``'s inputs, and ``from_teacher.layers`` names layers the teacher has. Returns the
+    teacher and student built (None where they cannot be yet: a teacher given by role, which
+    :meth:`DistillStepConfig.check_model` checks for ``current``, and its ``from_teacher``
+    student; a ``width`` student, which needs the task's data).
+
+    Raises
+    ------
+    SpecError
+        For a teacher or student spec that does not build, or a model that does not run on the
+        task's inputs (``teacher: ...`` / ``student: ...`` in front).
+    RecipeError
+        For ``from_teacher.layers`` the teacher does not have.
+    """
+    from ...measure import check_runs
+
+    def build(role: str, ref: Any) -> nn.Module | None:
+        if not isinstance(ref, ModelRef):
+            return None
+        try:
+            model = ref.build()
+        except SpecError as exc:
+            raise SpecError(f"{role}: {exc}") from None
+        check_runs(model, task, f"{role} {ref.spec}")
+        return model
+
+    built, model = build("teacher", teacher), build("student", student)
+    if isinstance(student, FromTeacher) and built is not None and student.width is None:
+        model = copy.deepcopy(built)
+        keep_layers(model, student.layers)
+        check_runs(model, task, "student from_teacher")
+    return built, model
+
+
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class DistillStepConfig(MethodConfig):
+    """The fields every ``distill`` method shares: ``teacher``, ``student`` and the student's
+    ``train`` run (training fields given beside the others, ``epochs: 8``, are read into it).
+
+    ``teacher``: ``current`` (the model entering the step, default), ``baseline``, or a model
+    spec / ``{spec, weights, args}``. ``student``: see :func:`student_ref`.
+    """
+
+    REPLACES_MODEL = True
+
+    teacher: str | ModelRef = option("current", doc="current, baseline, or a model spec / {spec, weights, args}")
+    student: ModelRef | FromTeacher | None = option(
+        None, doc="student spec or {spec, args, weights}, or {from_teacher: {layers: [0, 2, 4]}} / "
+                  "{from_teacher: {width: 0.5}} (required)")
+    train: TrainConfig = option(default_factory=TrainConfig, doc="the student's training run")
+
+    def __post_init__(self) -> None:
+        # a {from_teacher: ...} mapping is read here, before the fields are coerced to their types
+        object.__setattr__(self, "student", student_ref(self.student, f"{type(self).__name__}.student"))
+        super().__post_init__()
+
+    @classmethod
+    def from_dict(cls, data, where: str = ""):
+        """Training fields beside the others go into ``train``; ``teacher_weights`` into ``teacher``."""
+        where = where or cls.__name__
+        data = as_mapping(data, where)
+        flat = {k: data.pop(k) for k in list(data) if k in _TRAIN_KEYS and k != "distill"}
+        if flat:
+            train = as_mapping(data.get("train"), f"{where}.train")
+            clash = sorted(set(flat) & set(train))
+            if clash:
+                raise RecipeError(f"{where}: {clash[0]!r} given both beside the fields and in train:; give it once")
+            data["train"] = {**train, **flat}
+        if "teacher_weights" in data:
+            weights = data.pop("teacher_weights")
+            teacher = data.get("teacher")
+            if weights is not None:
+                if not isinstance(teacher, str) or teacher in TEACHER_ROLES:
+                    raise RecipeError(f"{where}.teacher_weights: needs a teacher spec string; "
+                                      "or give teacher: {spec: ..., weights: ...}")
+                data["teacher"] = {"spec": teacher, "weights": weights}
+        if "student" in data:
+            data["student"] = student_ref(data["student"], f"{where}.student")
+        return super().from_dict(data, where=where)
+
+    def validate(self) -> None:
+        name = type(self).__name__
+        if self.student is None:
+            raise RecipeError(f"{name}.student: missing; give a spec such as zoo:digits-cnn, "
+                              "{spec: ..., args: {...}} or {from_teacher: {layers: [0, 2, 4]}}")
+        object.__setattr__(self, "teacher", teacher_ref(self.teacher, f"{name}.teacher"))
+        if self.train.distill is not None:
+            raise RecipeError(f"{name}.train.distill: this step distills already; set the teacher and "
+                              "its fields on the step")
+
+    def check_ready(self, task=None) -> None:
+        """Build the student and a teacher given as a spec now, so a bad spec or layer index fails
+        before any work."""
+        super().check_ready(task)
+        self.check_pair(*check_student(self.student, self.teacher, task), task)
+
+    def check_pair(self, teacher: nn.Module | None, student: nn.Module | None, task: Any) -> None:
+        """Preflight of a method's own on the teacher and student built (either may be None:
+        see :func:`check_student`); the default checks nothing more."""
+
+    def check_model(self, model) -> None:
+        """With ``teacher: current``, ``from_teacher.layers`` are checked against ``model``."""
+        if self.teacher == "current" and isinstance(self.student, FromTeacher):
+            check_layers(self.student, model)
+
+    def teacher_and_student(self, model: nn.Module, session: Any) -> tuple[nn.Module, nn.Module]:
+        """The step's teacher (``model`` itself for ``current``) and its new student (seeded with
+        ``train.seed``, so a random-init student repeats)."""
+        teacher = model if self.teacher == "current" else session.teacher(self.teacher)
+        torch.manual_seed(self.train.seed)
+        return teacher, build_student(self.student, teacher, session)
+
+
+__all__ = ["DistillStepConfig", "FromTeacher", "STUDENT_STACKS", "build_student", "check_layers", "check_student",
+           "keep_layers", "student_ref", "teacher_stack"]
