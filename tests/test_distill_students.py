@@ -28,16 +28,20 @@ def _trust(monkeypatch):
     monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")   # the py: test architectures are ours
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A random-init BERT of 5 layers, 32 wide, over the bundled MiniLM tokenizer's 30522 ids."""
+def _save_bert(path: Path, layers: int, hidden: int = 32, seed: int = 0) -> Path:
+    """A random-init BERT (``hidden / 8`` heads) over the bundled MiniLM tokenizer's 30522 ids."""
     tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 8,
+                        intermediate_size=2 * hidden, max_position_embeddings=128)
     tf.BertModel(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """The teacher: 5 layers, 32 wide."""
+    return _save_bert(tmp_path_factory.mktemp("bert"), layers=5)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +145,7 @@ def test_a_teacher_without_a_stack_of_layers_is_refused_at_preflight(tmp_path, c
 
 
 def test_teacher_and_student_of_different_widths_are_named(tiny_bert_dir, tmp_path, stsb):
-    tf = pytest.importorskip("transformers")
-    cfg = tf.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128)
-    tf.BertModel(cfg).save_pretrained(tmp_path / "narrow")
+    _save_bert(tmp_path / "narrow", layers=1, hidden=16)
     task = stsb
     config = EmbeddingDistillConfig.from_dict({"teacher": f"hf:{tiny_bert_dir}", "student": f"hf:{tmp_path / 'narrow'}"})
     with pytest.raises(RecipeError, match=r"student's embeddings are \(2, 2, 16\) \(width 16\) but the teacher's "
@@ -189,15 +190,13 @@ def test_embedding_loss_equals_hand_computed_value():
 def test_embedding_distillation_on_stsb_lowers_the_loss_without_the_task_loss(tiny_bert_dir, stsb, tmp_path,
                                                                              monkeypatch):
     """A random-init 2-layer student of the teacher's width learns the teacher's sentence embeddings
-    in one epoch on the STS-B training sentences; the task's loss (its labels) is never computed."""
-    tf = pytest.importorskip("transformers")
+    on STS-B training sentences; the task's loss (its labels) is never computed."""
     from torchslim.specs.stsb import STSBTask
 
-    torch.manual_seed(1)
-    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    tf.BertModel(cfg).save_pretrained(tmp_path / "student")
-    task = stsb
+    _save_bert(tmp_path / "student", layers=2, seed=1)
+    task = copy.copy(stsb)                       # the first 1,024 training pairs, for speed
+    task._splits = {**{k: stsb.split(k) for k in ("train", "val", "test")},
+                    "train": torch.utils.data.Subset(stsb.split("train"), range(1024))}
     teacher = torchslim.build_model(f"hf:{tiny_bert_dir}").eval()
     batch = task.collate([task.split("val")[i] for i in range(256)])
 
@@ -211,11 +210,11 @@ def test_embedding_distillation_on_stsb_lowers_the_loss_without_the_task_loss(ti
 
     monkeypatch.setattr(STSBTask, "loss", no_task_loss)
     config = EmbeddingDistillConfig.from_dict({"student": f"hf:{tmp_path / 'student'}", "loss": "mse+cosine",
-                                               "optimizer": "adamw", "lr": 0.003, "epochs": 1, "batch_size": 64,
+                                               "optimizer": "adamw", "lr": 0.003, "epochs": 1, "batch_size": 32,
                                                "loggers": []})
     student = torchslim.apply(teacher, config, task=task)
     init = torchslim.build_model(f"hf:{tmp_path / 'student'}")
-    assert distance(student) < 0.5 * distance(init), (distance(init), distance(student))
+    assert distance(student) < 0.25 * distance(init), (distance(init), distance(student))
 
 
 def test_embedding_plugin_weighs_the_task_loss_by_one_minus_alpha(tiny_bert_dir, stsb):
