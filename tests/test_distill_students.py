@@ -156,10 +156,22 @@ def test_teacher_and_student_of_different_widths_are_named(tiny_bert_dir, tmp_pa
                                           "student": {"from_teacher": {"layers": [0]}}}).check_ready(task)
 
 
-def test_width_of_a_transformer_says_to_keep_layers(tiny_bert_dir, stsb):
-    teacher = torchslim.build_model(f"hf:{tiny_bert_dir}")
-    with pytest.raises(RecipeError, match="width is for CNNs, keep layers"):
-        build_student(FromTeacher(width=0.5), teacher, Session(task=stsb))
+def test_width_of_a_bert_keeps_the_feed_forward_neurons_of_largest_magnitude(tiny_bert_dir, tmp_path):
+    teacher = torchslim.build_model(f"hf:{tiny_bert_dir}").eval()
+    student = build_student(FromTeacher(layers=(0, 3), width=0.25), teacher).eval()
+    for new, i in zip(student.encoder.layer, (0, 3)):
+        up, down = teacher.encoder.layer[i].intermediate.dense, teacher.encoder.layer[i].output.dense
+        l1 = up.weight.abs().sum(dim=1) + down.weight.abs().sum(dim=0)       # (64,) per neuron
+        keep = torch.sort(torch.topk(l1, 16).indices).values                  # 25% of 64
+        assert torch.equal(new.intermediate.dense.weight, up.weight[keep])
+        assert torch.equal(new.intermediate.dense.bias, up.bias[keep])
+        assert torch.equal(new.output.dense.weight, down.weight[:, keep])
+        assert new.attention.self.query.weight.shape == (32, 32)             # attention and width stay
+    ids = torch.randint(0, 30522, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = student(input_ids=ids).last_hidden_state
+        assert out.shape == (2, 9, 32)
+        assert torch.equal(_reload(student, tmp_path / "f")(input_ids=ids).last_hidden_state, out)
 
 
 def test_student_round_trips_through_a_recipe():

@@ -8,12 +8,13 @@
   of its stack of layers, in the teacher's order, with their trained weights (DistilBERT's
   initialisation: Sanh et al. 2019, "DistilBERT, a distilled version of BERT", section 3, take
   one layer out of two). Embeddings, the final norm and the head are the teacher's too;
-- ``{from_teacher: {width: 0.5}}``: a copy of the teacher whose channels (conv filters, linear
-  neurons, with every coupled layer) are cut to ``width`` of their number by the magnitude of
-  their weights (``prune.magnitude`` at ``granularity: channel``, ``scope: layer``; see
-  :mod:`~torchslim.methods.prune.structured`). The model's output width and embeddings stay.
-  Meant for CNNs; on a transformer the same rule applies to what the dependency graph can cut.
-  ``layers`` and ``width`` together: the layers are kept first, then the width is cut.
+- ``{from_teacher: {width: 0.5}}``: a narrower copy of the teacher, by the magnitude of the
+  weights (Li et al. 2017). A teacher with a stack of transformer layers keeps ``width`` of
+  each layer's feed-forward neurons (:func:`cut_ffn`; attention and the hidden width, hence
+  the embeddings' width, stay); any other model (a CNN) keeps ``width`` of the channels of
+  every coupled group (conv filters, linear neurons; ``prune.magnitude`` at ``granularity:
+  channel``, ``scope: layer``, :mod:`~torchslim.methods.prune.structured`; the output layer and
+  embeddings stay). ``layers`` and ``width`` together: the layers are kept first.
 
 Stacks of layers ``from_teacher.layers`` can keep (:data:`STUDENT_STACKS`): a Hugging Face
 encoder's ``encoder.layer`` (``config.num_hidden_layers`` follows), an ``nn.TransformerEncoder``'s
@@ -192,20 +193,82 @@ def build_student(ref: ModelRef | FromTeacher, teacher: nn.Module, session: Any 
         gone = keep_layers(student, ref.layers)
         log.info("student from the teacher: layers %s kept, %d dropped", list(ref.layers), len(gone))
     if ref.width is not None:
-        from ..prune.dispatch import run_prune
-        from ..prune.magnitude import MagnitudePruneConfig
-
-        if session is None or session.task is None:
-            raise RecipeError("student.from_teacher.width: cutting channels needs a task (its example inputs "
-                              "trace the coupled layers)")
-        cut = MagnitudePruneConfig(granularity="channel", sparsity=round(1.0 - ref.width, 6), scope="layer")
-        try:
-            run_prune(student, cut, session, "magnitude")
-        except UserError as exc:  # a model the dependency graph cannot trace (a Hugging Face encoder)
-            raise RecipeError(f"student.from_teacher.width: the teacher's channels cannot be cut: {first_line(exc)}; "
-                              "width is for CNNs, keep layers of a transformer instead (from_teacher: "
-                              "{layers: [...]})") from None
+        cut = cut_ffn(student, ref.width)
+        if cut:
+            log.info("student from the teacher: %d of each layer's feed-forward neurons kept, by magnitude", cut)
+        else:
+            cut_channels(student, ref.width, session)
     return student
+
+
+#: (up, down) Linear pairs of a transformer layer's feed-forward block: Hugging Face BERT-style,
+#: nn.TransformerEncoderLayer, torchvision ViT's MLPBlock
+FFN_PAIRS = (("intermediate.dense", "output.dense"), ("linear1", "linear2"), ("mlp.0", "mlp.3"))
+
+
+def _ffn_pair(model: nn.Module, layer: str) -> tuple[str, str] | None:
+    for up, down in FFN_PAIRS:
+        try:
+            a, b = get_submodule(model, f"{layer}.{up}"), get_submodule(model, f"{layer}.{down}")
+        except AttributeError:
+            continue
+        if type(a) is nn.Linear and type(b) is nn.Linear and a.out_features == b.in_features:
+            return f"{layer}.{up}", f"{layer}.{down}"
+    return None
+
+
+def cut_ffn(model: nn.Module, width: float) -> int:
+    """Keep ``round(width * n)`` (at least 1) of the ``n`` feed-forward neurons of every layer of
+    ``model``'s stack of layers, in place: those of largest L1 magnitude over their
+    up-projection row and down-projection column (the ``magnitude`` criterion on that group; Li
+    et al. 2017). Both Linear layers are rebuilt through :func:`~torchslim.edits.replace_module`;
+    attention and the model's width stay. Returns the neurons kept in the last layer, or 0 when
+    ``model`` has no stack of layers (nothing is changed).
+
+    Raises
+    ------
+    RecipeError
+        For a stack whose layer has no feed-forward pair of Linear layers (:data:`FFN_PAIRS`).
+    """
+    from ...edits import replace_module
+    from ..prune.criteria import Group, magnitude
+    from ..prune.heads import _sliced_linear
+
+    try:
+        name, children, _ = teacher_stack(model)
+    except RecipeError:
+        return 0
+    kept = 0
+    for child in children:
+        pair = _ffn_pair(model, f"{name}.{child}")
+        if pair is None:
+            raise RecipeError(f"student.from_teacher.width: layer {name}.{child} has no feed-forward block of two "
+                              f"Linear layers ({', '.join('/'.join(p) for p in FFN_PAIRS)}); give layers only")
+        up, down = (get_submodule(model, n) for n in pair)
+        n = up.out_features
+        kept = max(1, round(width * n))
+        scores = magnitude(Group(units=n, weights=[up.weight.detach(), down.weight.detach().t()], names=list(pair)))
+        keep = torch.sort(torch.topk(scores, kept).indices).values               # (kept,) in order
+        replace_module(model, pair[0], _sliced_linear(up, rows=keep))
+        replace_module(model, pair[1], _sliced_linear(down, cols=keep))
+    return kept
+
+
+def cut_channels(model: nn.Module, width: float, session: Any) -> None:
+    """Keep ``width`` of every coupled channel group of ``model`` (a CNN) by magnitude, in place:
+    ``prune.magnitude`` at ``granularity: channel``, ``scope: layer``, traced on the task's inputs."""
+    from ..prune.dispatch import run_prune
+    from ..prune.magnitude import MagnitudePruneConfig
+
+    if session is None or session.task is None:
+        raise RecipeError("student.from_teacher.width: cutting channels needs a task (its example inputs "
+                          "trace the coupled layers)")
+    config = MagnitudePruneConfig(granularity="channel", sparsity=round(1.0 - width, 6), scope="layer")
+    try:
+        run_prune(model, config, session, "magnitude")
+    except UserError as exc:  # a model the dependency graph cannot trace
+        raise RecipeError(f"student.from_teacher.width: the teacher's channels cannot be cut: "
+                          f"{first_line(exc)}") from None
 
 
 def check_student(student: ModelRef | FromTeacher | None, teacher: Any,
