@@ -27,8 +27,8 @@ class EmbeddingDistillConfig(DistillStepConfig):
     sentences a batch), on a classification task its logits. The loss is
     ``alpha * embedding_loss + (1 - alpha) * task loss`` (:func:`~.primitives.embedding_loss`:
     ``mse``, ``cosine`` = mean ``1 - cos``, or their sum); with ``alpha: 1`` (the default) the
-    task loss is not computed, so the training split's labels are never read: only its inputs
-    (STS-B's training sentences) are used. Teacher and student must give embeddings of the same
+    task loss is not computed, so the training split's labels are not used: only its inputs
+    (STS-B's training sentences) are. Teacher and student must give embeddings of the same
     width (a student spec of another width is refused, naming both).
 
     ``teacher``: ``current`` (default), ``baseline`` or a spec. ``student``: a spec or
@@ -48,7 +48,7 @@ class EmbeddingDistillConfig(DistillStepConfig):
     loss: str = option("mse+cosine", choices=EMBEDDING_LOSSES,
                        doc="distance to the teacher's embeddings: mse, cosine (mean 1 - cos) or their sum")
     alpha: float = option(1.0, low=0.0, high=1.0,
-                          doc="weight of the embedding term; 1 - alpha on the task loss (1: no labels read)")
+                          doc="weight of the embedding term; 1 - alpha on the task loss (1: labels not used)")
 
     @classmethod
     def example(cls) -> "EmbeddingDistillConfig":
@@ -108,7 +108,7 @@ class EmbeddingDistillation(LogitDistillation):
 
 
 def _no_task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The trainer's loss before the plugins when ``alpha`` is 1: zero, so no label is read."""
+    """The trainer's loss before the plugins when ``alpha`` is 1: zero, so no label is used."""
     return next(model.parameters()).new_zeros(())
 
 
