@@ -108,6 +108,9 @@ class TrainConfig(MethodConfig):
     label_smoothing: float = option(0.0, low=0.0, high=1.0, high_open=True, doc="cross-entropy label smoothing")
     dropout: float | None = option(None, low=0.0, high=1.0, high_open=True,
                                    doc="set p of every dropout layer (null: keep the model's)")
+    jitter: int = option(0, low=0, high=16, doc="shift image inputs (N, C, H, W) by up to this many pixels in "
+                                                 "each direction at random every step, edges replicated "
+                                                 "(0: off)")
     early_stopping: int = option(0, low=0, doc="stop after this many epochs without val improvement (0: off)")
     grad_clip: float | None = option(None, low=0.0, low_open=True, doc="clip the gradient norm to this")
     seed: int = option(0, doc="seed of the shuffling and dropout (each epoch's from seed and epoch, "
