@@ -1,4 +1,4 @@
-"""Distillation: the configs of the ``distill`` verb and the distillation training plugin.
+"""Distillation: the configs of the ``distill`` verb and the distillation training plugins.
 
 Examples
 --------
@@ -7,8 +7,12 @@ Examples
 'current'
 """
 
+from .methods.distill.attention import AttentionDistillConfig
+from .methods.distill.hint import HintDistillConfig
 from .methods.distill.logits import LogitsDistillConfig
-from .train.config import DistillTerm
+from .train.config import AttentionTerm, DistillTerm, HintTerm, WeightedTeacher
+from .train.distill import AttentionTransfer, HintDistillation
 from .train.plugins import LogitDistillation
 
-__all__ = ["LogitsDistillConfig", "DistillTerm", "LogitDistillation"]
+__all__ = ["LogitsDistillConfig", "HintDistillConfig", "AttentionDistillConfig", "DistillTerm", "HintTerm",
+           "AttentionTerm", "WeightedTeacher", "LogitDistillation", "HintDistillation", "AttentionTransfer"]

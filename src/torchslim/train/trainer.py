@@ -481,6 +481,8 @@ class Trainer:
             for kind, lg in loggers:
                 if kind == "tensorboard":
                     lg.close()
+            for plugin in self.plugins:
+                plugin.teardown()
         if best_state is not None and c.early_stopping:
             model.load_state_dict(best_state)
         return model

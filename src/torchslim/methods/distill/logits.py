@@ -11,8 +11,9 @@ from torch import nn
 from ...config import MethodConfig, ModelRef, as_mapping, option
 from ...errors import RecipeError
 from ...registry import register_method
-from ...train.config import TEACHER_ROLES, TrainConfig, teacher_ref
-from ...train.plugins import LogitDistillation
+from ...train.config import (TEACHER_ROLES, TrainConfig, WeightedTeacher, build_checked, teachers_ref,
+                             weighted_teachers)
+from ...train.distill import distill_plugins
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ class LogitsDistillConfig(MethodConfig):
     (the same plugin that ``finetune: {distill: ...}`` adds to any fine-tuning).
 
     ``teacher``: ``current`` (the model entering the step, default), ``baseline``, or a model
-    spec / ``{spec, weights, args}``. ``student``: a model spec or ``{spec, weights, args}``.
+    spec / ``{spec, weights, args}``; or several, ``[{model: ..., weight: 0.7}, ...]``, whose
+    softened distributions are averaged with those weights. ``student``: a model spec or
+    ``{spec, weights, args}``. ``cache: true`` computes the teachers' logits of the training
+    split once (kept in the step's scratch directory) instead of running the teachers on every
+    batch; only for training data without augmentation.
     ``train``: the training run; training fields given beside the others (``epochs: 8``) are
     read into it, as earlier versions wrote them.
 
@@ -41,11 +46,14 @@ class LogitsDistillConfig(MethodConfig):
 
     REPLACES_MODEL = True
 
-    teacher: str | ModelRef = option("current", doc="current, baseline, or a model spec / {spec, weights, args}")
+    teacher: str | ModelRef | tuple[WeightedTeacher, ...] = option(
+        "current", doc="current, baseline, or a model spec / {spec, weights, args}; or a list of {model, weight}")
     student: ModelRef | None = option(None, doc="student spec or {spec, args, weights} (required)")
     temperature: float = option(4.0, low=0.0, low_open=True, doc="softmax temperature T")
     alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on CE")
     train: TrainConfig = option(default_factory=TrainConfig, doc="the student's training run")
+    cache: bool = option(False, doc="cache the teachers' logits of the training split on disk (training "
+                                    "data without augmentation only)")
 
     @classmethod
     def example(cls) -> "LogitsDistillConfig":
@@ -78,27 +86,28 @@ class LogitsDistillConfig(MethodConfig):
         if self.student is None:
             raise RecipeError("LogitsDistillConfig.student: missing; give a spec such as zoo:digits-cnn "
                               "or {spec: ..., args: {...}}")
-        object.__setattr__(self, "teacher", teacher_ref(self.teacher, "LogitsDistillConfig.teacher"))
+        object.__setattr__(self, "teacher", teachers_ref(self.teacher, f"{type(self).__name__}.teacher"))
         if self.train.distill is not None:
             raise RecipeError("LogitsDistillConfig.train.distill: this step distills already; set teacher, "
                               "temperature and alpha on the step")
 
     def check_ready(self, task=None) -> None:
         """Build the student (and a named teacher) now, so a bad spec fails before any work."""
-        from ...errors import SpecError
-        from ...measure import check_runs
-
         super().check_ready(task)
-        if task is not None and getattr(task, "outputs", "logits") != "logits":
+        if self.alpha > 0 and task is not None and getattr(task, "outputs", "logits") != "logits":
             raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class "
                               "logits; logit distillation needs a classification task")
-        for role, ref in (("student", self.student), ("teacher", self.teacher)):
+        for role, ref in (("student", self.student), *(("teacher", t) for t, _ in self.teachers())):
             if isinstance(ref, ModelRef):
-                try:
-                    model = ref.build()
-                except SpecError as exc:
-                    raise SpecError(f"{role}: {exc}") from None
-                check_runs(model, task, f"{role} {ref.spec}")
+                self.check_layers(role, build_checked(ref, task, role))
+
+    def teachers(self) -> tuple[tuple[str | ModelRef, float], ...]:
+        """``((teacher, weight), ...)``: the one teacher with weight 1, or the weighted list."""
+        return weighted_teachers(self.teacher)
+
+    def check_layers(self, role: str, model: nn.Module) -> None:
+        """Raise a RecipeError when layers this config names do not exist in the built ``role``
+        model (``student`` or ``teacher``); feature distillation configs check theirs."""
 
 
 @register_method("distill.logits", LogitsDistillConfig)
@@ -108,9 +117,15 @@ def _distill_logits(model: nn.Module, config: LogitsDistillConfig, ctx) -> nn.Mo
     if task.outputs != "logits":
         raise RecipeError(f"distill.logits: task {task.spec!r} produces {task.outputs}, not class logits; "
                           "logit distillation needs a classification task")
-    teacher = model if config.teacher == "current" else ctx.teacher(config.teacher)
+    return train_student(model, config, ctx)
+
+
+def train_student(model: nn.Module, config: LogitsDistillConfig, ctx) -> nn.Module:
+    """Build the student and train it with the distillation plugins ``config`` asks for (the
+    teacher ``current`` is ``model`` itself)."""
     torch.manual_seed(config.train.seed)  # reproducible student init
     student = config.student.build()
-    plugin = LogitDistillation(teacher, config.temperature, config.alpha)
-    ctx.train(student, config.train, desc="distill", plugins=[plugin])
+    plugins = distill_plugins(config, lambda ref: model if ref == "current" else ctx.teacher(ref),
+                              ctx.distill_cache_dir())
+    ctx.train(student, config.train, desc="distill", plugins=plugins)
     return student
