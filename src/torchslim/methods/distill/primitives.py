@@ -42,6 +42,11 @@ def soft_targets(teacher_logits: torch.Tensor | list[torch.Tensor], temperature:
     ------
     ValueError
         When the list is empty, the shapes differ, a weight is negative or all are zero.
+
+    Examples
+    --------
+    >>> soft_targets([torch.tensor([[0.0, 0.0]]), torch.tensor([[9.0, -9.0]])], 1.0, [1, 3]).round(decimals=3)
+    tensor([[0.8750, 0.1250]])
     """
     logits = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
     if not logits:
@@ -64,6 +69,11 @@ def soft_target_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, t
     ``student_logits``: ``(N, C)``; ``target_probs``: ``(N, C)`` rows summing to 1 (e.g.
     :func:`soft_targets`); zero-probability classes contribute nothing. With one teacher this is
     the soft term of :func:`kd_loss`.
+
+    Examples
+    --------
+    >>> float(soft_target_loss(torch.zeros(1, 2), torch.tensor([[0.5, 0.5]]), 2.0))
+    0.0
     """
     log_q = F.log_softmax(student_logits / temperature, dim=-1)
     p = target_probs.detach().to(log_q.dtype)
@@ -83,6 +93,11 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     ------
     ValueError
         When the shapes differ.
+
+    Examples
+    --------
+    >>> float(hint_loss(torch.ones(2, 3), torch.zeros(2, 3)))
+    1.0
     """
     if student.shape != teacher.shape:
         raise ValueError(f"hint_loss: student features {tuple(student.shape)} and teacher features "
@@ -96,6 +111,11 @@ def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
     ``features``: ``(N, C, H, W)`` (any ``(N, C, ...)``); returns ``(N, H*W)`` with unit L2
     norm per row (an all-zero map stays zero).
+
+    Examples
+    --------
+    >>> attention_map(torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]]))   # (1, 2, 1, 2): Q = [2, 0]
+    tensor([[1., 0.]])
     """
     q = features.abs().pow(p).sum(dim=1).flatten(1)   # (N, H*W)
     return F.normalize(q, p=2.0, dim=1)
@@ -114,6 +134,11 @@ def at_loss(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor], 
     ------
     ValueError
         When the lists differ in length or a pair's shapes differ.
+
+    Examples
+    --------
+    >>> float(at_loss([torch.tensor([[1.0, 0.0]])], [torch.tensor([[0.0, 1.0]])], beta=2.0))   # sqrt(2)
+    1.4142135381698608
     """
     if len(student_maps) != len(teacher_maps) or not student_maps:
         raise ValueError(f"at_loss: {len(student_maps)} student maps for {len(teacher_maps)} teacher maps")
@@ -141,6 +166,12 @@ def attention_probs_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str
     ------
     ValueError
         When batch or sequence sizes differ, or ``kind`` is unknown.
+
+    Examples
+    --------
+    >>> p = torch.full((1, 2, 3, 3), 1 / 3)
+    >>> float(attention_probs_loss(p, p)), float(attention_probs_loss(p, p, "mse"))
+    (0.0, 0.0)
     """
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] \
             or student.shape[2:] != teacher.shape[2:]:
