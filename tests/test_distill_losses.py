@@ -244,22 +244,31 @@ def test_hint_run_on_digits_trains_the_projection_and_leaves_it_out_of_the_artif
         torch.testing.assert_close(back(x), student.eval()(x), rtol=0, atol=0)
 
 
-def test_hint_projection_state_is_restored_for_a_resume(trained_digits, digits_task):
-    def plugin():
-        student = _digits_cnn([8, 16], 0)
-        p = HintDistillation(copy.deepcopy(trained_digits), {"2": "2", "9": "9"})
-        p.setup(SimpleNamespace(model=student, task=digits_task))
-        return p
+def test_a_resumed_hint_run_ends_with_the_weights_and_projection_of_an_uninterrupted_one(digits_task, tmp_path):
+    class Interrupt(Exception):
+        pass
 
-    a = plugin()
-    with torch.no_grad():
-        for t in a.parameters():
-            t.add_(1.0)
-    b = plugin()
-    b.load_state_dict(a.state_dict())
-    assert len(a.parameters()) == 2          # "2": conv 16 -> 64 (weight, bias); "9": 10 logits each, none
-    for x, y in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    teacher = _digits_cnn([16, 32], 5)
+    config = TrainConfig(optimizer="adamw", epochs=2, batch_size=256, lr=0.01, loggers=())
+
+    def run(ckpt, crash=False, init_seed=0):
+        def stop(model, step, total):
+            if crash and step == total // 2 + 1:      # first step of epoch 2
+                raise Interrupt
+        plugin = HintDistillation(teacher, {"2": "2", "6": "6"})       # 8 -> 16 channels, 32 -> 32 units
+        t = Trainer(_digits_cnn([8, 16], init_seed), digits_task, config, ckpt_dir=ckpt, plugins=[plugin],
+                    callbacks=[stop])
+        t.fit()
+        return t.model, plugin
+
+    straight, p_straight = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", crash=True)
+    resumed, p_resumed = run(tmp_path / "b", init_seed=99)   # weights and projection come from last.pt
+    assert list(p_resumed.projections) == ["0"]              # "6" has the teacher's width: no projection
+    for a, b in [(straight.state_dict(), resumed.state_dict()),
+                 (p_straight.projections.state_dict(), p_resumed.projections.state_dict())]:
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_hint_distill_method_and_a_pruning_finetune_with_hints(trained_digits, digits_task):
