@@ -172,6 +172,8 @@ def test_cached_teacher_logits_match_and_are_read_from_disk(digits_task, tmp_pat
     noisy = (batch[0] + 0.01, batch[1])                                  # an augmented batch
     with pytest.raises(RecipeError, match="not in the cached"):
         cached.loss(student, noisy, student(noisy[0]), base)
+    with pytest.raises(RecipeError, match="set cache: false"):           # the trainer's own augmentation
+        TrainConfig.from_dict({"jitter": 1, "distill": {"teacher": "baseline", "cache": True}})
 
 
 def test_several_teachers_in_recipes_round_trip_and_keep_their_roles():

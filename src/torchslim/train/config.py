@@ -277,6 +277,9 @@ class TrainConfig(MethodConfig):
     def validate(self) -> None:
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        if self.jitter and self.distill is not None and self.distill.cache:
+            raise RecipeError(f"TrainConfig.distill.cache: cached teacher logits need the training images as they "
+                              f"are, and jitter: {self.jitter} shifts them; set cache: false or jitter: 0")
         if self.warmup > self.epochs and self.epochs > 0:
             raise RecipeError(f"TrainConfig.warmup: {self.warmup} epochs of warm-up exceeds epochs={self.epochs}")
 

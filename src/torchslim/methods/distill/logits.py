@@ -87,6 +87,9 @@ class LogitsDistillConfig(MethodConfig):
             raise RecipeError("LogitsDistillConfig.student: missing; give a spec such as zoo:digits-cnn "
                               "or {spec: ..., args: {...}}")
         object.__setattr__(self, "teacher", teachers_ref(self.teacher, f"{type(self).__name__}.teacher"))
+        if self.cache and self.train.jitter:
+            raise RecipeError(f"{type(self).__name__}.cache: cached teacher logits need the training images as "
+                              f"they are, and train.jitter: {self.train.jitter} shifts them; set cache: false")
         if self.train.distill is not None:
             raise RecipeError("LogitsDistillConfig.train.distill: this step distills already; set teacher, "
                               "temperature and alpha on the step")
