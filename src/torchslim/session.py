@@ -321,7 +321,8 @@ class Session:
     def train(self, model: nn.Module, config: TrainConfig, *, desc: str, loss_fn: Callable | None = None,
               plugins: list | None = None, callbacks: list | None = None, sub: str = "train") -> nn.Module:
         """Train ``model`` with the shared trainer (checkpoints, resume, DDP, logging);
-        ``config.distill`` adds the distillation plugins (:func:`~torchslim.train.distill.distill_plugins`). Each epoch is added to the step's
+        ``config.distill`` adds the distillation plugins
+        (:func:`~torchslim.train.distill.distill_plugins`). Each epoch is added to the step's
         metrics row as ``training: [{"run": desc, "epoch", "loss", "val_metric", "lr"}]``
         (``val_metric`` null without a validation metric)."""
         from .train.trainer import Trainer
