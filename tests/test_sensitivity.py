@@ -109,8 +109,8 @@ def test_ratios_sensitivity_measured_in_the_step_are_recorded(trained_digits, di
 
 
 def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
-    with pytest.raises(RecipeError, match="granularity weight"):
-        MagnitudePruneConfig(ratios="sensitivity", granularity="channel")
+    with pytest.raises(RecipeError, match="granularity weight and channel, not 'head'"):
+        MagnitudePruneConfig(ratios="sensitivity", granularity="head")
     with pytest.raises(RecipeError, match="ratios: sensitivity only"):
         MagnitudePruneConfig(sensitivity="x.json")
     (tmp_path / "bad.json").write_text("{}")
@@ -143,3 +143,55 @@ def test_cli_warns_when_the_model_is_at_chance(tmp_path):
                         "--out", str(tmp_path), "--points", "0.5", "--targets", "9"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "about chance" in r.stderr and (tmp_path / "sensitivity.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def channel_curves(trained_digits, digits_task):
+    return sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="channel"),
+                               points=(0.25, 0.5, 0.75), split="val")
+
+
+def test_channel_curves_per_group_with_measured_removal(channel_curves, trained_digits, digits_task):
+    from torchslim.measure import count_macs, count_params
+
+    data = channel_curves
+    # one curve per channel group (by root); the classifier "9" holds the model's output: kept
+    assert set(data["layers"]) == {"0", "2", "6"}
+    x = digits_task.example_inputs(1)
+    assert data["model"] == {"params": count_params(trained_digits)[0], "macs": count_macs(trained_digits, x)}
+    # conv "0" (1 -> 32, 3x3 on 8x8) at 50%: 16 of its filters and 16 input slices of conv "2" (32 -> 64)
+    p, removed_params, removed_macs = data["layers"]["0"]["removed"][1]
+    assert p == 0.5 and removed_params == 16 * (9 + 1) + 64 * 16 * 9
+    assert removed_macs == 16 * 9 * 64 + 64 * 16 * 9 * 64
+    for row in data["layers"].values():  # more sparsity never removes less
+        assert [r[2] for r in row["removed"]] == sorted(r[2] for r in row["removed"])
+
+
+def test_ratios_sensitivity_for_channels_meets_the_measured_macs_budget(tmp_path, channel_curves, trained_digits,
+                                                                       digits_task):
+    from torchslim.measure import count_macs
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+
+    path = sensitivity.write(channel_curves, tmp_path)
+    x = digits_task.example_inputs(1)
+    dense = count_macs(trained_digits, x)
+    uniform = torchslim.apply(trained_digits, MagnitudePruneConfig(granularity="channel", sparsity=0.5,
+                                                                   scope="layer"), task=digits_task)
+    target = 1 - count_macs(uniform, x) / dense
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
+                               sensitivity=str(path))
+    planned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    got = 1 - count_macs(planned, x) / dense
+    budget = session.info["metrics"]["sensitivity_budget"]
+    assert got == pytest.approx(target, abs=0.005) and budget["measured"] == pytest.approx(got, abs=1e-6)
+    ratios = session.info["metrics"]["sensitivity_ratios"]
+    for name, r in ratios.items():   # each group lost its own fraction of its channels
+        layer = planned.get_submodule(name)
+        kept = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+        orig = trained_digits.get_submodule(name)
+        orig = orig.out_channels if hasattr(orig, "out_channels") else orig.out_features
+        assert kept == max(orig - round(r * orig), 1)
+    assert len(set(ratios.values())) > 1                       # not the uniform plan
+    assert digits_task.evaluate(planned, "val") >= digits_task.evaluate(uniform, "val")

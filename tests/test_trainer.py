@@ -204,6 +204,58 @@ def test_weight_decay_shrinks_weights(digits_task):
     assert norms[0.5] < norms[0.0]
 
 
+def test_jitter_images_shifts_each_image_within_bounds():
+    from torchslim.train.trainer import jitter_images
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 9, 7)
+    y = jitter_images(x, 2)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    seen = set()
+    for i in range(len(x)):  # each output is one window of the replicate-padded input
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.equal(y[i], padded[i, :, dy:dy + 9, dx:dx + 7])]
+        assert hits, f"image {i} is not a shifted copy"
+        seen.add(hits[0])
+    assert len(seen) > 10                       # offsets differ between images
+    assert torch.equal(jitter_images(x, 0), x)
+
+
+def test_jitter_trains_and_refuses_non_images(digits_task):
+    model = tiny()
+    seen = []
+    t = Trainer(model, digits_task, cfg(epochs=1, jitter=1))
+    t.loss_fn = lambda m, b: (seen.append(b[0]), digits_task.loss(digits_task.forward(m, b), b))[1]
+    t.fit()
+    first = digits_task.split("train")[0][0]
+    assert len(seen) == SPE and seen[0].shape[1:] == first.shape
+    # the batches differ from the stored images: no batch is a plain copy of its rows
+    train_x = digits_task.split("train").tensors[0]
+    assert not any(torch.equal(b[0], row) for b in seen[:1] for row in train_x[:200])
+    from torch.utils.data import TensorDataset
+
+    from torchslim.specs.tasks import Task
+
+    class Tabular(Task):  # rows of 4 features: nothing to shift
+        def _load_splits(self):
+            ds = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+            return {"train": ds, "val": ds, "test": ds}
+
+    tab = torchslim.build_model("zoo:mlp", args={"in_features": 4, "hidden": [8], "num_classes": 2})
+    with pytest.raises(UserError, match="jitter: 1 shifts images"):
+        Trainer(tab, Tabular("tabular"), cfg(epochs=1, batch_size=8, jitter=1)).fit()
+
+
+def test_zoo_mlp_layout():
+    m = torchslim.build_model("zoo:mlp", args={"hidden": [12, 6], "dropout": 0.5, "input_dropout": 0.2})
+    kinds = [type(x).__name__ for x in m]
+    assert kinds == ["Flatten", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [x.p for x in m if isinstance(x, torch.nn.Dropout)] == [0.2, 0.5, 0.5]
+    assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(p.numel() for p in m.parameters()) == 784 * 12 + 12 + 12 * 6 + 6 + 6 * 10 + 10
+
+
 # -- seeding, accuracy ----------------------------------------------------------------------
 def test_seed_reproducible_and_distinct(digits_task):
     def run(seed):

@@ -1,4 +1,4 @@
-"""Distillation: the configs of the ``distill`` verb and the distillation training plugin.
+"""Distillation: the configs of the ``distill`` verb and the distillation training plugins.
 
 Examples
 --------
@@ -7,11 +7,15 @@ Examples
 'current'
 """
 
+from .methods.distill.attention import AttentionDistillConfig
 from .methods.distill.embedding import EmbeddingDistillation, EmbeddingDistillConfig
+from .methods.distill.hint import HintDistillConfig
 from .methods.distill.logits import LogitsDistillConfig
 from .methods.distill.students import FromTeacher, build_student
-from .train.config import DistillTerm
+from .train.config import AttentionTerm, DistillTerm, HintTerm, WeightedTeacher
+from .train.distill import AttentionTransfer, HintDistillation
 from .train.plugins import LogitDistillation
 
-__all__ = ["LogitsDistillConfig", "EmbeddingDistillConfig", "FromTeacher", "build_student", "DistillTerm",
-           "LogitDistillation", "EmbeddingDistillation"]
+__all__ = ["LogitsDistillConfig", "HintDistillConfig", "AttentionDistillConfig", "EmbeddingDistillConfig",
+           "FromTeacher", "build_student", "DistillTerm", "HintTerm", "AttentionTerm", "WeightedTeacher",
+           "LogitDistillation", "HintDistillation", "AttentionTransfer", "EmbeddingDistillation"]

@@ -137,6 +137,23 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+def find_module(model: nn.Module, name: str, what: str = "the model") -> nn.Module:
+    """Module ``name`` of ``model`` (``""``: the model itself), or a RecipeError naming the
+    closest module names of ``what`` (``"the teacher"``, say).
+
+    Examples
+    --------
+    >>> find_module(nn.Sequential(nn.Linear(2, 2)), "0").out_features
+    2
+    """
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise RecipeError(f"no module named {name!r} in {what}{did_you_mean(name, names)}; "
+                          f"module names look like: {', '.join(names[:8])}") from None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore its training flag afterwards, even

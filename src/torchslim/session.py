@@ -34,11 +34,11 @@ from torch import nn
 from . import distributed as tsdist
 from .config import ModelRef
 from .errors import RecipeError, UserError, did_you_mean
-from .modules import eval_mode
+from .modules import eval_mode, find_module
 from .progress import Progress
 from .specs.tasks import Task, to_device
 from .train.config import TrainConfig
-from .train.plugins import LogitDistillation
+from .train.distill import distill_plugins
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,7 @@ SPLITS = ("train", "val", "test")
 
 def _named(model: nn.Module, name: str) -> nn.Module:
     """Module ``name`` of ``model``; RecipeError with the closest names when there is none."""
-    try:
-        return model.get_submodule(name) if name else model
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        raise RecipeError(f"no module named {name!r} in the model{did_you_mean(name, names)}; "
-                          f"module names look like: {', '.join(names[:8])}") from None
+    return find_module(model, name)
 
 
 @torch.no_grad()
@@ -210,6 +205,11 @@ class Session:
             raise UserError(f"teacher {ref!r} is not available here: give a model spec as teacher")
         return found
 
+    def distill_cache_dir(self, sub: str = "train") -> Path | None:
+        """Where a training run ``sub`` of this step keeps cached teacher logits (None outside a
+        pipeline: the cache stays in memory)."""
+        return self.workdir / sub / "teacher-logits" if self.workdir else None
+
     # -- calibration data ----------------------------------------------------------------
     def calibration_batches(self, samples: int = 128, *, split: str = "train", batch_size: int = 32,
                             seed: int = 0) -> list[Any]:
@@ -321,7 +321,8 @@ class Session:
     def train(self, model: nn.Module, config: TrainConfig, *, desc: str, loss_fn: Callable | None = None,
               plugins: list | None = None, callbacks: list | None = None, sub: str = "train") -> nn.Module:
         """Train ``model`` with the shared trainer (checkpoints, resume, DDP, logging);
-        ``config.distill`` adds the distillation plugin. Each epoch is added to the step's
+        ``config.distill`` adds the distillation plugins
+        (:func:`~torchslim.train.distill.distill_plugins`). Each epoch is added to the step's
         metrics row as ``training: [{"run": desc, "epoch", "loss", "val_metric", "lr"}]``
         (``val_metric`` null without a validation metric)."""
         from .train.trainer import Trainer
@@ -329,8 +330,7 @@ class Session:
         task = self.require_task(desc)
         plugins = list(plugins or [])
         if config.distill is not None:
-            d = config.distill
-            plugins.append(LogitDistillation(self.teacher(d.teacher), d.temperature, d.alpha))
+            plugins += distill_plugins(config.distill, self.teacher, self.distill_cache_dir(sub))
         trainer = Trainer(model, task, config, loss_fn=loss_fn, plugins=plugins, callbacks=callbacks,
                           ckpt_dir=self.workdir / sub if self.workdir else None,
                           log_dir=self.log_dir / desc if self.log_dir else None, desc=desc)

@@ -27,6 +27,28 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     )
 
 
+@register_zoo("mlp")
+def mlp(num_classes: int = 10, in_features: int = 784, hidden: tuple[int, ...] | list[int] = (1200, 1200),
+        dropout: float = 0.0, input_dropout: float = 0.0) -> nn.Module:
+    """A fully connected ReLU net on flattened inputs: ``(N, ...) -> (N, num_classes)``.
+
+    ``hidden`` lists the widths (Hinton et al. 2015's MNIST teacher is ``[1200, 1200]`` with
+    ``dropout: 0.5, input_dropout: 0.2``, their student ``[800, 800]`` without dropout).
+    ``dropout`` follows every hidden layer, ``input_dropout`` the input (Srivastava et al. 2014).
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    if input_dropout:
+        layers.append(nn.Dropout(input_dropout))
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
 @register_zoo("lenet-5")
 def lenet_5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """LeNet-5, Caffe variant: conv20 -> pool -> conv50 -> pool -> fc500 -> fc10 (431,080 params)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..config import MethodConfig, ModelRef, as_mapping, option
 from ..errors import RecipeError, did_you_mean
@@ -15,8 +16,9 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.001}
 #: teachers named by role: the recipe's baseline model, or the model as it entered the step
 TEACHER_ROLES = ("baseline", "current")
-#: config fields whose values may be a role: a teacher, a merge's ingredients (``models``) and base
-MODEL_FIELDS = ("teacher", "models", "base")
+#: config fields whose values may be a role: a teacher, a merge's ingredients (``models``) and base,
+#: one of several weighted teachers (``model``)
+MODEL_FIELDS = ("teacher", "models", "base", "model")
 
 
 def teacher_ref(value: str | ModelRef, where: str, kind: str = "teacher role") -> str | ModelRef:
@@ -38,6 +40,115 @@ def teacher_ref(value: str | ModelRef, where: str, kind: str = "teacher role") -
     return ModelRef(spec=value)
 
 
+def build_checked(ref: ModelRef, task: Any, role: str) -> Any:
+    """The model ``ref`` names, built and run once on ``task``'s example inputs (preflight); a
+    SpecError names the ``role`` (``teacher``, ``student``)."""
+    from ..errors import SpecError
+    from ..measure import check_runs
+
+    try:
+        model = ref.build()
+    except SpecError as exc:
+        raise SpecError(f"{role}: {exc}") from None
+    check_runs(model, task, f"{role} {ref.spec}")
+    return model
+
+
+def teachers_ref(value: Any, where: str) -> Any:
+    """A teacher field as given: one teacher (:func:`teacher_ref`) or a non-empty tuple of
+    :class:`WeightedTeacher`; RecipeError otherwise."""
+    if not isinstance(value, tuple):
+        return teacher_ref(value, where)
+    if not value:
+        raise RecipeError(f"{where}: an empty list; give one teacher or a list of {{model, weight}}")
+    return value
+
+
+def weighted_teachers(value: Any) -> tuple[tuple[str | ModelRef, float], ...]:
+    """``((teacher, weight), ...)`` of a teacher field: the one teacher with weight 1, or the
+    weighted list.
+
+    Examples
+    --------
+    >>> weighted_teachers("baseline")
+    (('baseline', 1.0),)
+    """
+    if isinstance(value, tuple):
+        return tuple((t.model, t.weight) for t in value)
+    return ((value, 1.0),)
+
+
+@dataclass(frozen=True)
+class WeightedTeacher(MethodConfig):
+    """One of several teachers and its weight (``teacher: [{model: baseline, weight: 0.7}, ...]``);
+    a plain string stands for ``{model: STRING, weight: 1}``. Weights are normalised to sum to 1.
+
+    Examples
+    --------
+    >>> WeightedTeacher.from_dict({"model": "zoo:lenet-5", "weight": 2}).model.spec
+    'zoo:lenet-5'
+    """
+
+    SCALAR_FIELD: ClassVar[str | None] = "model"
+
+    model: str | ModelRef = option("baseline", doc="baseline, current, or a model spec / {spec, weights, args}")
+    weight: float = option(1.0, low=0.0, low_open=True, doc="weight of this teacher's soft targets")
+
+    def validate(self) -> None:
+        object.__setattr__(self, "model", teacher_ref(self.model, f"{type(self).__name__}.model"))
+
+
+@dataclass(frozen=True)
+class HintTerm(MethodConfig):
+    """Feature (hint) distillation of named layers (FitNets, Romero et al. 2015): the
+    :class:`~torchslim.train.feature_distill.HintDistillation` plugin.
+
+    Examples
+    --------
+    >>> HintTerm.from_dict({"layers": {"2": "2"}}).weight
+    1.0
+    """
+
+    layers: dict[str, str] = option(default_factory=dict, doc="student layer name -> teacher layer name")
+    weight: float = option(1.0, low=0.0, doc="weight of the hint loss (mean squared error)")
+    projection: str = option("auto", choices=("auto", "always", "none"),
+                             doc="a learned 1x1 conv / linear from student to teacher width: auto (when "
+                                 "widths differ), always, none (widths must match); dropped after training")
+
+    def validate(self) -> None:
+        _check_layer_map(self.layers, type(self).__name__)
+
+
+@dataclass(frozen=True)
+class AttentionTerm(MethodConfig):
+    """Attention transfer of named layers: CNN feature maps (Zagoruyko & Komodakis 2017) or the
+    attention probabilities of transformer attention modules (Hugging Face BERT-style): the
+    :class:`~torchslim.train.feature_distill.AttentionTransfer` plugin.
+
+    Examples
+    --------
+    >>> AttentionTerm.from_dict({"layers": {"layer1": "layer1"}, "beta": 2}).beta
+    2.0
+    """
+
+    layers: dict[str, str] = option(default_factory=dict, doc="student layer name -> teacher layer name")
+    beta: float = option(1.0, low=0.0, doc="weight beta of the attention loss (beta/2 for CNN maps)")
+    p: float = option(2.0, low=0.0, low_open=True, doc="exponent of the CNN attention map sum_c |A_c|^p")
+    loss: str = option("kl", choices=("kl", "mse"), doc="distance of attention probabilities (transformers)")
+
+    def validate(self) -> None:
+        _check_layer_map(self.layers, type(self).__name__)
+
+
+def _check_layer_map(layers: dict[str, str], where: str) -> None:
+    if not layers:
+        raise RecipeError(f"{where}.layers: empty; give student layer -> teacher layer names, "
+                          "e.g. {'2': '2'}")
+    for k, v in layers.items():
+        if not k or not v:
+            raise RecipeError(f"{where}.layers: empty layer name in {k!r}: {v!r}")
+
+
 @dataclass(frozen=True)
 class DistillTerm(MethodConfig):
     """Logit distillation added to a training run (the :class:`~torchslim.train.plugins.LogitDistillation`
@@ -45,35 +156,53 @@ class DistillTerm(MethodConfig):
 
     ``teacher``: ``baseline`` (the recipe's baseline model; with ``torchslim.apply``, the model
     given), ``current`` (the model as it entered the step), or a model spec / ``{spec, weights,
-    args}``.
+    args}``; or several weighted teachers, ``[{model: baseline, weight: 0.7}, {model: SPEC,
+    weight: 0.3}]``, whose softened distributions are averaged with those weights
+    (:func:`~torchslim.methods.distill.primitives.soft_targets`). ``cache: true`` keeps the
+    teachers' logits of the training split on disk (un-augmented training data only). ``hint``
+    and ``attention`` add feature and attention losses from the (single) teacher; ``alpha: 0``
+    drops the logit term.
 
     Examples
     --------
     >>> DistillTerm.from_dict({"teacher": "zoo:lenet-5"}).teacher.spec
     'zoo:lenet-5'
+    >>> [t.weight for t in DistillTerm.from_dict({"teacher": [{"model": "baseline", "weight": 0.7},
+    ...                                                        "zoo:lenet-5"]}).teacher]
+    [0.7, 1.0]
     """
 
-    teacher: str | ModelRef = option("baseline", doc="baseline, current, or a model spec / {spec, weights, args}")
+    teacher: str | ModelRef | tuple[WeightedTeacher, ...] = option(
+        "baseline", doc="baseline, current, or a model spec / {spec, weights, args}; or a list of "
+                        "{model, weight} for several teachers")
     temperature: float = option(4.0, low=0.0, low_open=True, doc="softmax temperature T")
     alpha: float = option(0.9, low=0.0, high=1.0, doc="weight of the soft (KL) term; 1 - alpha on the task loss")
+    cache: bool = option(False, doc="cache the teachers' logits of the training split on disk (the step's "
+                                    "scratch directory); only for training batches without augmentation")
+    hint: HintTerm | None = option(None, doc="add feature distillation: {layers: {student: teacher}, weight, "
+                                             "projection}")
+    attention: AttentionTerm | None = option(None, doc="add attention transfer: {layers: {student: teacher}, "
+                                                       "beta, p, loss}")
 
     def validate(self) -> None:
-        object.__setattr__(self, "teacher", teacher_ref(self.teacher, f"{type(self).__name__}.teacher"))
+        where = f"{type(self).__name__}.teacher"
+        object.__setattr__(self, "teacher", teachers_ref(self.teacher, where))
+        if (self.hint is not None or self.attention is not None) and len(self.teachers()) > 1:
+            raise RecipeError(f"{where}: hint and attention distill from one teacher; "
+                              f"{len(self.teachers())} are given")
+
+    def teachers(self) -> tuple[tuple[str | ModelRef, float], ...]:
+        """``((teacher, weight), ...)``: the one teacher with weight 1, or the weighted list."""
+        return weighted_teachers(self.teacher)
 
     def check_ready(self, task=None) -> None:
-        from ..errors import SpecError
-        from ..measure import check_runs
-
         super().check_ready(task)
-        if task is not None and getattr(task, "outputs", "logits") != "logits":
+        if self.alpha > 0 and task is not None and getattr(task, "outputs", "logits") != "logits":
             raise RecipeError(f"distill: task {task.spec!r} produces {task.outputs}, not class logits; "
-                              "logit distillation needs a classification task")
-        if isinstance(self.teacher, ModelRef):
-            try:
-                teacher = self.teacher.build()
-            except SpecError as exc:
-                raise SpecError(f"teacher: {exc}") from None
-            check_runs(teacher, task, f"teacher {self.teacher.spec}")
+                              "logit distillation needs a classification task (alpha: 0 drops the logit term)")
+        for ref, _ in self.teachers():
+            if isinstance(ref, ModelRef):
+                build_checked(ref, task, "teacher")
 
 
 @dataclass(frozen=True)
@@ -108,6 +237,9 @@ class TrainConfig(MethodConfig):
     label_smoothing: float = option(0.0, low=0.0, high=1.0, high_open=True, doc="cross-entropy label smoothing")
     dropout: float | None = option(None, low=0.0, high=1.0, high_open=True,
                                    doc="set p of every dropout layer (null: keep the model's)")
+    jitter: int = option(0, low=0, high=16, doc="shift image inputs (N, C, H, W) by up to this many pixels in "
+                                                 "each direction at random every step, edges replicated "
+                                                 "(0: off)")
     early_stopping: int = option(0, low=0, doc="stop after this many epochs without val improvement (0: off)")
     grad_clip: float | None = option(None, low=0.0, low_open=True, doc="clip the gradient norm to this")
     seed: int = option(0, doc="seed of the shuffling and dropout (each epoch's from seed and epoch, "
@@ -145,6 +277,9 @@ class TrainConfig(MethodConfig):
     def validate(self) -> None:
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        if self.jitter and self.distill is not None and self.distill.cache:
+            raise RecipeError(f"TrainConfig.distill.cache: cached teacher logits need the training images as they "
+                              f"are, and jitter: {self.jitter} shifts them; set cache: false or jitter: 0")
         if self.warmup > self.epochs and self.epochs > 0:
             raise RecipeError(f"TrainConfig.warmup: {self.warmup} epochs of warm-up exceeds epochs={self.epochs}")
 
@@ -178,10 +313,10 @@ def teacher_roles(config: MethodConfig) -> set[str]:
     roles: set[str] = set()
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in MODEL_FIELDS:  # a merge's ingredients and base name models as teachers do
-            for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, str) and item in TEACHER_ROLES:
-                    roles.add(item)
-        if isinstance(value, MethodConfig):
-            roles |= teacher_roles(value)
+        for item in value if isinstance(value, tuple) else (value,):
+            # a merge's ingredients and base name models as teachers do
+            if f.name in MODEL_FIELDS and isinstance(item, str) and item in TEACHER_ROLES:
+                roles.add(item)
+            if isinstance(item, MethodConfig):   # nested configs, several weighted teachers
+                roles |= teacher_roles(item)
     return roles

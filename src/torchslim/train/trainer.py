@@ -63,6 +63,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def jitter_images(images: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Each image of ``images`` (N, C, H, W) shifted by its own random offset in
+    ``[-pixels, pixels]`` along H and along W, edges replicated; same shape and dtype.
+
+    The input "jitter" of Hinton et al. (2015, sec. 3) for their MNIST teacher. Offsets come from
+    the global torch generator, which the trainer seeds per epoch, so resumed runs repeat.
+    """
+    if pixels <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels), mode="replicate")
+    dy = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]     # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]     # (N, 1, W)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
 def mix_seed(*parts: int) -> int:
     """A well-spread non-negative 63-bit seed from integers such as ``(seed, epoch, rank)``.
 
@@ -323,6 +342,11 @@ class Trainer:
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=sampler is None,
                             sampler=sampler, generator=gen, collate_fn=self.task.collate,
                             drop_last=len(dataset) > c.batch_size * world)
+        if c.jitter:
+            first = dataset[0][0] if isinstance(dataset[0], (tuple, list)) else None
+            if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.is_floating_point()):
+                raise UserError(f"{self.desc}: jitter: {c.jitter} shifts images (C, H, W), but the examples of "
+                                f"task {self.task.spec!r} are not float images; set jitter: 0")
         steps_per_epoch = len(loader)
         if world > 1 and rank == 0:
             log.info("%s: %d processes x batch_size %d = effective batch size %d (%d steps per epoch); "
@@ -383,6 +407,8 @@ class Trainer:
                             g["lr"] = c.lr * min((step + 1) / warm, 1.0)
                     lr = opt.param_groups[0]["lr"]
                     batch = to_device(batch, device)
+                    if c.jitter:
+                        batch = (jitter_images(batch[0], c.jitter), *batch[1:])
                     loss = self.loss_fn(ddp_model, batch)
                     if not torch.isfinite(loss):
                         from ..numerics import nonfinite_tensors
@@ -455,6 +481,8 @@ class Trainer:
             for kind, lg in loggers:
                 if kind == "tensorboard":
                     lg.close()
+            for plugin in self.plugins:
+                plugin.teardown()
         if best_state is not None and c.early_stopping:
             model.load_state_dict(best_state)
         return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,12 +14,12 @@ from ...errors import RecipeError
 from ...registry import register_method
 from ...train.config import TrainConfig
 from ...train.plugins import LogitDistillation
+from .logits import LogitsDistillConfig, train_student
 from .primitives import EMBEDDING_LOSSES, embedding_loss
-from .students import DistillStepConfig
 
 
 @dataclass(frozen=True)
-class EmbeddingDistillConfig(DistillStepConfig):
+class EmbeddingDistillConfig(LogitsDistillConfig):
     """Embedding distillation into a new student (Reimers & Gurevych 2020, eq. 1; Sanh et al.
     2019's cosine loss), the usual way to shrink a sentence encoder.
 
@@ -31,11 +32,14 @@ class EmbeddingDistillConfig(DistillStepConfig):
     (STS-B's training sentences) are. Teacher and student must give embeddings of the same
     width (a student spec of another width is refused, naming both).
 
-    ``teacher``: ``current`` (default), ``baseline`` or a spec. ``student``: a spec or
-    ``{spec, weights, args}``, or ``{from_teacher: {layers: [0, 2, 4]}}`` (DistilBERT's
-    initialisation: the teacher's layers 0, 2, 4 with their weights) or ``{from_teacher: {width:
-    0.5}}`` (:mod:`~torchslim.methods.distill.students`). Training fields go in ``train`` or
-    beside the others.
+    ``teacher``: ``current`` (default), ``baseline`` or a spec; several weighted teachers are
+    matched through the weighted mean of their embeddings. ``student``: a spec or ``{spec,
+    weights, args}``, or ``{from_teacher: {layers: [0, 2, 4]}}`` (DistilBERT's initialisation:
+    the teacher's layers 0, 2, 4 with their weights) or ``{from_teacher: {width: 0.5}}``
+    (:mod:`~torchslim.methods.distill.students`). ``temperature`` is not used. ``cache: true``
+    keeps the teachers' embeddings of the training split (fixed-length inputs only: a text
+    task pads each batch to its longest sentence). Training fields go in ``train`` or beside the
+    others.
 
     Examples
     --------
@@ -45,25 +49,36 @@ class EmbeddingDistillConfig(DistillStepConfig):
     ((0, 2, 4), 'cosine', 1.0, 0.0002)
     """
 
-    loss: str = option("mse+cosine", choices=EMBEDDING_LOSSES,
-                       doc="distance to the teacher's embeddings: mse, cosine (mean 1 - cos) or their sum")
     alpha: float = option(1.0, low=0.0, high=1.0,
                           doc="weight of the embedding term; 1 - alpha on the task loss (1: labels not used)")
+    loss: str = option("mse+cosine", choices=EMBEDDING_LOSSES,
+                       doc="distance to the teacher's embeddings: mse, cosine (mean 1 - cos) or their sum")
 
     @classmethod
     def example(cls) -> "EmbeddingDistillConfig":
         return cls(student=ModelRef(spec="zoo:digits-cnn", args={"channels": [8, 16], "hidden": 32}),
                    loss="mse", train=TrainConfig(optimizer="adamw", epochs=2, loggers=()))
 
-    def check_pair(self, teacher: nn.Module | None, student: nn.Module | None, task: Any) -> None:
+    def check_task(self, task) -> None:
+        """Any task's outputs can be matched; a cache needs inputs of one length."""
+        if self.cache and getattr(task, "variable_length", False):
+            raise RecipeError(f"distill.embedding.cache: task {task.spec!r} pads each batch to its longest "
+                              "input, so cached embeddings cannot be matched to batches; set cache: false")
+
+    def check_pair(self, teacher: nn.Module | None, student: nn.Module, task: Any) -> None:
         """Teacher and student built at preflight must give embeddings of one width."""
-        if teacher is None or student is None or task is None or getattr(task, "metric_name", None) is None:
+        if teacher is None or task is None or getattr(task, "metric_name", None) is None:
             return
         ds = task.split("train")
         batch = task.collate([ds[i] for i in range(min(2, len(ds)))])
         with torch.no_grad():
             t, s = task.forward(teacher.eval(), batch), task.forward(student.eval(), batch)
         check_widths(s, t)
+
+    def plugins(self, teacher, cache_dir) -> list:
+        models, weights = zip(*((teacher(ref), w) for ref, w in self.teachers()))
+        return [EmbeddingDistillation(list(models), self.loss, self.alpha, weights=list(weights),
+                                      cache=self.cache, cache_dir=cache_dir)]
 
 
 def check_widths(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -78,33 +93,39 @@ def check_widths(student: torch.Tensor, teacher: torch.Tensor) -> None:
 class EmbeddingDistillation(LogitDistillation):
     """Embedding distillation as a loss term: ``alpha * embedding_loss(student, teacher) +
     (1 - alpha) * loss`` on the task's outputs (``task.forward``: sentence embeddings on
-    ``stsb``, ``(N, 2, D)``). The teacher runs in eval mode under ``no_grad`` and is never
-    changed (set up as :class:`~torchslim.train.plugins.LogitDistillation` does).
+    ``stsb``, ``(N, 2, D)``). With several teachers the target is the weighted mean of their
+    outputs. Teachers, weights and the cache are handled as in
+    :class:`~torchslim.train.plugins.LogitDistillation` (frozen, eval mode, ``no_grad``).
 
     Parameters
     ----------
-    teacher : nn.Module
+    teacher : nn.Module or list of nn.Module
         Frozen; moved to the student's device at setup.
     kind : str
         ``mse``, ``cosine`` or ``mse+cosine`` (:func:`~.primitives.embedding_loss`).
     alpha : float
         Weight of the embedding term in [0, 1]; the trainer's ``loss`` gets ``1 - alpha``.
+    weights, cache, cache_dir
+        As for :class:`~torchslim.train.plugins.LogitDistillation`.
 
     Raises
     ------
     RecipeError
-        When the student's and teacher's outputs differ in shape (both named).
+        When the student's and a teacher's outputs differ in shape (both named).
     """
 
-    def __init__(self, teacher: nn.Module, kind: str = "mse", alpha: float = 1.0) -> None:
-        super().__init__(teacher, temperature=1.0, alpha=alpha)
+    def __init__(self, teacher: nn.Module | list[nn.Module], kind: str = "mse", alpha: float = 1.0, *,
+                 weights: list[float] | None = None, cache: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(teacher, temperature=1.0, alpha=alpha, weights=weights, cache=cache, cache_dir=cache_dir)
         if kind not in EMBEDDING_LOSSES:
             raise ValueError(f"EmbeddingDistillation kind {kind!r}: accepted {', '.join(EMBEDDING_LOSSES)}")
         self.kind = kind
 
-    def term(self, outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> torch.Tensor:
-        check_widths(outputs, teacher_outputs)
-        return embedding_loss(outputs, teacher_outputs, self.kind)
+    def term(self, outputs: torch.Tensor, teacher_outputs: list[torch.Tensor]) -> torch.Tensor:
+        total = sum(self.weights)
+        target = sum(w / total * t for w, t in zip(self.weights, teacher_outputs))   # same shape as outputs
+        return embedding_loss(outputs, target, self.kind)
 
 
 def _no_task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -116,8 +137,4 @@ def _no_task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 def _distill_embedding(model: nn.Module, config: EmbeddingDistillConfig, ctx) -> nn.Module:
     """Train a new student (a spec or a copy of the teacher with fewer layers) on the teacher's embeddings."""
     ctx.require_task("distill")
-    teacher, student = config.teacher_and_student(model, ctx)
-    plugin = EmbeddingDistillation(teacher, config.loss, config.alpha)
-    ctx.train(student, config.train, desc="distill", plugins=[plugin],
-              loss_fn=_no_task_loss if config.alpha >= 1.0 else None)
-    return student
+    return train_student(model, config, ctx, loss_fn=_no_task_loss if config.alpha >= 1.0 else None)

@@ -16,7 +16,7 @@
   channel``, ``scope: layer``, :mod:`~torchslim.methods.prune.structured`; the output layer and
   embeddings stay). ``layers`` and ``width`` together: the layers are kept first.
 
-Stacks of layers ``from_teacher.layers`` can keep (:data:`STUDENT_STACKS`): a Hugging Face
+Stacks of layers ``from_teacher.layers`` can keep (:data:`FROM_TEACHER_STACKS`): a Hugging Face
 encoder's ``encoder.layer`` (``config.num_hidden_layers`` follows), an ``nn.TransformerEncoder``'s
 ``layers`` (``num_layers`` follows) and a torchvision ViT's ``encoder.layers``. The teacher must
 have exactly one of them. Every change goes through :mod:`torchslim.edits` (``delete`` and
@@ -33,7 +33,6 @@ Examples
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +41,12 @@ import torch
 from torch import nn
 
 from ...config import MethodConfig, ModelRef, as_mapping, option
-from ...errors import RecipeError, SpecError, UserError, first_line
+from ...errors import RecipeError, UserError, first_line
 from ...modules import get_submodule
-from ...train.config import TEACHER_ROLES, TrainConfig, teacher_ref
 
 log = logging.getLogger(__name__)
 
-STUDENT_STACKS = ("Hugging Face encoder.layer", "nn.TransformerEncoder layers", "torchvision ViT encoder.layers")
+FROM_TEACHER_STACKS = ("Hugging Face encoder.layer", "nn.TransformerEncoder layers", "torchvision ViT encoder.layers")
 
 
 @dataclass(frozen=True)
@@ -134,7 +132,7 @@ def teacher_stack(teacher: nn.Module, where: str = "student.from_teacher.layers"
         stacks = []
     if not stacks:
         raise RecipeError(f"{where}: the teacher ({type(teacher).__name__}) has no stack of layers to keep a "
-                          f"subset of; supported: {'; '.join(STUDENT_STACKS)}. Give a student spec instead")
+                          f"subset of; supported: {'; '.join(FROM_TEACHER_STACKS)}. Give a student spec instead")
     if len(stacks) > 1:
         raise RecipeError(f"{where}: the teacher has {len(stacks)} stacks of layers "
                           f"({', '.join(s.name for s in stacks)}); from_teacher.layers needs exactly one")
@@ -271,123 +269,34 @@ def cut_channels(model: nn.Module, width: float, session: Any) -> None:
                           f"{first_line(exc)}") from None
 
 
-def check_student(student: ModelRef | FromTeacher | None, teacher: Any,
-                  task: Any) -> tuple[nn.Module | None, nn.Module | None]:
-    """Preflight of a step's student (and a teacher given as a spec): each builds, runs on
-    ``task``'s inputs, and ``from_teacher.layers`` names layers the teacher has. Returns the
-    teacher and student built (None where they cannot be yet: a teacher given by role, which
-    :meth:`DistillStepConfig.check_model` checks for ``current``, and its ``from_teacher``
-    student; a ``width`` student, which needs the task's data).
+def student_preflight(student: ModelRef | FromTeacher | None, teacher: nn.Module | None,
+                      task: Any) -> nn.Module | None:
+    """The student as preflight can build it, run once on ``task``'s inputs: a spec (a SpecError
+    names the ``student``), or ``from_teacher.layers`` of ``teacher`` when it is known (a spec, or
+    the model entering the step), its indices checked. None where it cannot be built yet (a
+    teacher by role, a ``width`` that needs the task's data).
 
     Raises
     ------
     SpecError
-        For a teacher or student spec that does not build, or a model that does not run on the
-        task's inputs (``teacher: ...`` / ``student: ...`` in front).
+        For a student spec that does not build, or a student that does not run on the inputs.
     RecipeError
         For ``from_teacher.layers`` the teacher does not have.
     """
     from ...measure import check_runs
+    from ...train.config import build_checked
 
-    def build(role: str, ref: Any) -> nn.Module | None:
-        if not isinstance(ref, ModelRef):
-            return None
-        try:
-            model = ref.build()
-        except SpecError as exc:
-            raise SpecError(f"{role}: {exc}") from None
-        check_runs(model, task, f"{role} {ref.spec}")
-        return model
-
-    built, model = build("teacher", teacher), build("student", student)
-    if isinstance(student, FromTeacher) and built is not None and student.width is None:
-        model = copy.deepcopy(built)
-        keep_layers(model, student.layers)
-        check_runs(model, task, "student from_teacher")
-    return built, model
+    if isinstance(student, ModelRef):
+        return build_checked(student, task, "student")
+    if isinstance(student, FromTeacher) and teacher is not None and student.layers is not None:
+        check_layers(student, teacher)
+        if student.width is None:
+            model = copy.deepcopy(teacher)
+            keep_layers(model, student.layers)
+            check_runs(model, task, "student from_teacher")
+            return model
+    return None
 
 
-_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-@dataclass(frozen=True)
-class DistillStepConfig(MethodConfig):
-    """The fields every ``distill`` method shares: ``teacher``, ``student`` and the student's
-    ``train`` run (training fields given beside the others, ``epochs: 8``, are read into it).
-
-    ``teacher``: ``current`` (the model entering the step, default), ``baseline``, or a model
-    spec / ``{spec, weights, args}``. ``student``: see :func:`student_ref`.
-    """
-
-    REPLACES_MODEL = True
-
-    teacher: str | ModelRef = option("current", doc="current, baseline, or a model spec / {spec, weights, args}")
-    student: ModelRef | FromTeacher | None = option(
-        None, doc="student spec or {spec, args, weights}, or {from_teacher: {layers: [0, 2, 4]}} / "
-                  "{from_teacher: {width: 0.5}} (required)")
-    train: TrainConfig = option(default_factory=TrainConfig, doc="the student's training run")
-
-    def __post_init__(self) -> None:
-        # a {from_teacher: ...} mapping is read here, before the fields are coerced to their types
-        object.__setattr__(self, "student", student_ref(self.student, f"{type(self).__name__}.student"))
-        super().__post_init__()
-
-    @classmethod
-    def from_dict(cls, data, where: str = ""):
-        """Training fields beside the others go into ``train``; ``teacher_weights`` into ``teacher``."""
-        where = where or cls.__name__
-        data = as_mapping(data, where)
-        flat = {k: data.pop(k) for k in list(data) if k in _TRAIN_KEYS and k != "distill"}
-        if flat:
-            train = as_mapping(data.get("train"), f"{where}.train")
-            clash = sorted(set(flat) & set(train))
-            if clash:
-                raise RecipeError(f"{where}: {clash[0]!r} given both beside the fields and in train:; give it once")
-            data["train"] = {**train, **flat}
-        if "teacher_weights" in data:
-            weights = data.pop("teacher_weights")
-            teacher = data.get("teacher")
-            if weights is not None:
-                if not isinstance(teacher, str) or teacher in TEACHER_ROLES:
-                    raise RecipeError(f"{where}.teacher_weights: needs a teacher spec string; "
-                                      "or give teacher: {spec: ..., weights: ...}")
-                data["teacher"] = {"spec": teacher, "weights": weights}
-        if "student" in data:
-            data["student"] = student_ref(data["student"], f"{where}.student")
-        return super().from_dict(data, where=where)
-
-    def validate(self) -> None:
-        name = type(self).__name__
-        if self.student is None:
-            raise RecipeError(f"{name}.student: missing; give a spec such as zoo:digits-cnn, "
-                              "{spec: ..., args: {...}} or {from_teacher: {layers: [0, 2, 4]}}")
-        object.__setattr__(self, "teacher", teacher_ref(self.teacher, f"{name}.teacher"))
-        if self.train.distill is not None:
-            raise RecipeError(f"{name}.train.distill: this step distills already; set the teacher and "
-                              "its fields on the step")
-
-    def check_ready(self, task=None) -> None:
-        """Build the student and a teacher given as a spec now, so a bad spec or layer index fails
-        before any work."""
-        super().check_ready(task)
-        self.check_pair(*check_student(self.student, self.teacher, task), task)
-
-    def check_pair(self, teacher: nn.Module | None, student: nn.Module | None, task: Any) -> None:
-        """Preflight of a method's own on the teacher and student built (either may be None:
-        see :func:`check_student`); the default checks nothing more."""
-
-    def check_model(self, model) -> None:
-        """With ``teacher: current``, ``from_teacher.layers`` are checked against ``model``."""
-        if self.teacher == "current" and isinstance(self.student, FromTeacher):
-            check_layers(self.student, model)
-
-    def teacher_and_student(self, model: nn.Module, session: Any) -> tuple[nn.Module, nn.Module]:
-        """The step's teacher (``model`` itself for ``current``) and its new student (seeded with
-        ``train.seed``, so a random-init student repeats)."""
-        teacher = model if self.teacher == "current" else session.teacher(self.teacher)
-        torch.manual_seed(self.train.seed)
-        return teacher, build_student(self.student, teacher, session)
-
-
-__all__ = ["DistillStepConfig", "FromTeacher", "STUDENT_STACKS", "build_student", "check_layers", "check_student",
-           "keep_layers", "student_ref", "teacher_stack"]
+__all__ = ["FROM_TEACHER_STACKS", "FromTeacher", "build_student", "check_layers", "cut_channels", "cut_ffn",
+           "keep_layers", "student_preflight", "student_ref", "teacher_stack"]

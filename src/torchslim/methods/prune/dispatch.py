@@ -11,6 +11,7 @@ import dataclasses
 from torch import nn
 
 from ...errors import RecipeError
+from ...specs.tasks import to_device
 from .base import PruneConfig, parse_nm, prunable_weights
 from .criteria import CriterionEntry, get_criterion
 
@@ -28,7 +29,7 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
     """
     entry = get_criterion(criterion) if isinstance(criterion, str) else criterion
     if config.ratios == "sensitivity":
-        config = sensitivity_ratios(model, config, session)
+        config = sensitivity_ratios(model, config, session, entry)
     if entry.needs:
         config.check_data(session.task)
         session.require_task(f"prune.{entry.name} (its criterion needs {' and '.join(entry.needs)})")
@@ -47,12 +48,18 @@ def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | C
     raise RecipeError(f"prune.granularity {config.granularity!r}: not available yet")
 
 
-def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneConfig:
+def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: CriterionEntry | None = None
+                       ) -> PruneConfig:
     """``config`` with ``ratios: sensitivity`` resolved into ``layer_sparsity``: every targeted
     layer's own sparsity, from the curves of ``config.sensitivity`` or of a sensitivity analysis
     run now on the ``val`` split, for a budget of ``config.sparsity`` of the layers' ``budget``
     (params or MACs). The curves go into the step's row (``sensitivity``), where the report
     plots them.
+
+    Granularity ``channel``: the budget is a fraction of the whole model's params or MACs. The
+    curves predict what each group's cut removes alone; cuts of coupled groups overlap, so the
+    plan is pruned on a copy, measured, and the planned budget corrected by bisection until the
+    measured removal is within half a point of the asked one (``sensitivity_budget`` in the row).
     """
     from . import sensitivity as sens
     task = session.require_task("prune.ratios: sensitivity")
@@ -73,8 +80,8 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneC
                          f"{config.sensitivity} was measured on a model scoring {data['baseline']:.4f} on "
                          f"{data.get('split', 'val')}, this one scores {now:.4f}: the curves may be of another "
                          "model (or of it before training)")
-        names = set(prunable_weights(model, config.targets, config.ignore))
-        layers = {n.rpartition(".")[0] for n in names}
+        inputs = to_device(task.example_inputs(1), session.device)
+        layers = set(sens.layer_names(model, uniform, inputs))
         missing = sorted(layers - set(data["layers"]))
         if missing:
             raise RecipeError(f"prune.sensitivity: {config.sensitivity} has no curve for "
@@ -84,8 +91,73 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session) -> PruneC
         data = sens.analyze(model, task, uniform, method=method, split="val")
     cap = min(config.max_layer_sparsity, 0.95)
     ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
-    session.info.setdefault("metrics", {})["sensitivity"] = data
-    session.info["metrics"]["sensitivity_ratios"] = ratios
+    metrics = session.info.setdefault("metrics", {})
+    metrics["sensitivity"] = data
+    if config.granularity == "channel" and entry is not None:
+        ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap)
+    metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
+    return _planned(uniform, ratios)
+
+
+def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
     return dataclasses.replace(uniform, scope="layer", layer_sparsity={k: v for k, v in ratios.items() if v > 0},
                                sparsity=0.0, initial_sparsity=0.0)
+
+
+def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: CriterionEntry, data: dict,
+                   ratios: dict[str, float], cap: float, tolerance: float = 0.005,
+                   trials: int = 12) -> tuple[dict[str, float], dict]:
+    """Channel plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
+    asked fraction of the model's params or MACs (bisection on ``b``; the removal grows with it)."""
+    import copy
+    import logging
+
+    from ...measure import count_macs, count_params
+    from ...session import Session
+    from . import sensitivity as sens
+    from .structured import prune_channels
+
+    target, cost = uniform.sparsity, uniform.budget
+    inputs = to_device(session.task.example_inputs(1), session.device)
+    total = float(data["model"][cost]) if "model" in data else None
+
+    def measure(r: dict[str, float]) -> float:
+        trial = copy.deepcopy(model)
+        cfg = dataclasses.replace(_planned(uniform, r), schedule="oneshot", finetune=None)
+        prune_channels(trial, cfg, Session(task=session.task, device=session.device), entry)
+        now = count_params(trial)[0] if cost == "params" else count_macs(trial, inputs)
+        before = total if total is not None else (count_params(model)[0] if cost == "params"
+                                                  else count_macs(model, inputs))
+        return 1.0 - now / before
+
+    quiet = logging.getLogger("torchslim.methods.prune")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        lo, hi = 0.0, None
+        planned, measured = target, measure(ratios)
+        best = (abs(measured - target), planned, ratios, measured)
+        for _ in range(trials):
+            if best[0] <= tolerance:
+                break
+            if measured < target:
+                lo = planned
+            else:
+                hi = planned
+            planned = (lo + hi) / 2 if hi is not None else min(planned + (target - measured) * 1.5 + 1e-3, 0.999)
+            try:
+                r = sens.ratios_from_curves(data, planned, cost, max_sparsity=cap)
+            except RecipeError:  # beyond what the curves can remove: the largest plan is the answer
+                hi = planned
+                continue
+            measured = measure(r)
+            if abs(measured - target) < best[0]:
+                best = (abs(measured - target), planned, r, measured)
+    finally:
+        quiet.setLevel(level)
+    _, planned, r, measured = best
+    if best[0] > tolerance:
+        session.warn("sensitivity_budget", f"ratios: sensitivity: the closest plan removes {measured:.1%} of the "
+                                           f"model's {cost}, asked {target:.1%}")
+    return r, {"cost": cost, "target": target, "planned": round(planned, 6), "measured": round(measured, 6)}

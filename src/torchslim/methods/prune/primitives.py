@@ -128,18 +128,22 @@ def interpolate_curve(points: list[tuple[float, float]], sparsity: float) -> flo
     return pts[-1][1]
 
 
-def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[str, float], baseline: float,
-                    budget: float, max_sparsity: float = 0.95, tol: float = 1e-6) -> dict[str, float]:
-    """Per-layer sparsities that remove ``budget`` (a fraction of the summed ``costs``) at the
-    least predicted metric loss, from per-layer sensitivity curves.
+def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
+                    costs: dict[str, float | list[tuple[float, float]]], baseline: float,
+                    budget: float, max_sparsity: float = 0.95, tol: float = 1e-6,
+                    total: float | None = None) -> dict[str, float]:
+    """Per-layer sparsities that remove ``budget`` (a fraction of ``total``, by default the summed
+    linear ``costs``) at the least predicted metric loss, from per-layer sensitivity curves.
 
     Each layer gets the largest sparsity whose interpolated metric stays within ``t`` of
     ``baseline`` (capped at ``max_sparsity``), with the tolerance ``t`` found by bisection as the
     smallest one meeting the budget: insensitive layers are pruned hard, sensitive ones lightly
     (the per-layer thresholding of Han et al. 2015, sec. 4, and Distiller's sensitivity
-    analysis). ``costs`` are what a layer's sparsity removes in proportion (its parameters or
-    MACs). Higher metric = better. Raises ValueError when even ``max_sparsity`` everywhere
-    cannot meet the budget.
+    analysis). A layer's cost is a number (what its sparsity removes in proportion: its
+    parameters or MACs) or a measured curve ``[(sparsity, cost removed), ...]`` (channel pruning
+    also shrinks the layers that read the channels, so what goes is measured, not proportional).
+    Higher metric = better. Raises ValueError when even ``max_sparsity`` everywhere cannot meet
+    the budget.
 
     Examples
     --------
@@ -148,7 +152,12 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[st
     >>> r["a"] > r["b"], round(r["a"] * 100 + r["b"] * 100) >= 100
     (True, True)
     """
-    total = sum(costs[n] for n in curves)
+    def cost_at(name: str, s: float) -> float:
+        c = costs[name]
+        return s * float(c) if isinstance(c, (int, float)) else interpolate_curve([(0.0, 0.0), *c], s)
+
+    if total is None:
+        total = sum(float(costs[n]) for n in curves if isinstance(costs[n], (int, float)))
     if total <= 0:
         raise ValueError("the layers given have no cost to remove")
     grid = [i / 1000 * max_sparsity for i in range(1001)]
@@ -156,11 +165,10 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[st
     def ratios_for(t: float) -> dict[str, float]:
         out = {}
         for name, pts in curves.items():
-            ok = [s for s in grid if baseline - interpolate_curve(pts, s) <= t]
             # a curve may dip and recover: take the longest prefix within tolerance
             best = 0.0
             for s in grid:
-                if s in ok:
+                if baseline - interpolate_curve(pts, s) <= t:
                     best = s
                 else:
                     break
@@ -168,7 +176,7 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[st
         return out
 
     def removed(r: dict[str, float]) -> float:
-        return sum(r[n] * costs[n] for n in curves) / total
+        return sum(cost_at(n, r[n]) for n in curves) / total
 
     if removed({n: max_sparsity for n in curves}) + tol < budget:
         raise ValueError(f"cannot remove {budget:.0%}: pruning every layer to {max_sparsity:.0%} removes "
@@ -181,15 +189,23 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]], costs: dict[st
         else:
             lo = mid
     r = ratios_for(hi)
-    # the tolerance grid overshoots: trim the least sensitive layer's excess back to the budget
-    excess = (removed(r) - budget) * total
-    if excess > 0:
-        for name in sorted(curves, key=lambda n: -r[n]):
-            cut = min(excess / costs[name], r[name]) if costs[name] else 0.0
-            r[name] -= cut
-            excess -= cut * costs[name]
-            if excess <= 0:
-                break
+    # the tolerance grid overshoots: trim the least sensitive layers' excess back to the budget
+    for name in sorted(curves, key=lambda n: -r[n]):
+        if removed(r) <= budget + tol:
+            break
+        keep, low = r[name], 0.0
+        r[name] = 0.0
+        if removed(r) >= budget:
+            continue                     # the others meet the budget without this layer
+        hi_s = keep                      # smallest sparsity of this layer that still meets it
+        for _ in range(40):
+            mid = (low + hi_s) / 2
+            r[name] = mid
+            if removed(r) >= budget:
+                hi_s = mid
+            else:
+                low = mid
+        r[name] = hi_s
     return {n: round(v, 6) for n, v in r.items()}
 
 

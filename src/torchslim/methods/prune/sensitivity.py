@@ -14,6 +14,11 @@ The result is a JSON-ready mapping (``sensitivity.json``, schema 1)::
      "metric": "accuracy", "baseline": 0.97,
      "layers": {"features.0": {"params": 896, "weights": 864, "macs": 110592,
                                "points": [[0.1, 0.97], [0.3, 0.96], ...]}, ...}}
+
+For granularity ``channel`` (one curve per channel group, named by its root layer) and ``head``
+the mapping also holds ``"model": {"params": P, "macs": M}`` and, per layer, ``"removed": [[0.1,
+params removed, MACs removed], ...]``: what each point took from the whole model, measured
+(pruning a group's channels also shrinks the layers that read them).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import nn
 
 from ...errors import RecipeError, UserError
 from ...fileio import write_json
-from ...measure import _traced_pass, layer_summary
+from ...measure import _traced_pass, count_macs, count_params, layer_summary
 from ...progress import Progress
 from ...session import Session
 from ...specs.tasks import Task, to_device
@@ -43,11 +48,21 @@ log = logging.getLogger("torchslim.sensitivity")  # outside the pruning loggers 
 DEFAULT_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def _layers(model: nn.Module, config: PruneConfig) -> list[str]:
+#: granularities whose pruning shrinks more than the layer named (the layers reading its channels
+#: or heads): their curves record what each point removed, measured
+MEASURED_COST = ("channel", "head")
+
+
+def layer_names(model: nn.Module, config: PruneConfig, inputs: tuple) -> list[str]:
+    """The units of the analysis: attention modules (head), channel groups by root (channel),
+    else the modules holding the weights ``config`` targets."""
     from .base import prunable_weights
     if config.granularity == "head":  # a curve per attention module: its heads removed
         from .heads import attention_sites
         return [s.name for s in attention_sites(model, config.targets, config.ignore)]
+    if config.granularity == "channel":  # a curve per channel group, named by its root layer
+        from .structured import channel_groups
+        return channel_groups(model, config, inputs)
     names = []
     for param in prunable_weights(model, config.targets, config.ignore):
         module = param.rsplit(".", 1)[0] if "." in param else ""
@@ -96,8 +111,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     baseline = task.evaluate(model, split)
     if baseline is None:
         raise UserError(f"sensitivity: task {task.spec!r} has no metric on its {split!r} split")
-    names = list(layers) if layers else _layers(model, config)
     inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
+    names = list(layers) if layers else layer_names(model, config, inputs)
     counter, _ = _traced_pass(model, inputs)
     summary = {r["name"]: r for r in layer_summary(model, counter)}
     session = Session(task=task)
@@ -105,6 +120,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
                            "criterion": getattr(config, "name", name), "split": split,
                            "metric": task.metric_name, "baseline": baseline, "points": [float(p) for p in points],
                            "layers": {}}
+    if config.granularity in MEASURED_COST:
+        out["model"] = {"params": count_params(model)[0], "macs": count_macs(model, inputs)}
     quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -117,9 +134,10 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
 
 def _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out) -> None:
     from ...api import apply_
+    inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
     with Progress(len(names) * len(points), "sensitivity", unit="eval") as bar:
         for layer in names:
-            curve = []
+            curve, removed = [], []
             for p in points:
                 cfg = dataclasses.replace(config, targets=(layer,), ignore=(), sparsity=float(p), scope="layer",
                                           schedule="oneshot", finetune=None)
@@ -128,31 +146,44 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
                     session.recalibrate_batchnorm(pruned, recalibrate_bn)
                 metric = task.evaluate(pruned, split)
                 curve.append([float(p), float(metric) if metric is not None and math.isfinite(metric) else None])
+                if "model" in out:  # what pruning this layer's units took from the whole model
+                    removed.append([float(p), out["model"]["params"] - count_params(pruned)[0],
+                                    out["model"]["macs"] - count_macs(pruned, inputs)])
                 bar.update(layer=layer, sparsity=p)
             row = summary.get(layer, {})
             module = model.get_submodule(layer)
             weights = sum(getattr(module, w).numel() for w in weight_names(module))
             out["layers"][layer] = {"params": row.get("params"), "weights": weights, "macs": row.get("macs"),
                                     "points": curve}
+            if removed:
+                out["layers"][layer]["removed"] = removed  # [[sparsity, params, MACs], ...]
             log.info("sensitivity %s: %s", layer, ", ".join(f"{p:.0%} {m:.4f}" if m is not None else f"{p:.0%} nan"
                                                           for p, m in curve))
 
 
 def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params",
                        max_sparsity: float = 0.95) -> dict[str, float]:
-    """Per-layer sparsities from curves for a global ``budget`` (fraction of the layers' summed
-    ``cost``, ``params`` or ``macs``, removed); see :func:`primitives.allocate_ratios`."""
+    """Per-layer sparsities from curves for a global ``budget``: the fraction of ``cost``
+    (``params`` or ``macs``) removed, of the layers' summed cost, or for curves that record what
+    each point removed (granularity channel and head, ``removed``), of the whole model's; see
+    :func:`primitives.allocate_ratios`. The predicted removal adds the layers' own; coupled cuts
+    overlap, so :func:`~.dispatch.sensitivity_ratios` measures the plan and corrects it."""
     from .primitives import allocate_ratios
     if cost not in ("params", "macs"):
         raise RecipeError(f"sensitivity budget: cost must be params or macs, got {cost!r}")
     curves, costs = {}, {}
+    measured = "model" in data and all("removed" in row for row in data["layers"].values())
+    column = 1 if cost == "params" else 2
     for name, row in data["layers"].items():
         pts = [(0.0, data["baseline"])] + [(p, m if m is not None else -math.inf) for p, m in row["points"]]
         curves[name] = pts
-        # params: the weights pruning removes (biases stay), where the file records them
-        costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
+        if measured:  # what each point took from the whole model (coupled layers included)
+            costs[name] = [(r[0], float(r[column])) for r in row["removed"]]
+        else:  # params: the weights pruning removes (biases stay), where the file records them
+            costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
+    total = float(data["model"][cost]) if measured else None
     try:
-        return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity)
+        return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity, total=total)
     except ValueError as exc:
         raise RecipeError(f"sensitivity ratios: {exc}") from None
 

@@ -646,6 +646,20 @@ def _channels(model: nn.Module) -> dict[str, int]:
             for n, m in model.named_modules() if isinstance(m, ROOT_KINDS)}
 
 
+def channel_groups(model: nn.Module, config: PruneConfig, inputs: tuple) -> list[str]:
+    """The root names of the channel groups ``config`` would prune in ``model`` traced on
+    ``inputs`` (coupled layers form one group, named by its first layer; output layers,
+    embeddings, ``ignore`` and what the graph cannot handle left out): the units of a channel
+    sensitivity analysis, each prunable alone by ``targets: [root]``."""
+    import torch_pruning as tp
+    targets = channel_targets(model, config)
+    ignore = {n for n, _ in model.named_modules() if n and n not in targets
+              and any(matches(n, p) for p in config.ignore)}
+    with _guard_reshapes(tp):
+        graph = _Graph(model, inputs, config, targets, ignore, _channels(model))
+    return [p.name for p in graph.groups]
+
+
 def prune_channels(model: nn.Module, config: PruneConfig, session, entry: CriterionEntry) -> nn.Module:
     """Granularity ``channel`` (see :func:`_prune_channels`), with torch-pruning's reshape guard
     installed for the duration."""
@@ -717,4 +731,4 @@ def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], 
     metrics["skipped"] = skipped
 
 
-__all__: Sequence[str] = ("prune_channels", "register_pruner")
+__all__: Sequence[str] = ("channel_groups", "prune_channels", "register_pruner")
