@@ -174,6 +174,15 @@ def test_width_of_a_bert_keeps_the_feed_forward_neurons_of_largest_magnitude(tin
         assert torch.equal(_reload(student, tmp_path / "f")(input_ids=ids).last_hidden_state, out)
 
 
+def test_from_teacher_needs_one_teacher_and_a_cache_needs_fixed_length_inputs(stsb):
+    with pytest.raises(RecipeError, match="from_teacher copies one teacher, and 2 are given"):
+        LogitsDistillConfig.from_dict({"student": {"from_teacher": {"layers": [0]}},
+                                       "teacher": [{"model": "baseline"}, {"model": "current"}]})
+    cfg = EmbeddingDistillConfig.from_dict({"student": {"from_teacher": {"layers": [0]}}, "cache": True})
+    with pytest.raises(RecipeError, match="pads each batch to its longest input"):
+        cfg.check_ready(stsb)
+
+
 def test_student_round_trips_through_a_recipe():
     c = LogitsDistillConfig.from_dict({"student": {"from_teacher": {"layers": [2, 0]}}, "epochs": 1})
     assert c.student == FromTeacher(layers=(0, 2))
@@ -227,6 +236,15 @@ def test_embedding_distillation_on_stsb_lowers_the_loss_without_the_task_loss(ti
     student = torchslim.apply(teacher, config, task=task)
     init = torchslim.build_model(f"hf:{tmp_path / 'student'}")
     assert distance(student) < 0.25 * distance(init), (distance(init), distance(student))
+
+
+def test_several_teachers_are_matched_through_their_weighted_mean_embedding():
+    g = torch.Generator().manual_seed(0)
+    s, a, b = (torch.randn(4, 2, 8, generator=g) for _ in range(3))
+    plugin = EmbeddingDistillation([torch.nn.Identity(), torch.nn.Identity()], "mse+cosine", weights=[3.0, 1.0])
+    want = 0.75 * a + 0.25 * b
+    expected = F.mse_loss(s, want) + (1 - F.cosine_similarity(s, want, dim=-1)).mean()
+    assert float(plugin.term(s, [a, b])) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_embedding_plugin_weighs_the_task_loss_by_one_minus_alpha(tiny_bert_dir, stsb):
