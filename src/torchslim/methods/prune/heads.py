@@ -398,7 +398,8 @@ def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
     for r, ratio in enumerate(round_ratios(config), 1):
         sites = attention_sites(model, config.targets, config.ignore)   # pruned sites keep their names
         scores = _head_scores(model, sites, config, session, entry)
-        masks, capped_now = _choose(scores, config, ratio, original, caps, [None if o is None else o[r - 1] for o in own],
+        own_now = [None if o is None else o[r - 1] for o in own]
+        masks, capped_now = _choose(scores, config, ratio, original, caps, own_now,
                                     "attention layer", "head")
         capped |= capped_now
         for site, keep in zip(sites, masks):
@@ -519,7 +520,8 @@ def layer_score(entry: CriterionEntry, model: nn.Module, name: str, grads: dict[
     return score if update is not None else score / sum(w.numel() for w in ws)
 
 
-def _layer_scores(model: nn.Module, live: list[list[str]], config, session, entry: CriterionEntry) -> list[torch.Tensor]:
+def _layer_scores(model: nn.Module, live: list[list[str]], config, session,
+                  entry: CriterionEntry) -> list[torch.Tensor]:
     """Scores of the candidate layers ``live`` (names, per stack) on the model as it is now."""
     names = [n for ns in live for n in ns]
     grads = updates = None
