@@ -157,6 +157,45 @@ def test_bert_head_activations_are_its_context_before_output_dense(tiny_bert):
         torch.testing.assert_close(got[site.name][0], ctx.abs().mean(dim=(1, 3)), rtol=1e-5, atol=1e-6)
 
 
+class _Images:
+    spec = "images"
+
+    def forward(self, model, batch):
+        return model(batch[0])
+
+    def targets(self, batch):
+        return batch[0][:, 0, 0, 0]
+
+
+class _ImageSession(Session):
+    """Calibration on 6 random 32x32 images, in batches of ``size``."""
+
+    size = 3
+
+    def calibration_batches(self, samples=128, **kw):
+        images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return [(images[i:i + self.size],) for i in range(0, 6, self.size)]
+
+
+def test_swin_head_activations_are_per_image_whatever_the_batch():
+    """Swin's projection sees (B * windows, tokens, heads * d); each image's windows are grouped
+    back into its own row of statistics, so batches of 3 give what 6 batches of 1 give (a grouping
+    that mixed the images of a batch would not). Each head's mean |x| over every window and token
+    is the mean of its per-window figures."""
+    torch.manual_seed(0)
+    model = torchslim.build_model(f"py:{ASSETS / 'attention_models.py'}:small_swin").eval()
+    sites = attention_sites(model)
+    got = head_activations(_ImageSession(task=_Images()), model, sites, 6)
+    one = _ImageSession(task=_Images())
+    one.size = 1
+    alone = head_activations(one, model, sites, 6)
+    assert all(type(model.get_submodule(s.name)).__name__ == "ShiftedWindowAttention" for s in sites)
+    for s in sites:
+        assert got[s.name][0].shape == (6, s.heads)
+        torch.testing.assert_close(got[s.name][0], alone[s.name][0], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[s.name][0][0], got[s.name][0][1])      # images do differ
+
+
 # -- layers: the residual update ------------------------------------------------------------
 def test_layer_activation_is_the_mean_residual_update_and_drops_the_smallest(digits_task):
     """DigitsEncoder (3 nn.TransformerEncoderLayers): each layer's mean |output - input| over the
