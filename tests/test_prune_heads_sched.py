@@ -197,10 +197,26 @@ def test_swin_head_activations_are_per_image_whatever_the_batch():
 
 
 # -- layers: the residual update ------------------------------------------------------------
+class _Pairs:
+    """Digits with each example run as two rows (itself twice), as STS-B runs a sentence pair."""
+
+    spec = "pairs"
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def forward(self, model, batch):
+        return model(batch[0].repeat_interleave(2, dim=0))
+
+
 def test_layer_activation_is_the_mean_residual_update_and_drops_the_smallest(digits_task):
     """DigitsEncoder (3 nn.TransformerEncoderLayers): each layer's mean |output - input| over the
-    64 calibration examples, from the layers called one after another by hand; the smallest is
-    dropped, num_layers follows, and the others keep their weights."""
+    64 calibration examples, from the layers called one after another by hand (and the same when
+    each example runs as two rows); the smallest is dropped, num_layers follows, and the others
+    keep their weights."""
     torch.manual_seed(0)
     model = torchslim.build_model(ENCODER).eval()
     with torch.no_grad():                      # make the layers differ clearly in how much they change
@@ -218,6 +234,9 @@ def test_layer_activation_is_the_mean_residual_update_and_drops_the_smallest(dig
     from torchslim.methods.prune.stats import collect_updates
     names = [f"encoder.layers.{i}" for i in range(3)]
     got = collect_updates(session, model, names, 64)
+    pairs = collect_updates(Session(task=_Pairs(digits_task)), model, names, 64)
+    for n in names:     # each example's two rows are one example: the same figures
+        torch.testing.assert_close(pairs[n], got[n], rtol=1e-5, atol=1e-7)
     entry = get_criterion("activation")
     scores = [layer_score(entry, model, n, update=got[n]) for n in names]
     assert scores == pytest.approx(updates, rel=1e-5)

@@ -63,7 +63,8 @@ activations, on ``samples`` calibration examples in eval mode:
 (``iterations`` rounds, each removing the same fraction of what is left, fine-tuned after each)
 and ``gradual`` (``updates`` rounds along Zhu & Gupta's cubic ramp over the ``finetune``
 epochs). Each round scores the model as fine-tuning left it and removes heads (layers) until
-``round(r * n)`` of the original ``n`` are gone, ``r`` the round's cumulative fraction.
+``round(r * n)`` of the original ``n`` are gone, ``r`` the round's cumulative fraction
+(``threshold``, whose sparsity is its result, applies its rule again at each round).
 
 **Per-site sparsity** (``layer_sparsity: {site name or re: pattern: sparsity}``, granularity
 ``head``): a site matched by a key (the first that matches its name) loses its own fraction of

@@ -193,7 +193,8 @@ def collect_input_slices(session, model: nn.Module, parts: dict[str, int],
         Module name (an output projection: ``encoder.layer.0.attention.output.dense``) -> the number
         of equal slices ``P`` its input's last dimension splits into (heads of ``head_dim``).
         The input's first dimension holds the batch's examples outermost: ``[B, T, P * d]``, or
-        ``[B * W, T, P * d]`` (Swin's windows of each image in turn).
+        ``[B * k, T, P * d]`` (Swin's ``k`` windows of each image in turn; the two sentences of
+        an STS-B pair), whose ``k`` rows make one example.
     samples : int
         Calibration examples (the whole split when it has fewer).
 
@@ -244,7 +245,9 @@ def collect_updates(session, model: nn.Module, module_names: Sequence[str], samp
     ----------
     module_names : sequence of str
         Layers whose output has the shape of their first input (``hidden_states`` positional or
-        by keyword; the output may be a tuple, whose first element is taken).
+        by keyword; the output may be a tuple, whose first element is taken), the batch's
+        examples outermost on the first dimension (``[B, ...]``, or ``[B * k, ...]``: the two
+        sentences of a pair, ``k = 2``, are one example).
     samples : int
         Calibration examples (the whole split when it has fewer).
 
@@ -281,12 +284,13 @@ def collect_updates(session, model: nn.Module, module_names: Sequence[str], samp
             for n in names:
                 if not seen[n]:
                     raise RecipeError(f"activation statistics: layer {n!r} did not run in the forward pass")
-                calls = torch.stack(seen[n]).mean(0)
+                rows = seen[n][0].numel()
+                if rows % b or any(r.numel() != rows for r in seen[n]):
+                    raise RecipeError(f"activation statistics: layer {n!r} sees {rows} rows for {b} examples; "
+                                      "only layers whose first dimension holds the examples outermost are measured")
+                # rows of one example side by side (a sentence pair: 2 rows), then its calls averaged
+                out[n].append(torch.stack([r.reshape(b, -1).mean(dim=1) for r in seen[n]]).mean(0))
                 seen[n].clear()
-                if calls.numel() != b:
-                    raise RecipeError(f"activation statistics: layer {n!r} sees {calls.numel()} rows for {b} "
-                                      "examples; only batch-first layers are measured")
-                out[n].append(calls)
     finally:
         for h in handles:
             h.remove()
