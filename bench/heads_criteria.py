@@ -4,13 +4,15 @@ Removes 25% of the 72 attention heads (scope global) with magnitude, taylor, act
 |x| of each head's slice of the attention output; and 1 - APoZ), entropy and random (3 seeds), and drops
 1 of the 6 layers with magnitude, taylor and activation (mean |output - input|); prints the
 heads kept per layer (or the layer dropped), the Spearman correlation on the test split and
-the time each pruning took (data criteria: statistics on 128 training pairs).
+the time each pruning took (data criteria: statistics on 128 training pairs); then each layer
+dropped alone, the reference the layer criteria are judged by (``--alone``: those rows only).
 
-    TORCHSLIM_DATA=../shared/data python bench/heads_criteria.py
+    TORCHSLIM_DATA=../shared/data python bench/heads_criteria.py [--alone]
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -36,6 +38,12 @@ def main() -> None:
             ("magnitude", "1 of 6 layers", MagnitudePruneConfig(**layer)),
             ("taylor", "1 of 6 layers", TaylorPruneConfig(**layer)),
             ("activation mean", "1 of 6 layers", ActivationPruneConfig(**layer))]
+    # the reference for the layer rows: each layer dropped alone (named as the only target)
+    runs += [("named", f"encoder.layer.{i} alone", MagnitudePruneConfig(granularity="layer", sparsity=0.99,
+                                                                        targets=(f"encoder.layer.{i}",)))
+             for i in range(6)]
+    if "--alone" in sys.argv:
+        runs = runs[-6:]
     print("| criterion | cut | kept | Spearman | pruning s |")
     print("|---|---|---|---|---|")
     for name, cut, cfg in runs:
