@@ -5,9 +5,10 @@ Removes 25% of the 72 attention heads (scope global) with magnitude, taylor, act
 1 of the 6 layers with magnitude, taylor and activation (mean |output - input|); prints the
 heads kept per layer (or the layer dropped), the Spearman correlation on the test split and
 the time each pruning took (data criteria: statistics on 128 training pairs); then each layer
-dropped alone, the reference the layer criteria are judged by (``--alone``: those rows only).
+dropped alone, the reference the layer criteria are judged by (``--alone``: those rows only;
+``--measures``: per-layer update sizes and ShortGPT's Block Influence, no pruning).
 
-    TORCHSLIM_DATA=../shared/data python bench/heads_criteria.py [--alone]
+    TORCHSLIM_DATA=../shared/data python bench/heads_criteria.py [--alone | --measures]
 """
 
 from __future__ import annotations
@@ -22,10 +23,40 @@ from torchslim.prune import (ActivationPruneConfig, EntropyPruneConfig, Magnitud
                              TaylorPruneConfig)
 
 
+def layer_measures(model: torch.nn.Module, task) -> None:
+    """Per layer, on the 128 calibration pairs: mean |output - input|, that over mean |input|, and
+    ShortGPT's Block Influence 1 - cos(input, output) (Men et al. 2024, eq. 2), token-averaged."""
+    from torchslim.session import Session
+    seen: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(model.encoder.layer))}
+
+    def hook(i: int):
+        def fn(m, args, kwargs, y):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = y[0] if isinstance(y, tuple) else y
+            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).mean()
+            seen[i].append(((y - x).abs().mean().item(), x.abs().mean().item(), 1 - cos.item()))
+        return fn
+
+    handles = [lay.register_forward_hook(hook(i), with_kwargs=True) for i, lay in enumerate(model.encoder.layer)]
+    with torch.no_grad():
+        for batch in Session(task=task).calibration_batches(128):
+            task.forward(model, batch)
+    for h in handles:
+        h.remove()
+    print("| layer | mean \\|out - in\\| | mean \\|in\\| | ratio | 1 - cos |")
+    print("|---|---|---|---|---|")
+    for i, rows in seen.items():
+        d, x, bi = torch.tensor(rows).mean(0).tolist()
+        print(f"| {i} | {d:.4f} | {x:.4f} | {d / x:.4f} | {bi:.4f} |")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     task = torchslim.build_task("stsb")
     model = torchslim.build_model("hf:minilm").eval()
+    if "--measures" in sys.argv:
+        layer_measures(model, task)
+        return
     print(f"baseline Spearman {task.evaluate(model):.4f}")
     heads = dict(granularity="head", sparsity=0.25, samples=128)
     layer = dict(granularity="layer", sparsity=1 / 6, samples=128)
