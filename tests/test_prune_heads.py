@@ -399,8 +399,9 @@ def test_head_targets_naming_a_linear_and_impossible_sparsity_are_refused():
         torchslim.apply(model, _heads(targets=("head",)))
     with pytest.raises(RecipeError, match="at most 6 can go"):
         _heads(0.9).check_model(model)
-    with pytest.raises(RecipeError, match="schedule: granularity 'head'"):
-        MagnitudePruneConfig(granularity="head", schedule="iterative", finetune={"epochs": 1})
+    with pytest.raises(RecipeError, match="layer_sparsity: per-layer sparsity is available with granularity "
+                                          "weight, channel and head only, not 'layer'"):
+        MagnitudePruneConfig(granularity="layer", layer_sparsity={"encoder.layers.0": 0.5})
 
 
 def test_layer_count_that_rounds_away_from_the_request_is_said():

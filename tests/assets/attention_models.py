@@ -39,3 +39,23 @@ class DigitsAttention(nn.Module):
 
 def digits_attention():
     return DigitsAttention()
+
+
+class DigitsEncoder(nn.Module):
+    """Digits (B, 1, 8, 8) -> logits (B, 10): the 8 image rows as tokens, an nn.TransformerEncoder
+    of ``layers`` post-norm layers (4 heads of 4 at width 16, no dropout), mean pooling; for the
+    head and layer schedules, which fine-tune on data."""
+
+    def __init__(self, layers: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x[:, 0])).mean(dim=1))   # (B, 8, 16) -> (B, 10)
+
+
+def digits_encoder(layers: int = 3):
+    return DigitsEncoder(layers)

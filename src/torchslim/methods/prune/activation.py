@@ -20,13 +20,15 @@ class ActivationPruneConfig(PruneConfig):
     ``statistic: mean``: the mean over examples of |spatial mean of the output| (Molchanov et
     al. 2017); ``statistic: apoz``: ``1 - APoZ``, so the units whose outputs are most often
     <= 0 (zero after the ReLU) go first (Hu et al. 2016, "Network Trimming"). A structured
-    criterion: granularity ``channel`` (the default here) or ``head``; ``weight`` is refused
-    when the config is built, since single weights have no output of their own.
+    criterion: granularity ``channel`` (the default here), ``head`` (a head's slice of the
+    attention output before the output projection) or ``layer`` (``mean`` only: the mean
+    |output - input| of a residual layer, what dropping it removes); ``weight`` is refused when
+    the config is built, since single weights have no output of their own.
 
     Needs a task with data: on a ``shape:`` task the recipe is refused at preflight.
     """
 
-    granularity: str = option("channel", doc="channel | head (units with outputs of their own)")
+    granularity: str = option("channel", doc="channel | head | layer (units with outputs of their own)")
     statistic: str = option("mean", choices=("mean", "apoz"),
                             doc="mean: mean |activation|; apoz: 1 - average percentage of zeros")
 

@@ -163,7 +163,7 @@ class PruneConfig(MethodConfig):
                              "(granularity channel: of the whole model's, measured)")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
-        doc="granularity weight or channel: {module name or re: pattern: sparsity} for layers pruned to their own "
+        doc="granularity weight, channel or head: {module name or re: pattern: sparsity} for layers pruned to their own "
             "fraction (first match wins); the other targets get sparsity (scope global: one threshold "
             "over them only)")
 
@@ -320,9 +320,6 @@ class PruneConfig(MethodConfig):
             if self.schedule != "oneshot":
                 raise RecipeError(f"{cls}.schedule: granularity {self.granularity} prunes one-shot (each group "
                                   f"keeps N of M from the start); use schedule: oneshot with finetune: {{epochs: N}}")
-        if self.granularity in ("head", "layer") and self.schedule != "oneshot":
-            raise RecipeError(f"{cls}.schedule: granularity {self.granularity!r} removes {self.granularity}s "
-                              f"at once (schedule oneshot, then finetune); {self.schedule!r} is for weights")
         if self.schedule != "oneshot" and (self.finetune is None or self.finetune.epochs == 0):
             raise RecipeError(f"{cls}.finetune: schedule {self.schedule!r} prunes while "
                               "fine-tuning; give finetune: {epochs: N} with N >= 1, or use schedule: oneshot")
@@ -343,9 +340,9 @@ class PruneConfig(MethodConfig):
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")
-        if self.layer_sparsity and self.granularity not in ("weight", "channel"):
+        if self.layer_sparsity and self.granularity not in ("weight", "channel", "head"):
             raise RecipeError(f"{cls}.layer_sparsity: per-layer sparsity is available with granularity "
-                              f"weight and channel only, not {self.granularity!r}")
+                              f"weight, channel and head only, not {self.granularity!r}")
         for key, value in self.layer_sparsity.items():
             if key.startswith("re:"):
                 try:
@@ -363,7 +360,7 @@ class PruneConfig(MethodConfig):
         kind = "N:M" if nm is not None else self.granularity
         if kind not in entry.granularities:
             why = (" (it reads each unit's output, which single weights do not have)"
-                   if "activations" in entry.needs else "")
+                   if "activations" in entry.needs and kind in ("weight", "N:M") else "")
             raise RecipeError(f"{cls}.granularity: criterion {self.name!r} scores "
                               f"{', '.join(entry.granularities)}, not {self.granularity!r}{why}")
         if self.initial_sparsity > self.sparsity:

@@ -51,11 +51,12 @@ class Group:
         calibration batches (``None`` for a criterion that does not need gradients).
     activations:
         ``[samples, units]``: each unit's output per calibration example (spatial mean for a
-        conv channel, token mean for a linear neuron); ``None`` when not needed or when units
-        have no output of their own (single weights).
+        conv channel, token mean for a linear neuron; for a head, the mean |value| of its slice
+        of the attention output over the tokens; for a layer, the mean |output - input|);
+        ``None`` when not needed or when units have no output of their own (single weights).
     zeros:
         ``[units]``: fraction of each unit's output positions that are <= 0 on the calibration
-        data (after the ReLU that follows, zero): APoZ of Hu et al. 2016.
+        data (after the ReLU that follows, zero): APoZ of Hu et al. 2016. ``None`` for layers.
     names:
         One label per member (``layer1.0.conv1.weight[out]``), for messages.
     """
@@ -158,7 +159,9 @@ def magnitude(group: Group) -> torch.Tensor:
     return lp_norm(group, 1)
 
 
-#: granularities whose units have an output of their own (what activation criteria read)
+#: granularities whose units have an output of their own (what activation criteria read); a
+#: layer's is its residual update, whose size ``activation`` ranks and whose histogram ``entropy``
+#: does not (see ``heads.py``)
 WITH_OUTPUTS = ("channel", "head")
 
 
@@ -207,7 +210,7 @@ def taylor(group: Group) -> torch.Tensor:
     return total.abs()
 
 
-@register_criterion("activation", needs=("activations",), granularities=WITH_OUTPUTS)
+@register_criterion("activation", needs=("activations",), granularities=(*WITH_OUTPUTS, "layer"))
 def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     """Mean |activation| of each unit on calibration data, or 1 - APoZ (Hu et al. 2016).
 
@@ -216,6 +219,8 @@ def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     Molchanov et al. 2017, ICLR, sec. 2.2). ``statistic="apoz"``: ``1 - APoZ``, where APoZ is
     the fraction of the unit's outputs that are <= 0 (zero after ReLU) over all examples and
     positions (Hu et al., "Network Trimming", 2016, eq. 1): units mostly zero go first.
+    For a layer (granularity ``layer``) ``mean`` is the mean |output - input| and ``apoz`` is
+    refused: a residual update has no ReLU zeros.
     """
     if statistic == "apoz":
         return 1.0 - _require(group, "zeros", "activation").float().cpu()

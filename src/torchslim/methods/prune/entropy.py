@@ -19,8 +19,10 @@ class EntropyPruneConfig(PruneConfig):
     calibration examples, in a histogram of ``bins`` bins (Luo & Wu 2017): low entropy, little
     information, removed first.
 
-    A structured criterion: granularity ``channel`` (the default here) or ``head``; ``weight``
-    is refused when the config is built. With few samples per bin the histogram is noisy: keep
+    A structured criterion: granularity ``channel`` (the default here) or ``head`` (the mean
+    |value| of a head's slice of the attention output, per example); ``weight`` and ``layer``
+    are refused when the config is built (a histogram over a layer's own range does not see the
+    size of its residual update, which is what dropping it removes: use ``activation``). With few samples per bin the histogram is noisy: keep
     ``samples`` at several times ``bins``.
 
     Needs a task with data: on a ``shape:`` task the recipe is refused at preflight.

@@ -42,13 +42,41 @@ them as targets with ``sparsity: 0.99``.
 ``grads``: the loss gradients over ``samples`` calibration examples, one pass for all heads or
 layers) and ``threshold`` (a unit goes below ``alpha`` times the largest score of its layer, or
 of all with ``scope: global``; a layer it would empty keeps its best unit). Criteria reading
-activations (``activation``, ``entropy``) are refused for now.
+activations, on ``samples`` calibration examples in eval mode:
+
+- a head's output is its ``head_dim`` slice of the attention output before the output
+  projection (the projection's input, split into heads; :func:`head_activations`):
+  ``activation`` ranks by its mean |value| (``statistic: mean``; Molchanov et al. 2017's mean
+  activation, on |x| since attention outputs are signed) or by ``1 - APoZ`` (``apoz``: the
+  fraction of entries <= 0; with no ReLU after attention it stays near 0.5, a weak signal);
+  ``entropy`` bins each example's mean |value| of the head (Luo & Wu 2017);
+- a layer's output is its residual update ``output - input`` (what dropping it removes from the
+  next layer's input, :func:`.stats.collect_updates`): ``activation`` ranks by the mean
+  |output - input| (``statistic: mean``; ``apoz`` is refused). This is the size of a residual
+  branch's contribution that Veit et al. 2016 ("Residual Networks Behave Like Ensembles of
+  Relatively Shallow Networks") relate to the damage of deleting a block, and the quantity
+  whose direction ShortGPT's Block Influence (Men et al. 2024, eq. 2: ``1 - cos(input,
+  output)``) measures. ``entropy`` is refused for layers: a histogram over the layer's own range
+  ignores the size of the update.
+
+**Schedules** (:mod:`.schedule`): ``oneshot`` (then ``finetune``), ``iterative``
+(``iterations`` rounds, each removing the same fraction of what is left, fine-tuned after each)
+and ``gradual`` (``updates`` rounds along Zhu & Gupta's cubic ramp over the ``finetune``
+epochs). Each round scores the model as fine-tuning left it and removes heads (layers) until
+``round(r * n)`` of the original ``n`` are gone, ``r`` the round's cumulative fraction
+(``threshold``, whose sparsity is its result, applies its rule again at each round).
+
+**Per-site sparsity** (``layer_sparsity: {site name or re: pattern: sparsity}``, granularity
+``head``): a site matched by a key (the first that matches its name) loses its own fraction of
+its heads, following the schedule to it; the others share ``sparsity`` as ``scope`` says (with
+``global``, one ranking over them alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +88,8 @@ from ...layers.attention import PrunedMultiheadAttention, PrunedShiftedWindowAtt
 from ...modules import check_patterns, matches, get_submodule, weight_names
 from .criteria import CriterionEntry, Group, check_scores
 from .primitives import capped_lowest
-from .stats import collect_grads
+from .schedule import finetune_round, round_ratios
+from .stats import collect_grads, collect_input_slices, collect_updates
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +178,60 @@ def _per_head(qkv: list[torch.Tensor], out: torch.Tensor, heads: int) -> list[to
     return [*rows, cols]
 
 
-def head_group(model: nn.Module, site: HeadSite, grads: dict[str, torch.Tensor] | None = None) -> Group:
+def head_group(model: nn.Module, site: HeadSite, grads: dict[str, torch.Tensor] | None = None,
+               acts: tuple[torch.Tensor, torch.Tensor] | None = None) -> Group:
     """One unit per head: its q/k/v rows (heads, head_dim * in) and its output-projection
     columns (heads, out * head_dim); ``grads`` (parameter name -> loss gradient) fills
-    ``Group.grads`` alike."""
+    ``Group.grads`` alike; ``acts`` (from :func:`head_activations`) ``Group.activations`` and
+    ``Group.zeros``."""
     qkv, out = _site_params(model, site)
     weights = _per_head([model.get_parameter(n) for n in qkv], model.get_parameter(out), site.heads)
     g = None if grads is None else _per_head([grads[n] for n in qkv], grads[out], site.heads)
     names = [f"{site.name}.{p}" for p in ("q", "k", "v", "out")]
-    return Group(units=site.heads, weights=weights, grads=g, names=names)
+    activations, zeros = acts if acts is not None else (None, None)
+    return Group(units=site.heads, weights=weights, grads=g, activations=activations, zeros=zeros, names=names)
+
+
+@contextlib.contextmanager
+def _probed(model: nn.Module, sites: list[HeadSite]) -> Iterator[dict[str, str]]:
+    """Site name -> name of the Linear whose input is the site's attention output before the
+    output projection, ``(B, ..., heads * head_dim)``. ``nn.MultiheadAttention`` and torchvision's
+    Swin attention apply their projection as a bare weight, so for the block each is swapped for
+    its :mod:`~torchslim.layers.attention` equivalent with every head kept (the same computation,
+    its projection a module call); the originals are put back on exit (a measurement, not an edit)."""
+    swapped, probes = [], {}
+    try:
+        for s in sites:
+            m = get_submodule(model, s.name)
+            if s.kind == "hf":
+                probes[s.name] = f"{s.name.rpartition('.')[0]}.output.dense"
+                continue
+            if not isinstance(m, (PrunedMultiheadAttention, PrunedShiftedWindowAttention)):
+                cls = PrunedMultiheadAttention if s.kind == "mha" else PrunedShiftedWindowAttention
+                parent_name, _, child = s.name.rpartition(".")
+                parent = get_submodule(model, parent_name)
+                parent._modules[child] = cls.from_attention(m, list(range(s.heads)))
+                swapped.append((parent, child, m))
+            probes[s.name] = f"{s.name}.{'out_proj' if s.kind == 'mha' else 'proj'}"
+        yield probes
+    finally:
+        for parent, child, m in reversed(swapped):
+            parent._modules[child] = m
+
+
+def head_activations(session, model: nn.Module, sites: list[HeadSite],
+                     samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each head's share of its site's attention output on ``samples`` calibration examples.
+
+    A head's unit is its ``head_dim`` slice of the attention output before the output
+    projection (softmax(q k^T / sqrt(d)) v of that head, per token), read by a hook on the
+    projection's input (:func:`.stats.collect_input_slices`). Returns ``site name -> (acts,
+    zeros)``: ``acts`` ``[N, heads]``, each example's mean |value| over its tokens and the head's
+    features (what ``activation`` averages and ``entropy`` bins); ``zeros`` ``[heads]``, the
+    fraction of entries ``<= 0`` (``statistic: apoz``). Padding tokens count like the others."""
+    with _probed(model, sites) as probes:
+        got = collect_input_slices(session, model, {probes[s.name]: s.heads for s in sites}, samples)
+    return {s.name: got[probes[s.name]] for s in sites}
 
 
 def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -195,53 +269,87 @@ def _caps(sizes: list[int], max_layer_sparsity: float) -> list[int]:
     return [min(int(max_layer_sparsity * n + 1e-9), n - 1) for n in sizes]
 
 
-def _choose(scores: list[torch.Tensor], config, caps: list[int], what: str,
-            unit: str) -> tuple[list[torch.Tensor], bool]:
-    """Keep-masks, and whether keeping one per group (or ``caps``) changed the choice.
+def _choose(scores: list[torch.Tensor], config, ratio: float, originals: list[int], caps: list[int],
+            own: list[float | None], what: str, unit: str) -> tuple[list[torch.Tensor], bool]:
+    """Keep-masks of one round, and whether keeping one per group (or ``caps``) changed the choice.
 
-    A ranking removes ``round(sparsity * n)`` (per group, or over all at once within ``caps``);
-    a rule whose sparsity is its result (``threshold``) gives the masks, and a group it would
-    empty keeps its best unit."""
+    ``scores``: one tensor per group over the units it has left; ``originals``: its units before
+    the first round; ``caps``: the most it may lose in all; ``own``: its own cumulative fraction
+    (``layer_sparsity``) or None. After the round ``round(ratio * n)`` of the ``n`` original
+    units are gone: in each group (scope ``layer``, or at its own fraction), or over all the other
+    groups at once (scope ``global``, within ``caps``). A rule whose sparsity is its result
+    (``threshold``) gives the masks itself, and a group it would empty keeps its best unit."""
     if getattr(config, "SPARSITY_IS_RESULT", False):
-        masks = [m.clone() for m in config.keep_masks(scores, config.sparsity)]
+        masks = [m.clone() for m in config.keep_masks(scores, ratio)]
         emptied = [m for m in masks if not m.any()]
         for s, m in zip(scores, masks):
             if not m.any():
                 m[int(torch.argmax(s))] = True
         return masks, bool(emptied)
-    if config.scope == "layer":
-        return [capped_lowest([s], min(int(round(config.sparsity * s.numel())), c), [c])[0]
-                for s, c in zip(scores, caps)], False
-    total = sum(s.numel() for s in scores)
-    k = int(round(config.sparsity * total))
-    if k > sum(caps):
-        raise RecipeError(f"prune: sparsity {config.sparsity} removes {k} of {total} {unit}s, but each {what} "
-                          f"keeps at least one (and max_layer_sparsity bounds the rest): at most {sum(caps)} can "
-                          "go; lower sparsity")
-    masks = capped_lowest(scores, k, caps)
-    free = capped_lowest(scores, k, [s.numel() for s in scores])
-    return masks, any(not torch.equal(a, b) for a, b in zip(masks, free))
+    gone = [n - s.numel() for n, s in zip(originals, scores)]       # removed by earlier rounds
+    left = [max(c - g, 0) for c, g in zip(caps, gone)]               # what each may still lose
+    masks: list[torch.Tensor | None] = [None] * len(scores)
+    for i, r in enumerate(own):
+        if r is not None or config.scope == "layer":
+            k = min(max(int(round((ratio if r is None else r) * originals[i])) - gone[i], 0), left[i])
+            masks[i] = capped_lowest([scores[i]], k, [k])[0]
+    rest = [i for i, m in enumerate(masks) if m is None]
+    if not rest:
+        return masks, False
+    total = sum(originals[i] for i in rest)
+    k = int(round(ratio * total))
+    if k > sum(caps[i] for i in rest):
+        raise RecipeError(f"prune: sparsity {ratio:g} removes {k} of {total} {unit}s, but each {what} keeps at "
+                          f"least one (and max_layer_sparsity bounds the rest): at most {sum(caps[i] for i in rest)} "
+                          "can go; lower sparsity")
+    k = max(k - sum(gone[i] for i in rest), 0)
+    sub = [scores[i] for i in rest]
+    got = capped_lowest(sub, k, [left[i] for i in rest])
+    free = capped_lowest(sub, k, [s.numel() for s in sub])
+    for i, m in zip(rest, got):
+        masks[i] = m
+    return masks, any(not torch.equal(a, b) for a, b in zip(got, free))
 
 
-def _check_feasible(sizes: list[int], caps: list[int], config, what: str, unit: str) -> None:
+def _check_feasible(sizes: list[int], caps: list[int], own: list[float | None], config, what: str,
+                    unit: str) -> None:
     if config.scope == "global" and not getattr(config, "SPARSITY_IS_RESULT", False):
-        _choose([torch.zeros(n) for n in sizes], config, caps, what, unit)
+        _choose([torch.zeros(n) for n in sizes], config, config.sparsity, sizes, caps, own, what, unit)
+
+
+def site_sparsity(config, sites: list[HeadSite]) -> list[float | None]:
+    """Each site's own sparsity from ``layer_sparsity`` (the first key matching its name, exactly or
+    as a ``re:`` pattern), None for the others; RecipeError for a key matching no site."""
+    keys, used, own = list(config.layer_sparsity), set(), []
+    for s in sites:
+        key = next((k for k in keys if matches(s.name, k)), None)
+        own.append(None if key is None else config.layer_sparsity[key])
+        used.add(key)
+    unused = [k for k in keys if k not in used]
+    if unused:
+        names = [s.name for s in sites]
+        raise RecipeError(f"prune.layer_sparsity: {', '.join(map(repr, unused))} matches none of the attention "
+                          f"modules pruned (outside targets, in ignore, or matched by an earlier key); they are: "
+                          f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    return own
 
 
 def check_heads(model: nn.Module, config) -> None:
     """Preflight for granularity ``head``: attention modules among the targets, and a
     ``sparsity`` that leaves a head in each (RecipeError naming what was searched)."""
     sites = attention_sites(model, config.targets, config.ignore)
-    _check_feasible([s.heads for s in sites], _caps([s.heads for s in sites], config.max_layer_sparsity), config,
+    sizes = [s.heads for s in sites]
+    _check_feasible(sizes, _caps(sizes, config.max_layer_sparsity), site_sparsity(config, sites), config,
                     "attention layer", "head")
 
 
 def check_layers(model: nn.Module, config) -> None:
     """Preflight for granularity ``layer``: droppable layers among the targets, and a
     ``sparsity`` that leaves a layer in each stack."""
+    _check_statistic(config)
     stacks = layer_stacks(model, config.targets, config.ignore)
-    _check_feasible([len(s.droppable) for s in stacks], _stack_caps(stacks, config.max_layer_sparsity), config,
-                    "stack of layers", "layer")
+    _check_feasible([len(s.droppable) for s in stacks], _stack_caps(stacks, config.max_layer_sparsity),
+                    [None] * len(stacks), config, "stack of layers", "layer")
 
 
 def _scores_of(entry: CriterionEntry, group: Group) -> torch.Tensor:
@@ -252,45 +360,63 @@ def _check_entry(entry: CriterionEntry, granularity: str) -> None:
     if granularity not in entry.granularities:
         raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} is not available with this "
                           f"criterion; it scores {', '.join(entry.granularities)}")
-    if "activations" in entry.needs:
-        raise RecipeError(f"prune.{entry.name}: granularity {granularity!r} with a criterion that reads "
-                          "activations: not available yet; use magnitude, taylor or random")
 
 
-def _finetune(model: nn.Module, config, session) -> None:
-    if config.finetune is not None and config.finetune.epochs > 0:
-        session.train(model, config.finetune, desc="prune-finetune")
+def _check_statistic(config) -> None:
+    if config.name == "activation" and getattr(config, "statistic", None) == "apoz":
+        raise RecipeError("prune.statistic: apoz counts outputs <= 0 (zero after a ReLU); a layer's residual "
+                          "update (output - input) has no such zeros: granularity layer ranks by statistic: mean "
+                          "(mean |output - input|)")
 
 
-def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``head``: remove the lowest-scoring attention heads (see the module doc)."""
-    _check_entry(entry, "head")
-    check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
-    sites = attention_sites(model, config.targets, config.ignore)
-    grads = None
+def _head_scores(model: nn.Module, sites: list[HeadSite], config, session,
+                 entry: CriterionEntry) -> list[torch.Tensor]:
+    """Each site's head scores on the model as it is now (calibration statistics taken once for
+    all sites); with scope global, each site's divided by their mean."""
+    grads = acts = None
     if "grads" in entry.needs:  # one pass over the calibration examples for every site
         names = [n for s in sites for qkv, out in [_site_params(model, s)] for n in (*qkv, out)]
         grads = collect_grads(session, model, names, config.samples)
-    scores = [_scores_of(entry, head_group(model, s, grads)) for s in sites]
+    if "activations" in entry.needs:
+        acts = head_activations(session, model, sites, config.samples)
+    scores = [_scores_of(entry, head_group(model, s, grads, None if acts is None else acts[s.name])) for s in sites]
     if config.scope == "global":  # comparable across layers: each site's scores over their mean
         scores = [s / s.mean() if s.mean() > 0 else s for s in scores]
-    caps = _caps([s.heads for s in sites], config.max_layer_sparsity)
-    masks, capped = _choose(scores, config, caps, "attention layer", "head")
-    kept = {}
-    for site, keep in zip(sites, masks):
-        idx = [int(i) for i in torch.nonzero(keep).flatten()]
-        if len(idx) < site.heads:
-            remove_heads(model, site, idx)
-        kept[site.name] = len(idx)
+    return scores
+
+
+def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
+    """Granularity ``head``: remove the lowest-scoring attention heads (see the module doc), in
+    the rounds of ``config.schedule`` (:mod:`.schedule`), scores taken again before each round."""
+    _check_entry(entry, "head")
+    check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
+    check_patterns(model, tuple(config.layer_sparsity), "prune.layer_sparsity")
+    sites = attention_sites(model, config.targets, config.ignore)
+    original = [s.heads for s in sites]
+    caps = _caps(original, config.max_layer_sparsity)
+    own = [None if s is None else round_ratios(config, s) for s in site_sparsity(config, sites)]
+    capped = False
+    for r, ratio in enumerate(round_ratios(config), 1):
+        sites = attention_sites(model, config.targets, config.ignore)   # pruned sites keep their names
+        scores = _head_scores(model, sites, config, session, entry)
+        own_now = [None if o is None else o[r - 1] for o in own]
+        masks, capped_now = _choose(scores, config, ratio, original, caps, own_now,
+                                    "attention layer", "head")
+        capped |= capped_now
+        for site, keep in zip(sites, masks):
+            idx = [int(i) for i in torch.nonzero(keep).flatten()]
+            if len(idx) < site.heads:
+                remove_heads(model, site, idx)
+        finetune_round(model, config, session, r)
     if capped:
         session.warn("heads_kept", f"{entry.name} head pruning: the global ranking would have removed every head "
                                    "(or more than max_layer_sparsity) of some layers; each keeps at least one and "
                                    "the next lowest heads elsewhere went instead")
-    total, left = sum(s.heads for s in sites), sum(kept.values())
-    log.info("%s head pruning: %d of %d heads removed (%s): %s", entry.name, total - left, total, config.scope,
-             ", ".join(f"{n} {k}" for n, k in kept.items()))
+    kept = {s.name: s.heads for s in attention_sites(model, config.targets, config.ignore)}
+    total, left = sum(original), sum(kept.values())
+    log.info("%s head pruning: %d of %d heads removed (%s, %s): %s", entry.name, total - left, total, config.scope,
+             config.schedule, ", ".join(f"{n} {k}" for n, k in kept.items()))
     session.info.setdefault("metrics", {})["heads_kept"] = kept
-    _finetune(model, config, session)
     return model
 
 
@@ -379,48 +505,76 @@ def _layer_params(model: nn.Module, name: str) -> list[str]:
             for w in weight_names(m)]
 
 
-def layer_score(entry: CriterionEntry, model: nn.Module, name: str,
-                grads: dict[str, torch.Tensor] | None = None) -> float:
-    """The criterion over layer ``name``'s weight tensors as one unit, per element of them."""
+def layer_score(entry: CriterionEntry, model: nn.Module, name: str, grads: dict[str, torch.Tensor] | None = None,
+                update: torch.Tensor | None = None) -> float:
+    """The criterion over layer ``name``'s weight tensors as one unit, per element of them; for a
+    criterion reading activations, over ``update`` (``[N]``: each calibration example's mean
+    |output - input|, :func:`.stats.collect_updates`) as the unit's output, not divided."""
     params = _layer_params(model, name)
-    if not params:
+    if not params and update is None:
         return 0.0
     ws = [model.get_parameter(n).detach().reshape(1, -1) for n in params]
     g = None if grads is None else [grads[n].reshape(1, -1) for n in params]
-    group = Group(units=1, weights=ws, grads=g, names=[name])
-    return float(_scores_of(entry, group)[0]) / sum(w.numel() for w in ws)
+    group = Group(units=1, weights=ws, grads=g, activations=None if update is None else update.reshape(-1, 1),
+                  names=[name])
+    score = float(_scores_of(entry, group)[0])
+    return score if update is not None else score / sum(w.numel() for w in ws)
+
+
+def _layer_scores(model: nn.Module, live: list[list[str]], config, session,
+                  entry: CriterionEntry) -> list[torch.Tensor]:
+    """Scores of the candidate layers ``live`` (names, per stack) on the model as it is now."""
+    names = [n for ns in live for n in ns]
+    grads = updates = None
+    if "grads" in entry.needs:
+        grads = collect_grads(session, model, [p for n in names for p in _layer_params(model, n)], config.samples)
+    if "activations" in entry.needs:
+        updates = collect_updates(session, model, names, config.samples)
+    return [torch.tensor([layer_score(entry, model, n, grads, None if updates is None else updates[n]) for n in ns],
+                         dtype=torch.float32) for ns in live]
 
 
 def drop_layers(model: nn.Module, config, session, entry: CriterionEntry) -> nn.Module:
-    """Granularity ``layer``: drop the lowest-scoring residual layers (see the module doc)."""
+    """Granularity ``layer``: drop the lowest-scoring residual layers (see the module doc), in the
+    rounds of ``config.schedule`` (:mod:`.schedule`), scores taken again before each round.
+    ``layers_dropped`` in the row names them as the model named them before the step."""
     _check_entry(entry, "layer")
+    _check_statistic(config)
     check_patterns(model, (*config.targets, *config.ignore), "prune.targets")
     stacks = layer_stacks(model, config.targets, config.ignore)
-    grads = None
-    if "grads" in entry.needs:
-        grads = collect_grads(session, model, [p for s in stacks for n in s.droppable for p in _layer_params(model, n)],
-                              config.samples)
-    scores = [torch.tensor([layer_score(entry, model, n, grads) for n in s.droppable]) for s in stacks]
     caps = _stack_caps(stacks, config.max_layer_sparsity)
-    masks, capped = _choose(scores, config, caps, "stack of layers", "layer")
-    dropped = []
-    for stack, keep in zip(stacks, masks):
-        gone = [n for n, k in zip(stack.droppable, keep.tolist()) if not k]
-        for full in sorted(gone, key=lambda n: stack.children.index(n.rpartition(".")[2]), reverse=True):
-            delete_module(model, full)   # last first: the names of the others stay valid
-        if gone and stack.count_attr is not None:
-            set_attribute(model, stack.count_attr[0], stack.count_attr[1], len(stack.children) - len(gone))
-        dropped += gone
+    originals = [len(s.droppable) for s in stacks]
+    # candidates held by object: dropping a layer renumbers the ModuleList after it
+    layers = [[get_submodule(model, n) for n in s.droppable] for s in stacks]
+    first_name = {id(m): n for s, ms in zip(stacks, layers) for n, m in zip(s.droppable, ms)}
+    dropped: list[str] = []
+    capped = False
+    for r, ratio in enumerate(round_ratios(config), 1):
+        now = {id(m): n for n, m in model.named_modules()}
+        live = [[now[id(m)] for m in ms if id(m) in now] for ms in layers]
+        scores = _layer_scores(model, live, config, session, entry)
+        masks, capped_now = _choose(scores, config, ratio, originals, caps, [None] * len(stacks),
+                                    "stack of layers", "layer")
+        capped |= capped_now
+        for stack, names, keep in zip(stacks, live, masks):
+            gone = [n for n, k in zip(names, keep.tolist()) if not k]
+            container = get_submodule(model, stack.name)
+            order = list(container._modules)
+            dropped += [first_name[id(get_submodule(model, n))] for n in gone]
+            for full in sorted(gone, key=lambda n: order.index(n.rpartition(".")[2]), reverse=True):
+                delete_module(model, full)   # last first: the names of the others stay valid
+            if gone and stack.count_attr is not None:
+                set_attribute(model, stack.count_attr[0], stack.count_attr[1], len(container))
+        finetune_round(model, config, session, r)
     if capped:
         session.warn("layers_kept", f"{entry.name} layer pruning: the global ranking would have emptied a stack of "
                                     "layers; each keeps at least one and the next lowest layers went instead")
-    candidates = sum(len(s.droppable) for s in stacks)
-    log.info("%s layer pruning: dropped %d of %d candidate layers: %s", entry.name, len(dropped), candidates,
-             ", ".join(dropped) or "none")
+    candidates = sum(originals)
+    log.info("%s layer pruning: dropped %d of %d candidate layers (%s): %s", entry.name, len(dropped), candidates,
+             config.schedule, ", ".join(dropped) or "none")
     if not config.SPARSITY_IS_RESULT and candidates and abs(len(dropped) / candidates - config.sparsity) > 1e-9:
         session.warn("layer_count", f"{entry.name} layer pruning: sparsity {config.sparsity:g} of {candidates} "
                                     f"candidate layers is {config.sparsity * candidates:g} layers; whole layers go, "
                                     f"so {len(dropped)} were dropped ({len(dropped) / candidates:.0%})")
     session.info.setdefault("metrics", {})["layers_dropped"] = dropped
-    _finetune(model, config, session)
     return model

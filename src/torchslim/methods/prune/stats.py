@@ -165,3 +165,133 @@ def collect_activations(session, model: nn.Module, module_names: Sequence[str],
                     nonpos[n] = nonpos[n] + apoz(x, dim).cpu() * count
                     positions[n] += count
     return {n: (torch.cat(means[n]), nonpos[n] / positions[n]) for n in names}
+
+
+def _forward_passes(session, model: nn.Module, samples: int, what: str) -> Iterator[int]:
+    """Run the model over the calibration examples in eval mode under ``no_grad`` (training flags
+    restored), yielding each batch's number of examples after its forward pass."""
+    task = session.require_task(what)
+    batches = session.calibration_batches(samples)
+    with _eval_keeping_flags(model), torch.no_grad():
+        for batch in batches:
+            task.forward(model, batch)
+            yield len(task.targets(batch))
+
+
+def collect_input_slices(session, model: nn.Module, parts: dict[str, int],
+                         samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Statistics of equal slices of the named modules' inputs on calibration data: the heads of
+    an attention output before its output projection.
+
+    Parameters
+    ----------
+    session : Session
+        Gives the task, :meth:`calibration_batches` and :meth:`capture`.
+    model : nn.Module
+        Run in eval mode under ``no_grad``; training flags restored.
+    parts : dict of str to int
+        Module name (an output projection: ``encoder.layer.0.attention.output.dense``) -> the number
+        of equal slices ``P`` its input's last dimension splits into (heads of ``head_dim``).
+        The input's first dimension holds the batch's examples outermost: ``[B, T, P * d]``, or
+        ``[B * k, T, P * d]`` (Swin's ``k`` windows of each image in turn; the two sentences of
+        an STS-B pair), whose ``k`` rows make one example.
+    samples : int
+        Calibration examples (the whole split when it has fewer).
+
+    Returns
+    -------
+    dict of str to (Tensor, Tensor)
+        ``name -> (acts, zeros)``: ``acts`` ``[N, P]`` float32, each example's mean |x| over every
+        position and every one of the slice's ``d`` features; ``zeros`` ``[P]``, the fraction of
+        the slice's entries ``<= 0`` over all examples and positions (APoZ, Hu et al. 2016). On
+        the CPU. A module called several times per forward pass has its calls averaged.
+
+    Raises
+    ------
+    RecipeError
+        A module that did not run, or whose input does not split as ``parts`` says.
+    """
+    names = list(parts)
+    means: dict[str, list[torch.Tensor]] = {n: [] for n in names}     # per batch: [B, P]
+    nonpos = {n: torch.zeros(parts[n]) for n in names}
+    counts = dict.fromkeys(names, 0)
+    with session.capture(model, names, inputs=True) as got:
+        for b in _forward_passes(session, model, samples, "calibration activations"):
+            for n in names:
+                xs = [x.float() for x in got[n]["inputs"]]
+                got[n]["inputs"].clear()
+                if not xs:
+                    raise RecipeError(f"activation statistics: module {n!r} did not run in the forward pass")
+                p = parts[n]
+                if xs[0].shape[-1] % p or xs[0].numel() % (b * xs[0].shape[-1]):
+                    raise RecipeError(f"activation statistics: the input of {n!r} {list(xs[0].shape)} does not "
+                                      f"split into {b} examples of {p} equal slices of its last dimension")
+                sliced = [x.reshape(b, -1, p, x.shape[-1] // p) for x in xs]          # [B, positions, P, d]
+                means[n].append(torch.stack([s.abs().mean(dim=(1, 3)) for s in sliced]).mean(0).cpu())
+                for s in sliced:
+                    nonpos[n] += (s <= 0).float().sum(dim=(0, 1, 3)).cpu()
+                    counts[n] += s.numel() // p
+    return {n: (torch.cat(means[n]), nonpos[n] / counts[n]) for n in names}
+
+
+def collect_updates(session, model: nn.Module, module_names: Sequence[str], samples: int) -> dict[str, torch.Tensor]:
+    """Each example's mean |output - input| of the named residual layers on calibration data.
+
+    A residual layer computes ``y = x + F(x)`` (a transformer layer, a ResNet block without
+    downsampling); dropping it passes ``x`` on instead, so ``y - x`` is exactly what dropping it
+    removes from the next layer's input.
+
+    Parameters
+    ----------
+    module_names : sequence of str
+        Layers whose output has the shape of their first input (``hidden_states`` positional or
+        by keyword; the output may be a tuple, whose first element is taken), the batch's
+        examples outermost on the first dimension (``[B, ...]``, or ``[B * k, ...]``: the two
+        sentences of a pair, ``k = 2``, are one example).
+    samples : int
+        Calibration examples (the whole split when it has fewer).
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``name -> [N]`` float32 on the CPU: per example, the mean over all its entries of
+        ``|y - x|``. A layer called several times per forward pass has its calls averaged.
+
+    Raises
+    ------
+    RecipeError
+        A layer that did not run, or whose output shape differs from its input's.
+    """
+    names = list(dict.fromkeys(module_names))
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}      # this batch: [B] per call
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name: str):
+        def fn(mod: nn.Module, args: tuple, kwargs: dict, y) -> None:
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape != y.shape:
+                raise RecipeError(f"activation statistics: layer {name!r} does not return a tensor of its "
+                                  "input's shape; its residual update cannot be measured")
+            if isinstance(mod, nn.TransformerEncoderLayer) and not mod.self_attn.batch_first and x.dim() == 3:
+                x, y = x.transpose(0, 1), y.transpose(0, 1)                     # (S, B, E) -> (B, S, E)
+            seen[name].append((y.float() - x.float()).abs().reshape(x.shape[0], -1).mean(dim=1).cpu())
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
+    try:
+        for b in _forward_passes(session, model, samples, "calibration activations"):
+            for n in names:
+                if not seen[n]:
+                    raise RecipeError(f"activation statistics: layer {n!r} did not run in the forward pass")
+                rows = seen[n][0].numel()
+                if rows % b or any(r.numel() != rows for r in seen[n]):
+                    raise RecipeError(f"activation statistics: layer {n!r} sees {rows} rows for {b} examples; "
+                                      "only layers whose first dimension holds the examples outermost are measured")
+                # rows of one example side by side (a sentence pair: 2 rows), then its calls averaged
+                out[n].append(torch.stack([r.reshape(b, -1).mean(dim=1) for r in seen[n]]).mean(0))
+                seen[n].clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(out[n]) for n in names}

@@ -51,7 +51,8 @@ from ...modules import build_from_record, eval_mode, matches, module_rebuild_rec
 from ...outputs import prediction
 from ...specs.tasks import to_device
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import cubic_sparsity, global_masks, round_kept
+from .primitives import global_masks, round_kept
+from .schedule import finetune_round, round_ratios
 
 from .roots import _PRUNERS, ROOT_KINDS, channel_targets, register_pruner  # noqa: F401 (public here too)
 
@@ -619,28 +620,6 @@ def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, repor
 
 
 # -- the schedule ---------------------------------------------------------------------------
-def _ratios(config: PruneConfig) -> list[float]:
-    """Cumulative fraction of channels gone after each pruning round."""
-    if config.schedule == "oneshot":
-        return [config.sparsity]
-    if config.schedule == "iterative":  # equal fraction of what is left removed each round
-        keep = (1.0 - config.sparsity) ** (1.0 / config.iterations)
-        return [1.0 - keep ** r for r in range(1, config.iterations + 1)]
-    rounds = _gradual_rounds(config)
-    return [cubic_sparsity(r, len(rounds), config.sparsity, config.initial_sparsity) for r in range(1, len(rounds) + 1)]
-
-
-def _gradual_rounds(config: PruneConfig) -> list[int]:
-    """Epochs of fine-tuning after each gradual round: ``updates`` rounds (at most one per epoch)
-    over the first ``ramp`` of the epochs; the last round also gets the epochs after the ramp."""
-    epochs = config.finetune.epochs
-    ramp = max(1, min(epochs, int(round(config.ramp * epochs))))
-    n = min(config.updates, ramp)
-    split = [ramp // n + (1 if i < ramp % n else 0) for i in range(n)]
-    split[-1] += epochs - ramp
-    return split
-
-
 def _channels(model: nn.Module) -> dict[str, int]:
     return {n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
             for n, m in model.named_modules() if isinstance(m, ROOT_KINDS)}
@@ -693,20 +672,9 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
               and any(matches(n, p) for p in config.ignore)}
     original = _channels(model)
     report: dict[str, Any] = {"skipped": {}, "kept": {}}
-    ft = config.finetune
-    ratios = _ratios(config)
-    epochs = _gradual_rounds(config) if config.schedule == "gradual" else None
-    for r, ratio in enumerate(ratios, 1):
+    for r, ratio in enumerate(round_ratios(config), 1):
         prune_round(model, ratio, config, session, entry, inputs, targets, ignore, original, report)
-        if ft is None or ft.epochs == 0:
-            continue
-        if config.schedule == "oneshot":
-            session.train(model, ft, desc="prune-finetune")
-        elif config.schedule == "iterative":
-            session.train(model, ft, desc=f"prune-round{r}", sub=f"train-round{r}")
-        else:
-            session.train(model, dataclasses.replace(ft, epochs=epochs[r - 1]), desc=f"prune-gradual{r}",
-                          sub=f"train-round{r}")
+        finetune_round(model, config, session, r)
     _report(model, original, report, entry, config, session)
     return model
 
