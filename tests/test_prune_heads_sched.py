@@ -322,3 +322,33 @@ def test_layer_sparsity_sets_one_attention_module_and_the_others_share_the_rest(
     bad = MagnitudePruneConfig(granularity="head", layer_sparsity={"re:.*linear1": 0.5})
     with pytest.raises(RecipeError, match="matches none of the attention modules"):
         prune_heads(ref, bad, Session(), get_criterion("magnitude"))
+
+
+# -- ratios: sensitivity for heads ----------------------------------------------------------
+def test_ratios_sensitivity_for_heads_meets_the_measured_macs_budget(digits_task):
+    """Head curves record what each point removed; the plan for the MACs the uniform 50% plan
+    removes is pruned on a copy and measured, and the step removes that much."""
+    from torchslim.measure import count_macs
+    from torchslim.methods.prune import sensitivity
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = torchslim.build_model(ENCODER)
+    train(model, digits_task, TrainConfig(optimizer="adamw", epochs=4, lr=0.01, loggers=()))
+    x = digits_task.example_inputs(1)
+    dense = count_macs(model, x)
+    data = sensitivity.analyze(model, digits_task, MagnitudePruneConfig(granularity="head"), points=(0.25, 0.5, 0.75))
+    assert set(data["layers"]) == {f"encoder.layers.{i}.self_attn" for i in range(3)} and "model" in data
+    for row in data["layers"].values():  # a head of 4 (of 16 wide) at 8 tokens: its q, k, v, out slices at least
+        assert row["removed"][0][2] >= 4 * 16 * 4 * 8
+    uniform = torchslim.apply(model, MagnitudePruneConfig(granularity="head", sparsity=0.5, scope="layer"),
+                              task=digits_task)
+    target = 1 - count_macs(uniform, x) / dense
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="head", sparsity=target, budget="macs", ratios="sensitivity")
+    planned = run_prune(copy.deepcopy(model), cfg, session, "magnitude")
+    got = 1 - count_macs(planned, x) / dense
+    assert got == pytest.approx(target, abs=0.005)
+    assert session.info["metrics"]["sensitivity_budget"]["measured"] == pytest.approx(got, abs=1e-6)
+    assert sum(s.heads for s in attention_sites(planned)) == sum(s.heads for s in attention_sites(uniform))

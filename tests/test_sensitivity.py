@@ -109,8 +109,8 @@ def test_ratios_sensitivity_measured_in_the_step_are_recorded(trained_digits, di
 
 
 def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
-    with pytest.raises(RecipeError, match="granularity weight and channel, not 'head'"):
-        MagnitudePruneConfig(ratios="sensitivity", granularity="head")
+    with pytest.raises(RecipeError, match="granularity weight, channel and head, not 'layer'"):
+        MagnitudePruneConfig(ratios="sensitivity", granularity="layer")
     with pytest.raises(RecipeError, match="ratios: sensitivity only"):
         MagnitudePruneConfig(sensitivity="x.json")
     (tmp_path / "bad.json").write_text("{}")

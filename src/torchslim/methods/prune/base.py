@@ -153,14 +153,14 @@ class PruneConfig(MethodConfig):
                                                      "LSTM/GRU/RNN)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
     ratios: str = option("uniform", choices=("uniform", "sensitivity"),
-                         doc="uniform: sparsity as scope says; sensitivity (granularity weight, channel): per-layer "
+                         doc="uniform: sparsity as scope says; sensitivity (granularity weight, channel, head): per-layer "
                              "sparsities from sensitivity curves that remove the budget at the least predicted "
                              "metric loss")
     sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
                                                "sensitivity` (default: measured in the step on the val split)")
     budget: str = option("params", choices=("params", "macs"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
-                             "(granularity channel: of the whole model's, measured)")
+                             "(granularity channel, head: of the whole model's, measured)")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
         doc="granularity weight, channel or head: {module name or re: pattern: sparsity} for layers pruned to their own "
@@ -332,8 +332,8 @@ class PruneConfig(MethodConfig):
                 raise RecipeError(f"{cls}.ratios: sensitivity sets every layer's sparsity; leave layer_sparsity out")
             if self.SPARSITY_IS_RESULT:
                 raise RecipeError(f"{cls}.ratios: sensitivity needs a ranking criterion, not the {self.name} rule")
-            if self.granularity not in ("weight", "channel"):
-                raise RecipeError(f"{cls}.ratios: sensitivity is available with granularity weight and channel, not "
+            if self.granularity not in ("weight", "channel", "head"):
+                raise RecipeError(f"{cls}.ratios: sensitivity is available with granularity weight, channel and head, not "
                                   f"{self.granularity!r}")
         elif self.sensitivity is not None:
             raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")

@@ -56,10 +56,11 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     (params or MACs). The curves go into the step's row (``sensitivity``), where the report
     plots them.
 
-    Granularity ``channel``: the budget is a fraction of the whole model's params or MACs. The
-    curves predict what each group's cut removes alone; cuts of coupled groups overlap, so the
-    plan is pruned on a copy, measured, and the planned budget corrected by bisection until the
-    measured removal is within half a point of the asked one (``sensitivity_budget`` in the row).
+    Granularity ``channel`` and ``head``: the budget is a fraction of the whole model's params or
+    MACs. The curves predict what each group's (attention module's) cut removes alone; cuts of
+    coupled groups overlap, so the plan is pruned on a copy, measured, and the planned budget
+    corrected by bisection until the measured removal is within half a point of the asked one
+    (``sensitivity_budget`` in the row).
     """
     from . import sensitivity as sens
     task = session.require_task("prune.ratios: sensitivity")
@@ -93,7 +94,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
     metrics = session.info.setdefault("metrics", {})
     metrics["sensitivity"] = data
-    if config.granularity == "channel" and entry is not None:
+    if config.granularity in sens.MEASURED_COST and entry is not None:
         ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap)
     metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
@@ -108,7 +109,7 @@ def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
 def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: CriterionEntry, data: dict,
                    ratios: dict[str, float], cap: float, tolerance: float = 0.005,
                    trials: int = 12) -> tuple[dict[str, float], dict]:
-    """Channel plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
+    """Channel and head plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
     asked fraction of the model's params or MACs (bisection on ``b``; the removal grows with it)."""
     import copy
     import logging
@@ -116,7 +117,10 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     from ...measure import count_macs, count_params
     from ...session import Session
     from . import sensitivity as sens
-    from .structured import prune_channels
+    if uniform.granularity == "head":
+        from .heads import prune_heads as prune
+    else:
+        from .structured import prune_channels as prune
 
     target, cost = uniform.sparsity, uniform.budget
     inputs = to_device(session.task.example_inputs(1), session.device)
@@ -125,7 +129,7 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     def measure(r: dict[str, float]) -> float:
         trial = copy.deepcopy(model)
         cfg = dataclasses.replace(_planned(uniform, r), schedule="oneshot", finetune=None)
-        prune_channels(trial, cfg, Session(task=session.task, device=session.device), entry)
+        prune(trial, cfg, Session(task=session.task, device=session.device), entry)
         now = count_params(trial)[0] if cost == "params" else count_macs(trial, inputs)
         before = total if total is not None else (count_params(model)[0] if cost == "params"
                                                   else count_macs(model, inputs))
