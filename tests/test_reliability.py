@@ -85,6 +85,18 @@ def test_out_that_is_a_symlink_to_an_empty_directory_is_written_through(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "r.yaml", "target"]
 
 
+def test_out_under_directories_that_do_not_exist_yet_is_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("EPOCHS", "1"))
+    code, err = _cli(["compress", "r.yaml", "--out", "runs/a/first"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "runs" / "a" / "first" / "metrics.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == ["first"]   # no lock or partial left
+    (tmp_path / "file").write_text("x")
+    code, err = _cli(["compress", "r.yaml", "--out", "file/run"], capsys)
+    assert code == 2 and err.startswith("error: --out file/run: cannot create its parent directory"), err
+
+
 def test_metrics_json_is_strict_json_when_a_figure_is_not_finite(tmp_path):
     from torchslim.fileio import write_json
 

@@ -604,6 +604,10 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, data_dir: str | None =
         try:  # every rank resolves the path alike; rank 0's verdict is the one every rank raises
             out = resolve_out(out)
             if main:
+                try:  # --out runs/first in a fresh checkout: the parent is made, as mkdir -p would
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise UserError(f"--out {out}: cannot create its parent directory: {exc.strerror or exc}") from None
                 stack.enter_context(exclusive_lock(out.parent / f".{out.name}.lock", f"output directory {out}"))
         except UserError as exc:
             problem = str(exc) if main else None
