@@ -457,3 +457,14 @@ def test_named_module_a_method_cannot_handle_fails_before_any_work(tmp_path, cap
 def test_absurd_training_sizes_are_refused_at_validation(tmp_path, capsys, item, needle):
     code, _, err = run_cli(["compress", write(tmp_path, GOOD), "--dry-run", "--set", item], capsys)
     assert_clean_error(code, err, None, needle)
+
+
+def test_a_model_with_fewer_outputs_than_the_task_has_classes_is_refused_before_any_work(tmp_path, capsys):
+    text = ("model: {spec: zoo:digits-cnn, args: {num_classes: 5}}\ntask: digits\n"
+            "train: {epochs: 1, loggers: []}\nsteps:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    code, _, err = run_cli(["compress", write(tmp_path, text), "--dry-run"], capsys)
+    assert code == 2 and "outputs 5 class scores, but task 'digits' has 10 classes" in err, err
+    five = write(tmp_path, "import torch\n\ndef build():\n"
+                           "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))\n", "five.py")
+    code, out, err = run_cli(["measure", f"py:{five}:build", "--task", "digits"], capsys)
+    assert code == 2 and "outputs 5 class scores" in err and "accuracy" not in out, (out, err)

@@ -242,7 +242,13 @@ def check_runs(model: nn.Module, task: Task | None, what: str = "the model", *, 
     finally:
         model.train(was_training)
     if task.outputs == "logits" and task.metric_name is not None:  # the metric needs the prediction
-        prediction(model, out, what)
+        scores = prediction(model, out, what)
+        classes = task.num_classes()
+        if classes is not None and isinstance(scores, torch.Tensor) and scores.dim() >= 1 \
+                and scores.shape[-1] < classes:
+            raise SpecError(f"{what} outputs {scores.shape[-1]} class scores, but task {task.spec!r} has "
+                            f"{classes} classes (labels 0..{classes - 1}); build it with {classes} outputs "
+                            f"(zoo models: args: {{num_classes: {classes}}})")
         if trains:
             buffers = {k for k, _ in model.named_buffers()}
             saved = {k: v.clone() for k, v in model.state_dict().items() if k in buffers}

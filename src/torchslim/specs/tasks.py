@@ -120,6 +120,23 @@ class Task:
                 bar.update(1)
         return correct / max(total, 1)
 
+    def num_classes(self) -> int | None:
+        """Classes of a classification task (largest training label + 1, from the dataset's
+        ``tensors``/``targets``); None when unknown or not a classification task."""
+        if self.metric_name != "accuracy" or self.outputs != "logits":
+            return None
+        try:
+            ds = self.split("train")
+        except Exception:  # noqa: BLE001  (a task without data: shape:, a py: task that cannot load)
+            return None
+        targets = ds.tensors[-1] if hasattr(ds, "tensors") else getattr(ds, "targets", None)
+        if targets is None or len(targets) == 0:
+            return None
+        targets = torch.as_tensor(targets)
+        if targets.dtype.is_floating_point or targets.dim() != 1:
+            return None
+        return int(targets.max()) + 1
+
     def chance_level(self, split: str = "test") -> float | None:
         """The metric a model reaches without learning anything: for accuracy, the share of the
         most frequent class in ``split`` (from the dataset's ``tensors``/``targets``); None when
