@@ -349,3 +349,14 @@ def test_no_trainable_parameters(digits_task):
         p.requires_grad_(False)
     with pytest.raises(UserError, match="no trainable parameters"):
         Trainer(model, digits_task, cfg()).fit()
+
+
+def test_apply_takes_the_plain_train_config_as_its_optimizers_method(digits_task):
+    from torchslim.train import SGDTrainConfig
+
+    model = tiny()
+    a = torchslim.apply(model, cfg(epochs=1), task=digits_task)
+    b = torchslim.apply(model, SGDTrainConfig(**{**cfg(epochs=1).to_dict(), "optimizer": "sgd"}), task=digits_task)
+    sa, sb, s0 = a.state_dict(), b.state_dict(), model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)           # the same run as train.sgd
+    assert not all(torch.equal(sa[k], s0[k]) for k in sa)       # and it trained (the input untouched)

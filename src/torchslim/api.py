@@ -59,6 +59,13 @@ def apply_(model: nn.Module, config: MethodConfig, *, task: Task | str | None = 
     """
     if isinstance(task, str):
         task = build_task(task, data_dir)
+    from .train.config import TrainConfig
+    if method is None and type(config) is TrainConfig:  # the plain training config: its optimizer's method
+        import dataclasses
+        from .registry import get_method
+        entry = get_method("train", config.optimizer)
+        config = entry.config_cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        method = entry.key
     if method is not None:
         verb, _, name = method.partition(".")
         from .registry import get_method
