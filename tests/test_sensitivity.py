@@ -113,6 +113,10 @@ def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
         MagnitudePruneConfig(ratios="sensitivity", granularity="layer")
     with pytest.raises(RecipeError, match="ratios: sensitivity only"):
         MagnitudePruneConfig(sensitivity="x.json")
+    with pytest.raises(RecipeError, match="budget: macs is read with ratios: sensitivity only"):
+        MagnitudePruneConfig(budget="macs")
+    with pytest.raises(RecipeError, match="granularity layer drops a layer whole"):
+        sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="layer"), points=(0.5,))
     (tmp_path / "bad.json").write_text("{}")
     from torchslim.errors import UserError
     with pytest.raises(UserError, match="not a torchslim sensitivity file"):

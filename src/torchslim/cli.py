@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory (sensitivity.json, sensitivity.png)")
     s.add_argument("--method", default="magnitude", help="pruning criterion (default magnitude)")
     s.add_argument("--granularity", default="weight",
-                   help="weight, channel, head or layer (default weight; ratios: sensitivity in a recipe takes "
-                        "weight curves)")
+                   help="weight, channel or head (default weight; a recipe's ratios: sensitivity takes curves "
+                        "of its own granularity)")
     s.add_argument("--points", type=_points, default=(0.1, 0.3, 0.5, 0.7, 0.9),
                    help="sparsities of each curve (default 0.1,0.3,0.5,0.7,0.9)")
     s.add_argument("--split", default="val", choices=("val", "test", "train"),

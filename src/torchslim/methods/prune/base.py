@@ -337,6 +337,9 @@ class PruneConfig(MethodConfig):
                                   f"{self.granularity!r}")
         elif self.sensitivity is not None:
             raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
+        elif self.budget != "params":
+            raise RecipeError(f"{cls}.budget: {self.budget} is read with ratios: sensitivity only (with ratios: "
+                              "uniform, sparsity is the fraction of units removed)")
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")

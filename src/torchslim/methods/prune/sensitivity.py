@@ -104,6 +104,10 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
         raise RecipeError(f"sensitivity: points must be sparsities in (0, 1), got {list(points)}")
     if parse_nm(config.granularity) is not None:
         raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
+    if config.granularity == "layer":
+        raise RecipeError("sensitivity: granularity layer drops a layer whole, so its curve would be one point; "
+                          "analyse granularity head, channel or weight (or compare single-layer drops with "
+                          "prune: {granularity: layer, targets: [NAME]} runs)")
     verb, _, name = method.partition(".")
     entry = get_method(verb, name)
     if not isinstance(config, entry.config_cls):
