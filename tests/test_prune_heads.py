@@ -432,3 +432,16 @@ def test_steps_after_a_layer_drop_are_not_checked_against_the_old_names():
     with pytest.raises(RecipeError, match="layer9"):
         preflight(Recipe.from_dict({"model": {"spec": "torchvision:resnet18", "args": {"num_classes": 10}},
                                     "task": "shape:3x32x32", "steps": steps[1:]}))
+
+
+def test_head_pruning_log_gives_removed_and_kept_counts(caplog):
+    """The summary line counts the removed heads and lists what each module keeps."""
+    torch.manual_seed(0)
+    model = torchslim.build_model(ENCODER).eval()
+    before = sum(lay.self_attn.num_heads for lay in model.encoder.layers)
+    with caplog.at_level(logging.INFO, logger="torchslim.methods.prune.heads"):
+        pruned = torchslim.apply(model, _heads(0.5))
+    kept = {f"encoder.layers.{i}.self_attn": lay.self_attn.num_heads for i, lay in enumerate(pruned.encoder.layers)}
+    line = next(r.getMessage() for r in caplog.records if "head pruning:" in r.getMessage())
+    assert f"{before - sum(kept.values())} of {before} heads removed" in line
+    assert line.endswith("heads kept per module: " + ", ".join(f"{n} {k}" for n, k in kept.items())), line

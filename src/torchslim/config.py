@@ -69,6 +69,11 @@ def _describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _config_type(tp: Any) -> bool:
+    """Whether ``tp`` is a MethodConfig class."""
+    return isinstance(tp, type) and issubclass(tp, MethodConfig)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Turn a plain YAML/JSON value into the field's declared type, or raise RecipeError."""
     origin = typing.get_origin(tp)
@@ -86,6 +91,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except RecipeError as exc:
                 # a mapping meant for a config: its own error (the field that is wrong) says more
                 if isinstance(value, dict) and isinstance(arg, type) and issubclass(arg, MethodConfig):
+                    raise
+                # likewise a list meant for a tuple of configs (several weighted teachers)
+                if isinstance(value, list) and typing.get_origin(arg) is tuple and _config_type(
+                        typing.get_args(arg)[0]):
                     raise
                 errors.append(str(exc))
         raise RecipeError(f"{where}: expected {_describe_type(tp)}, got {value!r}")
@@ -230,6 +239,21 @@ class MethodConfig:
         receive it, weights not yet trained): e.g. a ``group_size`` that does not divide a
         targeted layer. The pipeline calls it for every step before any work, so a recipe fails
         in seconds instead of after training; the default does nothing."""
+
+    def check_teachers(self, roles: dict[str, Any], model: Any, task: Any = None, shapes: bool = True) -> None:
+        """Raise a UserError when the step's distillation cannot run with the models preflight
+        knows: ``roles`` maps a teacher role to its model as built (``baseline``: the recipe's
+        model; ``current``: the model entering the step, present while its shapes are known);
+        ``model`` is the model the step receives (None when its module names are not known yet),
+        ``shapes`` whether its layer shapes are. The pipeline calls it for every step before any
+        work. The default checks nested configs (a ``finetune``'s ``distill``) with the model as
+        this step leaves it: its names unless the step renames modules, its shapes unless it
+        changes them."""
+        after = None if self.CHANGES_NAMES else model
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MethodConfig):
+                value.check_teachers(roles, after, task, shapes and after is not None and not self.CHANGES_SHAPES)
 
     # -- capabilities the pipeline reads (instead of verbs and attribute names) ------------
     def trains(self) -> bool:

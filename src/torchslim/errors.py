@@ -82,10 +82,12 @@ class Problems:
     def raise_all(self, locate=lambda message: message) -> None:
         """Raise nothing when no check failed; the one error as it was; else a RecipeError (the
         first error's class when all share it) whose message has one line per problem, each
-        passed through ``locate``."""
+        passed through ``locate``; a line two checks found (the same teacher checked by two
+        hooks) is given once."""
         if not self.errors:
             return
-        lines = [locate(line) for exc in self.errors for line in str(exc).splitlines() if line.strip()]
+        lines = list(dict.fromkeys(locate(line) for exc in self.errors for line in str(exc).splitlines()
+                                   if line.strip()))
         kinds = {type(e) for e in self.errors}
         cls = kinds.pop() if len(kinds) == 1 else RecipeError
         raise cls("\n".join(lines))

@@ -109,7 +109,7 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
     with problems.check():
         resolve_device(recipe.device)  # `cuda` on a machine without one fails here, not after the baseline
     torch.manual_seed(recipe.train.seed if recipe.train else 0)  # reproducible random init
-    model = None
+    model, runs = None, False
     with problems.check():
         model = build_model(recipe.model.spec, weights=recipe.model.weights, args=recipe.model.args,
                             output=recipe.model.output)
@@ -118,6 +118,7 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
             check_finite_weights(model, f"model {recipe.model.spec}")
             check_finite_outputs(model, to_device(task.example_inputs(2), _device_of(model)),
                                  f"model {recipe.model.spec}")
+            runs = True   # teachers by role are this model: checked against it only when it runs
         except UserError as exc:
             raise type(exc)(f"model: {exc}") from None
     names_known = shapes_known = model is not None
@@ -137,10 +138,15 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
                     step.config.check_targets(model)  # a named module of a class the method refuses
                 except UserError as exc:
                     raise type(exc)(f"{where}: {exc}") from None
-        if shapes_known:
+        if model is not None:
             with problems.check():
                 try:
-                    step.config.check_model(model)
+                    if shapes_known:
+                        step.config.check_model(model)
+                    # teachers by role: the recipe's model as built, the model entering the step
+                    if runs:
+                        roles = {"baseline": model, **({"current": model} if shapes_known else {})}
+                        step.config.check_teachers(roles, model if names_known else None, task, shapes_known)
                 except UserError as exc:
                     raise type(exc)(f"{where}: {exc}") from None
         if step.config.REPLACES_MODEL:
@@ -188,10 +194,21 @@ def metric_warnings(row: dict[str, Any], before: list[dict[str, Any]], task: Tas
                 found.append({"code": "metric_drop",
                               "message": f"{metric.get('name')} fell from {prev['metric']['value']:.4f} "
                                          f"to {value:.4f} ({drop:.4f} lost, more than measure.warn_drop={warn_drop}); "
-                                         "fine-tune after the step (finetune: {epochs: N}) or make it milder"})
+                                         + _drop_advice(row.get("config") or {})})
     for w in found:
         log.warning("%s: %s", row["name"], w["message"])
     return found
+
+
+def _drop_advice(config: dict[str, Any]) -> str:
+    """What to do about a step's metric drop, by the fields its config has: a fine-tune for steps
+    that take one, a longer training for steps that train a new model (distillation), else a
+    milder step."""
+    if "finetune" in config:
+        return "fine-tune after the step (finetune: {epochs: N}) or make it milder"
+    if "train" in config:
+        return "train longer (more epochs in the step's train: {epochs: N}) or make the step milder"
+    return "make the step milder"
 
 
 def step_name(recipe: Recipe, index: int) -> str:

@@ -78,6 +78,13 @@ def weighted_teachers(value: Any) -> tuple[tuple[str | ModelRef, float], ...]:
     return ((value, 1.0),)
 
 
+def known_teachers(teachers: tuple[tuple[str | ModelRef, float], ...], roles: dict[str, Any],
+                   task: Any) -> list[Any]:
+    """The model of each teacher preflight knows (a role in ``roles``, a spec built and run on
+    ``task``), None for the others."""
+    return [roles.get(ref) if isinstance(ref, str) else build_checked(ref, task, "teacher") for ref, _ in teachers]
+
+
 @dataclass(frozen=True)
 class WeightedTeacher(MethodConfig):
     """One of several teachers and its weight (``teacher: [{model: baseline, weight: 0.7}, ...]``);
@@ -101,7 +108,7 @@ class WeightedTeacher(MethodConfig):
 @dataclass(frozen=True)
 class HintTerm(MethodConfig):
     """Feature (hint) distillation of named layers (FitNets, Romero et al. 2015): the
-    :class:`~torchslim.train.feature_distill.HintDistillation` plugin.
+    :class:`~torchslim.train.distill.HintDistillation` plugin.
 
     Examples
     --------
@@ -123,7 +130,7 @@ class HintTerm(MethodConfig):
 class AttentionTerm(MethodConfig):
     """Attention transfer of named layers: CNN feature maps (Zagoruyko & Komodakis 2017) or the
     attention probabilities of transformer attention modules (Hugging Face BERT-style): the
-    :class:`~torchslim.train.feature_distill.AttentionTransfer` plugin.
+    :class:`~torchslim.train.distill.AttentionTransfer` plugin.
 
     Examples
     --------
@@ -203,6 +210,13 @@ class DistillTerm(MethodConfig):
         for ref, _ in self.teachers():
             if isinstance(ref, ModelRef):
                 build_checked(ref, task, "teacher")
+
+    def check_teachers(self, roles: dict[str, Any], model: Any, task: Any = None, shapes: bool = True) -> None:
+        """Hint and attention layers, and output shapes, checked on the teachers and the model to
+        be trained as far as preflight knows them (:func:`~torchslim.train.distill.check_distill`)."""
+        from .distill import check_distill
+
+        check_distill(self, known_teachers(self.teachers(), roles, task), model, task, shapes=shapes)
 
 
 @dataclass(frozen=True)

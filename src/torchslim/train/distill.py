@@ -228,6 +228,16 @@ def _wants_eager(out: Any) -> bool:
     return isinstance(out, (tuple, list)) and len(out) > 1 and out[1] is None
 
 
+def check_attention_module(module: nn.Module, name: str, what: str) -> None:
+    """RecipeError for a layer attention transfer cannot read: ``nn.MultiheadAttention`` computes
+    its probabilities only when called with ``need_weights=True``, which ``nn.TransformerEncoder``
+    layers do not do."""
+    if isinstance(module, nn.MultiheadAttention):
+        raise RecipeError(f"attention: layer {name!r} of {what} is an nn.MultiheadAttention, which computes no "
+                          "probabilities unless called with need_weights=True (nn.TransformerEncoder layers do "
+                          "not); not supported: use distill.hint on the layer outputs (e.g. encoder.layers.0)")
+
+
 class AttentionTransfer(_LayerPairs):
     """Attention transfer from named teacher layers to named student layers, as a loss term.
 
@@ -288,6 +298,10 @@ class AttentionTransfer(_LayerPairs):
                 self._restore.append((m, impl))
 
     def setup(self, trainer: Any) -> None:
+        for names, model, what in ((list(self.pairs), trainer.model, "the student"),
+                                   (list(self.pairs.values()), self.teacher, "the teacher")):
+            for name in names:
+                check_attention_module(find_module(model, name, what), name, what)
         super().setup(trainer)
         student = trainer.model
         if any(_wants_eager(self._s.take(n)) for n in self.pairs) or \
@@ -363,3 +377,69 @@ def distill_plugins(term: Any, teacher: Callable[[Any], nn.Module],
     if attention is not None:
         plugins.append(AttentionTransfer(models[0], attention.layers, attention.beta, attention.p, attention.loss))
     return plugins
+
+
+def check_distill(term: Any, teachers: Sequence[nn.Module | None], student: nn.Module | None, task: Any,
+                  *, shapes: bool = True) -> None:
+    """Preflight of a distillation term (a :class:`~torchslim.train.config.DistillTerm`, or a
+    distill method's config with the same fields) on the models known before any work, so a
+    recipe fails in seconds instead of after training.
+
+    ``teachers``: one model (or None where unknown yet) per teacher of ``term``; ``student``: the
+    model to be trained, or None; ``shapes=False`` when only its module names are known (a step
+    that changes layer shapes before its fine-tune). The known models are copied first, so they
+    are left as they are.
+
+    Raises
+    ------
+    RecipeError
+        A hint or attention layer missing from a known model (with the nearest names); student
+        and teacher outputs of different shapes (logit term, ``alpha > 0``); and what the hint
+        and attention plugins' setup finds on one probe batch of the training split: features
+        that cannot be compared, different widths with ``projection: none``, layers attention
+        transfer cannot read.
+    """
+    import copy
+    from types import SimpleNamespace
+
+    from ..specs.tasks import _device_of, to_device
+
+    hint, attention = getattr(term, "hint", None), getattr(term, "attention", None)
+    teacher = teachers[0] if len(teachers) == 1 else None
+    for layers in (t.layers for t in (hint, attention) if t is not None):
+        if teacher is not None:
+            for name in layers.values():
+                find_module(teacher, name, "the teacher")
+        if student is not None:
+            for name in layers:
+                find_module(student, name, "the student")
+    known = [(k, t) for k, t in enumerate(teachers) if t is not None]
+    if student is None or not shapes or task is None or not known:
+        return
+    ds = task.split("train")
+    batch = to_device(task.collate([ds[i] for i in range(min(2, len(ds)))]), _device_of(student))
+    if term.alpha > 0:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(student):
+            s_out = task.forward(student, batch)
+        for k, t in known:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(t):
+                t_out = task.forward(t, to_device(batch, _device_of(t)))
+            if tuple(t_out.shape) != tuple(s_out.shape):
+                which = "the teacher" if len(teachers) == 1 else f"teacher {k + 1} (of {len(teachers)})"
+                raise RecipeError(f"distill: the student outputs {tuple(s_out.shape)}, {which} outputs "
+                                  f"{tuple(t_out.shape)}; logit distillation compares outputs of one shape "
+                                  "(the same classes): give a matching student or teacher, or alpha: 0")
+    if teacher is None or (hint is None and attention is None):
+        return
+    student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)   # setup freezes the teacher
+    plugins: list[_LayerPairs] = []
+    if hint is not None:
+        plugins.append(HintDistillation(teacher, hint.layers, hint.weight, hint.projection))
+    if attention is not None:
+        plugins.append(AttentionTransfer(teacher, attention.layers, attention.beta, attention.p, attention.loss))
+    trainer = SimpleNamespace(task=task, model=student)
+    for plugin in plugins:
+        try:
+            plugin.setup(trainer)
+        finally:
+            plugin.teardown()

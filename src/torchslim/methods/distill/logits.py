@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,9 +12,9 @@ from torch import nn
 from ...config import MethodConfig, ModelRef, as_mapping, option
 from ...errors import RecipeError
 from ...registry import register_method
-from ...train.config import (TEACHER_ROLES, TrainConfig, WeightedTeacher, build_checked, teachers_ref,
-                             weighted_teachers)
-from ...train.distill import distill_plugins
+from ...train.config import (TEACHER_ROLES, TrainConfig, WeightedTeacher, build_checked, known_teachers,
+                             teachers_ref, weighted_teachers)
+from ...train.distill import check_distill, distill_plugins
 from .students import FromTeacher, build_student, check_layers, student_preflight, student_ref
 
 log = logging.getLogger(__name__)
@@ -114,15 +115,31 @@ class LogitsDistillConfig(MethodConfig):
         any work."""
         super().check_ready(task)
         self.check_task(task)
-        teacher = None
-        for ref, _ in self.teachers():
-            if isinstance(ref, ModelRef):
-                teacher = build_checked(ref, task, "teacher")
+        self.check_models([build_checked(ref, task, "teacher") if isinstance(ref, ModelRef) else None
+                           for ref, _ in self.teachers()], task)
+
+    def check_teachers(self, roles: dict[str, Any], model: nn.Module | None, task: Any = None,
+                       shapes: bool = True) -> None:
+        """With a teacher given by a role preflight knows (``baseline``; ``current`` while the
+        model entering the step is known), the checks of :meth:`check_ready` on that model as
+        built; teachers given by spec alone were checked there."""
+        if any(isinstance(ref, str) and ref in roles for ref, _ in self.teachers()):
+            self.check_models(known_teachers(self.teachers(), roles, task), task)
+
+    def check_models(self, teachers: list[nn.Module | None], task: Any) -> None:
+        """Checks on the teachers preflight knows (None where unknown) and on the student built
+        from them: layer names, ``from_teacher`` indices, the pair (:meth:`check_pair`), output
+        shapes and the plugins' setup (:func:`~torchslim.train.distill.check_distill`)."""
+        for teacher in teachers:
+            if teacher is not None:
                 self.check_layers("teacher", teacher)
-        student = student_preflight(self.student, teacher if len(self.teachers()) == 1 else None, task)
+        teacher = teachers[0] if len(teachers) == 1 else None
+        student = student_preflight(self.student, teacher, task)
         if student is not None:
             self.check_layers("student", student)
             self.check_pair(teacher, student, task)
+            if task is not None:
+                check_distill(self, teachers, student, task)
 
     def check_task(self, task) -> None:
         """RecipeError when the logit term (``alpha > 0``) meets a task without class logits."""

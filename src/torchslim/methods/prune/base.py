@@ -218,8 +218,8 @@ class PruneConfig(MethodConfig):
         super().check_ready(task)
         self.check_data(task)
         if self.ratios == "sensitivity" and self.sensitivity is not None:
-            from .curves import load_curves
-            load_curves(self.sensitivity)
+            from .curves import check_granularity, load_curves
+            check_granularity(load_curves(self.sensitivity), self.sensitivity, self.granularity)
         elif self.ratios == "sensitivity" and task is not None:
             try:
                 task.split("val")

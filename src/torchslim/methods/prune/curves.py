@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...errors import UserError
+from ...errors import RecipeError, UserError
 
 SCHEMA = 1
 
@@ -21,3 +21,13 @@ def load_curves(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("layers"), dict):
         raise UserError(f"sensitivity curves {path}: not a torchslim sensitivity file (schema {SCHEMA})")
     return data
+
+
+def check_granularity(data: dict[str, Any], path: str | Path, granularity: str) -> None:
+    """RecipeError unless the curves ``data`` read from ``path`` were measured at ``granularity``
+    (a file without the field holds ``weight`` curves), so a step does not plan from curves of
+    another kind."""
+    if data.get("granularity", "weight") != granularity:
+        raise RecipeError(f"prune.sensitivity: {path} holds {data.get('granularity', 'weight')!r} curves; this "
+                          f"step prunes granularity {granularity!r}: measure them with "
+                          f"torchslim sensitivity --granularity {granularity}")

@@ -14,6 +14,7 @@ from ...errors import RecipeError
 from ...specs.tasks import to_device
 from .base import PruneConfig, parse_nm, prunable_weights
 from .criteria import CriterionEntry, get_criterion
+from .curves import check_granularity
 
 
 def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | CriterionEntry) -> nn.Module:
@@ -68,10 +69,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={})
     if config.sensitivity is not None:
         data = sens.load_curves(config.sensitivity)
-        if data.get("granularity", "weight") != config.granularity:
-            raise RecipeError(f"prune.sensitivity: {config.sensitivity} holds {data.get('granularity')!r} curves; "
-                              f"this step prunes granularity {config.granularity!r}: measure them with "
-                              f"torchslim sensitivity --granularity {config.granularity}")
+        check_granularity(data, config.sensitivity, config.granularity)
         if data.get("method") not in (None, method):
             session.warn("sensitivity_mismatch", f"{config.sensitivity} was measured with {data['method']}, "
                                                  f"this step ranks with {method}")

@@ -414,8 +414,8 @@ def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
                                    "the next lowest heads elsewhere went instead")
     kept = {s.name: s.heads for s in attention_sites(model, config.targets, config.ignore)}
     total, left = sum(original), sum(kept.values())
-    log.info("%s head pruning: %d of %d heads removed (%s, %s): %s", entry.name, total - left, total, config.scope,
-             config.schedule, ", ".join(f"{n} {k}" for n, k in kept.items()))
+    log.info("%s head pruning: %d of %d heads removed (%s, %s); heads kept per module: %s", entry.name,
+             total - left, total, config.scope, config.schedule, ", ".join(f"{n} {k}" for n, k in kept.items()))
     session.info.setdefault("metrics", {})["heads_kept"] = kept
     return model
 
