@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import RecipeError
 from ...specs.tasks import to_device
-from .base import PruneConfig, parse_nm, prunable_weights
+from .base import PruneConfig, parse_nm
 from .criteria import CriterionEntry, get_criterion
 from .curves import check_granularity
 
