@@ -505,10 +505,10 @@ def _width(spec_args: dict, name: str) -> int:
     ("prune: {method: magnitude, granularity: channel, sparsity: 0.5, finetune: {epochs: 1, distill: "
      "{teacher: baseline, hint: {layers: {'22': '2'}}}}}", ["no module named '22' in the student"]),
     # output shapes of teachers and student built at preflight
-    (f"distill: {{method: logits, teacher: [baseline, {{model: {{spec: zoo:digits-cnn, args: {{num_classes: 7}}}}}}], "
-     f"{SMALL}}}", ["the student outputs (2, 10), teacher 2 (of 2) outputs (2, 7)"]),
+    (f"distill: {{method: logits, teacher: [baseline, {{model: {{spec: zoo:digits-cnn, args: {{num_classes: 12}}}}}}], "
+     f"{SMALL}}}", ["the student outputs (2, 10), teacher 2 (of 2) outputs (2, 12)"]),
     ("prune: {method: magnitude, sparsity: 0.5, finetune: {epochs: 1, distill: {teacher: {spec: zoo:digits-cnn, "
-     "args: {num_classes: 3}}}}}", ["steps.0.prune: distill: the student outputs (2, 10), the teacher outputs (2, 3)"]),
+     "args: {num_classes: 13}}}}}", ["steps.0.prune: distill: the student outputs (2, 10), the teacher outputs (2, 13)"]),
     ("distill: {method: logits, teacher: baseline, student: {spec: zoo:lenet-300-100, args: {in_features: 64, "
      "num_classes: 12}}}", ["the student outputs (2, 12), the teacher outputs (2, 10)"]),
     # from_teacher needs a stack of layers, which a CNN has not
