@@ -411,5 +411,5 @@ def test_layer_sparsity_bad_values_are_recipe_errors_naming_the_key():
         MagnitudePruneConfig.from_dict({"layer_sparsity": {"1": 1.5}}, where="steps.0.prune")
     with pytest.raises(RecipeError, match=r"layer_sparsity\['x'\]: expected a number"):
         MagnitudePruneConfig.from_dict({"layer_sparsity": {"x": "a"}})
-    with pytest.raises(RecipeError, match="granularity weight and channel only"):
+    with pytest.raises(RecipeError, match="granularity weight, channel and head only"):
         MagnitudePruneConfig(granularity="2:4", layer_sparsity={"1": 0.5})

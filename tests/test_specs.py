@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing may be downloaded
 # -- zoo: generated from the registry --------------------------------------------------------
 # input of one sample for each zoo model; a new zoo entry must add its input here
 ZOO_INPUTS = {"lenet-300-100": (1, 28, 28), "lenet-5": (1, 28, 28), "digits-cnn": (1, 8, 8),
-              "resnet-fmnist": (1, 28, 28)}
+              "resnet-fmnist": (1, 28, 28), "mlp": (1, 28, 28)}
 # documented in CONTRACT section 2 / the zoo docstrings
 ZOO_PARAMS = {"lenet-5": 431_080, "lenet-300-100": 266_610, "resnet-fmnist": 174_970}
 

@@ -66,7 +66,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     from . import sensitivity as sens
     task = session.require_task("prune.ratios: sensitivity")
     method = f"prune.{config.name}"
-    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={})
+    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={}, budget="params")
     if config.sensitivity is not None:
         data = sens.load_curves(config.sensitivity)
         check_granularity(data, config.sensitivity, config.granularity)
@@ -93,7 +93,8 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     metrics = session.info.setdefault("metrics", {})
     metrics["sensitivity"] = data
     if config.granularity in sens.MEASURED_COST and entry is not None:
-        ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap)
+        ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap,
+                                                               config.budget)
     metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
     return _planned(uniform, ratios)
@@ -105,7 +106,7 @@ def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
 
 
 def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: CriterionEntry, data: dict,
-                   ratios: dict[str, float], cap: float, tolerance: float = 0.005,
+                   ratios: dict[str, float], cap: float, cost: str, tolerance: float = 0.005,
                    trials: int = 12) -> tuple[dict[str, float], dict]:
     """Channel and head plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
     asked fraction of the model's params or MACs (bisection on ``b``; the removal grows with it)."""
@@ -120,7 +121,7 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     else:
         from .structured import prune_channels as prune
 
-    target, cost = uniform.sparsity, uniform.budget
+    target = uniform.sparsity
     inputs = to_device(session.task.example_inputs(1), session.device)
     total = float(data["model"][cost]) if "model" in data else None
 

@@ -16,14 +16,14 @@ then fine-tune), not a mask that changes during training as for single weights
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 
 from .primitives import cubic_sparsity
 
-if TYPE_CHECKING:
-    from .base import PruneConfig
+#: a ``PruneConfig`` (not imported: ``base`` imports the granularity modules that import this one)
+PruneConfig = Any
 
 
 def round_ratios(config: PruneConfig, final: float | None = None) -> list[float]:
