@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
 
 import torchslim
+from _timing import latency  # bench/_timing.py
 from torchslim.fileio import write_json
 from torchslim.measure import count_macs, count_params
 from torchslim.prune import MagnitudePruneConfig
@@ -40,14 +39,6 @@ from torchslim.train.config import DistillTerm
 FINETUNE = dict(epochs=3, lr=0.02, batch_size=128, schedule="cosine", weight_decay=0.0005, loggers=())
 
 
-def latency(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    per: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            t = benchmark.Timer("m(x)", globals={"m": m, "x": x}, num_threads=torch.get_num_threads())
-            with torch.inference_mode():
-                per[name].append(t.blocked_autorange(min_run_time=0.3).median * 1e3)
-    return {k: statistics.median(v) for k, v in per.items()}
 
 
 def main() -> None:

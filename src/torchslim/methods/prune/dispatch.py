@@ -123,16 +123,17 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
 
     target = uniform.sparsity
     inputs = to_device(session.task.example_inputs(1), session.device)
-    total = float(data["model"][cost]) if "model" in data else None
+
+    def size(m: nn.Module) -> float:
+        return float(count_params(m)[0] if cost == "params" else count_macs(m, inputs))
+
+    before = float(data["model"][cost]) if "model" in data else size(model)
 
     def measure(r: dict[str, float]) -> float:
         trial = copy.deepcopy(model)
         cfg = dataclasses.replace(_planned(uniform, r), schedule="oneshot", finetune=None)
         prune(trial, cfg, Session(task=session.task, device=session.device), entry)
-        now = count_params(trial)[0] if cost == "params" else count_macs(trial, inputs)
-        before = total if total is not None else (count_params(model)[0] if cost == "params"
-                                                  else count_macs(model, inputs))
-        return 1.0 - now / before
+        return 1.0 - size(trial) / before
 
     quiet = logging.getLogger("torchslim.methods.prune")
     level = quiet.level
