@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=20.0)
     ap.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term")
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--warmup", type=float, default=1.0,
+                    help="epochs of linear lr warm-up of both students (the teacher has none): without it the distilled run at "
+                         "lr 0.05 diverges or lands far off (see BENCHMARKS.md)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -48,6 +51,7 @@ def main() -> None:
     result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "paper": {"teacher": 67, "student_alone": 146, "student_distilled": 74}}
     common = dict(optimizer="sgd", lr=args.lr, momentum=0.9, batch_size=128, schedule="cosine",
+                  warmup=args.warmup,
                   loggers=(), seed=args.seed)
 
     teacher_dir = args.out / "teacher"
@@ -59,7 +63,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         teacher = torchslim.build_model("zoo:mlp", args={"hidden": [1200, 1200], "dropout": 0.5,
                                                          "input_dropout": 0.2})
-        train(teacher, task, TrainConfig(epochs=args.teacher_epochs, jitter=2, **common), desc="teacher")
+        train(teacher, task, TrainConfig(epochs=args.teacher_epochs, jitter=2, **{**common, "warmup": 0.0}), desc="teacher")
         torchslim.save(teacher, teacher_dir)
     result["teacher"] = {"test_errors": errors(teacher, task), "cpu_s": round(time.process_time() - t0, 1)}
     print("teacher", result["teacher"], flush=True)

@@ -318,7 +318,8 @@ class AttentionTransfer(_LayerPairs):
                     raise RecipeError(f"attention: student layer {s_name!r} gives probabilities {tuple(s_p.shape)} "
                                       f"and teacher layer {t_name!r} {tuple(t_p.shape)}; sequence lengths must match")
                 if s_p.shape[1] != t_p.shape[1]:
-                    log.info("attention: %s has %d heads, %s %d: comparing head-averaged attention",
+                    log.info("attention: student layer %s has %d heads, teacher layer %s %d: comparing "
+                             "head-averaged attention",
                              s_name, s_p.shape[1], t_name, t_p.shape[1])
                 self._maps.append(False)
                 continue

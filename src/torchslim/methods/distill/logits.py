@@ -39,7 +39,11 @@ class LogitsDistillConfig(MethodConfig):
     split once (kept in the step's scratch directory) instead of running the teachers on every
     batch; only for training data without augmentation.
     ``train``: the training run; training fields given beside the others (``epochs: 8``) are
-    read into it, as earlier versions wrote them.
+    read into it, as earlier versions wrote them. At a high ``T`` the soft term approaches a
+    squared error between the logits (Hinton et al. 2015, sec. 2.1) whose gradient grows with the
+    teacher's logit range, far above cross-entropy's at the start: give such runs a warm-up
+    (``train: {warmup: 1}``). On MNIST at T = 20 and SGD lr 0.05 the student without one diverged
+    or ended worse than trained alone (BENCHMARKS.md, "Hinton et al. 2015 on MNIST").
 
     Examples
     --------
