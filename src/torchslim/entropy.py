@@ -5,7 +5,8 @@ gaps) compressed with rANS by the ``constriction`` package (Bamler 2022), the op
 Two encodings register in :mod:`torchslim.encodings`' table, and the artifact writer keeps one
 only when it is the smallest for a tensor, like every encoding:
 
-- ``ans``: every element of an integer tensor whose values span at most 256 codes;
+- ``ans``: every element of an integer tensor (minus its row's most frequent code) whose
+  values span at most 256 codes;
 - ``relative-index-ans``: the ``relative-index`` coding of a sparse integer tensor (Deep
   Compression's gaps between stored entries, 4 or 8 bits, padding entries for long runs) with
   its gaps and its values each entropy-coded (Han et al. 2016, sec. 4 use Huffman codes for
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encodings import (_INT_DTYPES, Encoding, _filled, _numel, check_part, pack_bits, register_encoding,
+from .encodings import (_INT_DTYPES, Encoding, _filled, _nbytes, _numel, _row_fill, check_part, pack_bits, register_encoding,
                         relative_gaps, relative_split, unpack_bits)
 
 #: the largest alphabet (distinct code values) a stream is entropy-coded with
@@ -127,20 +128,35 @@ def _checked(encode):
 
 # -- ans: every element --------------------------------------------------------------------
 def _ans_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    found = _symbols(t)
-    if found is None:
-        return None
-    symbols, offset, k = found
-    part, meta = encode_stream(symbols, k)
-    return {"data": part}, {"offset": offset, **meta}
+    """The elements, or each minus its row's fill (the most frequent code of the row,
+    :func:`_row_fill`: an affine-quantized pruned row's zero point, so that such a row costs
+    what a symmetric one does), whichever codes smaller."""
+    row_fill = _row_fill(t)
+    best = None
+    for fill in (None,) if row_fill is None else (None, row_fill):
+        v = t.to(torch.int64)
+        if fill is not None:
+            v = (v.reshape(t.shape[0], -1) - fill.to(torch.int64)[:, None]).reshape(t.shape)
+        found = _symbols(v)
+        if found is None:
+            continue
+        symbols, offset, k = found
+        part, meta = encode_stream(symbols, k)
+        parts = {"data": part} if fill is None else {"data": part, "fill": fill}
+        if best is None or _nbytes(parts) < best[0]:
+            best = (_nbytes(parts), parts, {"offset": offset, **meta})
+    return None if best is None else best[1:]
 
 
 def _ans_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, ...],
                 dtype: torch.dtype) -> torch.Tensor:
     if dtype not in _INT_DTYPES or not isinstance(meta.get("offset"), int):
         raise ValueError(f"ans decodes integer dtypes with an integer offset, got {dtype}, {meta.get('offset')!r}")
-    symbols = decode_stream(parts["data"], meta, _numel(shape))
-    return (torch.from_numpy(symbols) + meta["offset"]).to(dtype).reshape(shape)
+    out = torch.from_numpy(decode_stream(parts["data"], meta, _numel(shape))) + meta["offset"]
+    if "fill" in parts:
+        rows = shape[0] if shape else 0
+        out = out.reshape(rows, -1) + check_part(parts, "fill", dtype, rows).to(torch.int64)[:, None]
+    return out.to(dtype).reshape(shape)
 
 
 # -- relative-index-ans: Deep Compression's sparse coding, both streams entropy-coded ---------
