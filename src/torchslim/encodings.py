@@ -10,6 +10,9 @@ Sparse tensors have three encodings, and the smallest wins per tensor: ``bitmask
 element + the non-zeros: best from about 10% to 90% density), ``relative-index`` (Deep
 Compression's 4- or 8-bit gaps between non-zeros: best when very sparse) and ``nm`` (N values of
 every M with the rank of their positions: N:M-pruned weights, 2:4 below a bitmask).
+
+Integer codes may also be entropy-coded (``ans``, ``relative-index-ans``: :mod:`torchslim.entropy`,
+with the optional ``constriction`` package), again only where that is the smallest.
 """
 
 from __future__ import annotations

@@ -164,7 +164,9 @@ def _relative_ans_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict
     split = relative_split(t)
     if split is None:
         return None
-    fill, flat, _, skips = split
+    fill, flat, pos, skips = split
+    if pos.numel() > flat.numel() // 2:     # mostly stored entries: ``ans`` codes them in fewer bytes
+        return None
     best = None
     for bits in (4, 8):
         gaps, where = relative_gaps(skips, bits)
