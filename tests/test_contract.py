@@ -207,12 +207,16 @@ def test_method_has_its_effect_on_architecture(entry, arch, tmp_path, monkeypatc
         assert nnz < nnz0 and size < size0, (nnz0, nnz, size0, size)
         assert _cosine(y, y0) > 0.3
     elif entry.verb == "quantize":
-        assert params == params0 and 0.95 * nnz0 <= nnz <= nnz0  # tiny weights may round to code 0
+        cfg = _example(entry)
+        # tiny weights may round to code 0; a method that zeroes weights (ternary) says so
+        low = 0.95 if getattr(cfg, "KEEPS_NONZEROS", True) else 0.3
+        assert params == params0 and low * nnz0 <= nnz <= nnz0, (params0, params, nnz0, nnz)
         # int8 codes: about a quarter of float32 weights; the embedding of the encoder stays float,
         # and the 1K-weight tied MLP's manifest weighs as much as its tensors
         bound = {"encoder-mha": 0.95, "tied-weights": 0.7}.get(arch, 0.6)
         assert size < bound * size0, (size0, size)
-        assert _cosine(y, y0) > 0.99, _cosine(y, y0)
+        # binary, ternary and power-of-two weights lose more of a random-init model, post-training
+        assert _cosine(y, y0) > getattr(cfg, "OUTPUT_COSINE", 0.99), _cosine(y, y0)
     elif entry.verb == "fold":
         # the same function in eval mode, with at most the weights it had (a folded BatchNorm's
         # scale and shift go into the layer before it)

@@ -10,6 +10,9 @@ Sparse tensors have three encodings, and the smallest wins per tensor: ``bitmask
 element + the non-zeros: best from about 10% to 90% density), ``relative-index`` (Deep
 Compression's 4- or 8-bit gaps between non-zeros: best when very sparse) and ``nm`` (N values of
 every M with the rank of their positions: N:M-pruned weights, 2:4 below a bitmask).
+
+Integer codes may also be entropy-coded (``ans``, ``relative-index-ans``: :mod:`torchslim.entropy`,
+with the optional ``constriction`` package), again only where that is the smallest.
 """
 
 from __future__ import annotations
@@ -189,7 +192,15 @@ def _stored_mask(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
         stored = (t.reshape(t.shape[0], -1) != fill[:, None]).reshape(-1)
     else:
         stored = t.reshape(-1) != 0
-    return stored | torch.signbit(t.reshape(-1)) if t.is_floating_point() else stored
+    return stored | _signbit(t.reshape(-1)) if t.is_floating_point() else stored
+
+
+def _signbit(t: torch.Tensor) -> torch.Tensor:
+    """``torch.signbit``, also for the fp8 dtypes (which have no CPU kernel for it): the sign is
+    the top bit of the stored integer."""
+    if t.element_size() == 1:
+        return t.view(torch.int8) < 0
+    return torch.signbit(t)
 
 
 def _sparse_split(t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
@@ -283,19 +294,39 @@ register_encoding(Encoding("bitmask", _bitmask_encode, _bitmask_decode, sparse=T
 
 
 # -- relative-index: gaps between stored entries in 4- or 8-bit codes, padding for long gaps ----
+def relative_split(t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(fill, flat, pos, skips)`` of a tensor a sparse encoding may take (else None): the
+    row fill (:func:`_row_fill`), ``t`` flattened, the ascending positions of its stored entries
+    (nnz,) and the number of fill entries before each (nnz,)."""
+    split = _sparse_split(t)
+    if split is None:
+        return None
+    fill, stored = split
+    pos = stored.nonzero().squeeze(1)                                         # (nnz,) ascending
+    skips = torch.diff(pos, prepend=torch.tensor([-1])) - 1                   # fill entries before each
+    return fill, t.reshape(-1), pos, skips
+
+
+def relative_gaps(skips: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gaps, where)``: the ``bits``-bit gap of every entry of the relative-index coding
+    (padding entries, gap ``2**bits - 1``, where a run of fill is longer) and the flat position
+    of each entry (entries, int64)."""
+    pads = skips >> bits                                                      # padding entries before each
+    gaps = torch.full((skips.numel() + int(pads.sum()),), 2**bits - 1, dtype=torch.int64)
+    gaps[(pads + 1).cumsum(0) - 1] = skips & (2**bits - 1)                    # each real entry's gap
+    return gaps, (gaps + 1).cumsum(0) - 1
+
+
 def _relative_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Deep Compression's sparse coding (Han et al. 2016, sec. 2): each stored entry is a value
     and the number of fill entries skipped before it, in ``index_bits`` (4 or 8, whichever is
     smaller for this tensor); a run longer than ``2**index_bits - 1`` gets padding entries (gap
     ``2**index_bits - 1``, holding the fill), each advancing ``2**index_bits`` positions.
     Trailing fill is implied by the shape; values and fill are stored as the bitmask stores them."""
-    split = _sparse_split(t)
+    split = relative_split(t)
     if split is None:
         return None
-    fill, stored = split
-    flat = t.reshape(-1)
-    pos = stored.nonzero().squeeze(1)                                         # (nnz,) ascending
-    skips = torch.diff(pos, prepend=torch.tensor([-1])) - 1                   # fill entries before each
+    fill, flat, pos, skips = split
     value_bits = _value_bits(flat[pos])
 
     def size(bits: int) -> int:
@@ -303,10 +334,7 @@ def _relative_encode(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str
         return (entries * bits + 7) // 8 + (entries * value_bits + 7) // 8
 
     bits = min((4, 8), key=size)
-    pads = skips >> bits                                                      # padding entries before each
-    gaps = torch.full((pos.numel() + int(pads.sum()),), 2**bits - 1, dtype=torch.int64)
-    gaps[(pads + 1).cumsum(0) - 1] = skips & (2**bits - 1)                    # each real entry's gap
-    where = (gaps + 1).cumsum(0) - 1                                          # positions of all entries
+    gaps, where = relative_gaps(skips, bits)
     parts, meta = _values_parts(flat[where], fill)                            # padding entries hold the fill
     parts["gaps"] = pack_bits(gaps, bits, 0)
     return parts, {**meta, "index_bits": bits, "entries": gaps.numel()}
@@ -332,7 +360,7 @@ register_encoding(Encoding("relative-index", _relative_encode, _relative_decode,
 
 
 #: integer dtypes of the same width: gather/scatter of float tensors run on their bit patterns
-_BIT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BIT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -418,3 +446,7 @@ def _nm_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tupl
 
 
 register_encoding(Encoding("nm", _nm_encode, _nm_decode, since=4, sparse=True))
+
+
+# -- entropy-coded integer codes (ans, relative-index-ans): their own module, optional package --
+from . import entropy as _entropy  # noqa: E402,F401  (registers them; imports this module's names)

@@ -2,12 +2,20 @@
 
 Examples
 --------
->>> from torchslim.quantize import LinearQuantConfig
+>>> from torchslim.quantize import KMeansQuantConfig, LinearQuantConfig
 >>> LinearQuantConfig(bits=4).granularity
 'channel'
+>>> KMeansQuantConfig(bits=5, layer_bits={"0": 8}).layer_bits
+{'0': 8}
 """
 
-from .layers import QuantConv2d, QuantLinear
+from .layers import CodedConv2d, CodedEmbedding, CodedLinear, QuantConv2d, QuantLinear
+from .methods.quantize.binary import BinaryQuantConfig
+from .methods.quantize.float import FloatQuantConfig
+from .methods.quantize.kmeans import KMeansQuantConfig
 from .methods.quantize.linear import LinearQuantConfig
+from .methods.quantize.log import LogQuantConfig
+from .methods.quantize.ternary import TernaryQuantConfig
 
-__all__ = ["LinearQuantConfig", "QuantLinear", "QuantConv2d"]
+__all__ = ["LinearQuantConfig", "KMeansQuantConfig", "LogQuantConfig", "BinaryQuantConfig", "TernaryQuantConfig",
+           "FloatQuantConfig", "QuantLinear", "QuantConv2d", "CodedLinear", "CodedConv2d", "CodedEmbedding"]

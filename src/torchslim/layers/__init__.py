@@ -16,6 +16,7 @@ which :mod:`torchslim.artifact` does, so loading an artifact needs no method pac
 """
 
 from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
+from .codebook import CodedConv1d, CodedConv2d, CodedConv3d, CodedEmbedding, CodedLinear
 from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
 from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                         QuantMultiheadAttention)
@@ -23,4 +24,5 @@ from .sparse import SparseLinear
 
 __all__ = ["PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear", "LowRankLinear",
-           "TuckerConv2d", "CPConv2d"]
+           "TuckerConv2d", "CPConv2d", "CodedLinear", "CodedConv1d", "CodedConv2d", "CodedConv3d",
+           "CodedEmbedding"]

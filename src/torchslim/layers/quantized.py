@@ -87,10 +87,12 @@ class _QuantWeights(nn.Module):
         codes, scale, zero = self._qweights[name]
         return self._buffers[codes], self._buffers[scale], getattr(self, zero)
 
-    def set_weight(self, w: torch.Tensor, name: str = "weight") -> None:
-        """Quantize float weight ``w`` (the shape of the codes) into the codes of ``name``."""
+    def set_weight(self, w: torch.Tensor, name: str = "weight",
+                   qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Quantize float weight ``w`` (the shape of the codes) into the codes of ``name``, with
+        ``qparams`` ``(scale, zero_point)`` when given (an observer's), else min/max ones."""
         codes, scale, zero = self._q_tensors(name)
-        s, z = P.choose_qparams(w, self.bits, self.granularity, self.group_size, self.symmetric)
+        s, z = qparams or P.choose_qparams(w, self.bits, self.granularity, self.group_size, self.symmetric)
         codes.copy_(P.quantize(w, s, z, self.bits, self.granularity, self.group_size, self.symmetric))
         scale.copy_(s)
         if zero is not None:

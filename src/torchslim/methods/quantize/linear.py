@@ -13,6 +13,7 @@ from ...errors import RecipeError
 from ...edits import replace_module
 from ...modules import select_modules
 from ...registry import register_method
+from . import primitives as P
 from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
 
@@ -67,6 +68,10 @@ class LinearQuantConfig(MethodConfig):
     when named exactly; a named module of any other class (LSTM, ConvTranspose2d, a norm) is
     refused with an error naming it.
 
+    ``observer`` picks the range each scale covers: ``minmax`` (every weight exact to half a
+    step), ``percentile`` (clipped at ``percentile``: outliers saturate, the rest gets a finer
+    step) or ``mse`` (the clip ratio with the least squared error in each scale group).
+
     Examples
     --------
     >>> import torchslim
@@ -82,6 +87,11 @@ class LinearQuantConfig(MethodConfig):
     group_size: int = option(128, low=2, doc="inputs per scale for granularity: group")
     symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
     activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
+    observer: str = option("minmax", choices=("minmax", "percentile", "mse"),
+                           doc="the range each scale covers: min/max, clipped at a percentile, or the clip "
+                               "with the least squared error per scale group")
+    percentile: float = option(99.99, low=0.0, high=100.0, low_open=True,
+                               doc="observer: percentile clips |w| (symmetric) or w (affine) at this percentile")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
                                                      "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
@@ -127,6 +137,8 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         cls = _quantized_class(module)
         weights = [getattr(module, w) for w in _weights(module)]
         q = cls.from_float(module, **qargs)
+        if config.observer != "minmax":
+            _observe(q, weights, config)
         first = done.get(id(weights[0]))
         if (first is not None and type(first) is cls and hasattr(q, "weight_q")
                 and first.weight_q.shape == q.weight_q.shape):
@@ -136,3 +148,13 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         if isinstance(q, QuantMultiheadAttention) and type(q.out_proj) is not NonDynamicallyQuantizableLinear:
             replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
     return model
+
+
+def _observe(q: nn.Module, weights: list, config: LinearQuantConfig) -> None:
+    """Re-quantize ``q``'s weights with the scales of ``config.observer``
+    (:func:`~torchslim.methods.quantize.primitives.choose_qparams_observed`)."""
+    for name, w in zip(q._qweights, weights):
+        w = w.detach().cpu()
+        q.set_weight(w, name, qparams=P.choose_qparams_observed(
+            w, config.bits, config.granularity, config.group_size, config.symmetric, config.observer,
+            config.percentile))

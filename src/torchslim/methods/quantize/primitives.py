@@ -69,3 +69,220 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, granula
     g = _grouped(q.to(torch.float32), granularity, group_size)
     w = (g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
     return w.reshape(q.shape).to(dtype)
+
+
+# -- observers: the clipping range of linear quantization -------------------------------------
+#: clip ratios the ``mse`` observer tries, largest first (1.0 = min/max): 0.01 steps down to 0.2
+MSE_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(81))
+
+
+def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile (0..1) along the last dimension, linear interpolation between order
+    statistics (numpy's default ``method="linear"``); sorting keeps it free of
+    ``torch.quantile``'s 16M-element limit. ``x`` (..., n) -> (...)."""
+    s = torch.sort(x, dim=-1).values
+    pos = q * (x.shape[-1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, x.shape[-1] - 1)
+    return s[..., lo] + (s[..., hi] - s[..., lo]) * (pos - lo)
+
+
+def _scale_floor(g: torch.Tensor, bits: int) -> float:
+    """The smallest scale, relative to the tensor's range (see :func:`choose_qparams`)."""
+    return max(float(g.abs().max()) * torch.finfo(torch.float32).eps / 2 ** bits, torch.finfo(torch.float32).tiny)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                       floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` mapping ``[lo, hi]`` (each group's clip range, any shape) onto the
+    integer range of :func:`qrange` the way :func:`choose_qparams` maps min/max: symmetric uses
+    ``max(|lo|, |hi|) / qmax``; affine stretches the range to hold 0 (zeros stay exact)."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(floor)
+        return scale, torch.zeros_like(scale)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(floor)
+    return scale, torch.round(qmin - lo / scale).clamp(qmin, qmax)
+
+
+def choose_qparams_observed(w: torch.Tensor, bits: int, granularity: str = "channel", group_size: int = 128,
+                            symmetric: bool = True, observer: str = "minmax",
+                            percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of the shapes of :func:`choose_qparams`, from the range an
+    observer picks per scale group:
+
+    - ``minmax``: the group's min and max (:func:`choose_qparams`);
+    - ``percentile``: clipped at the ``percentile``-th percentile of ``|w|`` (symmetric) or at
+      the ``100 - percentile`` / ``percentile`` percentiles of ``w`` (affine), :func:`quantile`;
+    - ``mse``: min/max times the ratio of :data:`MSE_RATIOS` whose round trip
+      (quantize, dequantize) has the least squared error in that group; the largest ratio wins
+      a tie (Banner et al. 2019 and TensorRT's clip search minimise this error the same way).
+
+    Raises ``ValueError`` for an unknown observer or a percentile outside (0, 100].
+    """
+    if observer == "minmax":
+        return choose_qparams(w, bits, granularity, group_size, symmetric)
+    g = _grouped(w.detach().float(), granularity, group_size)              # (R, G, k)
+    floor = _scale_floor(g, bits)
+    if observer == "percentile":
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        if symmetric:
+            hi = quantile(g.abs(), percentile / 100)
+            return qparams_from_range(-hi, hi, bits, symmetric, floor)
+        return qparams_from_range(quantile(g, 1 - percentile / 100), quantile(g, percentile / 100), bits,
+                                  symmetric, floor)
+    if observer != "mse":
+        raise ValueError(f"observer must be minmax, percentile or mse, got {observer!r}")
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                 # (R, G)
+    best = best_err = None
+    for ratio in MSE_RATIOS:
+        scale, zero = qparams_from_range(lo * ratio, hi * ratio, bits, symmetric, floor)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+        err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - g).pow(2).sum(dim=-1)     # (R, G)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+# -- codebooks: weights as indices into a small table of levels ---------------------------
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of ascending ``levels`` (K,) for each element of ``x`` (any
+    shape; int64, same shape). Exactly half-way goes to the lower level."""
+    mid = (levels[1:] + levels[:-1]) / 2                                  # (K-1,) decision points
+    return torch.bucketize(x, mid, right=False)
+
+
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the values ``x`` (n,) into ``k`` centroids, initialised linearly over
+    ``[min, max]`` (Han et al. 2016, "Deep Compression", sec. 3.2: linear initialisation keeps
+    the few large weights, which matter most, represented).
+
+    Returns ``(centroids (k,) float32 ascending, assignment (n,) int64)``. Each iteration assigns
+    every value to its nearest centroid (:func:`nearest_level`) and moves each centroid to the
+    mean of its values; a centroid left without values stays where it is. Stops when no
+    assignment changes or after ``iters`` iterations. In one dimension the clusters are
+    intervals of the sorted values and the centroids stay sorted, so an iteration is a binary
+    search of the K-1 decision points and prefix sums (O(K log n)), after one sort.
+    """
+    x = x.detach().reshape(-1).double()
+    if x.numel() == 0:
+        return torch.zeros(k), torch.zeros(0, dtype=torch.int64)
+    xs = torch.sort(x).values                                              # (n,)
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), xs.cumsum(0)])   # (n+1,) prefix sums
+    lo, hi = float(xs[0]), float(xs[-1])
+    c = torch.linspace(lo, hi, k, dtype=torch.float64) if hi > lo else torch.full((k,), lo, dtype=torch.float64)
+    edges = None
+    for _ in range(iters):
+        # the values of cluster i are xs[edges[i]:edges[i+1]]: at most the decision point after c[i]
+        # (:func:`nearest_level` sends a value half-way to the lower centroid)
+        new = torch.cat([torch.zeros(1, dtype=torch.int64),
+                         torch.searchsorted(xs, (c[1:] + c[:-1]) / 2, right=True),
+                         torch.tensor([xs.numel()])])
+        if edges is not None and torch.equal(new, edges):
+            break
+        edges = new
+        counts = edges[1:] - edges[:-1]
+        c = torch.where(counts > 0, (csum[edges[1:]] - csum[edges[:-1]]) / counts.clamp_min(1), c)
+    assign = nearest_level(x, c)
+    return c.float(), assign
+
+
+def log_levels(bits: int) -> torch.Tensor:
+    """The magnitudes of ``log`` quantization, ascending: ``0`` and ``2**-(L-1) ... 2**-1, 1``
+    with ``L = 2**(bits-1) - 1`` powers of two (one code for the sign; Miyashita et al. 2016,
+    "Convolutional Neural Networks using Logarithmic Data Representation"). 2 bits: ``[0, 1]``;
+    4 bits: ``[0, 1/64, ..., 1/2, 1]``."""
+    n = 2 ** (bits - 1) - 1
+    return torch.cat([torch.zeros(1), torch.pow(2.0, torch.arange(-(n - 1), 1, dtype=torch.float32))])
+
+
+def quantize_log(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Power-of-two quantization with one scale per output channel: ``w ~ scale * sign * 2**e``.
+
+    ``scale`` (out, 1) is each channel's max ``|w|``; a code ``c`` (int8, ``w``'s shape) is
+    ``sign(w) * i`` with ``i`` the index of the nearest level of :func:`log_levels` to
+    ``|w| / scale`` (0: the weight is zero). Nearest in value, not in log2: the error of a
+    weight is at most half the gap between the two levels around it.
+    """
+    w2 = w.detach().float().reshape(w.shape[0], -1)                      # (out, K)
+    scale = w2.abs().amax(dim=1, keepdim=True)                          # (out, 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    idx = nearest_level(w2.abs() / safe, log_levels(bits))
+    return (torch.sign(w2).to(torch.int64) * idx).to(torch.int8).reshape(w.shape), scale
+
+
+def dequantize_log(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_log`: ``sign(c) * scale * log_levels(bits)[|c|]`` in float32."""
+    c = codes.reshape(codes.shape[0], -1).to(torch.int64)
+    w = torch.sign(c).float() * log_levels(bits).to(scale.device)[c.abs()] * scale
+    return w.reshape(codes.shape)
+
+
+def quantize_binary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w ~ alpha * sign(w)`` (Rastegari et al. 2016, XNOR-Net eq. 2; Courbariaux et al. 2015,
+    BinaryConnect): ``alpha`` (out, 1) the mean ``|w|`` of each output channel (the scale that
+    minimises the squared error), codes uint8 (``w``'s shape), 1 for ``w >= 0`` and 0 below."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    alpha = w2.abs().mean(dim=1, keepdim=True)
+    return (w2 >= 0).to(torch.uint8).reshape(w.shape), alpha
+
+
+def dequantize_binary(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``(2 * code - 1) * alpha`` in float32, ``codes``' shape."""
+    c = codes.reshape(codes.shape[0], -1).float()
+    return ((2 * c - 1) * alpha).reshape(codes.shape)
+
+
+#: TWN's threshold factor: ``delta = 0.7 * mean |w|`` (Li & Liu 2016, eq. 9, the approximation
+#: of the optimal threshold for uniform and normal weights)
+TERNARY_DELTA = 0.7
+
+
+def quantize_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary weights ``w ~ alpha * t``, ``t`` in {-1, 0, 1} (Li & Liu 2016, "Ternary Weight
+    Networks", eq. 9-10), per output channel: ``delta = 0.7 * mean |w|``, ``t = sign(w)`` where
+    ``|w| > delta`` else 0, ``alpha`` (out, 1) the mean ``|w|`` over ``|w| > delta`` (0 when no
+    weight is above it). TWN takes one ``delta`` and ``alpha`` per layer; one per output channel
+    is the same rule on each row. Codes int8, ``w``'s shape."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    delta = TERNARY_DELTA * w2.abs().mean(dim=1, keepdim=True)
+    keep = w2.abs() > delta
+    alpha = (w2.abs() * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+    return (torch.sign(w2) * keep).to(torch.int8).reshape(w.shape), alpha
+
+
+def dequantize_ternary(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``code * alpha`` in float32, ``codes``' shape."""
+    return (codes.reshape(codes.shape[0], -1).float() * alpha).reshape(codes.shape)
+
+
+#: the storage dtypes of ``float`` quantization
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn,
+                "fp8_e5m2": torch.float8_e5m2}
+
+
+def quantize_float(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``w`` rounded to the narrow float ``dtype`` (round to nearest even). fp8 has a narrow
+    range (e4m3: |x| <= 448, normals from 2**-6), so each output channel gets a scale (out, 1)
+    mapping its max ``|w|`` to the largest finite fp8 value (the per-channel fp8 weight scaling
+    of Micikevicius et al. 2022, "FP8 Formats for Deep Learning"); bf16/fp16 need none (None)."""
+    w = w.detach().float()
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return w.to(dtype), None
+    w2 = w.reshape(w.shape[0], -1)
+    amax = w2.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / torch.finfo(dtype).max, torch.ones_like(amax))
+    return (w2 / scale).to(dtype).reshape(w.shape), scale
+
+
+def dequantize_float(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Float32 weight from :func:`quantize_float`'s ``(stored, scale)``."""
+    w = stored.float()
+    return w if scale is None else (w.reshape(w.shape[0], -1) * scale).reshape(w.shape)
