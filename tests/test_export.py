@@ -189,3 +189,28 @@ def test_quantized_attention_model_exports_with_int8_codes(tmp_path, monkeypatch
     assert (96, 32) in int8 and (2048, 32) in int8                         # in_proj codes, embedding codes
     assert check_onnx(q, path, (torch.randint(0, 2048, (3, 12)),), atol=1e-4) < 1e-4
     assert torch.backends.mha.get_fastpath_enabled()                       # restored after export
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_sub_byte_codes_export_as_int4_at_opset_21(tmp_path, bits):
+    """4- and 3-bit per-group codes are INT4 initializers (two per byte) at opset 21, read back
+    to the stored codes, and a default session still gives PyTorch's outputs."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:lenet-5").eval()
+    q = torchslim.apply(model, LinearQuantConfig(bits=bits, granularity="group", group_size=25)).eval()
+    x = torch.randn(1, 1, 28, 28)
+    p8 = export_onnx(q, (x,), tmp_path / "o18.onnx", opset=18, exporter="torchscript")
+    p4 = export_onnx(q, (x,), tmp_path / "o21.onnx", opset=21, exporter="torchscript")
+    inits = {i.name: i for i in onnx.load(str(p4)).graph.initializer}
+    int4 = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 4
+    stored = {n: b for n, b in q.named_buffers() if n.endswith("weight_q")}
+    assert sorted(int(torch.tensor(i.dims).prod()) for i in int4) == sorted(b.numel() for b in stored.values())
+    fc1 = next(i for i in int4 if list(i.dims) == [500, 800])
+    assert torch.equal(torch.from_numpy(numpy_helper.to_array(fc1).astype("int8")), stored["5.weight_q"])
+    assert p4.stat().st_size < p8.stat().st_size - 0.45 * sum(b.numel() for b in stored.values())
+    assert check_onnx(q, p4, (torch.randn(3, 1, 28, 28),), atol=1e-4) < 1e-4
+    assert "Cast" not in _optimized_ops(p4, tmp_path)      # folded at load

@@ -46,7 +46,8 @@ class ExportConfig(MethodConfig):
 
     formats: tuple[str, ...] = option(("artifact",), choices=("artifact", "onnx", "torch-export"),
                                       doc="formats to write")
-    opset: int = option(18, low=13, high=23, doc="ONNX opset")
+    opset: int = option(18, low=13, high=23, doc="ONNX opset (21 or more: 4-, 3- and 2-bit codes stored as INT4, two per "
+                                                   "byte)")
     exporter: str = option("dynamo", choices=("dynamo", "torchscript"),
                            doc="torch.onnx exporter: dynamo (falls back to torchscript for a model it cannot "
                                "trace) or the deprecated torchscript one (faster to export)")
