@@ -54,6 +54,19 @@ class FakeQuantPlugin(TrainingPlugin):
     ------
     ValueError
         An unknown scheme.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 3))
+    >>> plugin = FakeQuantPlugin({"0": ["weight"]}, bits=2)
+    >>> plugin.attach(model)                  # the trainer calls this in setup()
+    >>> y = model(torch.randn(2, 4))          # computed with codes in {-1, 0, 1} times the scales
+    >>> plugin.detach()
+    >>> codes, scale, zero = plugin.codes(model, "0")
+    >>> sorted(set(codes.flatten().tolist())) <= [-1, 0, 1], tuple(scale.shape), zero
+    (True, (3, 1), None)
     """
 
     def __init__(self, targets: dict[str, list[str]], scheme: str = "linear", *, bits: int = 8,

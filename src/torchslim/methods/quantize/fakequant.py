@@ -57,6 +57,17 @@ def lsq_fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     The forward value equals :func:`.primitives.dequantize` of :func:`.primitives.quantize` at
     that scale. Scales are floored at a tiny positive value so a
     step driven below zero cannot flip signs.
+
+    Examples
+    --------
+    >>> w = torch.tensor([[0.26, -1.0, 0.9]], requires_grad=True)
+    >>> s = torch.tensor([[0.25]], requires_grad=True)
+    >>> out = lsq_fake_quantize(w, s, None, -3, 3)
+    >>> out.detach().tolist()
+    [[0.25, -0.75, 0.75]]
+    >>> out.sum().backward()
+    >>> w.grad.tolist()                       # clipped weights get no gradient
+    [[1.0, 0.0, 0.0]]
     """
     rows, groups = scale.shape
     wg = w.float().reshape(rows, groups, -1)                                   # (R, G, k)
@@ -82,7 +93,14 @@ def lsq_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, q
 
 def binary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, alpha)``: codes ``sign(w)`` in {-1, 1} (zero maps to +1) as int8 of ``w``'s
-    shape, ``alpha = mean |w|`` per output channel, shape ``(out, 1)``."""
+    shape, ``alpha = mean |w|`` per output channel, shape ``(out, 1)``.
+
+    Examples
+    --------
+    >>> codes, alpha = binary_codes(torch.tensor([[0.5, -1.5, 0.0, 2.0]]))
+    >>> codes.tolist(), alpha.tolist()
+    ([[1, -1, 1, 1]], [[1.0]])
+    """
     w2 = w.detach().float().reshape(w.shape[0], -1)                           # (out, K)
     codes = torch.where(w2 >= 0, 1, -1).to(torch.int8)
     return codes.reshape(w.shape), w2.abs().mean(dim=1, keepdim=True)
@@ -91,7 +109,14 @@ def binary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ternary_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, alpha)`` of TWN: codes in {-1, 0, 1} (zero where ``|w| <= 0.7 mean |w|`` of the
     channel) as int8 of ``w``'s shape; ``alpha`` (out, 1) the mean ``|w|`` of the kept weights
-    (0 for a channel of zeros)."""
+    (0 for a channel of zeros).
+
+    Examples
+    --------
+    >>> codes, alpha = ternary_codes(torch.tensor([[0.1, -1.5, 0.2, 2.5]]))   # delta = 0.7 * 1.075
+    >>> codes.tolist(), alpha.tolist()
+    ([[0, -1, 0, 1]], [[2.0]])
+    """
     w2 = w.detach().float().reshape(w.shape[0], -1)                           # (out, K)
     a = w2.abs()
     keep = a > TWN_DELTA * a.mean(dim=1, keepdim=True)
