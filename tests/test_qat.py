@@ -153,3 +153,29 @@ def test_qat_config_refuses_early_stopping_and_round_trips():
     assert LinearQuantConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="scheme"):
         FakeQuantPlugin({"0": ["weight"]}, "quaternary")
+
+
+def test_weights_read_by_a_parent_are_fake_quantized_too():
+    """Regression: hooks on each layer missed weights read without calling the layer
+    (nn.MultiheadAttention passes out_proj.weight to its functional form), so out_proj trained in
+    float and its scale got no gradient."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    targets = {"self_attn": ["in_proj_weight"], "self_attn.out_proj": ["weight"], "linear1": ["weight"]}
+    plugin = FakeQuantPlugin(targets, bits=2)
+    plugin.attach(enc)
+    x = torch.randn(2, 5, 16)
+    enc(x).square().sum().backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in plugin.parameters())
+    with torch.no_grad():
+        fake = enc.eval()(x)                       # eval: the fused inference path reads them too
+    plugin.detach()
+    assert all(w not in enc.get_submodule(m).__dict__ for m, ws in targets.items() for w in ws)
+    reference = copy.deepcopy(enc)
+    with torch.no_grad():
+        for m, ws in targets.items():
+            for w in ws:
+                codes, scale, _ = plugin.codes(enc, m, w)
+                deq = P.dequantize(codes, scale, torch.zeros_like(scale), "channel", 128)
+                getattr(reference.get_submodule(m), w).copy_(deq)
+        torch.testing.assert_close(fake, reference(x), rtol=1e-5, atol=1e-5)

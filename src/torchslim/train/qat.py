@@ -2,9 +2,11 @@
 forward pass, LSQ step sizes trained with the model.
 
 The layers stay the float modules they are (``nn.Linear``, ``nn.Conv2d``, ...); while the
-plugin is attached, a forward pre-hook puts the fake-quantized weight in the module's instance
-``__dict__``, where attribute lookup finds it before the registered parameter, and a forward
-hook removes it again. So state-dict keys, DDP's parameter list, checkpoints and every other
+plugin is attached, a forward pre-hook on the whole model puts each fake-quantized weight in its
+module's instance ``__dict__``, where attribute lookup finds it before the registered parameter,
+and a forward hook on the model removes them again. Hooking the model rather than each layer
+matters: ``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``, and
+``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1.weight`` the same way. So state-dict keys, DDP's parameter list, checkpoints and every other
 plugin (masks, distillation) see the model unchanged, and the gradient reaches the float
 parameter through the straight-through estimator. The learned scales are the plugin's own
 parameters (trained with the model's, averaged over ranks under torchrun, checkpointed in
@@ -84,7 +86,7 @@ class FakeQuantPlugin(TrainingPlugin):
     # -- set-up ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         """Scales initialised from the current weights (once; a tied tensor shares its first
-        module's) and the hooks installed."""
+        module's) and the hooks installed on ``model``."""
         self.detach()
         first: dict[int, tuple[str, str]] = {}
         for name, weights in self.targets.items():
@@ -100,27 +102,30 @@ class FakeQuantPlugin(TrainingPlugin):
                         self.scales[key] = nn.Parameter(s.to(w.device))
                         self.zeros[key] = None if self.symmetric else z.to(w.device)
                 first.setdefault(id(w), key)
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, weights)))
-            self._handles.append(module.register_forward_hook(self._post_hook(weights)))
+        modules = {name: model.get_submodule(name) for name in self.targets}
+
+        def shadow(root: nn.Module, args: Any) -> None:
+            for name, module in modules.items():
+                for w_name in self.targets[name]:
+                    module.__dict__[w_name] = self.fake(module._parameters[w_name], (name, w_name))
+
+        def unshadow(root: nn.Module, args: Any, output: Any) -> None:
+            for name, module in modules.items():
+                for w_name in self.targets[name]:
+                    module.__dict__.pop(w_name, None)
+
+        self._unshadow = lambda: unshadow(model, (), None)
+        self._handles = [model.register_forward_pre_hook(shadow),
+                         model.register_forward_hook(unshadow, always_call=True)]
 
     def detach(self) -> None:
-        """Remove the hooks (the scales are kept)."""
+        """Remove the hooks and any fake-quantized weight left in place (the scales are kept)."""
         for h in self._handles:
             h.remove()
         self._handles = []
-
-    def _pre_hook(self, name: str, weights: list[str]):
-        def hook(module: nn.Module, args: Any) -> None:
-            for w_name in weights:
-                module.__dict__[w_name] = self.fake(module._parameters[w_name], (name, w_name))
-        return hook
-
-    @staticmethod
-    def _post_hook(weights: list[str]):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            for w_name in weights:
-                module.__dict__.pop(w_name, None)
-        return hook
+        if getattr(self, "_unshadow", None) is not None:
+            self._unshadow()
+            self._unshadow = None
 
     def fake(self, w: torch.Tensor, key: tuple[str, str]) -> torch.Tensor:
         """The fake-quantized value of weight ``w`` (``key`` = (module, weight) names)."""
