@@ -2,6 +2,11 @@
 
     python bench/bench_onnx_qdq.py
 
+Kept for the figures it produced before the export changed: the int8 export now has no
+DequantizeLinear (integer codes behind Cast/Sub/Mul, folded at load by a default session), so
+the third row no longer differs from the second; bench/onnx_quantized.py measures the export as
+it is.
+
 LeNet-300-100 (random init: latency only) exported float and int8 (per-channel); the
 mean of 300 runs after 20 warm-up runs, ms per batch, 2 intra-op threads, no spinning.
 """

@@ -387,11 +387,13 @@ class OnnxRuntime(Runtime):
     """ONNX Runtime (CPU provider): ``prepare`` exports the model to a temporary ONNX file with a
     dynamic batch dimension (``torchslim.onnx_io.export_onnx``), removed on close;
     :meth:`load` opens an existing file. Threads: torch's intra-op thread count at session
-    creation, without spinning worker threads."""
+    creation, without spinning worker threads. The temporary file is written by the TorchScript
+    exporter (``exporter``), 10-30x faster to export than the dynamo one; the export step times
+    the file it ships."""
 
-    def __init__(self, opset: int = 18) -> None:
+    def __init__(self, opset: int = 18, exporter: str = "torchscript") -> None:
         super().__init__()
-        self.opset = opset
+        self.opset, self.exporter = opset, exporter
 
     @classmethod
     def check_available(cls) -> None:
@@ -408,7 +410,8 @@ class OnnxRuntime(Runtime):
         tmp = tempfile.TemporaryDirectory(prefix="torchslim-onnx-")
         was_training = model.training
         try:
-            path = export_onnx(model, example_inputs, Path(tmp.name) / "model.onnx", self.opset)
+            path = export_onnx(model, example_inputs, Path(tmp.name) / "model.onnx", self.opset,
+                               exporter=self.exporter)
         except BaseException:
             tmp.cleanup()
             raise

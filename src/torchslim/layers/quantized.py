@@ -32,20 +32,26 @@ from ..methods.quantize import primitives as P  # pure tensor math, no method re
 from ..modules import register_module_class
 
 
-class _DequantizeLinear(torch.autograd.Function):
-    """``(q - zero) * scale`` along ``axis`` that exports as ONNX ``DequantizeLinear``, so an
-    ONNX file keeps the int8 codes instead of folding them into float constants."""
+@torch.library.custom_op("torchslim::dequantize_weight", mutates_args=())
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """``w = (q - zero) * scale`` as float32 in ``q``'s shape, as one graph op for export.
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axis: int) -> torch.Tensor:
-        shape = [1] * q.dim()
-        if scale.dim():
-            shape[axis] = -1
-        return (q.float() - zero.float().view(shape)) * scale.view(shape)
+    ``scale`` (and ``zero``, None when symmetric) has shape ``(R, G)``: ``(1, 1)`` per tensor,
+    ``(out, 1)`` per channel, ``(out, K // g)`` per group; ``q`` is read as ``(R, G, -1)``, which
+    is :func:`~torchslim.methods.quantize.primitives.dequantize`'s grouping for all three. As a
+    custom op it stays one node while ``torch.export`` traces the layer, so the ONNX exporter
+    writes the int8 codes and the scales as initializers (:mod:`torchslim.onnx_io` translates it
+    to Cast/Reshape/Sub/Mul on them) instead of a float weight computed at trace time.
+    """
+    g = q.float().reshape(scale.shape[0], scale.shape[1], -1)          # (R, G, k)
+    if zero is not None:
+        g = g - zero.float().unsqueeze(-1)
+    return (g * scale.unsqueeze(-1)).reshape(q.shape)
 
-    @staticmethod
-    def symbolic(g, q, scale, zero, axis):  # ONNX graph construction
-        return g.op("DequantizeLinear", q, scale, zero, axis_i=axis)
+
+@dequantize_weight.register_fake
+def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -99,23 +105,38 @@ class _QuantWeights(nn.Module):
             zero.copy_(z)
         self.__dict__.pop("_deq_cache", None)
 
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                  name: str = "weight") -> None:
+        """Store given integer ``codes`` (the weight's shape) and ``scale`` (zero point ``zero``
+        when affine) as weight ``name``, as found by a method of its own (QAT's learned step
+        sizes) rather than by min/max. ValueError when a shape or the code range does not fit."""
+        own_codes, own_scale, own_zero = self._q_tensors(name)
+        qmin, qmax = P.qrange(self.bits, self.symmetric)
+        if codes.shape != own_codes.shape or scale.shape != own_scale.shape:
+            raise ValueError(f"set_codes: codes {tuple(codes.shape)} / scale {tuple(scale.shape)} do not fit "
+                             f"{tuple(own_codes.shape)} / {tuple(own_scale.shape)}")
+        if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+            raise ValueError(f"set_codes: codes outside [{qmin}, {qmax}] of {self.bits}-bit "
+                             f"{'symmetric' if self.symmetric else 'affine'} quantization")
+        if (zero is None) != (own_zero is None):
+            raise ValueError("set_codes: give a zero point exactly when the layer is affine")
+        own_codes.copy_(codes)
+        own_scale.copy_(scale)
+        if own_zero is not None:
+            own_zero.copy_(zero)
+        self.__dict__.pop("_deq_cache", None)
+
     def _dequantize(self, name: str = "weight") -> torch.Tensor:
         codes, scale, zero = self._q_tensors(name)
         zero = zero if zero is not None else torch.zeros_like(scale)
         return P.dequantize(codes, scale, zero, self.granularity, self.group_size)
 
     def _onnx_dequantize(self, name: str = "weight") -> torch.Tensor:
-        """Per-tensor and per-channel codes as an ONNX DequantizeLinear node (int8 in the file);
-        per-group needs opset 21 block quantization, so it is exported as float."""
-        if self.granularity == "group":
-            return self._dequantize(name)
+        """The weight as one :func:`dequantize_weight` node on the codes and scales, so the ONNX
+        file keeps the integer codes (every granularity); ONNX Runtime folds the node into a float
+        weight once, when the session is created."""
         codes, scale, zero = self._q_tensors(name)
-        zero = zero if zero is not None else torch.zeros_like(scale)
-        if self.granularity == "tensor":
-            scale, zero = scale.reshape(()), zero.reshape(())
-        else:
-            scale, zero = scale.reshape(-1), zero.reshape(-1)
-        return _DequantizeLinear.apply(codes, scale, zero.to(torch.int8), 0)
+        return dequantize_weight(codes, scale, zero)
 
     def dequantized_weight(self, name: str = "weight") -> torch.Tensor:
         """Weight ``name`` as float32 (kept for inference until its codes or scales change)."""

@@ -13,6 +13,7 @@ from ...errors import RecipeError
 from ...edits import replace_module
 from ...modules import select_modules
 from ...registry import register_method
+from ...train.config import TrainConfig
 from . import primitives as P
 from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
@@ -95,8 +96,16 @@ class LinearQuantConfig(MethodConfig):
     targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
                                                      "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
+    qat: TrainConfig | None = option(None, doc="quantization-aware training: fine-tune with the weights "
+                                               "fake-quantized (straight-through estimator, LSQ learned "
+                                               "scales) before storing the codes; train fields")
 
     CHANGES_WEIGHTS = True
+
+    def validate(self) -> None:
+        if self.qat is not None and self.qat.early_stopping:
+            raise RecipeError("quantize.qat.early_stopping: not available (the learned scales are not rolled "
+                              "back with the best epoch's weights); set early_stopping: 0")
 
     def check_targets(self, model: nn.Module) -> None:
         _select(model, self)
@@ -128,6 +137,10 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     chosen = _select(model, config)
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     config.check_model(model)
+    qat = None
+    if config.qat is not None:
+        from .qat import store_codes, train_qat
+        qat = train_qat(model, {n: _weights(m) for n, m in chosen if not _refusal(m)}, ctx, config.qat, **qargs)
     for name, module in chosen:
         if isinstance(module, QuantMultiheadAttention):
             continue                # matched by a pattern, quantized by an earlier step
@@ -137,7 +150,9 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         cls = _quantized_class(module)
         weights = [getattr(module, w) for w in _weights(module)]
         q = cls.from_float(module, **qargs)
-        if config.observer != "minmax":
+        if qat is not None:       # trained scales and codes (QAT starts from min/max scales)
+            store_codes(qat, model, name, q, _weights(module))
+        elif config.observer != "minmax":
             _observe(q, weights, config)
         first = done.get(id(weights[0]))
         if (first is not None and type(first) is cls and hasattr(q, "weight_q")
