@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="epochs of linear lr warm-up of both students (the teacher has none): without it the distilled run at "
                          "lr 0.05 diverges or lands far off (see BENCHMARKS.md)")
+    ap.add_argument("--jitter", type=int, default=0,
+                    help="shift the students' training images by up to this many pixels (the distilled "
+                         "student's teacher sees the same shifted images: a jittered transfer set)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -72,20 +75,20 @@ def main() -> None:
     t0 = time.process_time()
     torch.manual_seed(args.seed)
     alone = torchslim.build_model("zoo:mlp", args={"hidden": [800, 800]})
-    train(alone, task, TrainConfig(epochs=args.student_epochs, **common), desc="student alone")
+    train(alone, task, TrainConfig(epochs=args.student_epochs, jitter=args.jitter, **common), desc="student alone")
     result["student_alone"] = {"test_errors": errors(alone, task), "cpu_s": round(time.process_time() - t0, 1)}
     print("student alone", result["student_alone"], flush=True)
 
     t0 = time.process_time()
     cfg = LogitsDistillConfig.from_dict({"teacher": "current", "student": student_spec,
                                          "temperature": args.temperature, "alpha": args.alpha,
-                                         "train": {"epochs": args.student_epochs, **common,
+                                         "train": {"epochs": args.student_epochs, "jitter": args.jitter, **common,
                                                    "loggers": []}})
     distilled = torchslim.apply(teacher, cfg, task=task)
     result["student_distilled"] = {"test_errors": errors(distilled, task),
                                    "cpu_s": round(time.process_time() - t0, 1)}
     print("student distilled", result["student_distilled"], flush=True)
-    write_json(args.out / "hinton.json", result)
+    write_json(args.out / ("hinton.json" if not args.jitter else f"hinton-jitter{args.jitter}.json"), result)
     print(json.dumps(result, indent=1))
 
 
