@@ -89,6 +89,16 @@ def test_gptq_with_identity_hessian_is_round_to_nearest(granularity, symmetric):
     torch.testing.assert_close(scale, s, rtol=0, atol=0)
 
 
+def test_gptq_keeps_pruned_weights_zero():
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    w[torch.rand(8, 32, generator=torch.Generator().manual_seed(5)) < 0.5] = 0.0
+    for symmetric in (True, False):
+        codes, scale, zero = gptq_quantize(w, hessian(correlated_inputs(100, 32, 6)), 4, "group", 16, symmetric)
+        q = P.dequantize(codes, scale, zero, "group", 16)
+        assert bool((q[w == 0] == 0).all())
+        assert float((q[w != 0] == 0).float().mean()) < 0.2     # the kept weights are not zeroed with them
+
+
 @pytest.fixture(scope="module")
 def digits_layer_inputs(trained_digits, digits_task):
     """The trained digits CNN's 1024 -> 128 Linear and its inputs on 512 real training images."""

@@ -63,7 +63,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
 
     Notes
     -----
-    Inputs that never fire (``H[j, j] == 0``) get ``H[j, j] = 1``: their column is rounded to
+    Weights that are exactly zero (pruned) get the zero point's code, so they stay zero; their
+    compensation updates go to the other weights of their row. Inputs that never fire (``H[j, j] == 0``) get ``H[j, j] = 1``: their column is rounded to
     nearest and passes no error on. With ``h`` the identity (uncorrelated inputs of equal
     power) GPTQ is exactly round-to-nearest: ``H^-1`` has no off-diagonal terms to spread the
     error with.
@@ -101,6 +102,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
     perm = (torch.argsort(torch.diag(h), descending=True, stable=True) if act_order
             else torch.arange(cols, device=w.device))
     w, h = w[:, perm], h[perm][:, perm]
+    pruned = w == 0                                     # (out, in) zeros stay zero: sparsity survives
     h_inv = _inverse_cholesky(h, damp)                  # upper U with U^T U = H^-1, (in, in)
     codes = torch.empty(out, cols, device=w.device)
 
@@ -124,7 +126,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, granularity: str 
                                                                            symmetric=symmetric)
                 s, z = scale[:, g], zero[:, g]
             col = w1[:, i]
-            q = torch.clamp(torch.round(col / s) + z, qmin, qmax)
+            q = torch.where(pruned[:, j], z, torch.clamp(torch.round(col / s) + z, qmin, qmax))
             codes[:, j] = q
             e = (col - (q - z) * s) / hinv1[i, i]        # rounding error over [H^-1]_qq (eq. 3)
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)   # OBS update inside the block
