@@ -19,7 +19,8 @@ model is under 50% of fp32. LayerNorms and biases stay float32. Methods:
 
 Another method plugs in by adding ``name: function(bits, args) -> list of step configs`` to
 ``METHODS`` (the k-means column). Prints one JSON line per model: test Spearman, artifact bytes
-(``torchslim.save``) and their ratio to fp32, the wall time of the quantization.
+(``torchslim.save``) and their ratio to fp32, the cosine of 512 test sentences' embeddings to
+fp32's (mean, min), the wall time of the quantization.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 import torchslim
 from torchslim.quantize import GPTQConfig, LinearQuantConfig
+from torchslim.session import Session
 
 EMBEDDINGS = ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings")
 
@@ -65,6 +67,12 @@ METHODS = {
 }
 
 
+@torch.no_grad()
+def embeddings(model, task, batches) -> torch.Tensor:
+    """Sentence embeddings (2 * pairs, D) of ``batches`` (both sentences of each pair)."""
+    return torch.cat([task.forward(model, b).flatten(0, 1) for b in batches])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
@@ -85,6 +93,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     task = torchslim.build_task("stsb", data_dir=args.data_dir)
     base = torchslim.build_model("hf:minilm").eval()
+    probe = Session(task=task).calibration_batches(256, split="test", seed=1)   # 512 test sentences
+    ref = embeddings(base, task, probe)
     with tempfile.TemporaryDirectory() as tmp:
         fp32_bytes = torchslim.save(base, Path(tmp) / "fp32")
         if not args.no_fp32:
@@ -99,9 +109,12 @@ def main() -> None:
                 quant_s = time.perf_counter() - t0
                 size = torchslim.save(model, Path(tmp) / f"{name}-{bits}")
                 back = torchslim.load(Path(tmp) / f"{name}-{bits}").eval()   # what a user gets
+                cos = torch.nn.functional.cosine_similarity(embeddings(back, task, probe), ref, dim=-1)
                 print(json.dumps({"model": name, "bits": bits, "group_size": args.group_size,
                                   "embedding_bits": args.embedding_bits or bits,
-                                  "spearman": round(task.evaluate(back, "test"), 4), "bytes": size,
+                                  "spearman": round(task.evaluate(back, "test"), 4),
+                                  "cosine_mean": round(float(cos.mean()), 4), "cosine_min": round(float(cos.min()), 4),
+                                  "bytes": size,
                                   "size_ratio": round(size / fp32_bytes, 4), "quantize_s": round(quant_s, 1)}),
                       flush=True)
 
