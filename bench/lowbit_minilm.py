@@ -3,7 +3,7 @@
 Run (about 8 min of CPU at one thread for the defaults):
 
     python bench/lowbit_minilm.py --data-dir ../shared/data [--bits 4,3] [--methods rtn,gptq]
-        [--group-size 128] [--embedding-bits 4] [--samples 128] [--smooth 0.5]
+        [--group-size 128] [--embedding-bits 4] [--samples 128] [--smooth 0.5] [--in-order]
 
 Every method quantizes the encoder's and pooler's Linear layers (``re:.*``) at ``--bits`` with
 one scale per ``--group-size`` inputs (symmetric), and the three embedding tables
@@ -14,7 +14,7 @@ model is under 50% of fp32. LayerNorms and biases stay float32. Methods:
 
 - ``rtn``: ``quantize.linear`` (round to nearest) on the Linear layers;
 - ``gptq``: ``quantize.gptq`` on the Linear layers, ``--samples`` STS-B training pairs (both
-  sentences) as calibration data;
+  sentences) as calibration data, ``act_order`` on (``--in-order``: off);
 - ``rtn-smooth``, ``gptq-smooth``: the same after SmoothQuant with alpha ``--smooth``.
 
 Another method plugs in by adding ``name: function(bits, args) -> list of step configs`` to
@@ -54,7 +54,7 @@ def _rtn(bits: int, args, smooth: float | None = None) -> list:
 
 def _gptq(bits: int, args, smooth: float | None = None) -> list:
     return [_embeddings(bits, args),
-            GPTQConfig(bits=bits, granularity="group", group_size=args.group_size, act_order=args.act_order,
+            GPTQConfig(bits=bits, granularity="group", group_size=args.group_size, act_order=not args.in_order,
                        smooth=smooth, calibration={"samples": args.samples})]
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--embedding-bits", type=int, default=None)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--smooth", type=float, default=0.5)
-    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--in-order", action="store_true", help="GPTQ without act_order (columns in order)")
     ap.add_argument("--no-fp32", action="store_true", help="skip measuring the fp32 model again")
     args = ap.parse_args()
     methods = args.methods.split(",")

@@ -63,7 +63,8 @@ class GPTQConfig(MethodConfig):
     block_size: int = option(128, low=1, doc="columns per lazy batch update (speed only)")
     damp: float = option(0.01, low=0.0, high=1.0, low_open=True,
                          doc="fraction of the mean Hessian diagonal added to its diagonal before inverting")
-    act_order: bool = option(False, doc="round columns by decreasing Hessian diagonal (activation order)")
+    act_order: bool = option(True, doc="round columns by decreasing Hessian diagonal (activation order; groups "
+                                       "keep their scales from the float weight)")
     smooth: float | None = option(None, low=0.0, high=1.0,
                                   doc="SmoothQuant alpha: fold per-channel activation scales into the weights "
                                       "first (null: off)")
