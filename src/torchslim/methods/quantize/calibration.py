@@ -27,6 +27,17 @@ class CalibrationConfig(MethodConfig):
     batch_size: int = option(32, low=1, doc="examples per calibration forward pass")
 
 
+def smooth_option() -> Any:
+    """The ``smooth:`` field of a calibrated method (CONTRACT: SmoothQuant alpha, null off)."""
+    return option(None, low=0.0, high=1.0, doc="SmoothQuant alpha: fold per-channel activation scales into the "
+                                              "Linear weights first, from calibration data (null: off)")
+
+
+def calibration_option() -> Any:
+    """The ``calibration:`` field of a calibrated method."""
+    return option(default_factory=CalibrationConfig, doc="calibration examples: {samples, batch_size}")
+
+
 def require_data(task: Any, what: str, why: str) -> None:
     """RecipeError when ``task`` has no training examples (a ``shape:`` task: random inputs only);
     nothing is checked without a task (the session refuses then)."""

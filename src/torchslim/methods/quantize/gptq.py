@@ -14,7 +14,8 @@ from ...errors import RecipeError, UserError
 from ...layers import QuantLinear
 from ...modules import select_modules
 from ...registry import register_method
-from .calibration import CalibrationConfig, calibration_batches, require_data, token_rows
+from .calibration import (CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option,
+                          token_rows)
 from .gptq_math import gptq_quantize
 from .smooth import smooth_model
 
@@ -65,11 +66,8 @@ class GPTQConfig(MethodConfig):
                          doc="fraction of the mean Hessian diagonal added to its diagonal before inverting")
     act_order: bool = option(True, doc="round columns by decreasing Hessian diagonal (activation order; groups "
                                        "keep their scales from the float weight)")
-    smooth: float | None = option(None, low=0.0, high=1.0,
-                                  doc="SmoothQuant alpha: fold per-channel activation scales into the weights "
-                                      "first (null: off)")
-    calibration: CalibrationConfig = option(default_factory=CalibrationConfig,
-                                            doc="calibration examples: {samples, batch_size}")
+    smooth: float | None = smooth_option()
+    calibration: CalibrationConfig = calibration_option()
     targets: tuple[str, ...] = option(("re:.*",), doc="Linear module names or re: patterns")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
 

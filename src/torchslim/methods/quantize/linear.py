@@ -17,7 +17,7 @@ from ...train.config import TrainConfig
 from . import primitives as P
 from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
-from .calibration import CalibrationConfig, calibration_batches, require_data
+from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
 from .smooth import SMOOTH_NEEDS, smooth_model
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,8 @@ class LinearQuantConfig(MethodConfig):
     qat: TrainConfig | None = option(None, doc="quantization-aware training: fine-tune with the weights "
                                                "fake-quantized (straight-through estimator, LSQ learned "
                                                "scales) before storing the codes; train fields")
-    smooth: float | None = option(None, low=0.0, high=1.0,
-                                  doc="SmoothQuant alpha: fold per-channel activation scales into the Linear "
-                                      "weights first, from calibration data (null: off)")
-    calibration: CalibrationConfig = option(default_factory=CalibrationConfig,
-                                            doc="calibration examples for smooth: {samples, batch_size}")
+    smooth: float | None = smooth_option()
+    calibration: CalibrationConfig = calibration_option()
 
     CHANGES_WEIGHTS = True
 
