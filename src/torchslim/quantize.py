@@ -11,11 +11,14 @@ Examples
 
 from .layers import CodedConv2d, CodedEmbedding, CodedLinear, QuantConv2d, QuantLinear
 from .methods.quantize.binary import BinaryQuantConfig
+from .methods.quantize.calibration import CalibrationConfig
 from .methods.quantize.float import FloatQuantConfig
+from .methods.quantize.gptq import GPTQConfig
 from .methods.quantize.kmeans import KMeansQuantConfig
 from .methods.quantize.linear import LinearQuantConfig
 from .methods.quantize.log import LogQuantConfig
 from .methods.quantize.ternary import TernaryQuantConfig
 
 __all__ = ["LinearQuantConfig", "KMeansQuantConfig", "LogQuantConfig", "BinaryQuantConfig", "TernaryQuantConfig",
-           "FloatQuantConfig", "QuantLinear", "QuantConv2d", "CodedLinear", "CodedConv2d", "CodedEmbedding"]
+           "FloatQuantConfig", "GPTQConfig", "CalibrationConfig",
+           "QuantLinear", "QuantConv2d", "CodedLinear", "CodedConv2d", "CodedEmbedding"]

@@ -17,6 +17,8 @@ from ...train.config import TrainConfig
 from . import primitives as P
 from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
+from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
+from .smooth import SMOOTH_NEEDS, smooth_model
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class LinearQuantConfig(MethodConfig):
     qat: TrainConfig | None = option(None, doc="quantization-aware training: fine-tune with the weights "
                                                "fake-quantized (straight-through estimator, LSQ learned "
                                                "scales) before storing the codes; train fields")
+    smooth: float | None = smooth_option()
+    calibration: CalibrationConfig = calibration_option()
 
     CHANGES_WEIGHTS = True
 
@@ -109,6 +113,11 @@ class LinearQuantConfig(MethodConfig):
 
     def check_targets(self, model: nn.Module) -> None:
         _select(model, self)
+
+    def check_ready(self, task=None) -> None:
+        super().check_ready(task)
+        if self.smooth is not None:
+            require_data(task, "quantize.smooth", SMOOTH_NEEDS)
 
     def check_model(self, model: nn.Module) -> None:
         """RecipeError naming every targeted layer whose inputs per channel ``group_size`` does
@@ -137,6 +146,9 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     chosen = _select(model, config)
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     config.check_model(model)
+    if config.smooth is not None:
+        batches = calibration_batches(ctx, config.calibration, "quantize.smooth", SMOOTH_NEEDS)
+        smooth_model(model, config.smooth, ctx, batches, {n for n, _ in chosen})
     qat = None
     if config.qat is not None:
         from .qat import store_codes, train_qat

@@ -286,3 +286,22 @@ def dequantize_float(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.
     """Float32 weight from :func:`quantize_float`'s ``(stored, scale)``."""
     w = stored.float()
     return w if scale is None else (w.reshape(w.shape[0], -1) * scale).reshape(w.shape)
+def smooth_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``
+    (Xiao et al., "SmoothQuant", ICML 2023, eq. 4): ``X / s`` and ``W * s`` leave ``X W^T``
+    unchanged while moving range from the activations to the weights (``alpha`` 0..1: how much).
+
+    ``act_max`` and ``weight_max`` are ``(in,)``: the largest ``|x_j|`` over the calibration
+    tokens and the largest ``|w_ij|`` over the output rows of every layer reading ``x``. A channel
+    whose activation or weight maximum is zero gets ``s_j = 1``; factors are clamped to
+    ``[1e-5, 1e5]`` so that no folded weight underflows or overflows.
+
+    Examples
+    --------
+    >>> smooth_scales(torch.tensor([4.0, 0.0]), torch.tensor([1.0, 2.0]), 0.5)
+    tensor([2., 1.])
+    """
+    a, w = act_max.float(), weight_max.float()
+    s = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(1 - alpha)
+    s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
+    return s.clamp(1e-5, 1e5)
