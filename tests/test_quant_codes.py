@@ -151,6 +151,7 @@ def test_kmeans_layer_reconstructs_from_its_codebook_and_keeps_pruned_zeros():
 
 
 def test_kmeans_centroid_gradient_is_the_sum_of_its_weights_gradients():
+    torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3)
     q = CodedConv2d.from_float(conv, "kmeans", 3)
     x = torch.randn(2, 3, 9, 9)
@@ -162,7 +163,8 @@ def test_kmeans_centroid_gradient_is_the_sum_of_its_weights_gradients():
     ref(x).square().sum().backward()
     summed = torch.zeros(8, dtype=torch.float64).index_add_(0, q.weight_q.reshape(-1).long(),
                                                              ref.weight.grad.reshape(-1).double())
-    torch.testing.assert_close(q.codebook.grad.double(), summed, rtol=1e-5, atol=1e-6)
+    # float32 sums of a few hundred terms in another order: agree to float32 rounding
+    torch.testing.assert_close(q.codebook.grad.double(), summed, rtol=1e-4, atol=1e-5)
     assert not q.weight_q.requires_grad                              # the indices are fixed
 
 
