@@ -21,7 +21,9 @@ the medians), so a slow phase of a shared machine hits all alike:
 - ``torchslim int8``: ``quantize.linear`` with ``activations: dynamic``, ``bits: 7`` (so AVX2's
   int16 pair sums cannot saturate with 8-bit activations), every Linear plus the word, position
   and token-type embeddings, saved with ``torchslim.save`` and timed as ``torchslim.load`` gives it
-  back (the Int8Linear kernels each layer picked when quantized; ``kernels`` in the output).
+  back (the Int8Linear kernels each layer picked when quantized; ``kernels`` in the output);
+- ``torchslim int8 static``: the same with ``activations: static`` (one input range per layer from
+  128 training pairs, min/max).
 
 Latency: one forward pass of the encoder (token ids + mask -> token states) at batch 1 (the first
 test sentence, its own length) and batch 32 (32 test sentences padded to the longest). Fidelity:
@@ -55,6 +57,7 @@ from torchslim.onnx_io import export_onnx
 from torchslim.specs.stsb import _pad, mean_pool
 from torchslim.specs.tasks import build_task
 
+log = logging.getLogger("int8_minilm")
 EMBEDDINGS = ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings")
 
 
@@ -114,28 +117,31 @@ def build(work: Path, task, fp32: nn.Module, b1: tuple, b32: tuple) -> tuple[dic
             compiled(*b1), compiled(*b32)
         models["torchao int8 + compile"], size["torchao int8 + compile"] = compiled, size["torchao int8"]
         note["torchao int8 + compile"] = f"compiled for the two timed shapes in {time.perf_counter() - t0:.0f} s"
+        log.info("torchao: %s", note["torchao int8 + compile"])
     except ImportError as exc:
         note["torchao int8"] = f"not run: {exc} (pip install 'torchslim[torchao]')"
 
     export_onnx(fp32, b1, work / "fp32.onnx", input_names=("input_ids", "attention_mask"), variable_length=True)
-    logging.getLogger().setLevel(logging.ERROR)   # ORT's quantizer suggests pre-processing on every call
+    logging.getLogger("root").setLevel(logging.ERROR)   # ORT's quantizer suggests pre-processing on every call
     quantize_dynamic(str(work / "fp32.onnx"), str(work / "int8.onnx"), per_channel=True, weight_type=QuantType.QInt8)
     for name, f in (("ORT fp32", "fp32.onnx"), ("ORT int8", "int8.onnx")):
         models[name], size[name] = OrtModel(work / f, 1), (work / f).stat().st_size
 
-    q = copy.deepcopy(fp32)
-    t0 = time.perf_counter()
-    config = LinearQuantConfig(bits=7, activations="dynamic", targets=("re:.*", *EMBEDDINGS))
-    apply_(q, config, task=task)
-    torchslim.save(q, work / "int8")
-    loaded = torchslim.load(work / "int8").eval()
-    kernels: dict[str, int] = {}
-    for m in loaded.modules():
-        if hasattr(m, "kernel"):
-            kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
-    models["torchslim int8"], size["torchslim int8"] = loaded, dir_bytes(work / "int8")
-    note["torchslim int8"] = (f"quantized in {time.perf_counter() - t0:.0f} s; Int8Linear kernels {kernels}; "
-                              f"quantized engine {torch.backends.quantized.engine}")
+    for name, activations in (("torchslim int8", "dynamic"), ("torchslim int8 static", "static")):
+        q = copy.deepcopy(fp32)
+        t0 = time.perf_counter()
+        config = LinearQuantConfig(bits=7, activations=activations, targets=("re:.*", *EMBEDDINGS))
+        apply_(q, config, task=task)
+        torchslim.save(q, work / name)
+        loaded = torchslim.load(work / name).eval()
+        kernels: dict[str, int] = {}
+        for m in loaded.modules():
+            if hasattr(m, "kernel"):
+                kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+        models[name], size[name] = loaded, dir_bytes(work / name)
+        note[name] = (f"quantized in {time.perf_counter() - t0:.0f} s; Int8Linear kernels {kernels}; "
+                      f"quantized engine {torch.backends.quantized.engine}")
+        log.info("%s: %s", name, note[name])
     return models, size, note
 
 
@@ -152,6 +158,7 @@ def fidelity(models: dict, task, sentences: list[list[int]], pad: int) -> dict:
             cos = F.cosine_similarity(emb, ref, dim=-1)
             out[name] = {"cos_mean": round(float(cos.mean()), 5), "cos_min": round(float(cos.min()), 5),
                          "spearman": round(100 * task.evaluate(m, "test"), 2)}
+            log.info("fidelity %s: %s", name, out[name])
     return out
 
 
@@ -168,7 +175,9 @@ def latency(models: dict, inputs: dict, threads: int, rounds: int) -> dict:
                 t = benchmark.Timer("m(*x)", globals={"m": m, "x": x}, num_threads=threads)
                 with torch.inference_mode():
                     per[(name, b)].append(t.blocked_autorange(min_run_time=0.3).median * 1e3)
-    return {n: {b: round(statistics.median(per[(n, b)]), 3) for b in inputs} for n in models}
+    out = {n: {b: round(statistics.median(per[(n, b)]), 3) for b in inputs} for n in models}
+    log.info("latency at %d threads: %s", threads, out)
+    return out
 
 
 def main() -> None:
@@ -178,6 +187,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=512, help="test sentences for the cosine")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)
     torch.set_num_threads(1)
     task = build_task("stsb")
     test = task.split("test")

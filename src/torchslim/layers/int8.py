@@ -39,6 +39,7 @@ symmetric or affine codes both work.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -152,7 +153,9 @@ class Int8Linear(QuantLinear):
             n = codes.shape[0]
             scales = scale.reshape(-1).expand(n).double().contiguous()
             zeros = (torch.zeros(n) if zero is None else zero.reshape(-1).expand(n)).round().long().contiguous()
-            qweight = torch._make_per_channel_quantized_tensor(codes.cpu(), scales.cpu(), zeros.cpu(), 0)
+            with warnings.catch_warnings():   # quantized tensors are deprecated in torch; this packing
+                warnings.simplefilter("ignore")   # is their only use and never reaches the artifact
+                qweight = torch._make_per_channel_quantized_tensor(codes.cpu(), scales.cpu(), zeros.cpu(), 0)
             # the static op adds the bias itself; the dynamic one gets it after the row rescale
             bias = self.bias.detach().float() if (self.activations == "static" and self.bias is not None) else None
             cache = self.__dict__["_packed_cache"] = (key, torch.ops.quantized.linear_prepack(qweight, bias))
