@@ -101,8 +101,8 @@ def _time(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
         return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def choose_kernel(layer: Int8Linear, rows: Sequence[int], rounds: int = 3,
-                  min_run_time: float = 0.02) -> tuple[str, dict[str, Any]]:
+def choose_kernel(layer: Int8Linear, rows: Sequence[int], rounds: int = 2,
+                  min_run_time: float = 0.01) -> tuple[str, dict[str, Any]]:
     """``int8`` or ``dequant`` for ``layer``: ``int8`` when the geometric mean over inputs of
     ``rows`` rows of its time / float's time is at most 1, so each batch size weighs alike
     (kernels timed in turns, ``rounds`` times, median kept); ``reference``
