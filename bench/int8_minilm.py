@@ -126,8 +126,8 @@ def build(work: Path, task, fp32: nn.Module, b1: tuple, b32: tuple) -> tuple[dic
     except ImportError as exc:
         note["torchao int8"] = f"not run: {exc} (pip install 'torchslim[torchao]')"
 
-    # the TorchScript exporter: ORT's quantize_dynamic finds every MatMul and Gather in its graph (in the
-    # dynamo exporter's it quantized part of them: 60% of fp32's size, not the baseline ORT users get)
+    # NOTE: on main from 6172aae on, quantize_dynamic quantizes only part of this export's MatMuls
+    # (54.7 MB, 60% of fp32, with either exporter); BENCHMARKS' table used the export before it (23 MB)
     export_onnx(fp32, b1, work / "fp32.onnx", input_names=("input_ids", "attention_mask"), variable_length=True,
                 exporter="torchscript")
     logging.getLogger("root").setLevel(logging.ERROR)   # ORT's quantizer suggests pre-processing on every call
