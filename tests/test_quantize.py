@@ -100,7 +100,7 @@ def test_quantized_model_saves_int8_and_reloads_identically(tmp_path, trained_di
 
 
 @pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=9), dict(granularity="row"), dict(group_size=0),
-                                 dict(activations="static")])
+                                 dict(activations="int4"), dict(activations="dynamic", granularity="group")])
 def test_bad_quant_configs(bad):
     with pytest.raises(RecipeError):
         LinearQuantConfig(**bad)

@@ -9,13 +9,15 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear  # the out_proj nn.MultiheadAttention builds
 
 from ...config import MethodConfig, option
-from ...errors import RecipeError
+from ...errors import RecipeError, UserError
 from ...edits import replace_module
 from ...modules import select_modules
 from ...registry import register_method
 from ...train.config import TrainConfig
 from . import primitives as P
-from ...layers import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
+from ...layers.int8 import int8_engine
+from .int8 import AUTO_BATCHES, choose_kernel, input_rows, observe_ranges, summary
+from ...layers import (Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
 from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
 from .smooth import SMOOTH_NEEDS, smooth_model
@@ -75,6 +77,13 @@ class LinearQuantConfig(MethodConfig):
     step), ``percentile`` (clipped at ``percentile``: outliers saturate, the rest gets a finer
     step) or ``mse`` (the clip ratio with the least squared error in each scale group).
 
+    ``activations: dynamic`` (a scale per token at run time) or ``static`` (a scale per layer: the
+    min/max of its input over ``calibration.samples`` training examples) turns Linear layers into
+    :class:`~torchslim.layers.Int8Linear`,
+    which multiply int8 activations by int8 weights on PyTorch's x86/fbgemm integer kernels
+    (``kernel``; the row's ``int8`` entry says which layers run what); the other classes keep
+    weight-only codes. Use ``bits: 7`` on CPUs without VNNI (see ``Int8Linear``).
+
     Examples
     --------
     >>> import torchslim
@@ -89,12 +98,19 @@ class LinearQuantConfig(MethodConfig):
                               doc="one scale per tensor, output channel, or group of inputs")
     group_size: int = option(128, low=2, doc="inputs per scale for granularity: group")
     symmetric: bool = option(True, doc="symmetric (zero point 0) or affine")
-    activations: str = option("none", choices=("none",), doc="activation quantization (weight-only now)")
+    activations: str = option("none", choices=("none", "dynamic", "static"),
+                              doc="none: weight-only (float compute); dynamic: int8 activations with a scale per "
+                                  "token computed at run time; static: one scale per layer from calibration "
+                                  "batches. dynamic/static run Linear layers on integer kernels (Int8Linear)")
     observer: str = option("minmax", choices=("minmax", "percentile", "mse"),
                            doc="the range each scale covers: min/max, clipped at a percentile, or the clip "
                                "with the least squared error per scale group")
     percentile: float = option(99.99, low=0.0, high=100.0, low_open=True,
                                doc="observer: percentile clips |w| (symmetric) or w (affine) at this percentile")
+    kernel: str = option("auto", choices=("auto", "int8", "reference", "dequant"),
+                         doc="activations dynamic/static: auto times the integer kernel against float compute "
+                             "per layer at the batch-1 and batch-32 shapes and keeps the faster; int8 forces "
+                             "the integer engine, reference its float emulation, dequant float compute")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
                                                      "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
@@ -110,12 +126,22 @@ class LinearQuantConfig(MethodConfig):
         if self.qat is not None and self.qat.early_stopping:
             raise RecipeError("quantize.qat.early_stopping: not available (the learned scales are not rolled "
                               "back with the best epoch's weights); set early_stopping: 0")
+        if self.activations != "none" and self.granularity == "group":
+            raise RecipeError(f"quantize.activations: {self.activations} needs granularity channel or tensor "
+                              "(an integer kernel has one weight scale per output channel), not group")
 
     def check_targets(self, model: nn.Module) -> None:
         _select(model, self)
 
     def check_ready(self, task=None) -> None:
         super().check_ready(task)
+        if self.activations == "static" and task is not None:
+            try:
+                task.split("train")
+            except UserError:
+                raise RecipeError(f"quantize.activations: static needs calibration data, and task {task.spec!r} "
+                                  "has none (random inputs only); use activations: dynamic, or a task with "
+                                  "data") from None
         if self.smooth is not None:
             require_data(task, "quantize.smooth", SMOOTH_NEEDS)
 
@@ -144,6 +170,8 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     qargs = dict(bits=config.bits, granularity=config.granularity, group_size=config.group_size,
                  symmetric=config.symmetric)
     chosen = _select(model, config)
+    int8 = _int8_plan(model, config, ctx, chosen)
+    kernels = _Kernels(model, config, ctx, list(int8))
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     config.check_model(model)
     if config.smooth is not None:
@@ -161,11 +189,17 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             continue
         cls = _quantized_class(module)
         weights = [getattr(module, w) for w in _weights(module)]
-        q = cls.from_float(module, **qargs)
+        if name in int8:
+            cls = Int8Linear
+            q = cls.from_float(module, **int8[name], **qargs)
+        else:
+            q = cls.from_float(module, **qargs)
         if qat is not None:       # trained scales and codes (QAT starts from min/max scales)
             store_codes(qat, model, name, q, _weights(module))
         elif config.observer != "minmax":
             _observe(q, weights, config)
+        if name in int8:
+            kernels.pick(name, q)          # before replace_module records its rebuild arguments
         first = done.get(id(weights[0]))
         if (first is not None and type(first) is cls and hasattr(q, "weight_q")
                 and first.weight_q.shape == q.weight_q.shape):
@@ -174,6 +208,8 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         replace_module(model, name, q)
         if isinstance(q, QuantMultiheadAttention) and type(q.out_proj) is not NonDynamicallyQuantizableLinear:
             replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
+    if int8:
+        kernels.report(model)
     return model
 
 
@@ -185,3 +221,49 @@ def _observe(q: nn.Module, weights: list, config: LinearQuantConfig) -> None:
         q.set_weight(w, name, qparams=P.choose_qparams_observed(
             w, config.bits, config.granularity, config.group_size, config.symmetric, config.observer,
             config.percentile))
+def _int8_plan(model: nn.Module, config: LinearQuantConfig, ctx, chosen) -> dict[str, dict]:
+    """``name -> Int8Linear.from_float`` arguments for each chosen Linear (activations dynamic or
+    static; static ranges observed on calibration batches); empty for weight-only."""
+    if config.activations == "none":
+        return {}
+    names = [n for n, m in chosen if type(m) in (nn.Linear, NonDynamicallyQuantizableLinear)]
+    weight_only = sorted({type(m).__name__ for n, m in chosen if n not in names and not _refusal(m)} - {"Embedding"})
+    if weight_only and ctx is not None:
+        ctx.warn("int8-weight-only", f"quantize: activations: {config.activations} runs Linear layers on integer "
+                                     f"kernels; {', '.join(weight_only)} layers keep weight-only codes (float compute)")
+    kernel = "int8" if config.kernel == "auto" else config.kernel
+    plan = {n: {"activations": config.activations, "kernel": kernel} for n in names}
+    if config.activations == "static":
+        task = ctx.require_task("quantize: activations: static")
+        ranges = observe_ranges(model, names, task, ctx.calibration_batches(config.calibration.samples))
+        for n in names:
+            plan[n]["input_range"] = ranges[n]
+    return plan
+
+
+class _Kernels:
+    """``kernel: auto``: each Int8Linear keeps the faster of int8 and float compute at the rows
+    the task's example inputs give it at batch 1 and 32 (timed once per distinct shape); the
+    row's ``int8`` entry says what runs where."""
+
+    def __init__(self, model: nn.Module, config: LinearQuantConfig, ctx, names: list[str]) -> None:
+        self.config, self.ctx, self.measured, self.by_shape = config, ctx, {}, {}
+        task = getattr(ctx, "task", None)
+        self.rows = input_rows(model, names, task, AUTO_BATCHES) if names and config.kernel == "auto" and task else {}
+        if names and config.kernel == "auto" and not task:
+            log.info("quantize: kernel auto without a task: every Int8Linear runs the int8 kernel")
+
+    def pick(self, name: str, layer: Int8Linear) -> None:
+        if name not in self.rows:
+            return
+        key = (layer.in_features, layer.out_features, layer.bias is not None, tuple(self.rows[name]))
+        if key not in self.by_shape:
+            self.by_shape[key] = choose_kernel(layer, self.rows[name])
+        layer.kernel, self.measured[name] = self.by_shape[key]
+
+    def report(self, model: nn.Module) -> None:
+        if int8_engine() is None:
+            self.ctx.warn("int8-fallback", "quantize: no x86/fbgemm quantized engine in this torch build: "
+                                           "Int8Linear layers run the float reference of the int8 math "
+                                           "(latency measured on that)")
+        self.ctx.info.setdefault("metrics", {})["int8"] = summary(model, self.config.activations, self.measured)

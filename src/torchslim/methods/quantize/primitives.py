@@ -286,6 +286,8 @@ def dequantize_float(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.
     """Float32 weight from :func:`quantize_float`'s ``(stored, scale)``."""
     w = stored.float()
     return w if scale is None else (w.reshape(w.shape[0], -1) * scale).reshape(w.shape)
+
+
 def smooth_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``
     (Xiao et al., "SmoothQuant", ICML 2023, eq. 4): ``X / s`` and ``W * s`` leave ``X W^T``
@@ -305,3 +307,58 @@ def smooth_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float)
     s = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(1 - alpha)
     s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
     return s.clamp(1e-5, 1e5)
+
+
+# -- activations (int8 execution: ``layers.int8.Int8Linear``) ---------------------------------
+
+def token_absmax(x: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M, 1): each row's largest magnitude, floored at the smallest normal float so an
+    all-zero row divides to zeros (its per-token scale; ZeroQuant, Yao et al. 2022, §3)."""
+    return torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 affine ``(scale, zero_point)`` for activations observed in [lo, hi] (min/max
+    observer): the range is widened to hold 0, ``scale = (hi - lo) / (2^bits - 1)``,
+    ``zero_point = clamp(round(-lo / scale), 0, 2^bits - 1)`` (as float tensors)."""
+    qmax = 2 ** bits - 1
+    lo, hi = torch.as_tensor(lo, dtype=torch.float32).clamp(max=0.0), torch.as_tensor(hi, dtype=torch.float32).clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).eps)
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def activation_bits(weight_bits: int) -> int:
+    """Activation bits that an x86 int8 kernel without VNNI multiplies exactly with
+    ``weight_bits``-bit weight codes: AVX2's ``vpmaddubsw`` sums two uint8 x int8 products in a
+    saturating int16, so ``2 (2^a - 1) 2^(w-1) <= 2^15 - 1`` must hold: 8-bit activations with
+    weights of at most 7 bits, 7-bit activations (PyTorch's ``reduce_range``) with 8-bit weights."""
+    return 8 if weight_bits <= 7 else 7
+
+
+def int8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                          bias: torch.Tensor | None, static: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          act_bits: int = 8) -> torch.Tensor:
+    """What an int8 x int8 linear computes, in float64 on integer-valued tensors (exact sums).
+
+    ``x`` (*, K) float; ``codes`` (N, K) int8 weight codes with ``scale``/``zero`` of shape (N, 1)
+    or (1, 1). Dynamic (``static`` None): per-token symmetric activations with ``L = 2^(act_bits-1) - 1``
+    levels a side, ``q = round(L x / a)`` with ``a`` = :func:`token_absmax`,
+    ``y = (q . (W - z)^T) a s_w / L + b``. Static (``static = (s_x, z_x)``, unsigned affine):
+    ``q = clamp(round(x / s_x) + z_x, 0, 2^act_bits - 1)``, ``y = ((q - z_x) . (W - z)^T) s_x s_w + b``.
+    Returns (*, N) float32.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).double()                                    # (M, K)
+    w = codes.double() - (0.0 if zero is None else zero.double())             # (N, K)
+    if static is None:
+        a = token_absmax(x2)                                                  # (M, 1)
+        levels = 2 ** (act_bits - 1) - 1
+        q, rescale = torch.round(x2 / a * levels), a / levels
+    else:
+        s_x, z_x = (t.double() for t in static)
+        q, rescale = torch.clamp(torch.round(x2 / s_x) + z_x, 0, 2 ** act_bits - 1) - z_x, s_x
+    y = (q @ w.t()) * rescale * scale.double().reshape(1, -1)                 # (M, N)
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*shape[:-1], -1)
