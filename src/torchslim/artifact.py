@@ -44,6 +44,7 @@ from torch import nn
 from ._version import __version__
 from . import layers as _layers  # noqa: F401  (registers the core layer classes)
 from .edits import edits_of, replay, validate_edits
+from . import entropy as _entropy  # noqa: F401  (registers the entropy-coded encodings ans, relative-index-ans)
 from .encodings import ENCODINGS, decode_tensor, encode_tensor
 from .errors import ArtifactError, UserError
 from .modules import SOURCE_ATTR, get_submodule

@@ -11,7 +11,7 @@ element + the non-zeros: best from about 10% to 90% density), ``relative-index``
 Compression's 4- or 8-bit gaps between non-zeros: best when very sparse) and ``nm`` (N values of
 every M with the rank of their positions: N:M-pruned weights, 2:4 below a bitmask).
 
-Integer codes may also be entropy-coded (``ans``, ``relative-index-ans``: :mod:`torchslim.entropy`,
+Integer codes may also be entropy-coded (``ans``, ``relative-index-ans``: :mod:`torchslim.entropy`, registered by the artifact module,
 with the optional ``constriction`` package), again only where that is the smallest.
 """
 
@@ -446,7 +446,3 @@ def _nm_decode(parts: dict[str, torch.Tensor], meta: dict[str, Any], shape: tupl
 
 
 register_encoding(Encoding("nm", _nm_encode, _nm_decode, since=4, sparse=True))
-
-
-# -- entropy-coded integer codes (ans, relative-index-ans): their own module, optional package --
-from . import entropy as _entropy  # noqa: E402,F401  (registers them; imports this module's names)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from ...errors import UserError
 from ...layers.int8 import Int8Linear, int8_engine
@@ -96,6 +95,9 @@ def input_rows(model: nn.Module, names: Sequence[str], task: Any, batch_sizes: S
 
 
 def _time(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+    from ...runtime import quiet_cpp_extension
+    with quiet_cpp_extension():   # torch.utils.benchmark imports cpp_extension, which warns without CUDA
+        from torch.utils import benchmark
     t = benchmark.Timer("m(x)", globals={"m": layer, "x": x}, num_threads=torch.get_num_threads())
     with torch.inference_mode():
         return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
