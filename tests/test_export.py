@@ -214,3 +214,31 @@ def test_sub_byte_codes_export_as_int4_at_opset_21(tmp_path, bits):
     assert p4.stat().st_size < p8.stat().st_size - 0.45 * sum(b.numel() for b in stored.values())
     assert check_onnx(q, p4, (torch.randn(3, 1, 28, 28),), atol=1e-4) < 1e-4
     assert "Cast" not in _optimized_ops(p4, tmp_path)      # folded at load
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_linear_weights_on_3d_inputs_are_initializers_ort_tools_can_quantize(tmp_path, exporter):
+    """A Linear on (N, L, D) inputs exports as MatMul(x, W^T): the transposed weight is stored as
+    an initializer (not behind a Transpose node), so onnxruntime.quantization finds every MatMul."""
+    import collections
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    path = export_onnx(model, (x,), tmp_path / "m.onnx", exporter=exporter)
+    graph = onnx.load(path).graph
+    inits = {i.name for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2 and all(n.input[1] in inits for n in matmuls)
+    assert not any(n.op_type == "Transpose" for n in graph.node)
+    sess = ort.InferenceSession(str(path))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-5)
+    quantize_dynamic(str(path), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node)
+    assert ops["MatMulInteger"] == 2

@@ -120,6 +120,7 @@ def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18, *,
     try:
         with torch.no_grad():
             proto = _export_proto(model, inputs, axes, kwargs, exporter)
+        _fold_weight_transposes(proto)
         if opset >= 21:
             _pack_int4(proto)
         if metadata:
@@ -184,6 +185,40 @@ def _export_torchscript(model: nn.Module, inputs: tuple, kwargs: dict[str, Any])
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, f"{tmp}/m.onnx", dynamo=False, do_constant_folding=False, **kwargs)
         return onnx.load(f"{tmp}/m.onnx")
+
+
+def _fold_weight_transposes(proto) -> int:
+    """Replace every Transpose of a float initializer (a Linear's weight on inputs of rank 3 or
+    more is exported as ``MatMul(x, Transpose(W))`` now that constants are not folded) by the
+    transposed initializer, in place; returns how many. ONNX Runtime folds these at load anyway,
+    but tools that read the file, such as ``onnxruntime.quantization.quantize_dynamic``, quantize
+    a MatMul only when its weight is an initializer. Integer codes are never read by a Transpose
+    directly (Cast comes first), so they stay integer."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    folded, keep = 0, []
+    for node in proto.graph.node:
+        src = inits.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        if src is None or src.data_type not in floats or readers.get(src.name) != 1:
+            keep.append(node)
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        arr = numpy_helper.to_array(src)
+        out = numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), node.output[0])
+        proto.graph.initializer.remove(src)
+        proto.graph.initializer.append(out)
+        folded += 1
+    if folded:
+        del proto.graph.node[:]
+        proto.graph.node.extend(keep)
+    return folded
 
 
 def _pack_int4(proto) -> int:
