@@ -35,7 +35,7 @@ from torch import nn
 
 from ..methods.quantize import primitives as P  # pure tensor math, no method registration
 from ..modules import register_module_class
-from .quantized import _copy_param, _dtype_name, _QuantConv
+from .quantized import _copy_param, _dtype_name, _QuantConv, conv_args, float_conv_args
 
 #: scheme -> allowed ``bits`` (``float`` takes its width from ``storage``)
 SCHEME_BITS = {"kmeans": tuple(range(2, 9)), "log": tuple(range(2, 9)), "binary": (1,), "ternary": (2,),
@@ -232,9 +232,7 @@ class _CodedConv(_CodedWeight):
                  padding: list[int] | str, dilation: list[int], groups: int = 1, bias: bool = True,
                  **coding: Any) -> None:
         super().__init__()
-        self.conv_args = dict(in_channels=in_channels, out_channels=out_channels, kernel_size=list(kernel_size),
-                              stride=list(stride), padding=padding if isinstance(padding, str) else list(padding),
-                              dilation=list(dilation), groups=groups, bias=bias)
+        self.conv_args = conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         shape = (out_channels, in_channels // groups, *kernel_size)
         self._init_coded(shape, **{**_CODED_DEFAULTS, **coding})
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -242,11 +240,7 @@ class _CodedConv(_CodedWeight):
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, scheme: str, bits: int,
                    storage: str | None = None) -> "_CodedConv":
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only")
-        q = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
-                conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
-                conv.groups, conv.bias is not None, **coded_args(conv.weight, scheme, bits, storage))
+        q = cls(*float_conv_args(conv, cls.__name__), **coded_args(conv.weight, scheme, bits, storage))
         q.set_weight(conv.weight)
         q.bias = _copy_param(conv.bias)
         return q.to(conv.weight.device).train(conv.training)

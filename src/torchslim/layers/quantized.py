@@ -238,6 +238,23 @@ class QuantLinear(_QuantWeight):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, {self.granularity}"
 
 
+def conv_args(in_channels: int, out_channels: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+              groups: int, bias: bool) -> dict[str, Any]:
+    """A convolution's rebuild arguments as JSON-ready values (lists; ``padding`` may be a string)."""
+    return dict(in_channels=in_channels, out_channels=out_channels, kernel_size=list(kernel_size),
+                stride=list(stride), padding=padding if isinstance(padding, str) else list(padding),
+                dilation=list(dilation), groups=groups, bias=bias)
+
+
+def float_conv_args(conv: nn.modules.conv._ConvNd, what: str) -> tuple:
+    """The positional constructor arguments of a quantized convolution copying ``conv``;
+    ValueError unless ``conv`` pads with zeros (``what``: the quantized class, for the message)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"{what} supports padding_mode='zeros' only")
+    return tuple(conv_args(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                           conv.dilation, conv.groups, conv.bias is not None).values())
+
+
 class _QuantConv(_QuantWeight):
     """``nn.ConvNd`` (padding mode ``zeros``) with an int8-coded weight; subclasses name the
     functional convolution."""
@@ -249,21 +266,14 @@ class _QuantConv(_QuantWeight):
                  bits: int = 8, granularity: str = "channel", group_size: int = 128,
                  symmetric: bool = True, dtype: str = "float32") -> None:
         super().__init__()
-        self.conv_args = dict(in_channels=in_channels, out_channels=out_channels,
-                              kernel_size=list(kernel_size), stride=list(stride),
-                              padding=padding if isinstance(padding, str) else list(padding),
-                              dilation=list(dilation), groups=groups, bias=bias)
+        self.conv_args = conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         shape = (out_channels, in_channels // groups, *kernel_size)
         self._init_q(shape, bits, granularity, group_size, symmetric, dtype)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     @classmethod
     def from_float(cls, conv: nn.modules.conv._ConvNd, **qargs: Any) -> "_QuantConv":
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"{cls.__name__} supports padding_mode='zeros' only")
-        q = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
-                conv.padding if isinstance(conv.padding, str) else list(conv.padding), list(conv.dilation),
-                conv.groups, conv.bias is not None, **_float_args(conv.weight, qargs))
+        q = cls(*float_conv_args(conv, cls.__name__), **_float_args(conv.weight, qargs))
         q.set_weight(conv.weight.detach().cpu())
         q.bias = _copy_param(conv.bias)
         return q.to(conv.weight.device).train(conv.training)
