@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,10 @@ from torchslim.layers import QuantLinear
 from torchslim.methods.quantize.layer_error import FloatReference
 from torchslim.registry import get_method
 from torchslim.session import Session
+from torchslim.specs.tasks import Task
 
-
-@pytest.fixture(scope="module")
-def mnist(data_root_module):
-    return torchslim.build_task("mnist", str(data_root_module))
+#: nn.TransformerEncoder on token ids (a py: test architecture: TORCHSLIM_TRUST_CODE)
+ENCODER = f"py:{Path(__file__).parent / 'assets' / 'architectures.py'}:encoder"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,11 @@ def data_root_module():
     if d is None or not (d / "mnist").is_dir():
         pytest.skip("MNIST not found: set TORCHSLIM_DATA to the folder holding mnist/")
     return d
+
+
+@pytest.fixture(scope="module")
+def mnist(data_root_module):
+    return torchslim.build_task("mnist", str(data_root_module))
 
 
 def _quantize(key: str, model, task, **fields):
@@ -57,9 +62,9 @@ def test_output_and_weight_sqnr_match_numpy(mnist):
     entry = {r["name"]: r for r in row["quantized_layers"]}["3"]
     assert entry["scheme"] == "int4 symmetric per-group g4" and entry["bits"] == 4 and entry["group_size"] == 4
     assert [r["name"] for r in row["quantized_layers"]] == ["1", "3", "5"]
-    assert row["quantized_layers_input"].startswith("64 calibration examples of the train split")
+    assert row["quantized_layers_input"] == "32 calibration examples of the train split (2 batch(es) of at most 16)"
 
-    images = torch.cat([b[0] for b in Session(task=mnist).calibration_batches(64, batch_size=32)])
+    images = torch.cat([b[0] for b in Session(task=mnist).calibration_batches(32, batch_size=16)])
     x = images.reshape(len(images), -1).double().numpy()                          # (64, 784)
     p = {k: v.double().numpy() for k, v in model.state_dict().items()}
     h = np.maximum(x @ p["1.weight"].T + p["1.bias"], 0)                          # (64, 300): input of layer 3
@@ -109,10 +114,8 @@ def test_every_quantize_method_records_its_layers(key, fields, mnist):
 def test_shape_task_uses_its_example_inputs_and_says_so(monkeypatch):
     """A transformer encoder on a shape: task: the attention block measured on random token
     inputs; its out_proj, whose weight nn.MultiheadAttention reads, gets the weight SQNR alone."""
-    from pathlib import Path
-
     monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")   # the py: test architecture is ours
-    model = torchslim.build_model(f"py:{Path(__file__).parent / 'assets' / 'architectures.py'}:encoder").eval()
+    model = torchslim.build_model(ENCODER).eval()
     _, row = _quantize("quantize.linear", model, torchslim.build_task("shape:12"), bits=8)
     assert "example inputs" in row["quantized_layers_input"] and "shape:12 has no data" in row["quantized_layers_input"]
     by_name = {r["name"]: r for r in row["quantized_layers"]}
@@ -131,3 +134,51 @@ def test_without_a_task_only_the_weight_error_is_given():
     assert entry["name"] == "5" and entry["scheme"] == "int3 symmetric per-channel"
     assert entry["sqnr_db"] is None and "note" not in entry
     assert entry["weight_sqnr_db"] == pytest.approx(_db((w ** 2).sum(), ((w - w_q) ** 2).sum()), abs=2e-3)
+
+
+class TokenTask(Task):
+    """Token sequences with padding: ``(input_ids, attention_mask, target)`` batches of a fixed
+    set of 64 random sequences of 4 to 16 tokens, padded to 16 (every split the same)."""
+
+    input_names = ("input_ids", "attention_mask")
+
+    def __init__(self) -> None:
+        super().__init__("tokens")
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(4, 17, (64,), generator=g)
+        mask = (torch.arange(16) < lengths[:, None]).long()                                # (64, 16)
+        ids = torch.randint(1000, 2000, (64, 16), generator=g) * mask
+        self.data = torch.utils.data.TensorDataset(ids, mask, torch.zeros(64))
+
+    def _load_splits(self):
+        return {"train": self.data, "val": self.data, "test": self.data}
+
+    def forward(self, model, batch):
+        return model(batch[0])       # the model computes every position, padding included
+
+
+def test_padding_positions_of_a_token_task_are_left_out(monkeypatch):
+    """A transformer encoder on padded token batches: a feed-forward layer's output SQNR is summed
+    over the positions the attention mask keeps (the others are computed but never used), as
+    numpy computes it from the float model's inputs to the layer."""
+    monkeypatch.setenv("TORCHSLIM_TRUST_CODE", "1")   # the py: test architecture is ours
+    torch.manual_seed(0)
+    model = torchslim.build_model(ENCODER).eval()
+    task, name = TokenTask(), "encoder.layers.1.linear1"
+    q, row = _quantize("quantize.linear", model, task, bits=4, targets=[name])
+    (entry,) = row["quantized_layers"]
+
+    session = Session(task=task)
+    batches = session.calibration_batches(32, batch_size=16)
+    with torch.no_grad(), session.capture(model, [name]) as got:
+        for batch in batches:
+            task.forward(model, batch)
+    x = torch.cat([i.reshape(-1, 32) for i in got[name]["inputs"]]).double().numpy()         # (tokens, 32)
+    kept = torch.cat([b[1].reshape(-1) for b in batches]).numpy() == 1                      # (tokens,)
+    layer = q.get_submodule(name)
+    w_q = layer.weight_q.double().numpy() * layer.scale.double().numpy()
+    w, b = (t.detach().double().numpy() for t in (model.get_submodule(name).weight, model.get_submodule(name).bias))
+    y, y_q = x @ w.T + b, x @ w_q.T + b
+    assert entry["sqnr_db"] == pytest.approx(_db((y[kept] ** 2).sum(), ((y - y_q)[kept] ** 2).sum()), abs=2e-3)
+    assert abs(entry["sqnr_db"] - _db((y ** 2).sum(), ((y - y_q) ** 2).sum())) > 0.01   # padding would count
+    assert 0.4 < kept.mean() < 0.9

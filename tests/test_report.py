@@ -691,8 +691,8 @@ def test_report_of_a_real_run_shows_the_quantized_layers(pipeline_run):
     assert [r["name"] for r in entries] == ["0", "2", "6", "9"]
     assert all(r["bits"] == 8 and r["scheme"] == "int8 symmetric per-channel" for r in entries)
     assert all(r["sqnr_db"] > 30 and r["weight_sqnr_db"] > 30 for r in entries)
-    # the first 2 of the calibration batches (samples: 128 in batches of 32) the step drew
-    assert quant["quantized_layers_input"] == "64 calibration examples of the train split (2 batch(es) of at most 32)"
+    # the first 32 of the 128 calibration examples the step drew
+    assert quant["quantized_layers_input"] == "32 calibration examples of the train split (2 batch(es) of at most 16)"
     md = (pipeline_run / "report.md").read_text()
     table = md_table(md[md.index("## Quantized layers"):])
     assert table[0] == ["layer", "scheme", "bits", "output SQNR (dB)", "weight SQNR (dB)"]

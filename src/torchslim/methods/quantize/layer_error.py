@@ -12,7 +12,7 @@ quantized, the row gets its scheme, bits and two errors:
   accumulated through the layers before it. Int8 activations are part of ``y_q``.
 - ``weight_sqnr_db``: the same ratio between the float weight and the dequantized one.
 
-Inputs: at most :data:`MAX_BATCHES` calibration batches of the task's train split (the first
+Inputs: at most :data:`EXAMPLES` calibration examples of the task's train split (the first
 examples of the method's own calibration draw: seed 0), padding positions of token tasks left
 out; a ``shape:`` task (no data) uses its example inputs, and the row says so
 (``quantized_layers_input``). Without a task only the weight SQNR is given.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import statistics
 from typing import Any
 
@@ -39,11 +40,12 @@ from .calibration import token_rows
 
 log = logging.getLogger(__name__)
 
-#: calibration batches the output error is measured on: the cost is this many forward passes of
-#: the float model plus one call of each quantized layer per batch
-MAX_BATCHES = 2
-#: calibration batch size for methods without a ``calibration:`` block (the coded ones)
-BATCH_SIZE = 32
+#: calibration examples the output error is measured on, at most, in batches of at most
+#: ``BATCH_SIZE``: the cost is one forward pass of the float model over them plus one call of each
+#: quantized layer (MiniLM, 32 STS-B pairs: about 3,000 tokens, 4 s at one thread); a layer's SQNR
+#: sums over every element of its output, so a few thousand rows settle it
+EXAMPLES = 32
+BATCH_SIZE = 16
 #: examples drawn from a ``shape:`` task's example inputs (random; it has no data)
 EXAMPLE_BATCH = 8
 #: the layer classes whose weights are codes (quantized by some step)
@@ -96,14 +98,11 @@ def _weight_pairs(float_layer: nn.Module, q: nn.Module) -> list[tuple[torch.Tens
 
 
 def _compared(task: Any, batch: Any, y: torch.Tensor) -> torch.Tensor:
-    """The part of output ``y`` the error is summed over: all of it, except the padding positions
-    of a token task (an ``attention_mask`` input the shape of ``y``'s leading dimensions)."""
-    names = tuple(getattr(task, "input_names", ()) or ())
-    if "attention_mask" in names and isinstance(batch, (tuple, list)) and len(batch) > names.index("attention_mask"):
-        mask = batch[names.index("attention_mask")]
-        if isinstance(mask, torch.Tensor) and y.dim() >= 2 and tuple(mask.shape) == tuple(y.shape[:-1]):
-            return token_rows(task, batch, y)
-    return y
+    """The part of output ``y`` (``(..., features)``) the error is summed over: all of it, except
+    the padding positions of a token task, as calibration leaves them out
+    (:func:`~torchslim.methods.quantize.calibration.token_rows`: an ``attention_mask`` input with
+    one element per row of ``y``)."""
+    return token_rows(task, batch, y) if batch is not None and y.dim() >= 2 else y
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -115,7 +114,7 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
 
 def _db(value: float) -> float | None:
     """dB for JSON: 3 decimals; None when infinite or undefined (the entry's ``note`` says why)."""
-    return round(value, 3) if value == value and abs(value) != float("inf") else None
+    return round(value, 3) if math.isfinite(value) else None
 
 
 class FloatReference:
@@ -131,8 +130,8 @@ class FloatReference:
         The step's session (task, device, calibration batches, the row's ``info``); None: nothing
         is measured or recorded.
     calibration : CalibrationConfig, optional
-        The method's ``calibration:`` block: its ``batch_size`` and at most ``MAX_BATCHES``
-        batches of its ``samples`` are used (coded methods: ``BATCH_SIZE``).
+        The method's ``calibration:`` block: the first ``EXAMPLES`` of its ``samples`` are used,
+        in batches of at most its ``batch_size`` and ``BATCH_SIZE``.
 
     Examples
     --------
@@ -165,9 +164,8 @@ class FloatReference:
             return [(None, tuple(inputs))], (f"the task's example inputs ({EXAMPLE_BATCH} random examples: "
                                              f"{task.spec} has no data)")
         cal = self.calibration
-        batch_size = cal.batch_size if cal is not None else BATCH_SIZE
-        samples = min(cal.samples if cal is not None else MAX_BATCHES * batch_size, MAX_BATCHES * batch_size,
-                      available)
+        batch_size = min(cal.batch_size, BATCH_SIZE) if cal is not None else BATCH_SIZE
+        samples = min(cal.samples if cal is not None else EXAMPLES, EXAMPLES, available)
         batches = self.session.calibration_batches(samples, batch_size=batch_size)
         return [(b, None) for b in batches], (f"{samples} calibration examples of the train split "
                                               f"({len(batches)} batch(es) of at most {batch_size})")
@@ -233,6 +231,8 @@ class FloatReference:
                     notes.append("not called on the inputs (its parent reads its weight): weight SQNR only")
                 if out_db == float("inf"):
                     notes.append("output exact (no error)")
+                elif calls and not (math.isfinite(signal) and math.isfinite(noise)):
+                    notes.append("output not finite")
                 if row["weight_sqnr_db"] is None and w_noise == 0:
                     notes.append("weight exact (no error)")
                 if notes:
