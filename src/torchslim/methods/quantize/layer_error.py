@@ -152,8 +152,9 @@ class FloatReference:
         self.float_model = copy.deepcopy(model) if session is not None else None
 
     def _inputs(self) -> tuple[list[tuple[Any, tuple | None]], str]:
-        """``[(batch for task.forward, or None), (inputs for model(*inputs), or None)]`` and the
-        row's description of them."""
+        """What the float model runs on, as ``(batch, None)`` pairs for ``task.forward`` or one
+        ``(None, inputs)`` pair for ``model(*inputs)`` (a shape task), and the row's description
+        of it."""
         task = self.session.task
         if task is None:
             return [], "none (no task): weight SQNR only"
@@ -170,27 +171,14 @@ class FloatReference:
         return [(b, None) for b in batches], (f"{samples} calibration examples of the train split "
                                               f"({len(batches)} batch(es) of at most {batch_size})")
 
-    def record(self, model: nn.Module, when: str | None = None) -> list[dict[str, Any]]:
-        """Measure every layer of ``model`` that is quantized now and was float in the reference,
-        put the list in the step's row (``session.info["metrics"]["quantized_layers"]``, with
-        ``quantized_layers_input`` saying what the outputs were measured on) and return it.
-
-        Each entry: ``name``, ``type`` (the quantized class), ``scheme`` (:func:`scheme`),
-        ``bits`` (of the weight codes), ``group_size`` (null unless per-group), ``sqnr_db``
-        (output SQNR, dB), ``weight_sqnr_db`` (dB), and ``note`` where a figure is null: the
-        layer was never called on the inputs (``nn.MultiheadAttention`` reads its ``out_proj``'s
-        weight), or there is no error to measure (exact). ``when`` (e.g. "before fine-tuning")
-        is added to ``quantized_layers_input``.
-        """
-        if self.float_model is None:
-            return []
+    def _output_energy(self, model: nn.Module, layers: dict[str, nn.Module],
+                       runs: list[tuple[Any, tuple | None]]) -> dict[str, list]:
+        """``name -> [signal, noise, calls]`` summed over ``runs`` of the float copy: a hook on
+        each float layer applies its quantized twin (``layers[name]``) to the same arguments."""
         reference = dict(self.float_model.named_modules())
-        layers = {n: m for n, m in model.named_modules()
-                  if isinstance(m, QUANTIZED) and n in reference and not isinstance(reference[n], QUANTIZED)}
-        energy = {n: [0.0, 0.0, 0] for n in layers}   # name -> [signal, noise, calls]
-        runs, described = self._inputs() if layers else ([], "")
+        energy = {n: [0.0, 0.0, 0] for n in layers}
         task = self.session.task
-        current: list[Any] = [None]                  # the batch being run (padding rows)
+        current: list[Any] = [None]                  # the batch being run (its padding positions)
 
         def hook(name: str):
             def fn(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -214,37 +202,61 @@ class FloatReference:
         finally:
             for h in handles:
                 h.remove()
-        rows = []
+        return energy
+
+    def record(self, model: nn.Module, when: str | None = None) -> list[dict[str, Any]]:
+        """Measure every layer of ``model`` that is quantized now and was float in the reference,
+        put the list in the step's row (``session.info["metrics"]["quantized_layers"]``, with
+        ``quantized_layers_input`` saying what the outputs were measured on) and return it.
+
+        Each entry: ``name``, ``type`` (the quantized class), ``scheme`` (:func:`scheme`),
+        ``bits`` (of the weight codes), ``group_size`` (null unless per-group), ``sqnr_db``
+        (output SQNR, dB), ``weight_sqnr_db`` (dB), and ``note`` where a figure is null: the
+        layer was never called on the inputs (``nn.MultiheadAttention`` reads its ``out_proj``'s
+        weight), its output was not finite, or there is no error to measure (exact). ``when``
+        (e.g. "before fine-tuning") is added to ``quantized_layers_input``.
+        """
+        if self.float_model is None:
+            return []
+        reference = dict(self.float_model.named_modules())
+        layers = {n: m for n, m in model.named_modules()
+                  if isinstance(m, QUANTIZED) and n in reference and not isinstance(reference[n], QUANTIZED)}
+        runs, described = self._inputs() if layers else ([], "")
+        energy = self._output_energy(model, layers, runs)
         with torch.no_grad():
-            for name, q in layers.items():
-                signal, noise, calls = energy[name]
-                w_signal = w_noise = 0.0
-                for w, deq in _weight_pairs(reference[name], q):
-                    s, n = P.error_energy(w, deq)
-                    w_signal, w_noise = w_signal + s, w_noise + n
-                out_db = P.sqnr_db(signal, noise) if calls else float("nan")
-                row = {"name": name, "type": type(q).__name__, "scheme": scheme(q), "bits": int(q.bits),
-                       "group_size": q.group_size if getattr(q, "granularity", None) == "group" else None,
-                       "sqnr_db": _db(out_db), "weight_sqnr_db": _db(P.sqnr_db(w_signal, w_noise))}
-                notes = []
-                if runs and not calls:
-                    notes.append("not called on the inputs (its parent reads its weight): weight SQNR only")
-                if out_db == float("inf"):
-                    notes.append("output exact (no error)")
-                elif calls and not (math.isfinite(signal) and math.isfinite(noise)):
-                    notes.append("output not finite")
-                if row["weight_sqnr_db"] is None and w_noise == 0:
-                    notes.append("weight exact (no error)")
-                if notes:
-                    row["note"] = "; ".join(notes)
-                rows.append(row)
+            rows = [_entry(name, q, reference[name], *energy[name], measured=bool(runs)) for name, q in layers.items()]
         self.float_model = None                      # the copy is not needed any more
         metrics = self.session.info.setdefault("metrics", {})
         metrics["quantized_layers"] = rows
         metrics["quantized_layers_input"] = (f"{described}, {when}" if when and described else described) or None
-        measured = [r["sqnr_db"] for r in rows if r["sqnr_db"] is not None]
+        measured = [r for r in rows if r["sqnr_db"] is not None]
         if measured:
-            worst = min((r for r in rows if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
+            worst = min(measured, key=lambda r: r["sqnr_db"])
             log.info("quantize: output SQNR of %d layer(s) on %s: median %.1f dB, lowest %.1f dB (%s)",
-                     len(measured), described, statistics.median(measured), worst["sqnr_db"], worst["name"])
+                     len(measured), described, statistics.median(r["sqnr_db"] for r in measured),
+                     worst["sqnr_db"], worst["name"])
         return rows
+
+
+def _entry(name: str, q: nn.Module, float_layer: nn.Module, signal: float, noise: float, calls: int,
+           measured: bool) -> dict[str, Any]:
+    """One ``quantized_layers`` entry (see :meth:`FloatReference.record`) from the output
+    energies summed over ``calls`` calls of the layer; ``measured``: inputs were run at all."""
+    w_signal = w_noise = 0.0
+    for w, deq in _weight_pairs(float_layer, q):
+        s, n = P.error_energy(w, deq)
+        w_signal, w_noise = w_signal + s, w_noise + n
+    out_db, w_db = (P.sqnr_db(signal, noise) if calls else math.nan), P.sqnr_db(w_signal, w_noise)
+    notes = []
+    if measured and not calls:
+        notes.append("not called as a module on the inputs (an out_proj whose weight nn.MultiheadAttention "
+                     "reads): weight SQNR only")
+    if out_db == math.inf:
+        notes.append("output exact (no error)")
+    elif calls and not (math.isfinite(signal) and math.isfinite(noise)):
+        notes.append("output not finite")
+    if w_db == math.inf:
+        notes.append("weight exact (no error)")
+    return {"name": name, "type": type(q).__name__, "scheme": scheme(q), "bits": int(q.bits),
+            "group_size": q.group_size if getattr(q, "granularity", None) == "group" else None,
+            "sqnr_db": _db(out_db), "weight_sqnr_db": _db(w_db), **({"note": "; ".join(notes)} if notes else {})}
