@@ -182,3 +182,31 @@ def test_padding_positions_of_a_token_task_are_left_out(monkeypatch):
     assert entry["sqnr_db"] == pytest.approx(_db((y[kept] ** 2).sum(), ((y - y_q)[kept] ** 2).sum()), abs=2e-3)
     assert abs(entry["sqnr_db"] - _db((y ** 2).sum(), ((y - y_q) ** 2).sum())) > 0.01   # padding would count
     assert 0.4 < kept.mean() < 0.9
+
+
+def test_coded_fine_tuning_comes_after_the_measurement(mnist, monkeypatch):
+    """k-means with a fine-tune of its centroids: the row gives the error of the clustering
+    itself (the same figures as without fine-tuning) and says so. The trainer is replaced by a
+    stand-in that moves every centroid (what training does, without the epoch's cost)."""
+    model = torchslim.build_model("zoo:lenet-300-100").eval()
+    _, plain = _quantize("quantize.kmeans", model, mnist, bits=3)
+    trained = []
+
+    def train(self, model, config, *, desc, **kwargs):
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "codebook"):
+                    m.codebook.mul_(1.5)
+        trained.append(desc)
+        return model
+
+    monkeypatch.setattr(Session, "train", train)
+    tuned, row = _quantize("quantize.kmeans", model, mnist, bits=3, finetune={"epochs": 1})
+    assert trained == ["kmeans-finetune"]
+    assert row["quantized_layers"] == plain["quantized_layers"]
+    assert row["quantized_layers_input"] == plain["quantized_layers_input"] + ", before fine-tuning"
+    # measured after the stand-in fine-tune, the moved centroids show in every layer's figures
+    after = FloatReference(model, Session(task=mnist)).record(tuned)
+    assert [r["name"] for r in after] == [r["name"] for r in plain["quantized_layers"]]
+    for late, early in zip(after, plain["quantized_layers"]):
+        assert late["weight_sqnr_db"] < early["weight_sqnr_db"] - 3 and late["sqnr_db"] < early["sqnr_db"] - 3
