@@ -18,6 +18,7 @@ from ...config import MethodConfig, option
 from ...edits import replace_module
 from ...layers import CodedConv1d, CodedConv2d, CodedConv3d, CodedEmbedding, CodedLinear
 from ...modules import check_patterns, matches, select_modules
+from .layer_error import FloatReference
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def run_coded(model: nn.Module, config: CodedQuantConfig, session: Any) -> nn.Mo
     ``not_quantized`` warning), then fine-tune when the config has ``finetune`` with epochs."""
     done: dict[int, nn.Module] = {}          # id(float weight) -> its coded layer
     skipped, coded = [], {}
+    reference = FloatReference(model, session)    # each layer's error, for the row
     for name, module in config.select(model):
         reason = refusal(module)
         if reason:
@@ -98,6 +100,7 @@ def run_coded(model: nn.Module, config: CodedQuantConfig, session: Any) -> nn.Mo
     metrics = session.info.setdefault("metrics", {})
     metrics["skipped"] = skipped
     finetune = getattr(config, "finetune", None)
+    reference.record(model, "before fine-tuning" if finetune is not None and finetune.epochs > 0 else None)
     if finetune is not None and finetune.epochs > 0:
         session.train(model, finetune, desc=f"{config.SCHEME}-finetune")
     return model
