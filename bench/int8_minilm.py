@@ -192,6 +192,19 @@ def latency(models: dict, inputs: dict, threads: int, rounds: int) -> dict:
     return out
 
 
+def stsb_inputs(n: int) -> tuple:
+    """``(task, sentences, pad id, inputs)``: the STS-B task, the first ``n`` test sentences
+    (token ids) and the timed inputs ``{"1": (ids, mask) of the first sentence, "32": the first
+    32 padded to the longest}``."""
+    task = build_task("stsb")
+    test = task.split("test")
+    sentences = [test[i][0] for i in range(len(test))][:n]
+    pad = task._pad_id
+    inputs = {"1": _pad(sentences[:1], len(sentences[0]), pad),
+              "32": _pad(sentences[:32], max(map(len, sentences[:32])), pad)}
+    return task, sentences, pad, inputs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -202,12 +215,7 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(1)
-    task = build_task("stsb")
-    test = task.split("test")
-    sentences = [test[i][0] for i in range(len(test))][: args.sentences]
-    pad = task._pad_id
-    inputs = {"1": _pad(sentences[:1], len(sentences[0]), pad),
-              "32": _pad(sentences[:32], max(map(len, sentences[:32])), pad)}
+    task, sentences, pad, inputs = stsb_inputs(args.sentences)
     fp32 = torchslim.build_model("hf:minilm").eval()
     with tempfile.TemporaryDirectory() as tmp:
         models, size, note = build(Path(tmp), task, fp32, inputs["1"], inputs["32"])
