@@ -332,7 +332,8 @@ def onnx_agreement(model: nn.Module, path: Path, inputs: tuple, atol: float,
     sess = onnx_session(path)
     feed = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
-    with torch.no_grad():
+    from .layers.int4 import float_compute
+    with torch.no_grad(), float_compute():   # what the file computes: int4 layers on their float weights
         want = TensorIO(model).eval()(*inputs).cpu()
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
         from .numerics import NumericalError

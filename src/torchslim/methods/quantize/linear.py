@@ -16,8 +16,10 @@ from ...registry import register_method
 from ...train.config import TrainConfig
 from . import primitives as P
 from ...layers.int8 import int8_engine
+from ...layers.int4 import GROUP_SIZES
 from .int8 import AUTO_BATCHES, choose_kernel, input_rows, observe_ranges, summary
-from ...layers import (Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
+from .int4 import int4_applies, int4_plan, int4_refusals
+from ...layers import (Int4Linear, Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
 from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
 from .layer_error import FloatReference
@@ -85,6 +87,12 @@ class LinearQuantConfig(MethodConfig):
     (``kernel``; the row's ``int8`` entry says which layers run what); the other classes keep
     weight-only codes. Use ``bits: 7`` on CPUs without VNNI (see ``Int8Linear``).
 
+    Weight-only ``bits: 4``, ``granularity: group`` (group_size 32/64/128/256): ``kernel:
+    int4pack`` runs Linear layers on PyTorch's CPU int4 kernel (:class:`~torchslim.layers.Int4Linear`:
+    bfloat16 activations, the codes unpacked on the fly); ``auto`` times the whole model on it
+    against the dequantized weight at batch 1 and 32 and keeps the kernel for inputs up to the rows
+    of the largest batch size where it won (the row's ``int4`` entry).
+
     Examples
     --------
     >>> import torchslim
@@ -108,10 +116,13 @@ class LinearQuantConfig(MethodConfig):
                                "with the least squared error per scale group")
     percentile: float = option(99.99, low=0.0, high=100.0, low_open=True,
                                doc="observer: percentile clips |w| (symmetric) or w (affine) at this percentile")
-    kernel: str = option("auto", choices=("auto", "int8", "reference", "dequant"),
+    kernel: str = option("auto", choices=("auto", "int8", "reference", "dequant", "int4pack"),
                          doc="activations dynamic/static: auto times the integer kernel against float compute "
                              "per layer at the batch-1 and batch-32 shapes and keeps the faster; int8 forces "
-                             "the integer engine, reference its float emulation, dequant float compute")
+                             "the integer engine, reference its float emulation, dequant float compute. "
+                             "Weight-only bits 4 group: int4pack runs Linear layers on the CPU int4 kernel "
+                             "(bf16 activations); auto times the whole model on it against the dequantized "
+                             "weight at batch 1 and 32 and uses it up to the rows where it won")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names (Embedding too) or re: patterns (they pick "
                                                      "Linear, Conv1d/2d/3d, MultiheadAttention)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns kept in float")
@@ -130,6 +141,13 @@ class LinearQuantConfig(MethodConfig):
         if self.activations != "none" and self.granularity == "group":
             raise RecipeError(f"quantize.activations: {self.activations} needs granularity channel or tensor "
                               "(an integer kernel has one weight scale per output channel), not group")
+        if self.kernel == "int4pack" and not int4_applies(self):
+            raise RecipeError("quantize.kernel: int4pack runs weight-only 4-bit group codes (activations: none, "
+                              f"bits: 4, granularity: group), not activations: {self.activations}, bits: "
+                              f"{self.bits}, granularity: {self.granularity}")
+        if self.kernel == "int4pack" and self.group_size not in GROUP_SIZES:
+            raise RecipeError(f"quantize.kernel: int4pack takes group_size {', '.join(map(str, GROUP_SIZES))}, "
+                              f"not {self.group_size}")
 
     def check_targets(self, model: nn.Module) -> None:
         _select(model, self)
@@ -148,7 +166,8 @@ class LinearQuantConfig(MethodConfig):
 
     def check_model(self, model: nn.Module) -> None:
         """RecipeError naming every targeted layer whose inputs per channel ``group_size`` does
-        not divide (granularity: group)."""
+        not divide (granularity: group), and with ``kernel: int4pack`` every Linear the int4
+        kernel cannot take."""
         if self.granularity != "group":
             return
         bad = [(name, k) for name, module in _select(model, self)
@@ -158,11 +177,24 @@ class LinearQuantConfig(MethodConfig):
             shown = ", ".join(f"{n} ({k})" for n, k in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
             raise RecipeError(f"quantize.group_size: {self.group_size} does not divide the inputs per channel "
                               f"of {len(bad)} targeted layer(s): {shown}; pick a divisor or add them to ignore")
+        if self.kernel == "int4pack":
+            unfit = int4_refusals(_linears(model, self), self.group_size)
+            if unfit:
+                raise RecipeError(f"quantize.kernel: int4pack cannot run {len(unfit)} targeted Linear layer(s): "
+                                  + "; ".join(f"{n}: {why}" for n, why in unfit[:4])
+                                  + ("" if len(unfit) <= 4 else f" and {len(unfit) - 4} more")
+                                  + "; add them to ignore or use kernel: auto")
 
 
 def _select(model: nn.Module, config: LinearQuantConfig) -> list[tuple[str, nn.Module]]:
     return select_modules(model, config.targets, config.ignore, kinds=PATTERN_KINDS, what="quantize.targets",
                           refuse=_refusal)
+
+
+def _linears(model: nn.Module, config: LinearQuantConfig, chosen=None) -> list[tuple[str, nn.Linear]]:
+    """The chosen plain Linear layers (those an integer or int4 kernel may run)."""
+    return [(n, m) for n, m in (chosen if chosen is not None else _select(model, config))
+            if type(m) in (nn.Linear, NonDynamicallyQuantizableLinear)]
 
 
 @register_method("quantize.linear", LinearQuantConfig)
@@ -175,6 +207,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     kernels = _Kernels(model, config, ctx, list(int8))
     done: dict[int, nn.Module] = {}  # id(float weight) -> its quantized layer: ties are kept
     config.check_model(model)
+    int4, int4_row = int4_plan(model, config, ctx, _linears(model, config, chosen), qargs)
     if config.smooth is not None:
         batches = calibration_batches(ctx, config.calibration, "quantize.smooth", SMOOTH_NEEDS)
         smooth_model(model, config.smooth, ctx, batches, {n for n, _ in chosen})
@@ -194,6 +227,9 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         if name in int8:
             cls = Int8Linear
             q = cls.from_float(module, **int8[name], **qargs)
+        elif name in int4:
+            cls = Int4Linear
+            q = cls.from_float(module, **int4[name], **qargs)
         else:
             q = cls.from_float(module, **qargs)
         if qat is not None:       # trained scales and codes (QAT starts from min/max scales)
@@ -212,6 +248,8 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
     if int8:
         kernels.report(model)
+    if int4_row is not None and ctx is not None:
+        ctx.info.setdefault("metrics", {})["int4"] = int4_row
     reference.record(model)
     return model
 
