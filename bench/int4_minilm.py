@@ -17,7 +17,13 @@ turns per batch size, ``--rounds`` times, median of the medians: ``bench/_timing
   and its cosine taken on 64 sentences (it is 30-70x slower than the fp32 matmul per layer on
   this AVX2 CPU: a batch-32 pass takes about 20 s);
 - ``int4 kernel bf16``: the same kernel fed bfloat16 activations (the input of each linear cast
-  to bf16, the output back to float32), the path the kernel vectorizes on AVX2.
+  to bf16, the output back to float32), the path the kernel vectorizes on AVX2;
+- ``int4 torchslim auto``: the torchslim path: ``quantize.linear`` bits 4, symmetric, group 128,
+  ``kernel: auto`` (``Int4Linear``: the whole model timed on the int4 kernel against the
+  dequantized weight at the task's example inputs of batch 1 and 32, the kernel kept up to the
+  rows where it won), saved and timed as ``torchslim.load`` gives it back; its choice (the step
+  row's ``int4`` entry) is printed and written to ``--out``. ``--skip-fp32-kernel`` leaves out the
+  slow ``int4 kernel fp32`` row.
 
 Fidelity: cosine of mean-pooled sentence embeddings to fp32's over the first ``--sentences``
 test sentences (mean, min) and the STS-B test Spearman (x100).
@@ -38,6 +44,8 @@ from torch import nn
 
 import torchslim
 from torchslim.api import apply_
+from torchslim.registry import get_method
+from torchslim.session import Session
 from torchslim.layers import QuantLinear
 from torchslim.methods.quantize.linear import LinearQuantConfig
 from torchslim.specs.stsb import _pad, mean_pool
@@ -84,6 +92,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-fp32-kernel", action="store_true", help="leave out the slow int4 kernel fp32 row")
     args = ap.parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO)
@@ -95,8 +104,17 @@ def main() -> None:
         apply_(q, LinearQuantConfig(bits=4, granularity="group", group_size=GROUP), task=task)
         torchslim.save(q, Path(tmp) / "int4")
         loaded = torchslim.load(Path(tmp) / "int4").eval()
+        auto, ctx = copy.deepcopy(fp32), Session(task=task)
+        get_method("quantize", "linear").handler(
+            auto, LinearQuantConfig(bits=4, granularity="group", group_size=GROUP, kernel="auto"), ctx)
+        choice = ctx.info["metrics"]["int4"]
+        log.info("kernel auto: %s", choice)
+        torchslim.save(auto, Path(tmp) / "int4-auto")
+        auto_loaded = torchslim.load(Path(tmp) / "int4-auto").eval()
     models = {"fp32": fp32, "int4 dequant": loaded, "int4 kernel fp32": with_kernel(loaded, torch.float32),
-              "int4 kernel bf16": with_kernel(loaded, torch.bfloat16)}
+              "int4 kernel bf16": with_kernel(loaded, torch.bfloat16), "int4 torchslim auto": auto_loaded}
+    if args.skip_fp32_kernel:
+        del models["int4 kernel fp32"]
     batches = [_pad(sentences[i:i + 32], max(map(len, sentences[i:i + 32])), pad) for i in range(0, len(sentences), 32)]
     fid = {}
     with torch.inference_mode():
@@ -121,9 +139,10 @@ def main() -> None:
         cells = [f"{lat[name][b]:.2f} ({lat[name][b] / lat['fp32'][b]:.2f})" if b in lat[name] else "-" for b in inputs]
         print(f"| {name} | {f['cos_mean']} / {f['cos_min']} ({f['sentences']}) | {f['spearman'] or '-'} | "
               + " | ".join(cells) + " |")
+    print(f"kernel auto chose: {json.dumps(choice)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"shapes": {b: list(x[0].shape) for b, x in inputs.items()},
-                                              "fidelity": fid, "latency_ms": lat}, indent=1))
+                                              "fidelity": fid, "latency_ms": lat, "int4_auto": choice}, indent=1))
 
 
 if __name__ == "__main__":
