@@ -4,11 +4,13 @@
                                                [--rounds 3] [--no-compile]
 
 torchvision models with random weights (seed 0; the ``shape:3x224x224`` setting: latency and
-fidelity only, no accuracy), random N(0, 1) images. Every model is built in this one process and
+fidelity only, no accuracy) whose BatchNorm statistics are measured on the 64 calibration images
+(``set_batchnorm_statistics``), random N(0, 1) images. Every model is built in this one process and
 timed interleaved (``_timing.latency``: ``blocked_autorange`` 0.3 s, in turns, ``--rounds`` times,
 median of the medians) at batch 1 and 16, one thread, so a slow phase of a shared machine hits all
 alike. Latency is reported as a ratio to fp32 eager. Fidelity: cosine of each image's output
-(1000 logits) to fp32 eager's over the batch-16 images (mean, min).
+(1000 logits) to fp32 eager's over the batch-16 images (mean, min), plain and centred (both
+minus fp32's batch mean; see ``cosine``).
 
 - ``fp32 eager`` and ``fp32 folded`` (``fold.batchnorm``: BatchNorm folded into the convolutions);
 - ``torchslim int8``: ``fold.batchnorm`` then ``quantize.linear`` with ``activations: static``
@@ -21,9 +23,12 @@ alike. Latency is reported as a ratio to fp32 eager. Fidelity: cosine of each im
   ``quantize_per_tensor -> quantized.conv2d (x86 engine) -> dequantize`` with calibrated input and
   output scales (the output is requantized to uint8, so the output range must be calibrated too);
 - ``PT2E int8 + compile``: ``torchao.quantization.pt2e`` ``prepare_pt2e`` / ``convert_pt2e`` with
-  ``X86InductorQuantizer`` (default static config) on the exported model, calibrated on the same
-  images, then ``torch.compile`` (inductor lowers the q/dq pattern onto oneDNN int8 kernels);
-  compiled once per timed batch size; ``fp32 compile`` its float peer;
+  ``X86InductorQuantizer`` (default static config) on the exported model (resnet: see
+  ``untie_relus``), calibrated on the same
+  images, then ``torch.compile`` with ``torch._inductor.config.freezing = True`` (inductor lowers
+  the q/dq patterns onto oneDNN int8 kernels only with frozen weights); compiled once per timed
+  batch size; ``fp32 compile`` its float peer (frozen too); ``torchslim int8 + compile``: the
+  loaded torchslim int8 model under ``torch.compile`` (frozen);
 - ``ORT fp32`` and ``ORT int8``: the folded model exported to ONNX (TorchScript exporter, opset 18),
   ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8
   activations, MinMax on the calibration images through a ``CalibrationDataReader``), default
@@ -40,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -140,6 +146,26 @@ def fbgemm_model(folded: nn.Module, images: torch.Tensor) -> nn.Module:
     return m
 
 
+def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``BasicBlock.forward`` with the second ReLU a module of its own."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+    return self.relu_out(out + identity)
+
+
+def untie_relus(model: nn.Module) -> nn.Module:
+    """Each torchvision ``BasicBlock`` calls its one ``relu`` twice; X86InductorQuantizer groups
+    nodes by the module that made them and refuses a group with two outputs ("Input partition
+    has more than one output node"), so the second call gets a ReLU of its own (same function)."""
+    from torchvision.models.resnet import BasicBlock
+
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            block.relu_out = nn.ReLU()
+            block.forward = types.MethodType(_basic_block_forward, block)
+    return model
+
+
 def pt2e_model(fp32: nn.Module, images: torch.Tensor, batches: tuple[int, ...]) -> tuple[dict, float]:
     """PT2E + X86InductorQuantizer, compiled: ``batch -> compiled module`` and the compile seconds."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
@@ -148,7 +174,7 @@ def pt2e_model(fp32: nn.Module, images: torch.Tensor, batches: tuple[int, ...]) 
     out, t0 = {}, time.perf_counter()
     for bs in batches:
         x = images[:bs]
-        exported = torch.export.export(copy.deepcopy(fp32).eval(), (x,)).module()
+        exported = torch.export.export(untie_relus(copy.deepcopy(fp32)).eval(), (x,)).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
@@ -162,10 +188,12 @@ def pt2e_model(fp32: nn.Module, images: torch.Tensor, batches: tuple[int, ...]) 
     return out, time.perf_counter() - t0
 
 
-def compiled_fp32(fp32: nn.Module, images: torch.Tensor, batches: tuple[int, ...]) -> dict:
+def compiled(model: nn.Module, images: torch.Tensor, batches: tuple[int, ...]) -> dict:
+    """``batch -> torch.compile(model)`` run once at that batch size (the compiled models share
+    ``model``, which is not copied: a loaded int8 model holds packed weights deepcopy cannot copy)."""
     out = {}
     for bs in batches:
-        c = torch.compile(copy.deepcopy(fp32).eval())
+        c = torch.compile(model.eval())
         with torch.inference_mode():
             c(images[:bs])
         out[bs] = c
@@ -184,9 +212,11 @@ def ort_models(folded: nn.Module, images: torch.Tensor, work: Path) -> dict[str,
             return None if x is None else {"input": x.numpy()}
 
     export_onnx(folded, (images[:1],), work / "fp32.onnx", input_names=("input",), exporter="torchscript")
-    logging.getLogger("root").setLevel(logging.ERROR)   # ORT's quantizer suggests pre-processing on every call
+    root = logging.getLogger()
+    level, _ = root.level, root.setLevel(logging.ERROR)   # ORT's quantizer suggests pre-processing on every call
     quantize_static(str(work / "fp32.onnx"), str(work / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    root.setLevel(level)
     return {"ORT fp32": OrtModel(work / "fp32.onnx"), "ORT int8": OrtModel(work / "int8.onnx")}
 
 
@@ -204,16 +234,38 @@ def torchslim_int8(folded: nn.Module, task: CalibratedShapeTask, kernel: str, wo
     return back, kinds
 
 
-def cosine(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    c = F.cosine_similarity(y.double().flatten(1), ref.double().flatten(1), dim=1)
-    return float(c.mean()), float(c.min())
+def set_batchnorm_statistics(model: nn.Module, images: torch.Tensor) -> None:
+    """BatchNorm running statistics = the mean and variance of ``images``' activations (a random
+    init keeps mean 0 / variance 1, under which mobilenet_v2's activations shrink to ~1e-8 and its
+    logits are the same for every image: no test of fidelity), then eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None              # cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for chunk in images.split(16):
+            model(chunk)
+    model.eval()
+
+
+def cosine(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float, float]:
+    """Cosine of each image's output to fp32's (mean, min), then the same on the outputs minus
+    fp32's batch mean: a random-init network gives every image nearly the same logits, which
+    makes the plain cosine blind to errors in what differs between images."""
+    y, ref = y.double().flatten(1), ref.double().flatten(1)
+    c = F.cosine_similarity(y, ref, dim=1)
+    centre = ref.mean(0, keepdim=True)
+    cc = F.cosine_similarity(y - centre, ref - centre, dim=1)
+    return float(c.mean()), float(c.min()), float(cc.mean()), float(cc.min())
 
 
 def run(name: str, args, work: Path) -> dict:
     torch.manual_seed(0)
-    fp32 = torchslim.build_model(f"torchvision:{name}").eval()   # random init (seeded above)
+    fp32 = torchslim.build_model(f"torchvision:{name}")   # random init (seeded above)
     task = CalibratedShapeTask(64)
     images = task.images
+    set_batchnorm_statistics(fp32, images)
     xs = {bs: torch.randn(bs, *SHAPE, generator=torch.Generator().manual_seed(2)) for bs in BATCHES}
     folded = torchslim.apply(copy.deepcopy(fp32), BatchNormFoldConfig(), task=task).eval()
     models: dict[str, nn.Module] = {"fp32 eager": fp32, "fp32 folded": folded}
@@ -226,8 +278,10 @@ def run(name: str, args, work: Path) -> dict:
     models.update(ort_models(folded, images, work))
     per_batch: dict[int, dict[str, nn.Module]] = {bs: dict(models) for bs in BATCHES}
     if args.compile:
-        for label, build in (("fp32 compile", lambda: (compiled_fp32(fp32, images, BATCHES), None)),
-                             ("PT2E int8 + compile", lambda: pt2e_model(fp32, images, BATCHES))):
+        int8 = models["torchslim int8"]
+        for label, build in (("fp32 compile", lambda: (compiled(copy.deepcopy(fp32), images, BATCHES), None)),
+                             ("PT2E int8 + compile", lambda: pt2e_model(fp32, images, BATCHES)),
+                             ("torchslim int8 + compile", lambda: (compiled(int8, images, BATCHES), None))):
             try:
                 t0 = time.perf_counter()
                 by_bs, _ = build()
@@ -260,13 +314,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    # inductor lowers PT2E's quantize/dequantize + conv patterns onto oneDNN int8 kernels (and
+    # prepacks fp32 weights) only with frozen weights; without, both compiled rows run float ops
+    torch._inductor.config.freezing = True
     results = {"threads": 1, "torch": torch.__version__, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             results["models"].append(run(name, args, Path(tmp)))
             Path(args.out).write_text(json.dumps(results, indent=1))
     for r in results["models"]:
-        print(f"\n{r['model']}  (ratio to fp32 eager; cosine to fp32 mean/min at batch 16)")
+        print(f"\n{r['model']}  (ratio to fp32 eager; cosine to fp32 mean/min, centred mean/min, batch 16)")
         for label in r["ratio_to_fp32"][16]:
             print(f"  {label:28s} b1 {r['ratio_to_fp32'][1][label]:6.3f} ({r['latency_ms'][1][label]:7.2f} ms)  "
                   f"b16 {r['ratio_to_fp32'][16][label]:6.3f} ({r['latency_ms'][16][label]:8.2f} ms)  "

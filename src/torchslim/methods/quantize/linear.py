@@ -15,7 +15,7 @@ from ...modules import select_modules
 from ...registry import register_method
 from ...train.config import TrainConfig
 from . import primitives as P
-from ...layers.int8 import symmetric_padding, int8_engine, onednn_conv_available
+from ...layers.int8 import int8_engine, onednn_conv_available, symmetric_padding
 from .int8 import (AUTO_BATCHES, choose_conv_kernel, choose_kernel, input_rows, input_shapes, observe_ranges,
                    summary)
 from ...layers import (Int8Conv2d, Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
@@ -236,8 +236,8 @@ def _int8_plan(model: nn.Module, config: LinearQuantConfig, ctx, chosen) -> dict
         names += [n for n, m in chosen if _int8_conv(m)]
     weight_only = sorted({type(m).__name__ for n, m in chosen if n not in names and not _refusal(m)} - {"Embedding"})
     if weight_only and ctx is not None:
-        convs = " (and, static with symmetric codes, Conv2d)"
-        ctx.warn("int8-weight-only", f"quantize: activations: {config.activations} runs Linear{convs} layers on "
+        kinds = "Linear and Conv2d (symmetric codes)" if config.activations == "static" else "Linear"
+        ctx.warn("int8-weight-only", f"quantize: activations: {config.activations} runs {kinds} layers on "
                                      f"integer kernels; {', '.join(weight_only)} layers keep weight-only codes "
                                      "(float compute)")
     kernel = "int8" if config.kernel == "auto" else config.kernel
@@ -268,9 +268,9 @@ def _int8_conv(module: nn.Module) -> bool:
 
 
 class _Kernels:
-    """``kernel: auto``: each Int8Linear keeps the faster of int8 and float compute at the rows
-    the task's example inputs give it at batch 1 and 32 (timed once per distinct shape); the
-    row's ``int8`` entry says what runs where."""
+    """``kernel: auto``: each Int8Linear (Int8Conv2d) keeps the faster of int8 and float compute
+    at the rows (input shapes) the task's example inputs give it at batch 1 and 32 (timed once
+    per distinct shape); the row's ``int8`` entry says what runs where."""
 
     def __init__(self, model: nn.Module, config: LinearQuantConfig, ctx, names: list[str]) -> None:
         self.config, self.ctx, self.measured, self.by_shape = config, ctx, {}, {}
