@@ -15,10 +15,12 @@ model is under 50% of fp32. LayerNorms and biases stay float32. Methods:
 - ``rtn``: ``quantize.linear`` (round to nearest) on the Linear layers;
 - ``gptq``: ``quantize.gptq`` on the Linear layers, ``--samples`` STS-B training pairs (both
   sentences) as calibration data, ``act_order`` on (``--in-order``: off);
+- ``kmeans``: ``quantize.kmeans`` on the Linear layers, one codebook of 2**bits centroids per
+  layer (no per-group scales, so no scale overhead), no fine-tuning;
 - ``rtn-smooth``, ``gptq-smooth``: the same after SmoothQuant with alpha ``--smooth``.
 
 Another method plugs in by adding ``name: function(bits, args) -> list of step configs`` to
-``METHODS`` (the k-means column). Prints one JSON line per model: test Spearman, artifact bytes
+``METHODS``. Prints one JSON line per model: test Spearman, artifact bytes
 (``torchslim.save``) and their ratio to fp32, the cosine of 512 test sentences' embeddings to
 fp32's (mean, min), the wall time of the quantization.
 """
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 import torchslim
-from torchslim.quantize import GPTQConfig, LinearQuantConfig
+from torchslim.quantize import GPTQConfig, KMeansQuantConfig, LinearQuantConfig
 from torchslim.session import Session
 
 EMBEDDINGS = ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings")
@@ -58,10 +60,17 @@ def _gptq(bits: int, args, smooth: float | None = None) -> list:
                        smooth=smooth, calibration={"samples": args.samples})]
 
 
+def _kmeans(bits: int, args) -> list:
+    # one codebook of 2**bits centroids per layer (Deep Compression's weight sharing), no
+    # fine-tuning: post-training, like the other columns
+    return [_embeddings(bits, args), KMeansQuantConfig(bits=bits, targets=("re:.*",))]
+
+
 #: method name -> the quantization steps at ``bits`` (applied in order)
 METHODS = {
     "rtn": _rtn,
     "gptq": _gptq,
+    "kmeans": _kmeans,
     "rtn-smooth": lambda bits, args: _rtn(bits, args, args.smooth),
     "gptq-smooth": lambda bits, args: _gptq(bits, args, args.smooth),
 }

@@ -167,11 +167,14 @@ def test_width_of_a_bert_keeps_the_feed_forward_neurons_of_largest_magnitude(tin
         assert torch.equal(new.intermediate.dense.bias, up.bias[keep])
         assert torch.equal(new.output.dense.weight, down.weight[:, keep])
         assert new.attention.self.query.weight.shape == (32, 32)             # attention and width stay
+    assert (student.config.intermediate_size, teacher.config.intermediate_size) == (16, 64)  # config follows
     ids = torch.randint(0, 30522, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = student(input_ids=ids).last_hidden_state
         assert out.shape == (2, 9, 32)
-        assert torch.equal(_reload(student, tmp_path / "f")(input_ids=ids).last_hidden_state, out)
+        again = _reload(student, tmp_path / "f")
+        assert torch.equal(again(input_ids=ids).last_hidden_state, out)
+    assert again.config.intermediate_size == 16
 
 
 def test_from_teacher_needs_one_teacher_and_a_cache_needs_fixed_length_inputs(stsb):

@@ -179,3 +179,106 @@ def test_weights_read_by_a_parent_are_fake_quantized_too():
                 deq = P.dequantize(codes, scale, torch.zeros_like(scale), "channel", 128)
                 getattr(reference.get_submodule(m), w).copy_(deq)
         torch.testing.assert_close(fake, reference(x), rtol=1e-5, atol=1e-5)
+
+
+# -- quantize.binary / quantize.ternary with qat: the coded layers' own fake quantization -----
+
+def _coded_configs():
+    from torchslim.methods.quantize.binary import BinaryQuantConfig
+    from torchslim.methods.quantize.ternary import TernaryQuantConfig
+    return {"binary": BinaryQuantConfig, "ternary": TernaryQuantConfig}
+
+
+@pytest.mark.parametrize("scheme", ["binary", "ternary"])
+def test_qat_fake_quantization_is_the_stored_coding(scheme):
+    """What QAT trains through (fakequant) is what the coded layer stores and decodes
+    (primitives + CodedConv2d / CodedLinear), bit for bit, with a zero weight and a channel of zeros."""
+    from torchslim.layers import CodedConv2d, CodedLinear
+    g = torch.Generator().manual_seed(2)
+    conv, lin = nn.Conv2d(3, 6, 3), nn.Linear(20, 7)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.weight[0, 0, 0, 0] = 0.0
+        lin.weight[2] = 0.0
+    fake = F.binary_fake_quantize if scheme == "binary" else F.ternary_fake_quantize
+    for layer, cls in ((conv, CodedConv2d), (lin, CodedLinear)):
+        coded = cls.from_float(layer, scheme, 1 if scheme == "binary" else 2)
+        with torch.no_grad():
+            torch.testing.assert_close(coded.dequantized_weight(), fake(layer.weight), rtol=0, atol=0)
+        codes, alpha = (F.binary_codes if scheme == "binary" else F.ternary_codes)(layer.weight)
+        stored = coded.weight_q.to(torch.int8) * 2 - 1 if scheme == "binary" else coded.weight_q
+        assert torch.equal(stored, codes) and torch.equal(coded.scale, alpha)
+
+
+def _train_batch(task):
+    ds = task.split("train")
+    return task.collate([ds[i] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("scheme", ["binary", "ternary"])
+def test_coded_qat_model_computes_the_last_qat_forward_and_reloads(scheme, digits_task, tmp_path, monkeypatch):
+    from torchslim.layers import CodedConv2d, CodedLinear
+    from torchslim.methods.quantize import qat as qat_module
+    x = digits_task.example_inputs(32)[0]
+    seen = {}
+    original = qat_module.train_qat
+
+    def train_and_look(model, targets, session, config, scheme="linear", **qargs):
+        plugin = original(model, targets, session, config, scheme, **qargs)
+        was = model.training
+        plugin.attach(model)                      # the trained weights, fake-quantized as in training
+        with torch.no_grad():
+            seen["fake"] = model.eval()(x)
+        plugin.detach()
+        seen["scheme"], seen["targets"] = plugin.scheme, sorted(targets)
+        model.train(was)
+        return plugin
+
+    monkeypatch.setattr(qat_module, "train_qat", train_and_look)
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:digits-cnn")
+    float_names = sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    cfg = _coded_configs()[scheme](qat=TrainConfig(optimizer="adamw", epochs=1, lr=0.003, loggers=()))
+    coded = torchslim.apply(model, cfg, task=digits_task)
+    assert seen["scheme"] == scheme and seen["targets"] == float_names
+    layers = {n: m for n, m in coded.named_modules() if isinstance(m, (CodedLinear, CodedConv2d))}
+    assert sorted(layers) == float_names and all(m.scheme == scheme for m in layers.values())
+    with torch.no_grad():
+        out = coded.eval()(x)
+    torch.testing.assert_close(out, seen["fake"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ptq = torchslim.apply(model, _coded_configs()[scheme]()).eval()(x)
+    assert not torch.allclose(ptq, out, atol=1e-3)        # the codes are those of the trained weights
+    torchslim.save(coded, tmp_path / "m")
+    again = torchslim.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["binary", "ternary"])
+def test_coded_qat_lowers_the_training_loss_of_post_training_coding(scheme, trained_mlp, digits_task):
+    cls = _coded_configs()[scheme]
+    ptq = torchslim.apply(trained_mlp, cls())
+    qat = torchslim.apply(trained_mlp, cls(qat=TrainConfig(optimizer="adamw", epochs=2, lr=0.003, batch_size=128,
+                                                           loggers=())), task=digits_task)
+    batch = _train_batch(digits_task)
+    with torch.no_grad():
+        loss = {k: float(digits_task.loss(digits_task.forward(m.eval(), batch), batch))
+                for k, m in (("float", trained_mlp), ("ptq", ptq), ("qat", qat))}
+    assert loss["ptq"] > loss["float"]                     # coding costs something to recover
+    assert loss["qat"] < 0.8 * loss["ptq"], loss
+
+
+def test_qat_is_refused_on_coded_methods_without_a_fake_quantization():
+    from torchslim.methods.quantize.float import FloatQuantConfig
+    from torchslim.methods.quantize.kmeans import KMeansQuantConfig
+    from torchslim.methods.quantize.log import LogQuantConfig
+    with pytest.raises(RecipeError, match=r"quantize: qat is not available for quantize.kmeans: .*finetune"):
+        KMeansQuantConfig.from_dict({"bits": 4, "qat": {"epochs": 1}}, "quantize")
+    for cls in (LogQuantConfig, FloatQuantConfig):
+        with pytest.raises(RecipeError, match=r"qat is not available .*quantize.linear"):
+            cls.from_dict({"qat": {"epochs": 1}})
+    for cls in _coded_configs().values():
+        cfg = cls.from_dict({"qat": {"epochs": 2, "lr": 0.01}})
+        assert cfg.qat.epochs == 2 and cfg.trains() and cls.from_dict(cfg.to_dict()) == cfg
+        assert not cls().trains()

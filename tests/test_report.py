@@ -301,7 +301,7 @@ def test_report_of_a_real_run(pipeline_run, tmp_path):
     for row, step in zip(body, metrics["steps"]):
         assert row[header.index("size x")] == f"{base / step['size_bytes']:.2f}x"
         assert row[header.index("metric")] == f"accuracy {step['metric']['value']:.4f}"
-    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS | {"training.png"}
+    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS | {"training.png", "quantization.png"}
     # the pipeline's own report matches the regenerated one
     assert (pipeline_run / "report.md").read_text() == (run / "report.md").read_text()
 
@@ -675,3 +675,71 @@ def test_sensitivity_curves_and_skipped_modules_are_shown(tmp_path):
     del m["steps"][1]["sensitivity"]
     write_report(write_metrics(run, m))
     assert not (run / "plots" / "sensitivity.png").exists()
+
+
+# -- quantized layers: per-layer bits, scheme and SQNR --------------------------------------------
+
+def test_report_of_a_real_run_shows_the_quantized_layers(pipeline_run):
+    """The quantize step of the real run: its layers' table (from metrics.json, one decimal) and
+    quantization.png with one bar per layer at its output SQNR; the prune step has none."""
+    from torchslim.report import quantization_figure
+
+    m = json.loads((pipeline_run / "metrics.json").read_text())
+    base, prune, quant = m["steps"]
+    assert "quantized_layers" not in prune and "quantized_layers" not in base
+    entries = quant["quantized_layers"]
+    assert [r["name"] for r in entries] == ["0", "2", "6", "9"]
+    assert all(r["bits"] == 8 and r["scheme"] == "int8 symmetric per-channel" for r in entries)
+    assert all(r["sqnr_db"] > 30 and r["weight_sqnr_db"] > 30 for r in entries)
+    # the first 32 of the 128 calibration examples the step drew
+    assert quant["quantized_layers_input"] == "32 calibration examples of the train split (2 batch(es) of at most 16)"
+    md = (pipeline_run / "report.md").read_text()
+    table = md_table(md[md.index("## Quantized layers"):])
+    assert table[0] == ["layer", "scheme", "bits", "output SQNR (dB)", "weight SQNR (dB)"]
+    assert table[1:] == [[r["name"], r["scheme"], "8", f"{r['sqnr_db']:.1f}", f"{r['weight_sqnr_db']:.1f}"]
+                         for r in entries]
+    assert quant["quantized_layers_input"] in md and "(plots/quantization.png)" in md
+    assert "quantized_layers" not in md[md.index("## Step details"):]   # its own section, not the extras
+    assert '<table id="quantized">' in (pipeline_run / "report.html").read_text()
+    (ax,) = quantization_figure(m).axes
+    assert [b.get_width() for b in ax.patches] == [r["sqnr_db"] for r in entries]
+
+
+def test_no_quantized_layers_section_without_a_quantize_step(tmp_path):
+    run = write_metrics(tmp_path / "run", hand_metrics())
+    (run / "plots").mkdir()
+    (run / "plots" / "quantization.png").write_bytes(b"stale")   # from an earlier report of the directory
+    md_path, html_path = write_report(run)
+    assert "Quantized layers" not in md_path.read_text() and 'id="quantized"' not in html_path.read_text()
+    assert not (run / "plots" / "quantization.png").exists()
+
+
+def test_quantization_plot_at_most_40_layers_coloured_by_bits():
+    """55 layers over two steps: 40 bars drawn (the title says of how many), one colour per bit
+    width, a missing output SQNR drawn as no bar; the table has them all, with a step column."""
+    from torchslim.report import MAX_QUANT_LAYERS, quantization_figure, quantized_layer_rows
+
+    def entry(i: int) -> dict:
+        return {"name": f"layer{i}", "scheme": f"int{4 + 4 * (i % 2)} symmetric per-channel", "bits": 4 + 4 * (i % 2),
+                "sqnr_db": None if i == 3 else 10.0 + i, "weight_sqnr_db": 12.5 + i,
+                **({"note": "not called on the inputs"} if i == 3 else {})}
+
+    m = hand_metrics()
+    m["steps"][1]["quantized_layers"] = [entry(i) for i in range(30)]
+    m["steps"][2]["quantized_layers"] = [entry(i) for i in range(30, 55)]
+    m["steps"][2]["quantized_layers_input"] = "the task's example inputs"
+    (ax,) = quantization_figure(m).axes
+    assert MAX_QUANT_LAYERS == 40 and len(ax.patches) == 40
+    assert "first 40 of 55 layers" in ax.get_title()
+    widths = [b.get_width() for b in ax.patches]
+    assert math.isnan(widths[3]) and widths[:3] == [10.0, 11.0, 12.0] and widths[39] == 10.0 + 39
+    colours = {i % 2: set() for i in range(2)}
+    for i, bar_ in enumerate(ax.patches):
+        colours[i % 2].add(bar_.get_facecolor())
+    assert len(colours[0]) == len(colours[1]) == 1 and colours[0] != colours[1]
+    assert ax.get_yticklabels()[0].get_text() == "prune-magnitude: layer0"
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["4 bits", "8 bits", "weight SQNR"]
+    header, rows = quantized_layer_rows(m)
+    assert header == ["step", "layer", "scheme", "bits", "output SQNR (dB)", "weight SQNR (dB)", "note"]
+    assert len(rows) == 55 and rows[3] == ["prune-magnitude", "layer3", "int8 symmetric per-channel", "8", "-",
+                                           "15.5", "not called on the inputs"]

@@ -216,8 +216,11 @@ def _ids(n: int = 3, length: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_hf_path_loads_weights_from_the_directory(tiny_bert_dir):
+def test_hf_path_loads_weights_from_the_directory(tiny_bert_dir, capfd):
+    capfd.readouterr()
     model = torchslim.build_model(f"hf:{tiny_bert_dir}")
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' per-tensor bar is off
+    assert _transformers().utils.logging.is_progress_bar_enabled()  # and back on for the user's own loads
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ref = _transformers().BertModel.from_pretrained(tiny_bert_dir).eval()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))

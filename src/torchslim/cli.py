@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_Formatter())
-    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)

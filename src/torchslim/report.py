@@ -38,11 +38,12 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
                             # per-layer tables, training curves
                             "latency", "runtime", "onnx_latency_ms", "onnx_latency", "input_shapes",
                             "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped",
-                            "ingredients", "base", "greedy", "spectra"})
+                            "ingredients", "base", "greedy", "spectra", "quantized_layers",
+                            "quantized_layers_input"})
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
 # removed so the folder matches the report.
 _PLOT_FILES = ("size.png", "macs.png", "latency.png", "metric.png", "metric_vs_size.png", "training.png",
-               "sensitivity.png", "spectra.png")
+               "sensitivity.png", "spectra.png", "quantization.png")
 _PLOT_CAPTIONS = {
     "size": "Size on disk per step",
     "macs": "MACs per forward pass (batch 1)",
@@ -52,6 +53,7 @@ _PLOT_CAPTIONS = {
     "training": "Training curves: loss and validation metric per epoch",
     "sensitivity": "Sensitivity: the metric as each layer alone is pruned",
     "spectra": "Singular values of the factorized layers (normalized), the kept rank marked",
+    "quantization": "Output SQNR per quantized layer (dB), coloured by bits; weight SQNR marked",
 }
 #: a task metric whose values lie in [-1, 1] (accuracy, Spearman) is plotted on an axis at least
 #: this tall (10 points), so that a fraction of a point does not fill the plot like a cliff
@@ -729,13 +731,106 @@ def spectra_figure(metrics: dict[str, Any]):
     return fig
 
 
+#: the most layers drawn in the quantization plot (a transformer quantizes dozens of linears)
+MAX_QUANT_LAYERS = 40
+#: bar colours of the quantization plot, by rank of the bits among those drawn
+_BITS_COLOURS = ("#c0392b", "#e67e22", "#b7950b", "#27ae60", "#3b7dd8", "#8e44ad", "#7f8c8d", "#2c3e50")
+
+
+def _quantized(metrics: dict[str, Any]) -> list[tuple[str, dict]]:
+    """``(step name, entry)`` for every entry of every step's ``quantized_layers``, in order."""
+    out = []
+    for i, step in enumerate(_steps(metrics)):
+        rows = step.get("quantized_layers")
+        if isinstance(rows, list):
+            out += [(_step_name(step, i), r) for r in rows if isinstance(r, dict) and r.get("name") is not None]
+    return out
+
+
+def _fmt_db(v: Any) -> str:
+    return "-" if _num(v) is None else f"{v:.1f}"
+
+
+def quantized_layer_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The "Quantized layers" table: one row per layer a quantize step replaced
+    (``quantized_layers``): layer, scheme, bits, output SQNR and weight SQNR in dB (``-`` where
+    not measured), a ``step`` column first when several steps quantized, and a ``note`` column
+    when an entry has one. Empty when no step quantized.
+
+    Examples
+    --------
+    >>> m = {"steps": [{"name": "baseline"}, {"name": "quantize", "quantized_layers": [
+    ...     {"name": "fc", "scheme": "int4 symmetric per-group g128", "bits": 4, "sqnr_db": 21.34,
+    ...      "weight_sqnr_db": 20.9}]}]}
+    >>> quantized_layer_rows(m)
+    (['layer', 'scheme', 'bits', 'output SQNR (dB)', 'weight SQNR (dB)'], [['fc', 'int4 symmetric per-group g128', '4', '21.3', '20.9']])
+    """
+    found = _quantized(metrics)
+    if not found:
+        return [], []
+    steps = len({name for name, _ in found}) > 1
+    notes = any(r.get("note") for _, r in found)
+    header = [*(["step"] if steps else []), "layer", "scheme", "bits", "output SQNR (dB)", "weight SQNR (dB)",
+              *(["note"] if notes else [])]
+    rows = [[*([step] if steps else []), str(r["name"]) or "(model)", str(r.get("scheme") or "-"),
+             str(r.get("bits", "-")), _fmt_db(r.get("sqnr_db")), _fmt_db(r.get("weight_sqnr_db")),
+             *([str(r.get("note") or "")] if notes else [])] for step, r in found]
+    return header, rows
+
+
+def _quantized_note(metrics: dict[str, Any]) -> str:
+    """The note under the "Quantized layers" table: what the SQNR is, and each step's inputs."""
+    inputs = [f"{_step_name(s, i)}: {s['quantized_layers_input']}" for i, s in enumerate(_steps(metrics))
+              if isinstance(s.get("quantized_layers"), list) and s.get("quantized_layers_input")]
+    return _QUANT_NOTE + (" Inputs: " + "; ".join(inputs) + "." if inputs else "")
+
+
+def quantization_figure(metrics: dict[str, Any]):
+    """One horizontal bar per quantized layer (``quantized_layers`` of every quantize step): its
+    output SQNR in dB, coloured by bits, the weight SQNR marked ``|``; the first
+    ``MAX_QUANT_LAYERS`` layers are drawn and the title says how many there are. None when no
+    step quantized."""
+    found = _quantized(metrics)
+    if not found:
+        return None
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    drawn = found[:MAX_QUANT_LAYERS]
+    several = len({step for step, _ in found}) > 1
+    bits = sorted({str(r.get("bits", "?")) for _, r in drawn}, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0))
+    colour = {b: _BITS_COLOURS[k % len(_BITS_COLOURS)] for k, b in enumerate(bits)}
+    fig, ax = _new_axes(max(2.4, 1.2 + 0.22 * len(drawn)))
+    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="y", visible=False)
+    ys = list(range(len(drawn)))
+    out = [_num(r.get("sqnr_db")) for _, r in drawn]
+    bars = ax.barh(ys, [math.nan if v is None else v for v in out], height=0.7,
+                   color=[colour[str(r.get("bits", "?"))] for _, r in drawn])
+    ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in out], fontsize=6, label_type="center",
+                 color="white")
+    weights = [_num(r.get("weight_sqnr_db")) for _, r in drawn]
+    ax.plot([math.nan if v is None else v for v in weights], ys, "|", color="#222", ms=9, mew=1.5)
+    ax.set_yticks(ys, [(f"{step}: " if several else "") + (str(r["name"]) or "(model)") for step, r in drawn],
+                  fontsize=7)
+    ax.invert_yaxis()   # model order, top down
+    ax.set_xlabel("SQNR (dB), higher is better")
+    ax.margins(x=0.12)
+    handles = [Patch(color=colour[b], label=f"{b} bits") for b in bits]
+    handles.append(Line2D([], [], color="#222", marker="|", ls="", ms=9, mew=1.5, label="weight SQNR"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    more = f" (first {MAX_QUANT_LAYERS} of {len(found)} layers)" if len(found) > MAX_QUANT_LAYERS else ""
+    ax.set_title(f"Output SQNR per quantized layer{more}", fontsize=10)
+    return fig
+
+
 def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
     """Write the report's PNG plots into ``plot_dir``; returns their paths, in report order.
 
     Size, MACs and latency (:func:`latency_figure`) per step, the task metric per step
     (:func:`metric_figure`), the metric against size, and the training curves
     (:func:`training_figure`), the singular values of factorized layers
-    (:func:`spectra_figure`). A plot whose figures no step has is left out (no metric plots for
+    (:func:`spectra_figure`), the output SQNR of quantized layers (:func:`quantization_figure`). A plot whose figures no step has is left out (no metric plots for
     ``shape:`` tasks); a stale file of a left-out plot is removed.
     """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -815,6 +910,7 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
     if found is not None:
         save(sensitivity_figure(found), "sensitivity.png")
     save(spectra_figure(metrics), "spectra.png")
+    save(quantization_figure(metrics), "quantization.png")
 
     made = {p.name for p in paths}
     for fname in _PLOT_FILES:
@@ -934,7 +1030,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
             if isinstance(s.get(key), dict) and len(s[key]) > MAX_BATCH_SIZES:
                 raise UserError(f"{where}.{key}: {len(s[key]):,} batch sizes; a report shows at most "
                                 f"{MAX_BATCH_SIZES}")
-        for key in ("warnings", "layers", "training"):
+        for key in ("warnings", "layers", "training", "quantized_layers"):
             if s.get(key) is not None and not isinstance(s[key], list):
                 raise UserError(f"{where}.{key} = {s[key]!r}: expected a list of objects")
     if not isinstance(metrics.get("environment", {}), dict):
@@ -973,6 +1069,7 @@ def _table_sections(metrics: dict[str, Any]) -> list[tuple[str, str, tuple[list[
     rows), note)``; a section without rows is left out by the caller."""
     return [("training", "Training", training_rows(metrics), ""),
             ("layers", "Per-layer figures (final model)", layer_rows(metrics), _LAYER_NOTE),
+            ("quantized", "Quantized layers", quantized_layer_rows(metrics), _quantized_note(metrics)),
             ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
             ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE),
             ("ingredients", "Merged models", ingredient_rows(metrics), _MERGE_NOTE)]
@@ -1008,6 +1105,10 @@ _SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after e
                   "step's own layer_sparsity, of the weights alone, where a step was not measured per layer).")
 
 
+_QUANT_NOTE = ("Each layer a quantize step replaced. Output SQNR: 10 log10(sum y^2 / sum (y - y_q)^2) of the "
+               "layer's output, y from the float layer and y_q from the quantized one on the same input (the "
+               "float model's input to that layer: the layer's own error, not accumulated); weight SQNR: the "
+               "float weight against the dequantized one. About 6 dB per bit; - where not measured.")
 _MERGE_NOTE = ("The models a merge step combined, each measured alone on the test split; the merged "
                "model's own figures are the step's row above. The current model is the one entering the "
                "step (with torchslim merge, the first MODEL: the baseline row).")
@@ -1031,6 +1132,7 @@ pre { font-size: 12px; background: #f7f7f7; padding: 0.5em; margin: 0.3em 0; }
 .warnings { background: #fff4e5; border: 2px solid #e67e22; padding: 0.6em 1em; margin: 1em 0; max-width: 70em; }
 .warnings ul { margin: 0.3em 0 0; }
 #layers td:nth-child(2), #layers th:nth-child(2), #training td, #training th { text-align: left; }
+#quantized td, #quantized th { text-align: left; }
 """
 
 

@@ -15,9 +15,11 @@ Builder arguments (``args``) override config attributes, e.g. ``{hidden_dropout_
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -102,14 +104,32 @@ def _hf(rest: str, args: dict) -> tuple[nn.Module, dict]:
     # (from_config) is float32 too; transformers 5 renamed torch_dtype to dtype
     dtype_kw = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
-        model = tf.AutoModel.from_pretrained(str(path), config=config, local_files_only=True,
-                                             **{dtype_kw: torch.float32})
+        with _quiet_load(tf):
+            model = tf.AutoModel.from_pretrained(str(path), config=config, local_files_only=True,
+                                                 **{dtype_kw: torch.float32})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SpecError(f"{spec}: cannot load a model from {path} with transformers.AutoModel "
                         f"(expected model.safetensors or pytorch_model.bin there): {exc}") from None
     record = {"args": args, "config": _config_record(model.config),
               "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     return model, record
+
+
+@contextlib.contextmanager
+def _quiet_load(tf: Any) -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" bar off, and the deprecation notes torch's
+    pytree logs when transformers imports an installed torchao, muted: a load takes well under a
+    second, and the CLI's output is torchslim's own."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    level, bars = pytree.level, tf.utils.logging.is_progress_bar_enabled()
+    pytree.setLevel(logging.ERROR)
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        pytree.setLevel(level)
+        if bars:
+            tf.utils.logging.enable_progress_bar()
 
 
 @register_rebuilder("hf")

@@ -220,7 +220,8 @@ def cut_ffn(model: nn.Module, width: float) -> int:
     ``model``'s stack of layers, in place: those of largest L1 magnitude over their
     up-projection row and down-projection column (the ``magnitude`` criterion on that group; Li
     et al. 2017). Both Linear layers are rebuilt through :func:`~torchslim.edits.replace_module`;
-    attention and the model's width stay. Returns the neurons kept in the last layer, or 0 when
+    attention and the model's width stay; a Hugging Face encoder's ``config.intermediate_size``
+    follows. Returns the neurons kept in the last layer, or 0 when
     ``model`` has no stack of layers (nothing is changed).
 
     Raises
@@ -249,7 +250,19 @@ def cut_ffn(model: nn.Module, width: float) -> int:
         keep = torch.sort(torch.topk(scores, kept).indices).values               # (kept,) in order
         replace_module(model, pair[0], _sliced_linear(up, rows=keep))
         replace_module(model, pair[1], _sliced_linear(down, cols=keep))
+    _follow_config(model, name, kept)
     return kept
+
+
+def _follow_config(model: nn.Module, stack: str, kept: int) -> None:
+    """A Hugging Face encoder's ``config.intermediate_size`` (on the module holding the stack)
+    set to the neurons kept, so the config describes the cut model (recorded in the edit log)."""
+    from ...edits import set_attribute
+
+    parent = stack.rpartition(".")[0]
+    config = getattr(get_submodule(model, parent), "config", None)
+    if isinstance(getattr(config, "intermediate_size", None), int) and kept:
+        set_attribute(model, parent, "config.intermediate_size", kept)
 
 
 def cut_channels(model: nn.Module, width: float, session: Any) -> None:

@@ -1,6 +1,7 @@
 """What the coded quantization methods share (``kmeans``, ``log``, ``binary``, ``ternary``,
 ``float``): targets, the layer classes of :mod:`torchslim.layers.codebook`, ties, the layers
-left in float (reported) and the optional fine-tuning.
+left in float (reported), the optional fine-tuning (``finetune``, k-means) and the optional
+quantization-aware training (``qat``, binary and ternary: :class:`QatCodedQuantConfig`).
 
 A method file declares a config subclass naming its ``SCHEME`` and the bits a layer gets, and
 registers ``quantize.NAME`` with a handler calling :func:`run_coded`.
@@ -16,8 +17,11 @@ from torch import nn
 
 from ...config import MethodConfig, option
 from ...edits import replace_module
+from ...errors import RecipeError
 from ...layers import CodedConv1d, CodedConv2d, CodedConv3d, CodedEmbedding, CodedLinear
 from ...modules import check_patterns, matches, select_modules
+from ...train.config import TrainConfig
+from .layer_error import FloatReference
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,18 @@ class CodedQuantConfig(MethodConfig):
     #: cosine of its outputs to the float ones, and whether weights may become zero
     OUTPUT_COSINE: ClassVar[float] = 0.99
     KEEPS_NONZEROS: ClassVar[bool] = True
+    #: why the method has no ``qat`` field (the error a recipe giving ``qat:`` gets)
+    NO_QAT: ClassVar[str] = ("its codes have no fake quantization to train through; use quantize.linear, "
+                             "quantize.binary or quantize.ternary with qat:")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> "CodedQuantConfig":
+        """As :meth:`MethodConfig.from_dict`; a ``qat`` key on a method without quantization-aware
+        training is a RecipeError saying why and what to use."""
+        if isinstance(data, dict) and "qat" in data and "qat" not in cls.__dataclass_fields__:
+            raise RecipeError(f"{where or cls.__name__}: qat is not available for quantize.{cls.SCHEME}: "
+                              f"{cls.NO_QAT}")
+        return super().from_dict(data, where)
 
     def layer_coding(self, name: str) -> tuple[int, str | None]:
         """``(bits, storage)`` of layer ``name``."""
@@ -71,12 +87,35 @@ class CodedQuantConfig(MethodConfig):
         self.select(model)
 
 
+@dataclass(frozen=True)
+class QatCodedQuantConfig(CodedQuantConfig):
+    """A coded method whose coding has a fake quantization (``binary``, ``ternary``): it accepts
+    ``qat``, training through :class:`~torchslim.train.qat.FakeQuantPlugin` with ``SCHEME``."""
+
+    qat: TrainConfig | None = option(None, doc="quantization-aware training before coding: fine-tune with the "
+                                               "weights fake-quantized exactly as they are then stored (per "
+                                               "output channel, straight-through estimator); train fields. "
+                                               "binary and ternary only (k-means trains its codebook with "
+                                               "finetune:)")
+
+
 def run_coded(model: nn.Module, config: CodedQuantConfig, session: Any) -> nn.Module:
     """Replace every targeted layer by its coded layer (ties kept: one code tensor for a tied
     weight), report the layers a pattern picked that stay in float (``skipped`` in the row and a
-    ``not_quantized`` warning), then fine-tune when the config has ``finetune`` with epochs."""
+    ``not_quantized`` warning), then fine-tune when the config has ``finetune`` with epochs.
+
+    With ``qat`` (epochs > 0) the model first trains with the coded layers' weights
+    fake-quantized by the coding's own rule (:func:`~.qat.train_qat`, scheme ``config.SCHEME``),
+    so the coded layers then built from the trained weights compute what the last QAT forward
+    computed (up to float rounding)."""
+    qat = getattr(config, "qat", None)
+    if qat is not None and qat.epochs > 0:
+        from .qat import train_qat
+        chosen = {name: ["weight"] for name, module in config.select(model) if not refusal(module)}
+        train_qat(model, chosen, session, qat, scheme=config.SCHEME)
     done: dict[int, nn.Module] = {}          # id(float weight) -> its coded layer
     skipped, coded = [], {}
+    reference = FloatReference(model, session)    # each layer's error, for the row
     for name, module in config.select(model):
         reason = refusal(module)
         if reason:
@@ -98,6 +137,7 @@ def run_coded(model: nn.Module, config: CodedQuantConfig, session: Any) -> nn.Mo
     metrics = session.info.setdefault("metrics", {})
     metrics["skipped"] = skipped
     finetune = getattr(config, "finetune", None)
+    reference.record(model, "before fine-tuning" if finetune is not None and finetune.epochs > 0 else None)
     if finetune is not None and finetune.epochs > 0:
         session.train(model, finetune, desc=f"{config.SCHEME}-finetune")
     return model

@@ -17,6 +17,7 @@ from ...registry import register_method
 from .calibration import (CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option,
                           token_rows)
 from .gptq_math import gptq_quantize
+from .layer_error import FloatReference
 from .smooth import smooth_model
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,9 @@ def _gptq(model: nn.Module, config: GPTQConfig, session) -> nn.Module:
                             None if config.symmetric else zero.to(q.scale.device))
         replace_module(model, name, q)
 
+    reference = FloatReference(model, session, config.calibration)    # each layer's error, for the row
     session.sequential(model, [n for n, _ in chosen], batches, quantize_layer)
+    reference.record(model)
     if rounded:
         session.warn("gptq-uncalibrated", f"quantize.gptq: no calibration input reached {len(rounded)} layer(s) "
                                           f"({', '.join(rounded[:5])}{' ...' if len(rounded) > 5 else ''}): "

@@ -39,6 +39,7 @@ class KMeansQuantConfig(CodedQuantConfig):
                                                     "after clustering, indices fixed")
 
     SCHEME = "kmeans"
+    NO_QAT = "its centroids are trained by finetune: (indices fixed); give finetune: {epochs: N}"
 
     def layer_coding(self, name: str) -> tuple[int, None]:
         return bits_for(name, self.bits, self.layer_bits), None

@@ -21,6 +21,7 @@ from .int8 import (AUTO_BATCHES, choose_conv_kernel, choose_kernel, input_rows, 
 from ...layers import (Int8Conv2d, Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
                        QuantMultiheadAttention)
 from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
+from .layer_error import FloatReference
 from .smooth import SMOOTH_NEEDS, smooth_model
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
     if config.qat is not None:
         from .qat import store_codes, train_qat
         qat = train_qat(model, {n: _weights(m) for n, m in chosen if not _refusal(m)}, ctx, config.qat, **qargs)
+    reference = FloatReference(model, ctx, config.calibration)    # each layer's error, for the row
     for name, module in chosen:
         if isinstance(module, QuantMultiheadAttention):
             continue                # matched by a pattern, quantized by an earlier step
@@ -214,6 +216,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
             replace_module(model, f"{name}.out_proj", q.out_proj)  # quantized before: the replay puts it back
     if int8:
         kernels.report(model)
+    reference.record(model)
     return model
 
 

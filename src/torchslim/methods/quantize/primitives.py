@@ -10,6 +10,8 @@ Shapes: a weight ``w`` of shape ``(out, ...)`` is viewed as ``(out, K)`` with
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -392,3 +394,37 @@ def int8_conv2d_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
     return y.float()
+
+
+# -- error measures (the report's per-layer table) ---------------------------------------------
+
+def error_energy(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """``(sum reference^2, sum (reference - approx)^2)`` in float64: the signal and noise
+    energies that :func:`sqnr_db` divides, summed over every element (any shapes that broadcast
+    alike; sums of several batches add up before the ratio is taken).
+
+    Examples
+    --------
+    >>> error_energy(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]))
+    (25.0, 1.0)
+    """
+    ref = reference.detach().double()
+    return float(ref.square().sum()), float((ref - approx.detach().double()).square().sum())
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio in dB, ``10 log10(signal / noise)``, from the energies
+    of :func:`error_energy`: ``inf`` when the noise is 0 (exact), ``nan`` when the signal is 0 or
+    either is not finite. 6.02 dB per bit for a full-scale uniform quantizer (Widrow & Kollar,
+    "Quantization Noise", 2008, eq. 5.25); torchao's ``compute_error`` is the same ratio.
+
+    Examples
+    --------
+    >>> round(sqnr_db(25.0, 1.0), 4), sqnr_db(1.0, 0.0)
+    (13.9794, inf)
+    """
+    if not (math.isfinite(signal) and math.isfinite(noise)) or signal <= 0:
+        return math.nan
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise)

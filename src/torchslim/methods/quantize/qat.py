@@ -7,8 +7,11 @@ resume, torchrun and ``distill:`` in the ``qat`` block work as in any fine-tune;
 layers become the ordinary quantized layers (``QuantLinear``, ``QuantConv2d``, ...) holding the
 codes and scales training arrived at. The artifact is that of post-training quantization.
 
-Binary and ternary weights train through the same plugin (``scheme="binary"`` / ``"ternary"``);
-their codes fit a 2-bit symmetric per-channel layer.
+Binary and ternary weights train through the same plugin (``scheme="binary"`` / ``"ternary"``):
+``quantize: {method: binary, qat: {...}}`` (and ``ternary``) train that way and then store the
+trained weights as the coded layers of :mod:`torchslim.layers.codebook`
+(:func:`~.coded.run_coded`), whose decoding is the plugin's fake quantization; the plugin's
+:meth:`~FakeQuantPlugin.codes` also fit a 2-bit symmetric per-channel layer.
 """
 
 from __future__ import annotations
