@@ -118,6 +118,8 @@ def test_static_conv_model_reloads_on_the_same_kernels(tmp_path, digits_task):
     assert [type(q[i]) for i in (0, 2, 6)] == [Int8Conv2d, Int8Conv2d, Int8Linear]
     int8 = ctx.info["metrics"]["int8"]                                       # the step's metrics row
     assert int8["conv_engine"] == "oneDNN" and int8["kernels"] == {"int8": 4}
+    from torchslim.methods.quantize.layer_error import scheme
+    assert scheme(q[0]) == "int8 w8a7 static (symmetric per-channel weights)"   # the report's row
     torchslim.save(q, tmp_path / "q")
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert not any("packed" in k for k in manifest["tensors"])               # codes only, never packed weights
