@@ -15,7 +15,7 @@ The classes here are registered with :func:`torchslim.modules.register_module_cl
 which :mod:`torchslim.artifact` does, so loading an artifact needs no method package.
 """
 
-from .int8 import Int8Linear
+from .int8 import Int8Conv2d, Int8Linear
 from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from .codebook import CodedConv1d, CodedConv2d, CodedConv3d, CodedEmbedding, CodedLinear
 from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
@@ -23,7 +23,7 @@ from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, Q
                         QuantMultiheadAttention)
 from .sparse import SparseLinear
 
-__all__ = ["Int8Linear", "PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
+__all__ = ["Int8Conv2d", "Int8Linear", "PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear", "LowRankLinear",
            "TuckerConv2d", "CPConv2d", "CodedLinear", "CodedConv1d", "CodedConv2d", "CodedConv3d",
            "CodedEmbedding"]
