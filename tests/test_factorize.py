@@ -68,10 +68,18 @@ def test_global_budget_keeps_the_weight_fraction_and_favours_steep_spectra():
 
 def test_rank_above_the_layer_limit_names_layer_and_max_rank():
     model = torchslim.build_model("zoo:lenet-300-100")
-    with pytest.raises(RecipeError, match=r"5 \(max rank 10\)"):
-        torchslim.apply(model, SVDFactorizeConfig(rank=32))
+    with pytest.raises(RecipeError, match=r"5 \(max rank 10\)"):                # named exactly: refused
+        torchslim.apply(model, SVDFactorizeConfig(rank=32, targets=("1", "5")))
+    ctx = StepContext()
+    config = SVDFactorizeConfig(rank=32)
+    config.check_model(model)                                                   # picked by re:.*: no error
+    out = _factorize_svd(copy.deepcopy(model), config, ctx)
+    assert [type(out[i]).__name__ for i in (1, 3, 5)] == ["LowRankLinear", "LowRankLinear", "Linear"]
+    assert [w["code"] for w in ctx.warnings] == ["no_gain"] and "5 (rank 32 of 100->10)" in ctx.warnings[0]["message"]
     with pytest.raises(RecipeError, match="neither an integer rank nor a fraction"):
         SVDFactorizeConfig(rank=1.5)
+    with pytest.raises(RecipeError, match="1.0 is ambiguous: write 1 for rank one"):
+        SVDFactorizeConfig(rank=1.0)
     with pytest.raises(RecipeError, match="not both"):
         SVDFactorizeConfig(rank=4, budget=0.5)
 

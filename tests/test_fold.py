@@ -164,3 +164,28 @@ class _Untraceable(nn.Module):
 def test_untraceable_model_is_a_clear_error():
     with pytest.raises(UserError, match="does not trace with torch.fx"):
         torchslim.apply(_Untraceable(), BatchNormFoldConfig())
+
+
+def test_fold_step_records_the_largest_output_difference():
+    """The row's ``max_abs_diff``: outputs before and after folding on the task's example inputs
+    (4 of them), the figure computed here independently."""
+    from torchslim.methods.fold.batchnorm import _fold_batchnorm
+    from torchslim.pipeline import StepContext
+    from torchslim.specs.tasks import build_task
+
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:resnet-fmnist").eval()
+    _randomize_batchnorm(model)
+    task = build_task("shape:1x28x28")
+    x = task.example_inputs(4)
+    with torch.no_grad():
+        y0 = model(*x)
+    ctx = StepContext(task=task)
+    folded = _fold_batchnorm(copy.deepcopy(model), BatchNormFoldConfig(), ctx)
+    with torch.no_grad():
+        want = float((folded(*x) - y0).abs().max())
+    got = ctx.info["metrics"]["max_abs_diff"]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-12) and 0 < got < 1e-4 * float(y0.abs().max())
+    no_task = StepContext()
+    _fold_batchnorm(copy.deepcopy(model), BatchNormFoldConfig(), no_task)
+    assert "max_abs_diff" not in no_task.info["metrics"]

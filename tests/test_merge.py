@@ -283,7 +283,7 @@ def test_cli_merge_end_to_end(saved, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["A"], "at least two models"),
-    (["A", "B", "C", "--method", "slerp"], "takes exactly 1"),
+    (["A", "B", "C", "--method", "slerp"], "slerp: merges exactly 2 models; 3 given"),
     (["A", "B", "--method", "greedy-soup", "--task", "shape:1x28x28"], "has no metric"),
     (["A", "B", "--method", "ties", "--base", "C", "--set", "density=2"], "density: 2.0 is out of range"),
     (["A", "B", "--method", "ties"], "needs --base MODEL"),

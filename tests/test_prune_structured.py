@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -350,3 +351,38 @@ def test_torch_pruning_is_left_as_it_was():
     m = torchslim.build_model("zoo:digits-cnn")
     torchslim.apply(m, MagnitudePruneConfig(granularity="channel", sparsity=0.5), task="shape:1x8x8")
     assert (im.update_reshape_index_mapping, im.update_index_mapping) == before
+
+
+def test_feed_forward_neurons_of_a_bert_are_removed_and_the_rest_computes_the_same(tmp_path, caplog):
+    """``granularity: channel`` on an encoder's FFN up-projections (a Hugging Face model returning
+    hidden states and a pooler output, its Linear layers applied to (B, L, D) inputs): each layer
+    keeps half of its neurons, the down-projection loses the same inputs, and the model computes
+    what the original computes with the removed neurons' up-projection rows zeroed."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    tf.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    model = torchslim.build_model(f"hf:{tmp_path / 'bert'}").eval()
+    task = build_task("shape:9")                                                 # token ids in [1000, 2000)
+    with caplog.at_level(logging.WARNING):
+        pruned = torchslim.apply(model, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer",
+                                                             targets=(r"re:.*intermediate\.dense",)), task=task)
+    assert "skipped" not in caplog.text      # the attention projections were not asked for
+    ref = copy.deepcopy(model)
+    for new, old, lay in zip(pruned.encoder.layer, model.encoder.layer, ref.encoder.layer):
+        up, down = new.intermediate.dense, new.output.dense
+        assert (up.out_features, down.in_features, up.in_features, down.out_features) == (32, 32, 32, 32)
+        rows = old.intermediate.dense.weight
+        kept = [int((rows == r).all(dim=1).nonzero()[0]) for r in up.weight]    # which neurons stayed
+        gone = sorted(set(range(64)) - set(kept))
+        assert len(gone) == 32 and torch.equal(down.weight, old.output.dense.weight[:, kept])
+        with torch.no_grad():                                                  # gelu(0) = 0: no contribution
+            lay.intermediate.dense.weight[gone] = 0
+            lay.intermediate.dense.bias[gone] = -1e4                           # gelu(-1e4) = 0 exactly
+    ids = task.example_inputs(2)[0]
+    with torch.no_grad():
+        out = pruned(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(out, ref(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+        torchslim.save(pruned, tmp_path / "a")
+        assert torch.equal(torchslim.load(tmp_path / "a")(input_ids=ids).last_hidden_state, out)

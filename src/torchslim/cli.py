@@ -324,6 +324,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                         "from (e.g. the pre-trained model the others were fine-tuned from)")
     if len(models) < 2 and args.base is None:
         raise UserError("merge: give at least two models (or one model and --base for task vectors)")
+    exact = getattr(entry.config_cls, "N_MODELS", None)
+    if exact is not None and len(models) != exact + 1:
+        raise UserError(f"merge --method {args.method}: merges exactly {exact + 1} models; {len(models)} given")
     run = _run_of_artifact(models[0]) if not args.task else None
     if run is not None:
         args.task = _task_of_run(run)      # a py: task there runs only with --trust-code

@@ -84,8 +84,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        # try the more specific types first: int before float, so 3 stays 3
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
+        # try the more specific types first: int before float, so 3 stays 3; a float value stays a
+        # float where the field takes both (``rank: 1.0`` is not ``rank: 1``)
+        float_first = isinstance(value, float) and float in args
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: (a is float) != float_first):
             try:
                 return _coerce(value, arg, where)
             except RecipeError as exc:

@@ -80,7 +80,9 @@ def describe(out: Any, depth: int = 0) -> str:
     return "None" if out is None else type(out).__name__
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors at the top level of a model output ``out`` (a tuple, list, dict or
+    ``ModelOutput``), in order; nested containers are left out."""
     items = out.values() if isinstance(out, Mapping) else out
     return [v for v in items if isinstance(v, torch.Tensor)]
 
@@ -126,7 +128,7 @@ def select(out: Any, selector: int | str | None = None, what: str = "the model")
         if AUTO_NAME in (getattr(out, "_fields", None) or ()) and isinstance(getattr(out, AUTO_NAME), torch.Tensor):
             return getattr(out, AUTO_NAME)
         if isinstance(out, (Mapping, tuple, list)):
-            found = _tensors(out)
+            found = output_tensors(out)
             if len(found) == 1:
                 return found[0]
             raise OutputError(f"{what} returns {describe(out)}: which output is the prediction is "

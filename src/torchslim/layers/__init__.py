@@ -16,7 +16,7 @@ which :mod:`torchslim.artifact` does, so loading an artifact needs no method pac
 """
 
 from .int4 import Int4Linear
-from .int8 import Int8Linear
+from .int8 import Int8Conv2d, Int8Linear
 from .attention import PrunedMultiheadAttention, PrunedShiftedWindowAttention
 from .codebook import CodedConv1d, CodedConv2d, CodedConv3d, CodedEmbedding, CodedLinear
 from .lowrank import CPConv2d, LowRankLinear, TuckerConv2d
@@ -24,7 +24,7 @@ from .quantized import (QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, Q
                         QuantMultiheadAttention)
 from .sparse import SparseLinear
 
-__all__ = ["Int4Linear", "Int8Linear", "PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
+__all__ = ["Int4Linear", "Int8Conv2d", "Int8Linear", "PrunedMultiheadAttention", "PrunedShiftedWindowAttention", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention", "SparseLinear", "LowRankLinear",
            "TuckerConv2d", "CPConv2d", "CodedLinear", "CodedConv1d", "CodedConv2d", "CodedConv3d",
            "CodedEmbedding"]

@@ -139,7 +139,9 @@ class AttentionTerm(MethodConfig):
     """
 
     layers: dict[str, str] = option(default_factory=dict, doc="student layer name -> teacher layer name")
-    beta: float = option(1.0, low=0.0, doc="weight beta of the attention loss (beta/2 for CNN maps)")
+    beta: float = option(1.0, low=0.0, doc="weight beta of the attention loss (beta/2 for CNN maps); on this "
+                                         "scale (the norm of the normalised maps) about 1 works, the paper's 1000 "
+                                         "(for a per-element average) makes training diverge")
     p: float = option(2.0, low=0.0, low_open=True, doc="exponent of the CNN attention map sum_c |A_c|^p")
     loss: str = option("kl", choices=("kl", "mse"), doc="distance of attention probabilities (transformers)")
 

@@ -263,6 +263,9 @@ class AttentionTransfer(_LayerPairs):
     pairs : dict of str to str
         ``{student layer name: teacher layer name}``.
     beta : float, default=1.0
+        Weight of the loss. The paper's beta = 1000 goes with a distance averaged over the map's
+        elements; here the distance is the norm of the normalised maps, so values about 1 work
+        and 1000 makes training diverge.
     p : float, default=2.0
         Exponent of the CNN attention map.
     loss : {"kl", "mse"}, default="kl"

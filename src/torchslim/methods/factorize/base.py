@@ -51,6 +51,9 @@ class FactorizeConfig(MethodConfig):
     KINDS: ClassVar[tuple[type, ...]] = (nn.Linear,)
 
     def validate(self) -> None:
+        if isinstance(self.rank, float) and self.rank == 1.0:
+            raise RecipeError(f"{type(self).__name__}.rank: 1.0 is ambiguous: write 1 for rank one, or a "
+                              "fraction below 1 (e.g. 0.99) for the energy or weights kept")
         if isinstance(self.rank, float) and not 0.0 < self.rank < 1.0:
             raise RecipeError(f"{type(self).__name__}.rank: {self.rank!r} is neither an integer rank nor a "
                               "fraction in (0, 1)")
@@ -93,10 +96,13 @@ class FactorizeConfig(MethodConfig):
         self.select(model)
 
     def check_model(self, model: nn.Module) -> None:
-        """RecipeError naming every targeted layer whose largest rank an integer ``rank`` exceeds."""
+        """RecipeError naming every layer named in ``targets`` whose largest rank an integer
+        ``rank`` exceeds. A layer a ``re:`` pattern picks (a classifier with 10 outputs under
+        ``rank: 64``) is left dense by the method with a ``no_gain`` warning instead."""
         if not isinstance(self.rank, int):
             return
-        bad = [(n, self.max_rank(m)) for n, m in self.select(model) if self.rank > self.max_rank(m)]
+        bad = [(n, self.max_rank(m)) for n, m in self.select(model)
+               if self.rank > self.max_rank(m) and n in self.targets]
         if bad:
             shown = ", ".join(f"{n} (max rank {k})" for n, k in bad[:8]) + (
                 f" and {len(bad) - 8} more" if len(bad) > 8 else "")

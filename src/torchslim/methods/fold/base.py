@@ -38,3 +38,43 @@ def rebuilt(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, a
         if bias is not None:
             new.bias.copy_(bias)
     return new.train(layer.training)
+
+
+class OutputCheck:
+    """The proof a fold step gives that the model computes the same: the largest absolute
+    difference of the outputs before and after, on the task's example inputs (4 of them, eval
+    mode), recorded in the step's row as ``max_abs_diff``. Without a task nothing is recorded.
+
+    ``OutputCheck(model, session)`` keeps the outputs of ``model`` before folding (one forward
+    pass); ``record(model)`` after it compares. Every output tensor counts (a Hugging Face model's
+    hidden states and pooler output alike).
+    """
+
+    BATCH = 4
+
+    def __init__(self, model: nn.Module, session) -> None:
+        self.session = session
+        self.inputs = self.before = None
+        task = getattr(session, "task", None)
+        if task is None:
+            return
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.inputs = tuple(x.to(device) for x in task.example_inputs(self.BATCH))
+        self.before = self._outputs(model)
+
+    def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        from ...modules import eval_mode
+        from ...outputs import output_tensors
+
+        with eval_mode(model), torch.no_grad():
+            out = model(*self.inputs)
+        return [out] if isinstance(out, torch.Tensor) else output_tensors(out)
+
+    def record(self, model: nn.Module) -> float | None:
+        """Compare, put ``max_abs_diff`` (float) in the row and return it; None without a task."""
+        if self.before is None:
+            return None
+        after = self._outputs(model)
+        diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(self.before, after)), default=0.0)
+        self.session.info.setdefault("metrics", {})["max_abs_diff"] = diff
+        return diff

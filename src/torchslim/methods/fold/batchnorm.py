@@ -13,7 +13,7 @@ from ...edits import replace_module
 from ...modules import eval_mode, select_modules
 from ...registry import register_method
 from . import primitives as P
-from .base import FoldConfig, rebuilt
+from .base import FoldConfig, OutputCheck, rebuilt
 from .graph import direct_pairs, trace
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def _two_dim_outputs(graph: torch.fx.Graph, model: nn.Module, names: set[str], s
 @register_method("fold.batchnorm", BatchNormFoldConfig)
 def _fold_batchnorm(model: nn.Module, config: BatchNormFoldConfig, session) -> nn.Module:
     """Fold BatchNorm layers into the convolution or Linear before them (eval-mode equivalent)."""
+    check = OutputCheck(model, session)
     kinds = tuple(k for word in config.into for k in INTO[word])
     allowed = {n for n, _ in select_modules(model, config.targets, config.ignore, kinds=kinds,
                                             what="fold.targets")}
@@ -101,4 +102,5 @@ def _fold_batchnorm(model: nn.Module, config: BatchNormFoldConfig, session) -> n
         session.warn("nothing_folded", "fold.batchnorm: no targeted convolution or Linear feeds a BatchNorm "
                                        "directly; the model is unchanged")
     session.info.setdefault("metrics", {})["folded"] = folded
+    check.record(model)
     return model

@@ -11,7 +11,7 @@ from ...config import option
 from ...edits import delete_module, replace_module
 from ...modules import check_patterns, matches
 from ...registry import register_method
-from .base import FoldConfig
+from .base import FoldConfig, OutputCheck
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def _chosen(model: nn.Module, config: IdentityFoldConfig, kinds: tuple[type, ...
 @register_method("fold.identity", IdentityFoldConfig)
 def _fold_identity(model: nn.Module, config: IdentityFoldConfig, session) -> nn.Module:
     """Remove Dropout and Identity layers (inference-only model)."""
+    check = OutputCheck(model, session)
     removed = []
     if "dropout" in config.remove:
         for name in _chosen(model, config, DROPOUT):
@@ -70,4 +71,5 @@ def _fold_identity(model: nn.Module, config: IdentityFoldConfig, session) -> nn.
         session.warn("nothing_folded", "fold.identity: no targeted Dropout or Sequential Identity entry; "
                                        "the model is unchanged")
     session.info.setdefault("metrics", {})["folded"] = sorted(set(removed))
+    check.record(model)
     return model

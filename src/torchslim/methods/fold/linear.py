@@ -12,7 +12,7 @@ from ...edits import replace_module
 from ...modules import select_modules
 from ...registry import register_method
 from . import primitives as P
-from .base import FoldConfig, rebuilt
+from .base import FoldConfig, OutputCheck, rebuilt
 from .graph import chains, direct_pairs, trace
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def _weights(layer: nn.Linear) -> int:
 @register_method("fold.linear", LinearFoldConfig)
 def _fold_linear(model: nn.Module, config: LinearFoldConfig, session) -> nn.Module:
     """Fuse consecutive Linear layers (nothing between them) into one."""
+    check = OutputCheck(model, session)
     allowed = {n for n, _ in select_modules(model, config.targets, config.ignore, kinds=(nn.Linear,),
                                             what="fold.targets")}
     graph = trace(model, "fold.linear")
@@ -78,4 +79,5 @@ def _fold_linear(model: nn.Module, config: LinearFoldConfig, session) -> nn.Modu
         session.warn("nothing_folded", "fold.linear: no targeted Linear reads only another Linear's output "
                                        "(or fusing would grow the model); the model is unchanged")
     session.info.setdefault("metrics", {})["folded"] = fused
+    check.record(model)
     return model

@@ -48,7 +48,7 @@ from torch import nn
 from ...edits import replace_module, resize_tensor
 from ...errors import RecipeError, UserError, first_line
 from ...modules import build_from_record, eval_mode, matches, module_rebuild_record
-from ...outputs import prediction
+from ...outputs import OutputError, output_tensors, prediction
 from ...specs.tasks import to_device
 from .criteria import CriterionEntry, Group, check_scores
 from .primitives import global_masks, round_kept
@@ -174,7 +174,27 @@ def _unmapped(node: Any, tp: Any) -> bool:
     if node.type != tp.ops.OPTYPE.RESHAPE:
         return False
     sizes = getattr(node.grad_fn, "_saved_self_sizes", None) or getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    return getattr(node, "unmapped", False) or (sizes is not None and len(sizes) not in (1, 2, 4))
+    if getattr(node, "unmapped", False):
+        return True
+    if sizes is not None and len(sizes) == 3 and _flattens_into_linear(node, int(sizes[-1])):
+        return False
+    return sizes is not None and len(sizes) not in (1, 2, 4)
+
+
+def _flattens_into_linear(node: Any, width: int) -> bool:
+    """The view a Linear applied to a (B, L, width) input records first, (B, L, width) ->
+    (B * L, width): its channels are the last dimension on both sides (a transformer's FFN)."""
+    def feeds(n: Any) -> bool:
+        if isinstance(n.module, nn.Linear):
+            return n.module.in_features == width
+        # the graph records the Linear's addmm/mm as an element-wise node before the module
+        return type(n.grad_fn).__name__ in ("AddmmBackward0", "MmBackward0") and reaches(n)
+
+    def reaches(n: Any) -> bool:
+        outs = list(n.outputs)
+        return bool(outs) and all(feeds(o) for o in outs)
+
+    return reaches(node)
 
 
 class _Unmappable(Exception):
@@ -197,10 +217,10 @@ class _Graph:
         self.model = model
         out_fn: dict[str, Any] = {}
 
-        def forward(m: nn.Module, x: tuple) -> torch.Tensor:
-            y = prediction(m, m(*x))
-            out_fn["grad_fn"] = y.grad_fn
-            return y
+        def forward(m: nn.Module, x: tuple) -> Any:
+            ys = _predictions(m, m(*x))
+            out_fn["grad_fn"] = {y.grad_fn for y in ys if y.grad_fn is not None}
+            return ys[0] if len(ys) == 1 else ys
 
         with eval_mode(model), torch.enable_grad(), warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -223,7 +243,7 @@ class _Graph:
                                                   if d.target is node)]:
                     dep.index_mapping[0] = dep.index_mapping[1] = _stop
         self.name_of = {m: n for n, m in model.named_modules()}
-        self.output_fn = out_fn.get("grad_fn")
+        self.output_fns = out_fn.get("grad_fn") or set()
         self.groups: list[_Plan] = []
         self.kept: list[tuple[str, str]] = []           # (module, why) left whole on purpose
         self.skipped: list[dict[str, str]] = []          # (module, reason) the graph cannot handle
@@ -246,6 +266,8 @@ class _Graph:
                                                             "one with torchslim.prune.register_pruner"})
             elif n not in seen_members:
                 self._not_grouped(n, m, ignored)
+        # a group the walk could not build is reported for the targeted layers only
+        self.skipped = [s for s in self.skipped if s["module"] in targets]
 
     def _all_groups(self, ignored: list[nn.Module], roots: tuple[type, ...]) -> Iterator[Any]:
         """torch-pruning's ``get_all_groups`` (one group per set of coupled output channels, rooted at
@@ -304,7 +326,7 @@ class _Graph:
             return None
         for dep, _ in group:
             node = dep.target
-            if node.type == tp.ops.OPTYPE.OUTPUT or (self.output_fn is not None and node.grad_fn is self.output_fn
+            if node.type == tp.ops.OPTYPE.OUTPUT or (node.grad_fn in self.output_fns
                                                       and self.dg.is_out_channel_pruning_fn(dep.handler)):
                 self.kept.append((name, "its channels are the model's output"))
                 return None
@@ -485,9 +507,21 @@ def record_changes(model: nn.Module, before: dict[str, dict[str, tuple]]) -> lis
     return changed
 
 
+def _predictions(model: nn.Module, out: Any) -> tuple[torch.Tensor, ...]:
+    """The model's prediction, or every tensor of its output when it has several and none is
+    chosen (an encoder's hidden states and pooler output): all of them are kept whole."""
+    try:
+        return (prediction(model, out),)
+    except OutputError:
+        tensors = tuple(output_tensors(out))
+        if not tensors:
+            raise
+        return tensors
+
+
 def _output_shape(model: nn.Module, inputs: tuple) -> tuple:
     with eval_mode(model), torch.no_grad():
-        return tuple(prediction(model, model(*inputs)).shape)
+        return tuple(tuple(y.shape) for y in _predictions(model, model(*inputs)))
 
 
 # -- one round ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 
 from ...errors import UserError
 from ...layers.codebook import _CodedWeight
-from ...layers.int8 import Int8Linear
+from ...layers.int8 import Int8Conv2d, Int8Linear
 from ...layers.quantized import _QuantWeights
 from ...modules import eval_mode
 from ...specs.tasks import to_device
@@ -71,7 +71,7 @@ def scheme(layer: nn.Module) -> str:
         weights = f"{'symmetric' if layer.symmetric else 'affine'} per-{layer.granularity}"
         if layer.granularity == "group":
             weights += f" g{layer.group_size}"
-        if not isinstance(layer, Int8Linear):
+        if not isinstance(layer, (Int8Linear, Int8Conv2d)):
             return f"int{layer.bits} {weights}"
         if layer.kernel == "dequant":   # kernel: auto measured float compute faster for this layer
             return f"int{layer.bits} {weights} weights, float activations (dequant kernel)"

@@ -15,12 +15,13 @@ from ...modules import select_modules
 from ...registry import register_method
 from ...train.config import TrainConfig
 from . import primitives as P
-from ...layers.int8 import int8_engine
+from ...layers.int8 import int8_engine, onednn_conv_available, symmetric_padding
 from ...layers.int4 import GROUP_SIZES
-from .int8 import AUTO_BATCHES, choose_kernel, input_rows, observe_ranges, summary
+from .int8 import (AUTO_BATCHES, choose_conv_kernel, choose_kernel, input_rows, input_shapes, observe_ranges,
+                   summary)
 from .int4 import int4_applies, int4_plan, int4_refusals
-from ...layers import (Int4Linear, Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding, QuantLinear,
-                       QuantMultiheadAttention)
+from ...layers import (Int4Linear, Int8Conv2d, Int8Linear, QuantConv1d, QuantConv2d, QuantConv3d, QuantEmbedding,
+                       QuantLinear, QuantMultiheadAttention)
 from .calibration import CalibrationConfig, calibration_batches, calibration_option, require_data, smooth_option
 from .layer_error import FloatReference
 from .smooth import SMOOTH_NEEDS, smooth_model
@@ -84,8 +85,11 @@ class LinearQuantConfig(MethodConfig):
     min/max of its input over ``calibration.samples`` training examples) turns Linear layers into
     :class:`~torchslim.layers.Int8Linear`,
     which multiply int8 activations by int8 weights on PyTorch's x86/fbgemm integer kernels
-    (``kernel``; the row's ``int8`` entry says which layers run what); the other classes keep
-    weight-only codes. Use ``bits: 7`` on CPUs without VNNI (see ``Int8Linear``).
+    (``kernel``; the row's ``int8`` entry says which layers run what). ``static`` also turns
+    Conv2d layers (symmetric codes, numeric or symmetric padding) into
+    :class:`~torchslim.layers.Int8Conv2d` (oneDNN int8 convolution); a Conv2d named exactly in
+    ``targets`` under ``dynamic`` is refused (no per-call scale for convolutions); the other
+    classes keep weight-only codes. Use ``bits: 7`` on CPUs without VNNI (see ``Int8Linear``).
 
     Weight-only ``bits: 4``, ``granularity: group`` (group_size 32/64/128/256): ``kernel:
     int4pack`` runs Linear layers on PyTorch's CPU int4 kernel (:class:`~torchslim.layers.Int4Linear`:
@@ -150,7 +154,7 @@ class LinearQuantConfig(MethodConfig):
                               f"not {self.group_size}")
 
     def check_targets(self, model: nn.Module) -> None:
-        _select(model, self)
+        _refuse_dynamic_convs(self, _select(model, self))
 
     def check_ready(self, task=None) -> None:
         super().check_ready(task)
@@ -225,7 +229,7 @@ def _linear_quant(model: nn.Module, config: LinearQuantConfig, ctx) -> nn.Module
         cls = _quantized_class(module)
         weights = [getattr(module, w) for w in _weights(module)]
         if name in int8:
-            cls = Int8Linear
+            cls = Int8Conv2d if isinstance(module, nn.Conv2d) else Int8Linear
             q = cls.from_float(module, **int8[name], **qargs)
         elif name in int4:
             cls = Int4Linear
@@ -267,11 +271,16 @@ def _int8_plan(model: nn.Module, config: LinearQuantConfig, ctx, chosen) -> dict
     static; static ranges observed on calibration batches); empty for weight-only."""
     if config.activations == "none":
         return {}
+    _refuse_dynamic_convs(config, chosen)
     names = [n for n, m in chosen if type(m) in (nn.Linear, NonDynamicallyQuantizableLinear)]
+    if config.activations == "static" and config.symmetric:
+        names += [n for n, m in chosen if _int8_conv(m)]
     weight_only = sorted({type(m).__name__ for n, m in chosen if n not in names and not _refusal(m)} - {"Embedding"})
     if weight_only and ctx is not None:
-        ctx.warn("int8-weight-only", f"quantize: activations: {config.activations} runs Linear layers on integer "
-                                     f"kernels; {', '.join(weight_only)} layers keep weight-only codes (float compute)")
+        kinds = "Linear and Conv2d (symmetric codes)" if config.activations == "static" else "Linear"
+        ctx.warn("int8-weight-only", f"quantize: activations: {config.activations} runs {kinds} layers on "
+                                     f"integer kernels; {', '.join(weight_only)} layers keep weight-only codes "
+                                     "(float compute)")
     kernel = "int8" if config.kernel == "auto" else config.kernel
     plan = {n: {"activations": config.activations, "kernel": kernel} for n in names}
     if config.activations == "static":
@@ -282,19 +291,46 @@ def _int8_plan(model: nn.Module, config: LinearQuantConfig, ctx, chosen) -> dict
     return plan
 
 
+def _refuse_dynamic_convs(config: LinearQuantConfig, chosen: list[tuple[str, nn.Module]]) -> None:
+    """RecipeError for a Conv2d named exactly in ``targets`` under ``activations: dynamic`` (a
+    pattern-picked one keeps weight-only codes, with a warning)."""
+    named = [n for n, m in chosen if isinstance(m, nn.Conv2d) and n in config.targets]
+    if config.activations == "dynamic" and named:
+        raise RecipeError(f"quantize.activations: dynamic: {named[0]} is a Conv2d, and int8 convolutions "
+                          "need static activations (one calibrated scale per layer); use activations: "
+                          "static, or drop it from targets to keep weight-only codes")
+
+
+def _int8_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a Conv2d an Int8Conv2d can replace (numeric or symmetric padding)."""
+    return (type(module) is nn.Conv2d and module.padding_mode == "zeros"
+            and symmetric_padding(module.padding, list(module.kernel_size), list(module.dilation),
+                                 list(module.stride)) is not None)
+
+
 class _Kernels:
-    """``kernel: auto``: each Int8Linear keeps the faster of int8 and float compute at the rows
-    the task's example inputs give it at batch 1 and 32 (timed once per distinct shape); the
-    row's ``int8`` entry says what runs where."""
+    """``kernel: auto``: each Int8Linear (Int8Conv2d) keeps the faster of int8 and float compute
+    at the rows (input shapes) the task's example inputs give it at batch 1 and 32 (timed once
+    per distinct shape); the row's ``int8`` entry says what runs where."""
 
     def __init__(self, model: nn.Module, config: LinearQuantConfig, ctx, names: list[str]) -> None:
         self.config, self.ctx, self.measured, self.by_shape = config, ctx, {}, {}
         task = getattr(ctx, "task", None)
-        self.rows = input_rows(model, names, task, AUTO_BATCHES) if names and config.kernel == "auto" and task else {}
+        auto = bool(names) and config.kernel == "auto" and task is not None
+        convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+        linears = [n for n in names if n not in convs]
+        self.rows = input_rows(model, linears, task, AUTO_BATCHES) if auto and linears else {}
+        self.shapes = input_shapes(model, convs, task, AUTO_BATCHES) if auto and convs else {}
         if names and config.kernel == "auto" and not task:
             log.info("quantize: kernel auto without a task: every Int8Linear runs the int8 kernel")
 
-    def pick(self, name: str, layer: Int8Linear) -> None:
+    def pick(self, name: str, layer: Int8Linear | Int8Conv2d) -> None:
+        if name in self.shapes:     # convolutions of one geometry on one input shape are timed once
+            key = (tuple(sorted((k, str(v)) for k, v in layer.conv_args.items())), tuple(self.shapes[name]))
+            if key not in self.by_shape:
+                self.by_shape[key] = choose_conv_kernel(layer, self.shapes[name])
+            layer.kernel, self.measured[name] = self.by_shape[key]
+            return
         if name not in self.rows:
             return
         key = (layer.in_features, layer.out_features, layer.bias is not None, tuple(self.rows[name]))
@@ -303,6 +339,9 @@ class _Kernels:
         layer.kernel, self.measured[name] = self.by_shape[key]
 
     def report(self, model: nn.Module) -> None:
+        if any(isinstance(m, Int8Conv2d) for m in model.modules()) and not onednn_conv_available():
+            self.ctx.warn("int8-conv-fallback", "quantize: no oneDNN int8 convolution in this torch build: "
+                                                "Int8Conv2d layers run the float reference of the int8 math")
         if int8_engine() is None:
             self.ctx.warn("int8-fallback", "quantize: no x86/fbgemm quantized engine in this torch build: "
                                            "Int8Linear layers run the float reference of the int8 math "

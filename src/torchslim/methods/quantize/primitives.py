@@ -366,6 +366,36 @@ def int8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Ten
     return y.float().reshape(*shape[:-1], -1)
 
 
+def quantize_activation(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static unsigned affine activation codes ``clamp(round(x / scale) + zero, 0, 2^bits - 1)``
+    in ``x``'s shape, as float64 integer values (``scale``/``zero`` scalars from
+    :func:`activation_qparams`)."""
+    s, z = scale.double(), zero.double()
+    return torch.clamp(torch.round(x.double() / s) + z, 0, 2 ** bits - 1)
+
+
+def int8_conv2d_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                          static: tuple[torch.Tensor, torch.Tensor], act_bits: int, stride: tuple[int, int],
+                          padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """What an int8 x int8 convolution with static activations computes, in float64 on
+    integer-valued tensors (exact sums).
+
+    ``x`` (N, C_in, H, W) float; ``codes`` (C_out, C_in / groups, kH, kW) symmetric int8 weight
+    codes with ``scale`` (C_out, 1) or (1, 1); ``static = (s_x, z_x)`` the unsigned affine input
+    quantization (:func:`activation_qparams`), ``q = clamp(round(x / s_x) + z_x, 0, 2^act_bits - 1)``;
+    ``y = conv(q - z_x, W) s_x s_w + b`` (Jacob et al., 2018, "Quantization and Training of Neural
+    Networks for Efficient Integer-Arithmetic-Only Inference", eq. 7 with a float output).
+    Returns (N, C_out, H_out, W_out) float32.
+    """
+    s_x, z_x = (t.double() for t in static)
+    q = quantize_activation(x, s_x, z_x, act_bits) - z_x                            # (N, C_in, H, W)
+    acc = torch.nn.functional.conv2d(q, codes.double(), None, stride, padding, dilation, groups)
+    y = acc * s_x * scale.double().reshape(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.double().reshape(1, -1, 1, 1)
+    return y.float()
+
+
 # -- error measures (the report's per-layer table) ---------------------------------------------
 
 def error_energy(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
