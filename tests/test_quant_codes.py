@@ -260,6 +260,8 @@ def test_coded_model_stores_its_codes_and_reloads_identically(cfg, dtype, bits, 
     with torch.no_grad():
         torch.testing.assert_close(back(x), q(x), rtol=0, atol=0)
         assert float(nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)) > 0.5
+    from torchslim.numerics import nonfinite_tensors
+    assert nonfinite_tensors(q) == []        # the pipeline's check reads every stored dtype (fp8 too)
 
 
 def test_coded_embedding_and_conv_reload(tmp_path, monkeypatch):

@@ -150,3 +150,21 @@ def test_onnx_export_keeps_codes_and_checks_against_the_float_path(tmp_path):
     assert float((kernel - ref).abs().max()) > 1e-5                   # the kernel's bf16 rounding shows
     # the file computes on the dequantized weight; the check compares it with that path exactly
     assert check_onnx(q, path, (x,), atol=1e-5, rtol=1e-5) <= 1e-5
+
+
+def test_dynamo_export_of_int4_layers_with_a_row_limit_keeps_the_batch_dynamic(tmp_path):
+    """``kernel: auto`` sets ``max_rows``: the export must not trace that comparison (it would fix
+    the batch size of the file); exported layers compute on their float weights."""
+    ort = pytest.importorskip("onnxruntime")
+    from torchslim.onnx_io import export_onnx
+
+    q, _ = _quantize(_mlp(), None, bits=4, granularity="group", group_size=32, kernel="int4pack")
+    for m in q.modules():
+        if isinstance(m, Int4Linear):
+            m.max_rows = 2
+    path = export_onnx(q, (torch.randn(1, 1, 64),), tmp_path / "m.onnx")          # dynamo, the default
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 64)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad(), float_compute():
+        torch.testing.assert_close(got, q(x), rtol=1e-4, atol=1e-5)

@@ -92,6 +92,24 @@ def test_dynamic_model_reloads_on_the_same_kernels(tmp_path, trained_digits, dig
     assert digits_task.evaluate(back) >= digits_task.evaluate(trained_digits) - 0.02
 
 
+def test_auto_that_keeps_float_everywhere_says_so(trained_digits, digits_task, monkeypatch):
+    """kernel: auto timing float faster on every layer leaves weight-only codes: a warning says it
+    (and names the way to force integer compute); a forced kernel says nothing."""
+    from torchslim.methods.quantize import linear
+    from torchslim.pipeline import StepContext
+
+    monkeypatch.setattr(linear, "choose_kernel", lambda layer, rows, **kw: ("dequant", {}))
+    ctx = StepContext(task=digits_task)
+    q = linear._linear_quant(copy.deepcopy(trained_digits), LinearQuantConfig(bits=7, activations="dynamic"), ctx)
+    assert {q[i].kernel for i in (6, 9)} == {"dequant"}
+    [warning] = [w for w in ctx.warnings if w["code"] == "int8-all-dequant"]
+    assert "kernel: int8" in warning["message"]
+    ctx = StepContext(task=digits_task)
+    linear._linear_quant(copy.deepcopy(trained_digits), LinearQuantConfig(bits=7, activations="dynamic",
+                                                                          kernel="dequant"), ctx)
+    assert not [w for w in ctx.warnings if w["code"] == "int8-all-dequant"]
+
+
 @needs_engine
 def test_static_scales_are_the_calibration_min_max(trained_digits, digits_task):
     from torchslim.session import Session

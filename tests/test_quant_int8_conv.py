@@ -130,6 +130,15 @@ def test_static_conv_model_reloads_on_the_same_kernels(tmp_path, digits_task):
         y, y_back, y_float = q.eval()(x), back(x), model(x)
     torch.testing.assert_close(y_back, y, rtol=0, atol=0)
     assert float(F.cosine_similarity(y, y_float).min()) > 0.99
+    # ONNX holds the weight codes: the integer kernels export their float computation, dynamic batch
+    ort = pytest.importorskip("onnxruntime")
+    from torchslim.layers.quantized import float_compute
+    from torchslim.onnx_io import export_onnx
+    path = export_onnx(q, (x[:1],), tmp_path / "q.onnx", exporter="torchscript")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad(), float_compute():
+        torch.testing.assert_close(got, q(x), rtol=1e-4, atol=1e-5)
 
 
 @needs_onednn

@@ -36,6 +36,8 @@ def nonfinite_tensors(model: nn.Module, limit: int = 5) -> list[tuple[str, int, 
     for name, t in model.state_dict(keep_vars=False).items():
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.device.type == "meta":
             continue
+        if t.dtype.itemsize == 1:   # fp8 storage: isfinite has no kernel for it
+            t = t.float()
         if not bool(torch.isfinite(t).all()):
             found.append((name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
             if len(found) >= limit:

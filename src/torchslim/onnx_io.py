@@ -134,7 +134,17 @@ def export_onnx(model: nn.Module, inputs: tuple, path: Path, opset: int = 18, *,
 
 def _export_proto(model: nn.Module, inputs: tuple, axes: dict[int, str], kwargs: dict[str, Any],
                   exporter: str):
-    """The ONNX ModelProto by ``exporter``; the dynamo exporter falls back to TorchScript."""
+    """The ONNX ModelProto by ``exporter``; the dynamo exporter falls back to TorchScript.
+    Layers with integer kernels export their float computation on the weight codes
+    (:func:`~torchslim.layers.quantized.float_compute`)."""
+    from .layers.quantized import float_compute
+
+    with float_compute():
+        return _export_proto_float(model, inputs, axes, kwargs, exporter)
+
+
+def _export_proto_float(model: nn.Module, inputs: tuple, axes: dict[int, str], kwargs: dict[str, Any],
+                        exporter: str):
     if exporter == "dynamo":
         try:
             return _export_dynamo(model, inputs, axes, kwargs)
@@ -332,8 +342,8 @@ def onnx_agreement(model: nn.Module, path: Path, inputs: tuple, atol: float,
     sess = onnx_session(path)
     feed = {i.name: t.cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
-    from .layers.int4 import float_compute
-    with torch.no_grad(), float_compute():   # what the file computes: int4 layers on their float weights
+    from .layers.quantized import float_compute
+    with torch.no_grad(), float_compute():   # what the file computes: integer-kernel layers on their float weights
         want = TensorIO(model).eval()(*inputs).cpu()
     if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())):
         from .numerics import NumericalError

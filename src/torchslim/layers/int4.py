@@ -32,35 +32,18 @@ divisible by ``group_size``, ``out_features`` divisible by 16.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..modules import register_module_class
-from .quantized import QuantLinear
+from .quantized import QuantLinear, float_compute, float_only  # noqa: F401  (float_compute re-exported)
 
 KERNELS = ("int4pack", "dequant")
 #: group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts
 GROUP_SIZES = (32, 64, 128, 256)
 #: ``out_features`` must be a multiple of this (``aten._convert_weight_to_int4pack_for_cpu``)
 OUT_MULTIPLE = 16
-_FLOAT_ONLY = threading.local()
-
-
-@contextlib.contextmanager
-def float_compute() -> Iterator[None]:
-    """Inside the block every ``Int4Linear`` computes on its dequantized weight, as its ONNX
-    export does (the reference an exported file is checked against; the bf16 kernel differs from
-    it by bf16 rounding, ~1e-3 relative)."""
-    before = getattr(_FLOAT_ONLY, "on", False)
-    _FLOAT_ONLY.on = True
-    try:
-        yield
-    finally:
-        _FLOAT_ONLY.on = before
 
 
 def int4_kernel_available() -> bool:
@@ -153,9 +136,10 @@ class Int4Linear(QuantLinear):
         """The kernel the forward pass uses for input ``x``: ``int4pack`` when ``kernel`` is
         ``int4pack``, ``x`` has at most ``max_rows`` rows, is a float tensor on CPU and
         gradients are off, outside :func:`float_compute` and ONNX export; else ``dequant``."""
+        if self.kernel != "int4pack" or float_only():   # before any look at x: no guard on its shape in tracing
+            return "dequant"
         few = self.max_rows is None or x.shape[:-1].numel() <= self.max_rows
-        if (self.kernel == "int4pack" and few and x.device.type == "cpu" and x.is_floating_point()
-                and not torch.onnx.is_in_onnx_export() and not getattr(_FLOAT_ONLY, "on", False)
+        if (few and x.device.type == "cpu" and x.is_floating_point()
                 and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled())):
             return "int4pack"
         return "dequant"

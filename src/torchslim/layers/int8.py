@@ -47,7 +47,7 @@ import torch
 
 from ..methods.quantize import primitives as P  # pure tensor math, no method registration
 from ..modules import register_module_class
-from .quantized import QuantConv2d, QuantLinear
+from .quantized import QuantConv2d, QuantLinear, float_only
 
 ACTIVATIONS = ("dynamic", "static")
 KERNELS = ("int8", "reference", "dequant")
@@ -190,7 +190,10 @@ class Int8Linear(_Int8Layer, QuantLinear):
 
     def runs_on(self, x: torch.Tensor) -> str:
         """The kernel the forward pass uses for input ``x``: ``kernel``, or ``reference`` where
-        ``int8`` cannot run (no engine, not float32 on CPU, gradients on)."""
+        ``int8`` cannot run (no engine, not float32 on CPU, gradients on); ``dequant`` under
+        :func:`~torchslim.layers.quantized.float_compute` and ONNX export."""
+        if float_only():
+            return "dequant"
         if self.kernel == "int8" and (int8_engine() is None or _integer_kernel_unusable(x)):
             return "reference"
         return self.kernel
@@ -331,7 +334,10 @@ class Int8Conv2d(_Int8Layer, QuantConv2d):
 
     def runs_on(self, x: torch.Tensor) -> str:
         """The kernel the forward pass uses for input ``x``: ``kernel``, or ``reference`` where
-        ``int8`` cannot run (no oneDNN, not a float32 4-D CPU tensor, gradients on)."""
+        ``int8`` cannot run (no oneDNN, not a float32 4-D CPU tensor, gradients on); ``dequant``
+        under :func:`~torchslim.layers.quantized.float_compute` and ONNX export."""
+        if float_only():
+            return "dequant"
         if self.kernel == "int8" and (not onednn_conv_available() or x.dim() != 4 or _integer_kernel_unusable(x)):
             return "reference"
         return self.kernel

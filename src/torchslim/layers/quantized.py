@@ -20,9 +20,11 @@ Integer kernels plug in here later without changing the artifact.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,27 @@ from torch import nn
 
 from ..methods.quantize import primitives as P  # pure tensor math, no method registration
 from ..modules import register_module_class
+
+_FLOAT_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def float_compute() -> Iterator[None]:
+    """Inside the block every layer with integer kernels (``Int8Linear``, ``Int8Conv2d``,
+    ``Int4Linear``) computes on its dequantized weight in float, as its ONNX export does: used
+    around the export (the file holds the weight codes, not the kernels) and around the
+    reference an exported file is checked against."""
+    before = getattr(_FLOAT_ONLY, "on", False)
+    _FLOAT_ONLY.on = True
+    try:
+        yield
+    finally:
+        _FLOAT_ONLY.on = before
+
+
+def float_only() -> bool:
+    """Whether :func:`float_compute` or an ONNX export is in progress (integer kernels off)."""
+    return getattr(_FLOAT_ONLY, "on", False) or torch.onnx.is_in_onnx_export()
 
 
 @torch.library.custom_op("torchslim::dequantize_weight", mutates_args=())

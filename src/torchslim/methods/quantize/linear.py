@@ -346,4 +346,11 @@ class _Kernels:
             self.ctx.warn("int8-fallback", "quantize: no x86/fbgemm quantized engine in this torch build: "
                                            "Int8Linear layers run the float reference of the int8 math "
                                            "(latency measured on that)")
-        self.ctx.info.setdefault("metrics", {})["int8"] = summary(model, self.config.activations, self.measured)
+        row = summary(model, self.config.activations, self.measured)
+        self.ctx.info.setdefault("metrics", {})["int8"] = row
+        counts = row.get("kernels") or {}
+        if self.config.kernel == "auto" and counts and set(counts) == {"dequant"}:
+            self.ctx.warn("int8-all-dequant", f"quantize: kernel: auto timed float compute faster than the int8 "
+                                              f"kernels on every one of the {counts['dequant']} layer(s) on this "
+                                              "CPU, so activations stay float (weight-only codes); give kernel: "
+                                              "int8 to force integer compute")
