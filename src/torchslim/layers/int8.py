@@ -354,8 +354,7 @@ class Int8Conv2d(_Int8Layer, QuantConv2d):
             return P.int8_conv2d_reference(x, codes, scale, self.bias, (self.input_scale, self.input_zero_point),
                                            self.act_bits, stride, padding, dilation, groups).to(x.dtype)
         packed, s, z, w_scale, w_zero, bias = self._packed()
-        qx = torch.quantize_per_tensor(x, s, z, torch.quint8).int_repr()        # (N, C_in, H, W) uint8
-        if self.act_bits < 8:
-            qx.clamp_(max=2 ** self.act_bits - 1)
+        # (N, C_in, H, W) uint8 codes, as P.quantize_activation (round half to even, clamped)
+        qx = torch.clamp(torch.round(x / s) + z, 0, 2 ** self.act_bits - 1).to(torch.uint8)
         return torch.ops.onednn.qconv2d_pointwise(qx, s, z, packed, w_scale, w_zero, bias, stride, padding,
                                                   dilation, groups, 1.0, 0, torch.float32, "none", [], "")
