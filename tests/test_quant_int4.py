@@ -168,3 +168,11 @@ def test_dynamo_export_of_int4_layers_with_a_row_limit_keeps_the_batch_dynamic(t
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad(), float_compute():
         torch.testing.assert_close(got, q(x), rtol=1e-4, atol=1e-5)
+
+
+def test_macs_of_int4_layers_are_counted_like_the_float_model():
+    from torchslim.measure import count_macs
+    model = _mlp()
+    q, _ = _quantize(model, None, bits=4, granularity="group", group_size=32, kernel="int4pack")
+    x = (torch.randn(1, 1, 64),)
+    assert count_macs(q, x) == count_macs(model, x) > 0

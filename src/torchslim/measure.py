@@ -81,8 +81,9 @@ def _traced_pass(model: nn.Module, inputs: Any, hooks: bool = False) -> tuple[An
     # nn.MultiheadAttention's inference fast path is one fused op the counter cannot see into
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    from .layers.quantized import float_compute  # integer kernels are ops the counter does not know
     try:
-        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False,
+        with eval_mode(model), torch.no_grad(), float_compute(), FlopCounterMode(display=False,
                                                                 custom_mapping=_extra_flop_formulas()) as counter:
             _call(model, inputs)
     finally:
