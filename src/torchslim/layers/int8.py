@@ -343,9 +343,7 @@ class Int8Conv2d(_Int8Layer, QuantConv2d):
         return self.kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return super().forward(x)    # exported as the weight-only convolution (codes kept)
-        kernel = self.runs_on(x)
+        kernel = self.runs_on(x)      # dequant in ONNX export: the weight-only convolution (codes kept)
         if kernel == "dequant":
             return super().forward(x)
         stride, padding, dilation, groups = self._geometry()

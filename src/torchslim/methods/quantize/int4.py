@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...layers.int4 import Int4Linear, int4_kernel_available, int4_refusal
-from .int8 import AUTO_BATCHES, input_rows
+from .int8 import AUTO_BATCHES, input_rows, time_forward
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,11 @@ def int4_refusals(named: Sequence[tuple[str, nn.Linear]], group_size: int) -> li
 
 
 def _time_model(model: nn.Module, inputs: tuple, min_run_time: float) -> float:
-    """Median milliseconds of ``model(*inputs)`` under ``inference_mode``."""
-    from ...runtime import quiet_cpp_extension
-    with quiet_cpp_extension():   # torch.utils.benchmark imports cpp_extension, which warns without CUDA
-        from torch.utils import benchmark
-    t = benchmark.Timer("m(*x)", globals={"m": model, "x": inputs}, num_threads=torch.get_num_threads())
+    """Median milliseconds of ``model(*inputs)``, after one call that builds the packed /
+    dequantized weights outside the timing."""
     with torch.inference_mode():
-        model(*inputs)            # builds the packed / dequantized weight outside the timing
-        return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+        model(*inputs)
+    return time_forward(model, inputs, min_run_time)
 
 
 def choose_max_rows(model: nn.Module, names: Sequence[str], task: Any, qargs: dict[str, Any],

@@ -101,11 +101,13 @@ def input_rows(model: nn.Module, names: Sequence[str], task: Any, batch_sizes: S
     return {n: [math.prod(s[:-1]) for s in v] for n, v in input_shapes(model, names, task, batch_sizes).items()}
 
 
-def _time(layer: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+def time_forward(module: nn.Module, inputs: tuple, min_run_time: float) -> float:
+    """Median milliseconds of ``module(*inputs)`` under ``inference_mode``
+    (``torch.utils.benchmark`` ``blocked_autorange``, at the current thread count)."""
     from ...runtime import quiet_cpp_extension
     with quiet_cpp_extension():   # torch.utils.benchmark imports cpp_extension, which warns without CUDA
         from torch.utils import benchmark
-    t = benchmark.Timer("m(x)", globals={"m": layer, "x": x}, num_threads=torch.get_num_threads())
+    t = benchmark.Timer("m(*x)", globals={"m": module, "x": inputs}, num_threads=torch.get_num_threads())
     with torch.inference_mode():
         return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
@@ -121,7 +123,7 @@ def _faster(layer: Int8Linear | Int8Conv2d, inputs: Sequence[torch.Tensor], roun
         for _ in range(rounds):
             for kernel in per:
                 layer.kernel = kernel
-                per[kernel].append(_time(layer, x, min_run_time))
+                per[kernel].append(time_forward(layer, (x,), min_run_time))
         for k in times:
             times[k].append(round(statistics.median(per[k]), 4))
     ratio = math.prod(i / f for i, f in zip(times["int8"], times["dequant"])) ** (1 / len(inputs))
