@@ -202,8 +202,8 @@ class _Unmappable(Exception):
 
 
 def _stop(idxs: Any) -> Any:
-    raise _Unmappable("its channels pass through a reshape the graph cannot map (a channel shuffle: "
-                      "view -> transpose -> view)")
+    raise _Unmappable("its channels pass through a reshape the graph cannot map (a view that mixes channels "
+                      "with another dimension, as a channel shuffle or a split into patches or heads does)")
 
 
 class _Graph:
