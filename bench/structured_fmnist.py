@@ -12,7 +12,8 @@ group's channels (``scope: layer``, the uniform plan); 50% ranked globally (``sc
 ``ratios: sensitivity`` with ``budget: macs`` asking the MACs the uniform plan removed (curves on
 the val split, one per channel group). Each pruned model is fine-tuned the same way. Latency:
 ``torch.utils.benchmark``, models in turns over ``--rounds`` rounds, batch 1 and 16, 1 thread.
-Test accuracy; the curves and every row go to ``--out/structured.json``.
+Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
+the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--time-only", action="store_true", help="only re-time the models of a previous run in --out")
+    ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
+                    "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +69,8 @@ def main() -> None:
     dense_macs = count_macs(dense, x1)
     ft = TrainConfig(**{**FINETUNE, "epochs": args.finetune_epochs},
                      distill=DistillTerm(teacher="baseline", temperature=4.0, alpha=0.5))
-    rows = [{"name": "dense", "accuracy": task.evaluate(dense), "params": count_params(dense)[0],
-             "macs": dense_macs}]
+    rows = [{"name": "dense", "accuracy": None if args.time_only else task.evaluate(dense),
+             "params": count_params(dense)[0], "macs": dense_macs}]
     models = {"dense": dense.eval()}
     print(rows[0], flush=True)
 
@@ -75,27 +79,47 @@ def main() -> None:
         t0 = time.process_time()
         pruned, teacher = copy.deepcopy(dense), copy.deepcopy(dense)
         session = Session(task=task, step_input=teacher, baseline=lambda: copy.deepcopy(teacher))
+        before_ft = {}
+        session_train = session.train
+
+        def train_after_eval(model, config, **kw):  # the pruned model's accuracy before its fine-tune
+            before_ft.setdefault("accuracy", task.evaluate(model))
+            return session_train(model, config, **kw)
+
+        session.train = train_after_eval
         get_method("prune", "magnitude").handler(pruned, cfg, session)
         info = session.info.get("metrics", {})
-        row = {"name": name, "accuracy": task.evaluate(pruned), "params": count_params(pruned)[0],
+        row = {"name": name, "accuracy": task.evaluate(pruned), "accuracy_before_finetune": before_ft.get("accuracy"),
+               "params": count_params(pruned)[0],
                "macs": count_macs(pruned, x1), "cpu_s": round(time.process_time() - t0, 1),
                "layer_channels": info.get("layer_channels"), "skipped": info.get("skipped"),
                "sensitivity_ratios": info.get("sensitivity_ratios"),
                "sensitivity_budget": info.get("sensitivity_budget"), "warnings": session.warnings}
-        if "sensitivity" in info:
+        if "sensitivity" in info and cfg.sensitivity is None:
             write_json(args.out / "sensitivity.json", info["sensitivity"])
         rows.append(row)
         models[name] = pruned.eval()
+        torchslim.save(pruned, args.out / f"model-{len(rows) - 1}")  # for --time-only
         print({k: v for k, v in row.items() if k not in ("layer_channels", "skipped")}, flush=True)
         return row
 
-    uniform = run("uniform 50% (scope layer)", MagnitudePruneConfig(granularity="channel", sparsity=0.5,
-                                                                    scope="layer", finetune=ft))
-    run("global 50%", MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="global", finetune=ft))
-    target = 1.0 - uniform["macs"] / dense_macs
-    run(f"sensitivity, MACs of uniform ({target:.3f} removed)",
-        MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
-                             finetune=ft))
+    if args.time_only:  # re-time the models a previous run saved, on a quieter machine
+        rows = json.loads((args.out / "structured.json").read_text())["rows"]
+        models.update({r["name"]: torchslim.load(args.out / f"model-{i}").eval()
+                       for i, r in enumerate(rows) if i > 0})
+    curves = None
+    for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
+        uniform = run(f"uniform {sparsity:.0%} (scope layer)",
+                      MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft))
+        if i == 0:
+            run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
+                                                               scope="global", finetune=ft))
+        target = 1.0 - uniform["macs"] / dense_macs
+        # the curves are measured once (first row) and read back from sensitivity.json after
+        run(f"sensitivity, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
+            MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
+                                 sensitivity=curves, finetune=ft))
+        curves = str(args.out / "sensitivity.json")
     for bs in (1, 16):
         ms = latency(models, task.example_inputs(bs)[0], args.rounds)
         for row in rows:
@@ -106,10 +130,13 @@ def main() -> None:
         row["params_x"] = round(row["params"] / rows[0]["params"], 3)
         row["accuracy_drop_pt"] = round(100 * (rows[0]["accuracy"] - row["accuracy"]), 2)
     write_json(args.out / "structured.json", {"threads": args.threads, "rows": rows})
-    print("| model | test acc | drop (pt) | params x | MACs x | latency bs1 x | latency bs16 x |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | test acc before fine-tune | test acc | drop (pt) | params x | MACs x | latency bs1 x "
+          "| latency bs16 x |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['accuracy']:.4f} | {r['accuracy_drop_pt']:+.2f} | {r['params_x']:.3f} | "
+        pre = r.get("accuracy_before_finetune")
+        print(f"| {r['name']} | {'' if pre is None else f'{pre:.4f}'} | {r['accuracy']:.4f} | "
+              f"{r['accuracy_drop_pt']:+.2f} | {r['params_x']:.3f} | "
               f"{r['macs_x']:.3f} | {r['latency_x_bs1']:.2f} | {r['latency_x_bs16']:.2f} |")
     print(json.dumps(rows, indent=1))
 
