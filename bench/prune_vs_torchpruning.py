@@ -5,8 +5,10 @@ Run (1 thread; about 15 minutes on this 2-core machine):
     OMP_NUM_THREADS=1 python bench/prune_vs_torchpruning.py [--models resnet18,mobilenet_v2,vit_b_16]
         [--ratios 0.3,0.5] [--out bench-results/prune_vs_tp.json]
 
-ViT models run twice: ``head`` granularity, and ``channel`` (FFN neurons; the residual width is
-kept by both tools). For each torchvision model (random init; pruning structure and speed do not depend on the
+ViT models run twice: ``head`` granularity, and ``channel``: torchslim removes FFN neurons (the
+residual width stays: the patch reshape is a view it cannot map), Torch-Pruning as its torchvision
+example does (``round_to=num_heads``, ``model.hidden_dim`` set by hand after) also narrows the
+residual width and with it every head. For each torchvision model (random init; pruning structure and speed do not depend on the
 weights) and each ratio, scope global and uniform:
 
 - **torchslim**: ``MagnitudePruneConfig(granularity=channel | head, sparsity=r, scope=...)`` with no
@@ -80,11 +82,15 @@ def tp_prune(model: nn.Module, ratio: float, scope: str, granularity: str) -> nn
         # whole heads only (pruning_ratio 0 leaves every other width), as torchslim's head granularity
         kw = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
                   pruning_ratio=0.0, ignored_layers=ignored)
+    elif heads:  # its torchvision example for ViT: widths rounded to the head count, hidden_dim patched after
+        kw = dict(ignored_layers=ignored, pruning_ratio=ratio, round_to=next(iter(heads.values())))
     else:
-        kw = dict(ignored_layers=ignored, pruning_ratio=ratio, num_heads=heads)
+        kw = dict(ignored_layers=ignored, pruning_ratio=ratio)
     pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1),
                                        global_pruning=scope == "global", **kw)
     pruner.step()
+    if hasattr(model, "hidden_dim") and hasattr(model, "conv_proj"):  # torchvision ViT reads it in forward
+        model.hidden_dim = model.conv_proj.out_channels
     if granularity == "head":
         for m in model.modules():
             if isinstance(m, nn.MultiheadAttention) and m in pruner.num_heads:
