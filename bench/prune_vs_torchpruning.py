@@ -21,7 +21,7 @@ weights) and each ratio, scope global and uniform:
 - **torch.nn.utils.prune**: ``ln_structured`` (L1, dim 0) on every conv/linear but the classifier:
   masks only.
 
-Columns: the fraction of conv filters / linear neurons removed (the sparsity reached: Torch-Pruning
+Columns: the fraction of heads / of conv filters and linear neurons removed (the sparsity reached: Torch-Pruning
 keeps ``floor((1 - r) n)`` channels of ``n``, torchslim removes ``round(r n)``), params and MACs (traced, batch 1) and latency at batch 1 and 16 (eager,
 ``torch.utils.benchmark`` blocked_autorange, the variants timed interleaved in rounds, median of
 the rounds), all as ratios to the dense model, and the time to prune.
@@ -51,10 +51,13 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def channels_removed(m: nn.Module, dense: nn.Module) -> float:
-    """Fraction of conv filters and linear neurons removed, the classifier's outputs left out (the
-    sparsity achieved: tools round ``r * n`` to whole channels differently)."""
+def removed(m: nn.Module, dense: nn.Module, granularity: str) -> float:
+    """The sparsity reached: the fraction of attention heads removed (``head``), or of conv filters and
+    linear neurons, the classifier's outputs left out (``channel``; tools round ``r * n`` to whole
+    channels differently)."""
     def width(model: nn.Module) -> int:
+        if granularity == "head":
+            return sum(x.num_heads for x in model.modules() if type(x).__name__.endswith("MultiheadAttention"))
         return sum(x.out_channels if isinstance(x, nn.Conv2d) else x.out_features for x in model.modules()
                    if isinstance(x, nn.Conv2d) or (isinstance(x, nn.Linear) and x.out_features != 1000))
     return 1.0 - width(m) / width(dense)
@@ -171,7 +174,7 @@ def main() -> int:
                         failed[tool] = f"runs no more: {type(exc).__name__}"
                         continue
                     rows.append({"model": name, "granularity": granularity, "ratio": ratio, "scope": scope,
-                                 "tool": tool, "channels_removed": round(channels_removed(m, dense), 4),
+                                 "tool": tool, "removed": round(removed(m, dense, granularity), 4),
                                  "params_ratio": round(_params(m) / base["params"], 4),
                                  "macs_ratio": round(macs / base["macs"], 4),
                                  "latency_bs1_ratio": round(lat[1][tool] / lat[1]["dense"], 3),
@@ -196,7 +199,7 @@ def main() -> int:
                   f"failed: {r['failed']}")
         else:
             print(f"{r['model']:13s} {r['granularity']:7s} {r['ratio']:5.2f} {r['scope']:6s} {r['tool']:15s} "
-                  f"{r['channels_removed']:7.3f} {r['params_ratio']:7.3f} "
+                  f"{r['removed']:7.3f} {r['params_ratio']:7.3f} "
                   f"{r['macs_ratio']:6.3f} {r['latency_bs1_ratio']:6.3f} {r['latency_bs16_ratio']:6.3f} "
                   f"{r['prune_s']:7.2f}")
     return 0

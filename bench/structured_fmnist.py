@@ -14,6 +14,7 @@ the val split, one per channel group). Each pruned model is fine-tuned the same 
 ``torch.utils.benchmark``, models in turns over ``--rounds`` rounds, batch 1 and 16, 1 thread.
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
 the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine).
+``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--oneshot", action="store_true", help="the same plans without fine-tuning, BatchNorm "
+                    "statistics re-estimated on 512 training examples (to --out/oneshot.json; reuses "
+                    "--out/sensitivity.json when there)")
     ap.add_argument("--time-only", action="store_true", help="only re-time the models of a previous run in --out")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
@@ -67,8 +71,8 @@ def main() -> None:
         torchslim.save(dense, args.out / "baseline")
     x1 = task.example_inputs(1)
     dense_macs = count_macs(dense, x1)
-    ft = TrainConfig(**{**FINETUNE, "epochs": args.finetune_epochs},
-                     distill=DistillTerm(teacher="baseline", temperature=4.0, alpha=0.5))
+    ft = None if args.oneshot else TrainConfig(**{**FINETUNE, "epochs": args.finetune_epochs},
+                                               distill=DistillTerm(teacher="baseline", temperature=4.0, alpha=0.5))
     rows = [{"name": "dense", "accuracy": None if args.time_only else task.evaluate(dense),
              "params": count_params(dense)[0], "macs": dense_macs}]
     models = {"dense": dense.eval()}
@@ -88,6 +92,8 @@ def main() -> None:
 
         session.train = train_after_eval
         get_method("prune", "magnitude").handler(pruned, cfg, session)
+        if args.oneshot:  # as the pipeline does after a step that does not train
+            session.recalibrate_batchnorm(pruned, 512)
         info = session.info.get("metrics", {})
         row = {"name": name, "accuracy": task.evaluate(pruned), "accuracy_before_finetune": before_ft.get("accuracy"),
                "params": count_params(pruned)[0],
@@ -99,7 +105,8 @@ def main() -> None:
             write_json(args.out / "sensitivity.json", info["sensitivity"])
         rows.append(row)
         models[name] = pruned.eval()
-        torchslim.save(pruned, args.out / f"model-{len(rows) - 1}")  # for --time-only
+        if not args.oneshot:
+            torchslim.save(pruned, args.out / f"model-{len(rows) - 1}")  # for --time-only
         print({k: v for k, v in row.items() if k not in ("layer_channels", "skipped")}, flush=True)
         return row
 
@@ -107,7 +114,7 @@ def main() -> None:
         rows = json.loads((args.out / "structured.json").read_text())["rows"]
         models.update({r["name"]: torchslim.load(args.out / f"model-{i}").eval()
                        for i, r in enumerate(rows) if i > 0})
-    curves = None
+    curves = str(args.out / "sensitivity.json") if args.oneshot and (args.out / "sensitivity.json").exists() else None
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
         uniform = run(f"uniform {sparsity:.0%} (scope layer)",
                       MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft))
@@ -120,6 +127,13 @@ def main() -> None:
             MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
                                  sensitivity=curves, finetune=ft))
         curves = str(args.out / "sensitivity.json")
+    if args.oneshot:
+        write_json(args.out / "oneshot.json", {"threads": args.threads, "rows": rows})
+        print("| plan | test acc, no fine-tune (BN re-estimated) | params x | MACs x |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['name']} | {r['accuracy']:.4f} | {r['params'] / rows[0]['params']:.3f} | "
+                  f"{r['macs'] / dense_macs:.3f} |")
+        return
     for bs in (1, 16):
         ms = latency(models, task.example_inputs(bs)[0], args.rounds)
         for row in rows:
