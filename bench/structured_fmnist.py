@@ -12,6 +12,7 @@ group's channels (``scope: layer``, the uniform plan); 50% ranked globally (``sc
 ``ratios: sensitivity`` with ``budget: macs`` asking the MACs the uniform plan removed (curves on
 the val split, one per channel group). Each pruned model is fine-tuned the same way. Latency:
 ``torch.utils.benchmark``, models in turns over ``--rounds`` rounds, batch 1 and 16, 1 thread.
+Curves already in ``--out/sensitivity.json`` (an earlier run on the same baseline) are reused.
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
 the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine).
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
@@ -52,8 +53,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--oneshot", action="store_true", help="the same plans without fine-tuning, BatchNorm "
-                    "statistics re-estimated on 512 training examples (to --out/oneshot.json; reuses "
-                    "--out/sensitivity.json when there)")
+                    "statistics re-estimated on 512 training examples (to --out/oneshot.json)")
     ap.add_argument("--time-only", action="store_true", help="only re-time the models of a previous run in --out")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
@@ -114,7 +114,8 @@ def main() -> None:
         rows = json.loads((args.out / "structured.json").read_text())["rows"]
         models.update({r["name"]: torchslim.load(args.out / f"model-{i}").eval()
                        for i, r in enumerate(rows) if i > 0})
-    curves = str(args.out / "sensitivity.json") if args.oneshot and (args.out / "sensitivity.json").exists() else None
+    # curves measured by an earlier run of the same baseline are read back (they take the longest to measure)
+    curves = str(args.out / "sensitivity.json") if (args.out / "sensitivity.json").exists() else None
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
         uniform = run(f"uniform {sparsity:.0%} (scope layer)",
                       MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft))

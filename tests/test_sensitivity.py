@@ -199,3 +199,31 @@ def test_ratios_sensitivity_for_channels_meets_the_measured_macs_budget(tmp_path
         assert kept == max(orig - round(r * orig), 1)
     assert len(set(ratios.values())) > 1                       # not the uniform plan
     assert digits_task.evaluate(planned, "val") >= digits_task.evaluate(uniform, "val")
+
+
+def test_ratios_sensitivity_reaches_a_budget_the_summed_curves_overcount(tmp_path, digits_task):
+    """A residual network at 70% of every group: coupled cuts overlap so much that the curves' summed
+    removal passes 100% before the measured one reaches the target; the plan's budget goes past 1."""
+    from torchslim.measure import count_macs
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+    from torchslim.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:resnet-fmnist")   # 1-channel input, adaptive pool: runs on 8x8 digits
+    train(model, digits_task, TrainConfig(epochs=1, lr=0.05, loggers=()))
+    data = sensitivity.analyze(model, digits_task, MagnitudePruneConfig(granularity="channel"), points=(0.5, 0.9),
+                               split="val")
+    path = sensitivity.write(data, tmp_path)
+    x = digits_task.example_inputs(1)
+    dense = count_macs(model, x)
+    uniform = torchslim.apply(model, MagnitudePruneConfig(granularity="channel", sparsity=0.7, scope="layer"),
+                              task=digits_task)
+    target = 1 - count_macs(uniform, x) / dense
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
+                               sensitivity=str(path))
+    planned = run_prune(copy.deepcopy(model), cfg, session, "magnitude")
+    assert 1 - count_macs(planned, x) / dense == pytest.approx(target, abs=0.005)
+    assert session.info["metrics"]["sensitivity_budget"]["planned"] > 1.0
+    assert not [w for w in session.warnings if w["code"] == "sensitivity_budget"]

@@ -149,7 +149,9 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
                 lo = planned
             else:
                 hi = planned
-            planned = (lo + hi) / 2 if hi is not None else min(planned + (target - measured) * 1.5 + 1e-3, 0.999)
+            # the curves' summed removal counts a cut shared by coupled groups once per group: a plan may
+            # need a planned budget past 1 (ratios_from_curves refuses one beyond every curve's end)
+            planned = (lo + hi) / 2 if hi is not None else planned + (target - measured) * 1.5 + 1e-3
             try:
                 r = sens.ratios_from_curves(data, planned, cost, max_sparsity=cap)
             except RecipeError:  # beyond what the curves can remove: the largest plan is the answer
