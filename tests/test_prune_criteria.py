@@ -122,6 +122,51 @@ def test_collect_activations_of_a_conv_and_a_linear():
     torch.testing.assert_close(zeros, torch.tensor([1 / 3, 2 / 3]))   # [1, 3, -1] and [-2, 4, 0]
 
 
+def test_collect_activations_reads_units_after_the_batchnorm_and_activation_that_follow():
+    conv, x = _conv_case()
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, 0.0, 0.0]))
+        bn.bias.copy_(torch.tensor([0.0, 0.5, 0.0]))
+    session = Session(task=FixedTask(x, torch.zeros(4, dtype=torch.long)))
+    order = _calibration_order(session, 4)
+    model = nn.Sequential(conv, bn, nn.ReLU(inplace=True))
+    acts, zeros = collect_activations(session, model, ["0"], samples=4)["0"]
+    with torch.no_grad():   # what the next layer reads: relu((conv(x) - mean) / sqrt(var + eps) + bias)
+        y = torch.relu((conv(x) - bn.running_mean.view(1, 3, 1, 1)) / (1 + bn.eps) ** 0.5
+                       + bn.bias.view(1, 3, 1, 1))
+    torch.testing.assert_close(acts, y.mean(dim=(2, 3))[order])
+    torch.testing.assert_close(zeros, (y <= 0).float().mean(dim=(0, 2, 3)))
+
+    class Residual(nn.Module):   # the conv's output changed in place (+=) before the ReLU: read at the conv
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu = nn.Conv2d(1, 1, 1, bias=False), nn.ReLU()
+
+        def forward(self, t):
+            y = self.conv(t)
+            y += t
+            return self.relu(y)
+
+    res = Residual()
+    acts, _ = collect_activations(session, res, ["conv"], samples=4)["conv"]
+    with torch.no_grad():
+        torch.testing.assert_close(acts, res.conv(x).mean(dim=(2, 3))[order])
+
+
+def test_activation_criterion_removes_dead_units_first(digits_task):
+    """Two hidden units never active after their ReLU (large negative bias): mean |activation| and
+    entropy remove them first, though their pre-activations are the largest in magnitude."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+    with torch.no_grad():
+        model[1].bias[[2, 5]] = -1000.0
+    for cfg in (ActivationPruneConfig(sparsity=0.25, samples=64), EntropyPruneConfig(sparsity=0.25, samples=64)):
+        pruned = torchslim.apply(model, cfg, task=digits_task)
+        kept = pruned[1].bias.detach()
+        assert pruned[1].out_features == 6 and bool((kept > -1000).all())
+
+
 def _calibration_order(session: Session, n: int) -> list[int]:
     """The order calibration_batches draws examples in (seed 0)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()

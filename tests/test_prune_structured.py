@@ -262,13 +262,13 @@ def test_taylor_and_activation_criteria_by_channels(digits_task):
                           nn.Flatten(), nn.Linear(6 * 64, 10))
     session = Session(task=digits_task)
     batches = session.calibration_batches(64)
-    # independent: the summed loss gradient and each channel's spatial-mean output of layer 0
+    # independent: the summed loss gradient and each channel's spatial-mean activation (after its ReLU) of layer 0
     m = copy.deepcopy(model)
     loss = sum(digits_task.loss(digits_task.forward(m, b), b) * len(digits_task.targets(b)) for b in batches)
     g0, g2 = torch.autograd.grad(loss, [m[0].weight, m[2].weight])
     taylor = ((m[0].weight * g0).flatten(1).sum(1) + (m[2].weight * g2).transpose(0, 1).flatten(1).sum(1)).abs()
     with torch.no_grad():
-        acts = torch.cat([m[0](b[0]).mean((2, 3)) for b in batches]).abs().mean(0)
+        acts = torch.cat([torch.relu(m[0](b[0])).mean((2, 3)) for b in batches]).abs().mean(0)
     for crit, expected in (("taylor", taylor), ("activation", acts)):
         pruned = copy.deepcopy(model)
         prune_channels(pruned, MagnitudePruneConfig(granularity="channel", sparsity=0.5, scope="layer", samples=64),

@@ -17,9 +17,11 @@ from .criteria import bind
 class ActivationPruneConfig(PruneConfig):
     """Rank channels (or heads) by their outputs on ``samples`` calibration examples.
 
-    ``statistic: mean``: the mean over examples of |spatial mean of the output| (Molchanov et
+    ``statistic: mean``: the mean over examples of |spatial mean of the activation| (Molchanov et
     al. 2017); ``statistic: apoz``: ``1 - APoZ``, so the units whose outputs are most often
-    <= 0 (zero after the ReLU) go first (Hu et al. 2016, "Network Trimming"). A structured
+    <= 0 (zero after the ReLU) go first (Hu et al. 2016, "Network Trimming"). A unit is measured
+    where the next layer reads it: after the BatchNorm and activation module that directly
+    follow its layer (a dead ReLU unit scores 0), else at the layer's output. A structured
     criterion: granularity ``channel`` (the default here), ``head`` (a head's slice of the
     attention output before the output projection) or ``layer`` (``mean`` only: the mean
     |output - input| of a residual layer, what dropping it removes); ``weight`` is refused when

@@ -215,7 +215,8 @@ def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     """Mean |activation| of each unit on calibration data, or 1 - APoZ (Hu et al. 2016).
 
     ``statistic="mean"``: the mean over calibration examples of the absolute value of each
-    example's spatial (token) mean of the unit's output (the mean activation criterion of
+    example's spatial (token) mean of the unit's activation (after the BatchNorm and activation
+    module that directly follow its layer, see :func:`.stats.collect_activations`; the mean activation criterion of
     Molchanov et al. 2017, ICLR, sec. 2.2). ``statistic="apoz"``: ``1 - APoZ``, where APoZ is
     the fraction of the unit's outputs that are <= 0 (zero after ReLU) over all examples and
     positions (Hu et al., "Network Trimming", 2016, eq. 1): units mostly zero go first.

@@ -17,7 +17,8 @@ from .criteria import bind
 class EntropyPruneConfig(PruneConfig):
     """Rank channels by the entropy of their global-average-pooled output over ``samples``
     calibration examples, in a histogram of ``bins`` bins (Luo & Wu 2017): low entropy, little
-    information, removed first.
+    information, removed first. The output is read after the BatchNorm and activation module that
+    directly follow the channel's layer (a unit dead after its ReLU: entropy 0).
 
     A structured criterion: granularity ``channel`` (the default here) or ``head`` (the mean
     |value| of a head's slice of the attention output, per example); ``weight`` and ``layer``

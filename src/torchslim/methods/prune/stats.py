@@ -110,59 +110,128 @@ def _output_tensor(module: nn.Module, out) -> torch.Tensor:
     return out
 
 
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return isinstance(m, _ACTIVATIONS) or type(m).__module__.startswith("transformers.activations")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+@contextlib.contextmanager
+def _unit_outputs(model: nn.Module, modules: dict[str, nn.Module], reduce) -> Iterator[dict[str, list]]:
+    """Per call of each named module, ``reduce(name, tensor)`` of the tensor its channels become:
+    the module's output or, where that output goes straight into a BatchNorm and/or an activation
+    module (conv -> BN -> ReLU, linear -> GELU), the activation's output, what the next layer reads
+    (a dead unit is zero there, however large its pre-activation). Matched by tensor identity and
+    version: an output changed in place first (a residual ``+=``) ends the chain at the module."""
+    records: dict[str, list] = {n: [] for n in modules}
+    live: dict[str, list] = {}            # name -> [tensor, version, stage] while a chain may go on
+    matched: dict[nn.Module, list[str]] = {}
+    handles = []
+
+    def root_hook(name: str):
+        def fn(mod: nn.Module, args: tuple, out) -> None:
+            records[name].append(reduce(name, out))
+            if isinstance(out, torch.Tensor):
+                live[name] = [out, _version(out), 0]
+        return fn
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        bn = isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        x = args[0] if args else None
+        matched[mod] = [n for n, (t, ver, stage) in live.items()
+                        if x is t and _version(x) == ver and (stage == 0 or not bn)]
+
+    def post(mod: nn.Module, args: tuple, out) -> None:
+        for n in matched.pop(mod, []):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                live[n] = [out, _version(out), 1]
+            else:
+                records[n][-1] = reduce(n, out)
+                del live[n]
+
+    for n, m in modules.items():
+        handles.append(m.register_forward_hook(root_hook(n)))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or _is_activation(m):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_activations(session, model: nn.Module, module_names: Sequence[str],
                         samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel activation statistics of the named modules' outputs on calibration data.
+    """Per-channel activation statistics of the named modules' units on calibration data.
+
+    A unit is measured where the next layer reads it: after the BatchNorm and activation module
+    that directly follow the named module (conv -> BN -> ReLU, linear -> ReLU / GELU), else at the
+    module's output (a functional ``F.relu`` is not seen: there APoZ is still right, the mean is
+    of the pre-activation).
 
     Parameters
     ----------
     session : Session
-        Gives the task, :meth:`calibration_batches` and :meth:`capture`.
+        Gives the task and :meth:`calibration_batches`.
     model : nn.Module
         Run in eval mode under ``no_grad``; training flags restored.
     module_names : sequence of str
-        Modules whose outputs are measured (``features.0``, ``classifier.1``).
+        Modules whose units are measured (``features.0``, ``classifier.1``).
     samples : int
         Calibration examples (the whole split when it has fewer).
 
     Returns
     -------
     dict of str to (Tensor, Tensor)
-        ``name -> (acts, zeros)``: ``acts`` ``[N, C]`` float32, each example's mean of the
-        module's output over every position of channel ``c`` (the spatial mean of a conv
-        output, channels on dim 1; the mean over token dims of a linear output, channels on the
-        last dim); ``zeros`` ``[C]``, the fraction of output entries ``<= 0`` over all examples
-        and positions (APoZ, Hu et al. 2016). On the CPU.
+        ``name -> (acts, zeros)``: ``acts`` ``[N, C]`` float32, each example's mean of the unit's
+        activation over every position of channel ``c`` (the spatial mean of a conv output,
+        channels on dim 1; the mean over token dims of a linear output, channels on the last
+        dim); ``zeros`` ``[C]``, the fraction of entries ``<= 0`` over all examples and positions
+        (APoZ, Hu et al. 2016). On the CPU.
 
     Raises
     ------
     UserError
         Without a task with data, or for a module name the model lacks (the nearest names).
     RecipeError
-        For a module whose output is not a tensor.
+        For a module whose output is not a tensor, or that does not run in the forward pass.
     """
     task = session.require_task("calibration activations")
     batches = session.calibration_batches(samples)
     names = list(dict.fromkeys(module_names))
+    with session.capture(model, names, inputs=False):   # checks the names (nearest ones on a typo)
+        pass
+    modules = {n: model.get_submodule(n) for n in names}
+
+    def reduce(n: str, out) -> tuple[torch.Tensor, torch.Tensor, int]:
+        dim = channel_dim(modules[n])
+        x = _output_tensor(modules[n], out).float()
+        return channels_last(x, dim).mean(dim=1).cpu(), apoz(x, dim).cpu(), x.numel() // x.shape[dim]
+
     means: dict[str, list[torch.Tensor]] = {n: [] for n in names}      # per batch: [B, C]
     nonpos = dict.fromkeys(names, 0.0)      # per channel: entries <= 0 so far
     positions = dict.fromkeys(names, 0)     # entries per channel so far
-    with _eval_keeping_flags(model), session.capture(model, names, inputs=False, outputs=True) as got:
-        modules = {n: model.get_submodule(n) for n in names}   # names checked by capture
+    with _eval_keeping_flags(model), _unit_outputs(model, modules, reduce) as got:
         for batch in batches:
             task.forward(model, batch)
             for n in names:
-                dim = channel_dim(modules[n])
-                xs = [_output_tensor(modules[n], out).float() for out in got[n]["outputs"]]
-                got[n]["outputs"].clear()   # reduced per batch: full feature maps are not kept
-                if not xs:
+                calls, got[n] = got[n], []  # reduced per batch: full feature maps are not kept
+                if not calls:
                     raise RecipeError(f"activation statistics: module {n!r} did not run in the forward pass")
                 # a module called several times per forward (shared): its calls averaged
-                means[n].append(torch.stack([channels_last(x, dim).mean(dim=1) for x in xs]).mean(0).cpu())
-                for x in xs:
-                    count = x.numel() // x.shape[dim]
-                    nonpos[n] = nonpos[n] + apoz(x, dim).cpu() * count
+                means[n].append(torch.stack([c[0] for c in calls]).mean(0))
+                for _, zeros, count in calls:
+                    nonpos[n] = nonpos[n] + zeros * count
                     positions[n] += count
     return {n: (torch.cat(means[n]), nonpos[n] / positions[n]) for n in names}
 
