@@ -309,7 +309,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import yaml
 
     from .pipeline import run_recipe
-    from .recipe import Recipe
+    from .recipe import Recipe, RecipeLoader
     from .registry import get_method
     from .report import format_table
 
@@ -345,7 +345,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise UserError(f"merge --set {clip(item, 80)!r}: expected KEY=VALUE, e.g. --set scale=0.5")
         if key.strip() in ("method", "models", "base"):
             raise UserError(f"merge --set {key.strip()}: give it as --method, MODEL arguments or --base")
-        fields[key.strip()] = yaml.safe_load(value)
+        fields[key.strip()] = yaml.load(value, Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     measure = {"batch_sizes": list(args.batch_sizes), "latency": not args.no_latency}
     recipe = Recipe.from_dict({"model": models[0], "task": args.task, "measure": measure,
                                "steps": [{"merge": fields}]})

@@ -334,8 +334,21 @@ def parse_step(raw: Any, where: str) -> Step:
 
 
 # -- YAML with line numbers ----------------------------------------------------------------
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader reading ``2:4`` as the string it looks like (YAML 1.2), not the base-60 number
+    124 of YAML 1.1: N:M granularities and times need no quotes."""
+
+    def resolve(self, kind, value, implicit):
+        if kind is yaml.ScalarNode and implicit[0] and _SEXAGESIMAL.fullmatch(value):
+            return "tag:yaml.org,2002:str"
+        return super().resolve(kind, value, implicit)
+
+
+class _StrictLoader(RecipeLoader):
+    """RecipeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -453,10 +466,10 @@ def apply_override(data: Any, item: str) -> None:
     if len(item) > 10_000:
         raise RecipeError(f"--set {item[:60]!r}...: {len(item):,} characters; at most 10,000")
     try:
-        node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw != "" else None
+        node = yaml.compose(raw, Loader=RecipeLoader) if raw != "" else None
         if _expanded_size(node, 10_000) > 10_000:
             raise RecipeError(f"--set {key}: the value expands to too many YAML values through aliases")
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.load(raw, Loader=RecipeLoader) if raw != "" else None  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {item!r}: value is not valid YAML: {exc}") from None
     except RecursionError:
