@@ -115,6 +115,8 @@ def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
         MagnitudePruneConfig(sensitivity="x.json")
     with pytest.raises(RecipeError, match="budget: macs is read with ratios: sensitivity only"):
         MagnitudePruneConfig(budget="macs")
+    with pytest.raises(RecipeError, match="budget: macs needs granularity channel or head"):
+        MagnitudePruneConfig(budget="macs", ratios="sensitivity")
     with pytest.raises(RecipeError, match="granularity layer drops a layer whole"):
         sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="layer"), points=(0.5,))
     (tmp_path / "bad.json").write_text("{}")

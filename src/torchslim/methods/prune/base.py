@@ -335,6 +335,9 @@ class PruneConfig(MethodConfig):
             if self.granularity not in ("weight", "channel", "head"):
                 raise RecipeError(f"{cls}.ratios: sensitivity is available with granularity weight, channel and head, not "
                                   f"{self.granularity!r}")
+            if self.budget == "macs" and self.granularity == "weight":
+                raise RecipeError(f"{cls}.budget: macs needs granularity channel or head: zeroed single weights "
+                                  "leave every MAC of dense execution (use budget: params)")
         elif self.sensitivity is not None:
             raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
         elif self.budget != "params":
