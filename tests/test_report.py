@@ -301,7 +301,8 @@ def test_report_of_a_real_run(pipeline_run, tmp_path):
     for row, step in zip(body, metrics["steps"]):
         assert row[header.index("size x")] == f"{base / step['size_bytes']:.2f}x"
         assert row[header.index("metric")] == f"accuracy {step['metric']['value']:.4f}"
-    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS | {"training.png", "quantization.png"}
+    assert {p.name for p in (run / "plots").iterdir()} == ALL_PLOTS | {"training.png", "quantization.png",
+                                                                      "layer_sparsity.png"}
     # the pipeline's own report matches the regenerated one
     assert (pipeline_run / "report.md").read_text() == (run / "report.md").read_text()
 
@@ -563,6 +564,23 @@ def test_report_of_a_real_run_shows_layers_training_run_and_inputs(pipeline_run)
     html_page = (pipeline_run / "report.html").read_text()
     assert '<table id="layers">' in html_page and '<table id="layer-sparsity">' in html_page
     assert '<table id="training">' in html_page
+
+
+def test_layer_sparsity_counts_removed_channels_and_dropped_layers():
+    from torchslim.report import layer_sparsity_figure, layer_sparsity_rows
+
+    m = {"steps": [{"name": "baseline", "layers": [{"name": "conv", "params": 100, "nonzero": 100},
+                                                   {"name": "block", "params": 50, "nonzero": 50},
+                                                   {"name": "fc", "params": 20, "nonzero": 20}]},
+                   {"name": "prune", "layers": [{"name": "conv", "params": 25, "nonzero": 25},   # channels cut
+                                                {"name": "fc", "params": 20, "nonzero": 5}]}]}   # zeros
+    header, rows = layer_sparsity_rows(m)
+    assert header == ["layer", "baseline", "prune"]
+    assert rows == [["conv", "0.0%", "75.0%"], ["block", "0.0%", "removed"], ["fc", "0.0%", "75.0%"]]
+    ax = layer_sparsity_figure(m).axes[0]
+    assert [round(b.get_width(), 6) for b in ax.patches] == [75.0, 100.0, 75.0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["conv", "block", "fc"]
+    assert layer_sparsity_figure({"steps": m["steps"][:1]}) is None     # nothing pruned: no plot
 
 
 def test_kept_channels_of_a_narrower_model_measured_for_real():

@@ -43,7 +43,7 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
 # removed so the folder matches the report.
 _PLOT_FILES = ("size.png", "macs.png", "latency.png", "metric.png", "metric_vs_size.png", "training.png",
-               "sensitivity.png", "spectra.png", "quantization.png")
+               "sensitivity.png", "spectra.png", "quantization.png", "layer_sparsity.png")
 _PLOT_CAPTIONS = {
     "size": "Size on disk per step",
     "macs": "MACs per forward pass (batch 1)",
@@ -54,6 +54,7 @@ _PLOT_CAPTIONS = {
     "sensitivity": "Sensitivity: the metric as each layer alone is pruned",
     "spectra": "Singular values of the factorized layers (normalized), the kept rank marked",
     "quantization": "Output SQNR per quantized layer (dB), coloured by bits; weight SQNR marked",
+    "layer_sparsity": "Per-layer sparsity of the final model: weights zero or removed, of each baseline layer's",
 }
 #: a task metric whose values lie in [-1, 1] (accuracy, Spearman) is plotted on an axis at least
 #: this tall (10 points), so that a fraction of a point does not fill the plot like a cliff
@@ -431,23 +432,80 @@ def layer_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def layer_sparsity_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Sparsity of every layer at every step that has per-layer figures: one row per layer (in
-    order of first appearance), one column per step. A step's measured ``layers`` are used;
-    a row without them falls back to its ``layer_sparsity`` (a pruning step's own record).
-    Empty when no step has either."""
+def _gone(layer: dict, base: dict | None) -> float | None:
+    """Fraction of the baseline layer's weights and bias that are zero or removed (channels or heads
+    cut: ``1 - non-zero / baseline params``); a layer the baseline lacks: its own zeros."""
+    p, nz = _num((base or layer).get("params")), _num(layer.get("nonzero"))
+    return max(0.0, 1 - nz / p) if p and nz is not None else None
+
+
+def layer_sparsity_series(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float | None], set[str]]]:
+    """``(step name, {layer: fraction gone}, removed layers)`` per step with per-layer figures: the
+    fraction of each baseline layer's weights and bias that are zero or removed (:func:`_gone`;
+    1.0 for a baseline layer the step's model no longer has, listed in the set: a dropped block, a
+    removed layer); a step without measured ``layers`` gives its own ``layer_sparsity`` (of the
+    weights alone)."""
     steps = [(i, s) for i, s in enumerate(metrics.get("steps") or []) if isinstance(s, dict)]
-    cols: list[tuple[str, dict[str, float | None]]] = []
+    base = {r["name"]: r for r in next((_layers(s) for _, s in steps if _layers(s)), [])}
+    cols: list[tuple[str, dict[str, float | None], set[str]]] = []
     for i, s in steps:
         if _layers(s):
-            cols.append((_step_name(s, i), {r["name"]: _zeros(r) for r in _layers(s)}))
+            col: dict[str, float | None] = {r["name"]: _gone(r, base.get(r["name"])) for r in _layers(s)}
+            removed = {n for n in base if n not in col}
+            col.update(dict.fromkeys(removed, 1.0))
+            cols.append((_step_name(s, i), col, removed))
         elif isinstance(s.get("layer_sparsity"), dict):
-            cols.append((_step_name(s, i), {k: _num(v) for k, v in s["layer_sparsity"].items()}))
+            cols.append((_step_name(s, i), {k: _num(v) for k, v in s["layer_sparsity"].items()}, set()))
+    return cols
+
+
+def layer_sparsity_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per-layer sparsity at every step that has per-layer figures (:func:`layer_sparsity_series`):
+    one row per layer (in order of first appearance), one column per step; ``removed`` for a
+    baseline layer the step's model no longer has. Empty when no step has any.
+
+    Examples
+    --------
+    >>> m = {"steps": [{"layers": [{"name": "a", "params": 40, "nonzero": 40},
+    ...                            {"name": "b", "params": 10, "nonzero": 10}]},
+    ...                {"layers": [{"name": "a", "params": 20, "nonzero": 10}]}]}
+    >>> layer_sparsity_rows(m)[1]
+    [['a', '0.0%', '75.0%'], ['b', '0.0%', 'removed']]
+    """
+    cols = layer_sparsity_series(metrics)
     if not cols:
         return [], []
-    names = list(dict.fromkeys(n for _, col in cols for n in col))
-    header = ["layer", *[name for name, _ in cols]]
-    return header, [[n or "(model)", *[_pct(col.get(n)) if n in col else "-" for _, col in cols]] for n in names]
+    names = list(dict.fromkeys(n for _, col, _ in cols for n in col))
+    header = ["layer", *[name for name, _, _ in cols]]
+    return header, [[n or "(model)", *["-" if n not in col else "removed" if n in gone else _pct(col[n])
+                                       for _, col, gone in cols]] for n in names]
+
+
+def layer_sparsity_figure(metrics: dict[str, Any]):
+    """One horizontal bar per layer of the final model's baseline layers: the fraction of its weights
+    and bias zero or removed (:func:`layer_sparsity_series`, last step), the first ``MAX_QUANT_LAYERS``
+    drawn. None when no step has per-layer figures or nothing is sparse."""
+    cols = layer_sparsity_series(metrics)
+    if len(cols) < 2 or not any(v for v in cols[-1][1].values()):
+        return None
+    step, col, _ = cols[-1]
+    order = dict.fromkeys(n for _, c, _ in cols for n in c)   # model order: a dropped layer where it was
+    found = [(n, col[n]) for n in order if n in col]
+    drawn = found[:MAX_QUANT_LAYERS]
+    fig, ax = _new_axes(max(2.4, 1.2 + 0.22 * len(drawn)))
+    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="y", visible=False)
+    ys = list(range(len(drawn)))
+    vals = [100 * (v or 0.0) for _, v in drawn]
+    bars = ax.barh(ys, vals, height=0.7, color=["#888" if v == 100 else "#3b7dd8" for v in vals])
+    ax.bar_label(bars, labels=[f"{v:.0f}%" for v in vals], fontsize=6, padding=2)
+    ax.set_yticks(ys, [str(n) or "(model)" for n, _ in drawn], fontsize=7)
+    ax.invert_yaxis()   # model order, top down
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("weights zero or removed (% of the baseline layer's)")
+    more = f" (first {MAX_QUANT_LAYERS} of {len(found)} layers)" if len(found) > MAX_QUANT_LAYERS else ""
+    ax.set_title(f"Per-layer sparsity after {step}{more}", fontsize=10)
+    return fig
 
 
 def _training(metrics: dict[str, Any]) -> list[tuple[str, list[dict]]]:
@@ -911,6 +969,7 @@ def make_plots(metrics: dict[str, Any], plot_dir: Path) -> list[Path]:
         save(sensitivity_figure(found), "sensitivity.png")
     save(spectra_figure(metrics), "spectra.png")
     save(quantization_figure(metrics), "quantization.png")
+    save(layer_sparsity_figure(metrics), "layer_sparsity.png")
 
     made = {p.name for p in paths}
     for fname in _PLOT_FILES:
@@ -1101,8 +1160,10 @@ def _markdown(metrics: dict[str, Any], plots: list[Path]) -> str:
 _LAYER_NOTE = ("Layers that hold weights. Sparsity: zeros among the layer's weights and bias; bits: "
                "quantized layers; kept channels: output channels / the baseline layer's, where they "
                "shrank (a narrower student, removed channels); MACs at batch 1.")
-_SPARSITY_NOTE = ("Zeros among each layer's weights and bias as measured after each step (a pruning "
-                  "step's own layer_sparsity, of the weights alone, where a step was not measured per layer).")
+_SPARSITY_NOTE = ("The fraction of each baseline layer's weights and bias that are zero or removed after each "
+                  "step (channels or heads cut count as removed; removed: the layer itself is gone, a dropped "
+                  "block or layer; a layer new since the baseline: its own zeros; a pruning step's own "
+                  "layer_sparsity, of the weights alone, where a step was not measured per layer).")
 
 
 _QUANT_NOTE = ("Each layer a quantize step replaced. Output SQNR: 10 log10(sum y^2 / sum (y - y_q)^2) of the "
