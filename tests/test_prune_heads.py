@@ -369,6 +369,28 @@ def test_named_transformer_layers_are_dropped_and_reload(spec, stacks, tmp_path)
     assert count_macs(pruned, (x[:1],)) < count_macs(model, (x[:1],))
 
 
+def test_residual_blocks_of_a_flat_sequential_are_dropped_and_reload(tmp_path):
+    """zoo:resnet-fmnist holds stem, blocks and head in one nn.Sequential: the blocks that keep their
+    shape (no downsample: children 4, 6, 8 and 3, whose input is already 16 wide) are the candidates."""
+    torch.manual_seed(0)
+    model = torchslim.build_model("zoo:resnet-fmnist").eval()
+    candidates = [n for n, b in model.named_children() if getattr(b, "downsample", 1) is None]
+    assert candidates == ["3", "4", "6", "8"]
+    means = {n: torch.cat([p.detach().abs().flatten() for k, p in model.get_submodule(n).named_parameters()
+                           if k.endswith("weight")]).mean() for n in candidates}   # magnitude: mean |w| of a layer
+    lowest = sorted(candidates, key=lambda n: means[n])[:2]
+    pruned = torchslim.apply(model, MagnitudePruneConfig(granularity="layer", sparsity=0.5))
+    kept = [b for n, b in model.named_children() if n not in lowest]
+    assert len(pruned) == len(model) - 2 and all(a is not b and type(a) is type(b) for a, b in zip(pruned, kept))
+    for new, old in zip(pruned, kept):
+        assert all(torch.equal(p, q) for p, q in zip(new.parameters(), old.parameters()))
+    x = torch.randn(2, 1, 28, 28)
+    back = _reload(pruned, tmp_path / "r")
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned(x))
+    assert count_macs(pruned, (x[:1],)) < count_macs(model, (x[:1],))
+
+
 # -- bad input ------------------------------------------------------------------------------
 @pytest.mark.parametrize("granularity,model,says", [
     ("head", "zoo:digits-cnn", "no attention module found in Sequential"),

@@ -31,7 +31,8 @@ of pre-trained transformer models"). A *stack* is a list of residual layers whos
 output shapes match: a Hugging Face ``encoder.layer`` ModuleList (``config.num_hidden_layers``
 follows), an ``nn.TransformerEncoder``'s ``layers`` (``num_layers`` follows), a torchvision ViT
 ``encoder.layers``, a Swin stage's blocks, and a torchvision ResNet stage's blocks without
-``downsample`` (never the first, downsampling block). A layer's score is the criterion over its
+``downsample`` (never the first, downsampling block), also where they sit in one flat
+``nn.Sequential`` with the stem and the head (``zoo:resnet-fmnist``). A layer's score is the criterion over its
 weight tensors as one unit, divided by their number of elements (``magnitude``: the mean |w|);
 the lowest-scoring ``round(sparsity * candidates)`` go, over all stacks (``global``) or in each
 (``layer``); each stack keeps at least one layer. ``targets`` / ``ignore`` name candidate
@@ -451,6 +452,10 @@ def _stack(model: nn.Module, name: str, m: nn.Module, kinds: dict) -> LayerStack
     blocks = list(m._modules.values())
     parent_name, _, attr = name.rpartition(".")
     parent = get_submodule(model, parent_name)
+    if isinstance(m, nn.Sequential) and not all(map(kinds["resnet"], blocks)) and any(map(kinds["resnet"], blocks)):
+        # a flat Sequential: stem, residual blocks, head (zoo:resnet-fmnist): the blocks that keep their shape
+        droppable = [c for c, b in zip(children, blocks) if kinds["resnet"](b) and b.downsample is None]
+        return LayerStack(name, children, droppable) if droppable else None
     for kind, test in kinds.items():
         if all(test(b) for b in blocks):
             if kind == "resnet":
@@ -471,11 +476,11 @@ def layer_stacks(model: nn.Module, targets: tuple[str, ...] = ("re:.*",),
     kinds = _block_kinds()
     stacks, named = [], set()
     for name, m in model.named_modules():
-        stack = _stack(model, name, m, kinds) if name else None
+        stack = _stack(model, name, m, kinds)
         if stack is None:
             continue
         for c in stack.candidates:
-            full = f"{name}.{c}"
+            full = f"{name}.{c}" if name else c
             named.add(full)
             if any(matches(full, p) for p in targets) and not any(matches(full, p) for p in ignore):
                 stack.droppable.append(full)
