@@ -88,6 +88,10 @@ def test_unmatched_target_is_an_error_with_nearest_names():
     model = torchslim.build_model("zoo:lenet-5")
     with pytest.raises(RecipeError, match="matches no module"):
         torchslim.apply(model, MagnitudePruneConfig(sparsity=0.5, targets=("fc1",)))
+    # a re: pattern found inside names but matching none whole: said, with the pattern that would
+    with pytest.raises(RecipeError, match=r"matches no whole module name \(.*'3.conv1'\).* write 're:\.\*conv1\.\*'"):
+        torchslim.apply(torchslim.build_model("zoo:resnet-fmnist"),
+                        MagnitudePruneConfig(sparsity=0.5, targets=("re:conv1",)))
 
 
 @pytest.mark.parametrize("bad", [dict(sparsity=1.5), dict(sparsity=-0.1), dict(scope="globl"),
