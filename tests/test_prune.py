@@ -94,6 +94,11 @@ def test_unmatched_target_is_an_error_with_nearest_names():
                         MagnitudePruneConfig(sparsity=0.5, targets=("re:conv1",)))
 
 
+def test_apply_with_a_mapping_instead_of_a_config_says_how_to_build_one():
+    with pytest.raises(RecipeError, match=r"apply takes a method config, got dict: .*from_dict"):
+        torchslim.apply(torchslim.build_model("zoo:lenet-5"), {"method": "magnitude", "sparsity": 0.5})
+
+
 @pytest.mark.parametrize("bad", [dict(sparsity=1.5), dict(sparsity=-0.1), dict(scope="globl"),
                                  dict(schedule="gradual"), dict(granularity="2:4x")])
 def test_bad_configs_raise(bad):

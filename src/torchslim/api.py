@@ -21,6 +21,10 @@ from .train.config import teacher_roles
 
 
 def _entry_for(config: MethodConfig):
+    if not isinstance(config, MethodConfig):
+        raise RecipeError(f"apply takes a method config, got {type(config).__name__}: e.g. "
+                          "MagnitudePruneConfig(sparsity=0.5) from torchslim.prune, or from a recipe-style mapping "
+                          "MagnitudePruneConfig.from_dict({'sparsity': 0.5})")
     matches = [e for e in list_methods() if type(config) is e.config_cls]
     if len(matches) == 1:
         return matches[0]
