@@ -128,9 +128,9 @@ def check_patterns(model: nn.Module, patterns: Iterable[str], what: str) -> None
         if not any(matches(n, pat) for n in names):
             partial = [n for n in names if pat.startswith("re:") and re.search(pat[3:], n)]
             if partial:  # the user meant a substring search
-                raise RecipeError(f"{what}: pattern {pat!r} matches no whole module name (a re: pattern must "
-                                  f"match all of it, e.g. {partial[0]!r}); to match names containing it write "
-                                  f"'re:.*{pat[3:]}.*'")
+                raise RecipeError(f"{what}: pattern {pat!r} matches no whole module name (it is found inside "
+                                  f"{partial[0]!r}, but a re: pattern must match all of a name); to match names "
+                                  f"containing it write 're:.*{pat[3:]}.*'")
             near = difflib.get_close_matches(pat.removeprefix("re:"), names, n=5, cutoff=0.3)
             hint = f"; nearest module names: {', '.join(near)}" if near else (
                 f"; module names look like: {', '.join(names[:6])}")
