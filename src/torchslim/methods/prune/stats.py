@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...errors import RecipeError
+from ...modules import find_module
 from .primitives import apoz, channels_last
 
 
@@ -209,9 +210,7 @@ def collect_activations(session, model: nn.Module, module_names: Sequence[str],
     task = session.require_task("calibration activations")
     batches = session.calibration_batches(samples)
     names = list(dict.fromkeys(module_names))
-    with session.capture(model, names, inputs=False):   # checks the names (nearest ones on a typo)
-        pass
-    modules = {n: model.get_submodule(n) for n in names}
+    modules = {n: find_module(model, n) for n in names}   # the nearest names on a typo
 
     def reduce(n: str, out) -> tuple[torch.Tensor, torch.Tensor, int]:
         dim = channel_dim(modules[n])
