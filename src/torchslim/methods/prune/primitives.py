@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -87,6 +89,20 @@ def cubic_sparsity(step: int, total: int, final: float, initial: float = 0.0) ->
         return final
     t = min(max(step / total, 0.0), 1.0)
     return final + (initial - final) * (1.0 - t) ** 3
+
+
+def units_kept(sparsity: float, units: int) -> int:
+    """Units left when ``sparsity`` of ``units`` go: ``floor((1 - sparsity) * units)``, so at
+    least the asked fraction is removed (``ceil(sparsity * units)`` go, up to float error, which
+    a 1e-9 margin absorbs). Torch-Pruning's rule (``int(n * (1 - ratio))`` kept), so both tools
+    give the same widths; may be 0 (the caller keeps a floor).
+
+    Examples
+    --------
+    >>> units_kept(0.3, 64), units_kept(0.5, 64), units_kept(0.3, 10), units_kept(0.29, 100)
+    (44, 32, 7, 71)
+    """
+    return max(int(math.floor((1.0 - sparsity) * units + 1e-9)), 0)
 
 
 def round_kept(kept: int, units: int, per_unit: int = 1, round_to: int = 1) -> int:

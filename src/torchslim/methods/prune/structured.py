@@ -20,7 +20,8 @@ channels of the first layer (the data's), and anything in ``ignore``. A group is
 one of the layers whose output channels it removes is a target and none is ignored. A layer
 the graph cannot handle is skipped and reported (log, ``warnings``, ``skipped`` in the row).
 
-Scope ``layer`` removes the same fraction of every group; scope ``global`` ranks all groups'
+Scope ``layer`` removes the same fraction of every group (``floor((1 - sparsity) * n)`` of its
+``n`` channels kept, Torch-Pruning's rule: at least the asked fraction goes); scope ``global`` ranks all groups'
 channels together after dividing each group's scores by their mean (Torch-Pruning's default
 ``normalizer="mean"``), so groups of different sizes and weight scales compete fairly.
 A layer never loses every channel: it keeps its best one, and a ``layer_collapse`` warning
@@ -51,7 +52,7 @@ from ...modules import build_from_record, eval_mode, matches, module_rebuild_rec
 from ...outputs import OutputError, output_tensors, prediction
 from ...specs.tasks import to_device
 from .criteria import CriterionEntry, Group, check_scores
-from .primitives import global_masks, round_kept
+from .primitives import global_masks, round_kept, units_kept
 from .schedule import finetune_round, round_ratios
 
 from .roots import _PRUNERS, ROOT_KINDS, channel_targets, register_pruner  # noqa: F401 (public here too)
@@ -421,7 +422,7 @@ def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> No
     else:
         for i in [*own, *(rest if config.scope == "layer" else [])]:
             p, original_units = plans[i], plans[i].original // plans[i].per_group
-            want = original_units - int(round(min(own.get(i, ratio), 1.0) * original_units))
+            want = units_kept(min(own.get(i, ratio), 1.0), original_units)
             if want < 1:
                 collapsed.append(p.name)
             removals[i] = max(p.units - max(want, floors[i]), 0)
@@ -448,7 +449,7 @@ def _global_removals(plans: list[_Plan], floors: list[int], ratio: float, config
     scores = [p.scores / p.scores.mean() if float(p.scores.mean()) > 0 else p.scores for p in plans]
     total0 = sum(p.original // p.per_group for p in plans)
     gone = total0 - sum(p.units for p in plans)              # removed by earlier rounds
-    k = max(int(round(ratio * total0)) - gone, 0)
+    k = max(total0 - units_kept(ratio, total0) - gone, 0)
     caps = [max(p.units - f, 0) for p, f in zip(plans, floors)]
     if sum(caps) < k:
         session.warn("channel_limit", f"channel pruning: {ratio:.0%} of {total0} channel units cannot go while "
