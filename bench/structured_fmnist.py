@@ -11,7 +11,8 @@ lr: 0.02, distill: {teacher: baseline, temperature: 4, alpha: 0.5}}``. Rows: den
 group's channels (``scope: layer``, the uniform plan); 50% ranked globally (``scope: global``);
 ``ratios: sensitivity`` with ``budget: macs`` asking the MACs the uniform plan removed (curves on
 the val split, one per channel group). Each pruned model is fine-tuned the same way. Latency:
-``torch.utils.benchmark``, models in turns over ``--rounds`` rounds, batch 1 and 16, 1 thread.
+``torch.utils.benchmark``, models in turns over ``--rounds`` rounds, batch 1 and 16, 1 thread, in
+eager PyTorch and, exported to ONNX by torchslim's exporter, in ONNX Runtime (CPU provider).
 Curves already in ``--out/sensitivity.json`` (an earlier run on the same baseline) are reused.
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
 the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine).
@@ -29,9 +30,10 @@ from pathlib import Path
 import torch
 
 import torchslim
-from _timing import latency  # bench/_timing.py
+from _timing import OrtSession, latency  # bench/_timing.py
 from torchslim.fileio import write_json
 from torchslim.measure import count_macs, count_params
+from torchslim.onnx_io import export_onnx
 from torchslim.prune import MagnitudePruneConfig
 from torchslim.registry import get_method
 from torchslim.session import Session
@@ -135,24 +137,34 @@ def main() -> None:
             print(f"| {r['name']} | {r['accuracy']:.4f} | {r['params'] / rows[0]['params']:.3f} | "
                   f"{r['macs'] / dense_macs:.3f} |")
         return
+    # the shipped form too: each model exported to ONNX (torchslim's exporter) in an ONNX Runtime session
+    ort_models = {}
+    for i, (name, m) in enumerate(models.items()):
+        path = export_onnx(m, x1, args.out / "onnx" / f"model-{i}.onnx", input_names=("images",))
+        ort_models[name] = OrtSession(path, args.threads)
+        with torch.no_grad():  # the session computes what the model does
+            torch.testing.assert_close(ort_models[name](x1[0]), m(*x1), atol=1e-4, rtol=1e-4)
     for bs in (1, 16):
-        ms = latency(models, task.example_inputs(bs)[0], args.rounds)
-        for row in rows:
-            row[f"latency_ms_bs{bs}"] = round(ms[row["name"]], 4)
-            row[f"latency_x_bs{bs}"] = round(ms[row["name"]] / ms["dense"], 3)
+        x = task.example_inputs(bs)[0]
+        for runtime, group in (("", models), ("_ort", ort_models)):
+            ms = latency(group, x, args.rounds)
+            for row in rows:
+                row[f"latency{runtime}_ms_bs{bs}"] = round(ms[row["name"]], 4)
+                row[f"latency{runtime}_x_bs{bs}"] = round(ms[row["name"]] / ms["dense"], 3)
     for row in rows:
         row["macs_x"] = round(row["macs"] / dense_macs, 3)
         row["params_x"] = round(row["params"] / rows[0]["params"], 3)
         row["accuracy_drop_pt"] = round(100 * (rows[0]["accuracy"] - row["accuracy"]), 2)
     write_json(args.out / "structured.json", {"threads": args.threads, "rows": rows})
     print("| model | test acc before fine-tune | test acc | drop (pt) | params x | MACs x | latency bs1 x "
-          "| latency bs16 x |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| latency bs16 x | ORT bs1 x | ORT bs16 x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pre = r.get("accuracy_before_finetune")
         print(f"| {r['name']} | {'' if pre is None else f'{pre:.4f}'} | {r['accuracy']:.4f} | "
               f"{r['accuracy_drop_pt']:+.2f} | {r['params_x']:.3f} | "
-              f"{r['macs_x']:.3f} | {r['latency_x_bs1']:.2f} | {r['latency_x_bs16']:.2f} |")
+              f"{r['macs_x']:.3f} | {r['latency_x_bs1']:.2f} | {r['latency_x_bs16']:.2f} | "
+              f"{r['latency_ort_x_bs1']:.2f} | {r['latency_ort_x_bs16']:.2f} |")
     print(json.dumps(rows, indent=1))
 
 
