@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 
 import pytest
 import torch
+from torch import nn
 
 import torchslim
 from torchslim.methods.export import ExportConfig, check_onnx, export_for_task, export_onnx
@@ -44,6 +47,27 @@ def test_onnx_has_a_dynamic_batch(tmp_path, digits_task):
     path = export_onnx(model, digits_task.example_inputs(1), tmp_path / "m.onnx")
     for bs in (1, 7):
         assert check_onnx(model, path, digits_task.example_inputs(bs), atol=1e-4) < 1e-4
+
+
+def test_onnx_check_of_outputs_near_zero_warns_with_the_cosine(tmp_path, digits_task, caplog):
+    """Outputs of ~1e-10 pass the absolute bound whatever the file holds: the check says so."""
+    from torchslim.onnx_io import onnx_agreement
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_(1e-9), model[1].bias.zero_()
+    path = export_onnx(model, digits_task.example_inputs(1), tmp_path / "m.onnx", exporter="torchscript")
+    flipped = copy.deepcopy(model)
+    with torch.no_grad():
+        flipped[1].weight.neg_()              # another model: the outputs point the other way
+    with caplog.at_level(logging.WARNING, logger="torchslim"):
+        diff, cosine = onnx_agreement(flipped, path, digits_task.example_inputs(4), atol=1e-4)
+    assert diff < 1e-4 and cosine < -0.99
+    assert "within atol 0.0001 of zero" in caplog.text and f"{cosine:.4f}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchslim"):
+        onnx_agreement(model, path, digits_task.example_inputs(4), atol=1e-12)   # a bound below the outputs
+    assert "of zero" not in caplog.text
 
 
 def test_hf_model_exports_to_onnx(tmp_path):
