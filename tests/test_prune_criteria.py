@@ -3,6 +3,7 @@ statistics they read, each against a score computed here independently."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -232,6 +233,27 @@ def test_threshold_removes_exactly_what_falls_under_alpha_times_the_layer_max(al
     top = max(float(m[i].weight.detach().abs().max()) for i in layers)
     for i in layers:
         assert torch.equal(both[i].weight == 0, m[i].weight.abs() < alpha * top), i
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_threshold_that_removes_nothing_says_so(granularity, caplog):
+    """Every |w| (every filter's L1 norm) equal: nothing is under alpha * max, and a warning
+    names alpha instead of a silent step."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.sign(torch.randn_like(p)))       # +-1 everywhere
+    with caplog.at_level(logging.WARNING, logger="torchslim"):
+        pruned = torchslim.apply(m, ThresholdPruneConfig(alpha=0.5, granularity=granularity), task="shape:1x6x6")
+    assert all(torch.equal(p, q) for p, q in zip(pruned.parameters(), m.parameters()))
+    assert "removed no" in caplog.text and "alpha 0.5" in caplog.text and "raise alpha" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchslim"):   # a rule that removes something is quiet
+        with torch.no_grad():
+            m[2].weight[0].mul_(0.1)
+        torchslim.apply(m, ThresholdPruneConfig(alpha=0.5, granularity=granularity), task="shape:1x6x6")
+    assert "removed no" not in caplog.text
 
 
 def test_threshold_masks_hold_through_fine_tuning(trained_digits, digits_task):

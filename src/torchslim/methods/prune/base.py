@@ -181,6 +181,11 @@ class PruneConfig(MethodConfig):
         return {**super().target_patterns(), **({"layer_sparsity": tuple(self.layer_sparsity)}
                                                   if self.layer_sparsity else {})}
 
+    def kept_everything(self) -> str:
+        """Why a rule whose sparsity is its result (``SPARSITY_IS_RESULT``) removed nothing, and
+        what to change: the ``nothing_removed`` warning's words."""
+        return "its rule kept every unit"
+
     def keep_masks(self, scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
         """Keep-masks (True: kept), one per score tensor (a layer's elements, a group's units).
 

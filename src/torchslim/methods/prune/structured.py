@@ -418,6 +418,9 @@ def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> No
     if getattr(type(config), "SPARSITY_IS_RESULT", False):  # the config's own rule (threshold) decides
         masks = config.keep_masks([p.scores for p in plans], ratio)
         removals = [min(int((~m).sum()), p.units - f) for p, m, f in zip(plans, masks, floors)]
+        if not any(removals):
+            session.warn("nothing_removed", f"{config.CRITERION} channel pruning removed no channel: "
+                                            f"{config.kept_everything()}")
         collapsed += [p.name for p, m in zip(plans, masks) if not bool(m.any())]
     else:
         for i in [*own, *(rest if config.scope == "layer" else [])]:

@@ -75,6 +75,10 @@ class ThresholdPruneConfig(PruneConfig):
             return [s >= self.alpha * top for s in scores]
         return [s >= self.alpha * s.max() for s in scores]
 
+    def kept_everything(self) -> str:
+        return (f"every score is at least alpha {self.alpha:g} times the largest of its "
+                f"{'layer' if self.scope == 'layer' else 'targets'}; raise alpha (the fraction removed follows it)")
+
     @classmethod
     def example(cls) -> "ThresholdPruneConfig":
         return cls(alpha=0.1)

@@ -249,6 +249,10 @@ def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEn
     fixed = config.sparsity_of(names, model)
     masker = (MaskPlugin(names, config.scope, config.max_layer_sparsity, scorer, config.keep_masks, fixed)
               if config.schedule != "gradual" else GradualSchedule(names, config, scorer, fixed))
+    zeros = sum(int((w == 0).sum()) for w in masker.weights(model))
     run_schedule(model, config, ctx, masker)
+    if config.SPARSITY_IS_RESULT and sum(int((w == 0).sum()) for w in masker.weights(model)) == zeros:
+        ctx.warn("nothing_removed", f"{entry.name} pruning removed no weight: {config.kept_everything()}")
     report_sparsity(model, names, masker, config, ctx, entry.name)
     return model
+
