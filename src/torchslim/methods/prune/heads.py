@@ -8,7 +8,9 @@ An *attention site* is a module whose heads can be removed:
   output projection is the sibling ``output.dense``): q/k/v lose the removed heads' output rows
   and ``output.dense`` their input columns (rebuilt ``nn.Linear``), and the module's own
   ``num_attention_heads`` / ``all_head_size`` follow, per layer (the shared config keeps the
-  original count: layers may differ);
+  original count: layers may differ). Such a model reloads with :func:`torchslim.load`;
+  ``save_pretrained`` + ``from_pretrained`` cannot rebuild it (transformers 5 dropped
+  ``config.pruned_heads``, so every layer is built with the config's head count);
 - ``nn.MultiheadAttention`` (torchvision ViT, ``nn.TransformerEncoderLayer``; without
   ``bias_k``/``add_zero_attn``): replaced by a
   :class:`~torchslim.layers.attention.PrunedMultiheadAttention`;
