@@ -336,6 +336,26 @@ def test_a_group_that_breaks_the_model_is_skipped_and_reported():
     assert m(x).shape == (2, 2)
 
 
+def test_skips_of_one_reason_are_one_warning_and_every_module_stays_in_the_row():
+    """shufflenet_v2: the channels that pass a channel shuffle are skipped, 20-odd modules for
+    one reason; the log says each reason once, the row lists every module."""
+    from torchslim.methods.prune.criteria import get_criterion
+    from torchslim.methods.prune.structured import prune_channels
+    torch.manual_seed(0)
+    m = torchslim.build_model("torchvision:shufflenet_v2_x0_5", args={"num_classes": 10}).eval()
+    session = Session(task=build_task("shape:3x64x64"))
+    prune_channels(m, MagnitudePruneConfig(**CHANNEL), session, get_criterion("magnitude"))
+    skipped = session.info["metrics"]["skipped"]
+    reasons = {s["reason"] for s in skipped}
+    said = [w["message"] for w in session.warnings if w["code"] == "channel_skipped"]
+    assert len(skipped) > 5 and len(said) == len(reasons) < len(skipped)
+    for why in reasons:
+        names = [s["module"] for s in skipped if s["reason"] == why]
+        line = next(w for w in said if w.endswith(why))
+        assert all(n in line for n in names[:5])
+        assert (f"and {len(names) - 5} more" in line) == (len(names) > 5)
+
+
 def test_layer_sparsity_sets_a_group_apart():
     m = torchslim.apply(_cnn(), MagnitudePruneConfig(granularity="channel", sparsity=0.5, layer_sparsity={"3": 0.75}),
                         task="shape:3x8x8")

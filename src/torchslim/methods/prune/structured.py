@@ -730,8 +730,12 @@ def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], 
     if report["kept"]:
         log.info("channel pruning left whole: %s", "; ".join(f"{n} ({why})" for n, why in report["kept"].items()))
     skipped = [{"module": n, "reason": why} for n, why in report["skipped"].items()]
-    for s in skipped:
-        session.warn("channel_skipped", f"channel pruning skipped {s['module']}: {s['reason']}")
+    by_reason: dict[str, list[str]] = {}
+    for s in skipped:                           # one warning per reason: 21 shuffled branches read as one
+        by_reason.setdefault(s["reason"], []).append(s["module"])
+    for why, names in by_reason.items():
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        session.warn("channel_skipped", f"channel pruning skipped {', '.join(names[:5])}{more}: {why}")
     metrics = session.info.setdefault("metrics", {})
     metrics["layer_channels"] = layer_channels
     metrics["skipped"] = skipped
