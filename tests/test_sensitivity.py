@@ -143,6 +143,17 @@ def test_curves_of_another_granularity_or_model_are_refused_or_flagged(tmp_path,
     run_prune(copy.deepcopy(trained_digits), MagnitudePruneConfig(sparsity=0.5, ratios="sensitivity",
                                                                   sensitivity=str(path)), session, "magnitude")
     assert [w["code"] for w in session.warnings] == ["sensitivity_mismatch"]
+    # curves naming layers this model does not have: refused at preflight, before the baseline trains
+    other = sensitivity.write({**data, "layers": {f"features.{k}": v for k, v in data["layers"].items()}},
+                              tmp_path / "other")
+    from torchslim.pipeline import preflight
+    from torchslim.recipe import Recipe
+    recipe = Recipe.from_dict({"model": "zoo:digits-cnn", "task": "digits", "train": {"epochs": 5},
+                               "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5, "ratios": "sensitivity",
+                                                    "sensitivity": str(other)}}]})
+    with pytest.raises(RecipeError, match=r"curves for 4 layer\(s\) this model does not have \(features.0, "
+                                          r".*another model"):
+        preflight(recipe)
 
 
 def test_cli_warns_when_the_model_is_at_chance(tmp_path):

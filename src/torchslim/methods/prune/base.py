@@ -248,7 +248,11 @@ class PruneConfig(MethodConfig):
         """Head and layer pruning: the model has attention modules / droppable layers among the
         targets, and ``sparsity`` leaves one in each (RecipeError naming what was searched).
         ``N:M``: every weight named in ``targets`` has rows that split into groups of M
-        (:func:`nm_weights`)."""
+        (:func:`nm_weights`). ``ratios: sensitivity`` with a curves file: its layers are modules
+        (or weights) of this model, so curves of another model are refused before any training."""
+        if self.ratios == "sensitivity" and self.sensitivity is not None:
+            from .curves import check_layers_exist, load_curves
+            check_layers_exist(load_curves(self.sensitivity), self.sensitivity, model)
         if parse_nm(self.granularity) is not None:
             nm_weights(model, self)
             return

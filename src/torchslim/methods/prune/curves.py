@@ -31,3 +31,15 @@ def check_granularity(data: dict[str, Any], path: str | Path, granularity: str) 
         raise RecipeError(f"prune.sensitivity: {path} holds {data.get('granularity', 'weight')!r} curves; this "
                           f"step prunes granularity {granularity!r}: measure them with "
                           f"torchslim sensitivity --granularity {granularity}")
+
+
+def check_layers_exist(data: dict[str, Any], path: str | Path, model: Any) -> None:
+    """RecipeError when curves of ``data`` (read from ``path``) name layers ``model`` does not
+    have (a module or a weight tensor): curves of another model. Curves missing for some of the
+    model's layers are found when the step plans (that needs the step's dependency graph)."""
+    names = {n for n, _ in model.named_modules()} | {n.removesuffix(".weight") for n, _ in model.named_parameters()}
+    unknown = [k for k in data["layers"] if k not in names]
+    if unknown:
+        raise RecipeError(f"prune.sensitivity: {path} has curves for {len(unknown)} layer(s) this model does not "
+                          f"have ({', '.join(unknown[:5])}): curves of another model? Measure them on this one "
+                          "with torchslim sensitivity")
