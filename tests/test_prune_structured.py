@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -354,6 +355,17 @@ def test_skips_of_one_reason_are_one_warning_and_every_module_stays_in_the_row()
         line = next(w for w in said if w.endswith(why))
         assert all(n in line for n in names[:5])
         assert (f"and {len(names) - 5} more" in line) == (len(names) > 5)
+
+
+def test_kept_channels_are_said_before_the_fine_tune_epochs(trained_digits, digits_task, caplog):
+    cfg = MagnitudePruneConfig.from_dict({"granularity": "channel", "sparsity": 0.5, "finetune": {"epochs": 1}})
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        torchslim.apply(trained_digits, cfg, task=digits_task)
+    lines = [r.getMessage() for r in caplog.records]
+    kept = next(i for i, m in enumerate(lines) if m.startswith("magnitude channel pruning: "))
+    epoch = next(i for i, m in enumerate(lines) if " epoch 1/1 " in m)
+    assert kept < epoch
+    assert re.match(r"magnitude channel pruning: (\d+) of (\d+) output channels kept", lines[kept])
 
 
 def test_layer_sparsity_sets_a_group_apart():

@@ -710,8 +710,13 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
               and any(matches(n, p) for p in config.ignore)}
     original = _channels(model)
     report: dict[str, Any] = {"skipped": {}, "kept": {}}
-    for r, ratio in enumerate(round_ratios(config), 1):
+    ratios = round_ratios(config)
+    for r, ratio in enumerate(ratios, 1):
         prune_round(model, ratio, config, session, entry, inputs, targets, ignore, original, report)
+        now = _channels(model)   # said before the fine-tune's epochs, not after them
+        log.info("%s channel pruning%s: %d of %d output channels kept", entry.name,
+                 f" round {r}/{len(ratios)}" if len(ratios) > 1 else "",
+                 sum(now.get(n, 0) for n in original), sum(original.values()))
         finetune_round(model, config, session, r)
     _report(model, original, report, entry, config, session)
     return model
