@@ -265,6 +265,26 @@ def test_transformer_recipe_end_to_end(tmp_path, data_root):
     assert task.evaluate(back) == pytest.approx(m["steps"][-1]["metric"]["value"], abs=1e-6)
 
 
+def test_step_folders_carry_the_step_names_of_metrics(tmp_path):
+    """A verb and method that come again: the folder of the second is NN-prune-magnitude-2, the
+    name its row has, and --resume reads the folders under the same names."""
+    from torchslim.pipeline import OutputDir, _stage_dirs, _stages
+    from torchslim.recipe import Recipe
+
+    prune = {"prune": {"method": "magnitude", "sparsity": 0.3}}
+    recipe = {"model": "zoo:digits-cnn", "task": "digits", "measure": {"batch_sizes": [1], "latency": False},
+              "steps": [prune, {"prune": {"method": "threshold", "alpha": 0.1}},
+                        {"prune": {"method": "magnitude", "sparsity": 0.5}}]}
+    m = torchslim.compress(recipe, tmp_path / "run")
+    names = [s["name"] for s in m["steps"]]
+    assert names == ["baseline", "prune-magnitude", "prune-threshold", "prune-magnitude-2"]
+    folders = sorted(p.name for p in (tmp_path / "run" / "steps").iterdir())
+    assert folders == [f"{i:02d}-{n}" for i, n in enumerate(names)]
+    r = Recipe.from_dict(recipe)
+    assert _stage_dirs(_stages(r.to_dict())) == folders
+    assert [OutputDir(r, tmp_path, tmp_path, False)._dir(i).name for i in range(4)] == folders
+
+
 def test_drop_checkpoints_keeps_only_step_rows_and_model_folder_is_not_private(tmp_path):
     import os
     import stat

@@ -379,7 +379,7 @@ def execute(recipe: Recipe, task: Task, model: nn.Module, *, device: torch.devic
         if row is not None:
             done_index = i
             metrics["steps"].append(row)
-            log.info("resume: step %s already done", step_dirname(i, step))
+            log.info("resume: step %s already done", step_name(recipe, i))
             continue
         if done_index is not None:
             model = _first(observers, "load_model", done_index).to(device)
@@ -474,8 +474,7 @@ class OutputDir(RunObserver):
             "host": {"cpus": os.cpu_count(), "threads": torch.get_num_threads()}, "resumed": resume}
 
     def _dir(self, index: int) -> Path:
-        step = None if index == 0 else self.recipe.steps[index - 1]
-        return self.partial / "steps" / step_dirname(index, step)
+        return self.partial / "steps" / f"{index:02d}-{step_name(self.recipe, index)}"
 
     def finished_row(self, index: int) -> dict[str, Any] | None:
         f = self._dir(index) / "step.json"
@@ -542,12 +541,17 @@ def _stages(resolved: dict[str, Any]) -> list[Any]:
     return [head] + list(resolved.get("steps") or [])
 
 
-def _stage_dir(index: int, stage: Any) -> str:
-    if index == 0:
-        return "00-baseline"
-    ((verb, body),) = stage.items()
-    method = body.get("method", "default") if isinstance(body, dict) else "default"
-    return f"{index:02d}-{verb}" if method == "default" else f"{index:02d}-{verb}-{method}"
+def _stage_dirs(stages: list[Any]) -> list[str]:
+    """The step folders of a resolved recipe's stages, named as :meth:`OutputDir._dir` names them:
+    ``NN-`` and the step's :func:`step_name` (``-2``, ``-3`` on a repeated verb and method)."""
+    dirs, seen = ["00-baseline"], {}
+    for index, stage in enumerate(stages[1:], start=1):
+        ((verb, body),) = stage.items()
+        method = body.get("method", "default") if isinstance(body, dict) else "default"
+        name = verb if method == "default" else f"{verb}-{method}"
+        seen[name] = seen.get(name, 0) + 1
+        dirs.append(f"{index:02d}-{name}" + (f"-{seen[name]}" if seen[name] > 1 else ""))
+    return dirs
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str:
@@ -578,20 +582,20 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
         return f"--resume: cannot read the failed run's recipe {saved} ({exc}); start a new --out"
     new_stages = _stages(recipe.to_dict())
     steps_dir = partial / "steps"
+    old_dirs = _stage_dirs(old_stages)
     finished = 0
-    while finished < len(old_stages) and (steps_dir / _stage_dir(finished, old_stages[finished])
-                                          / "step.json").is_file():
+    while finished < len(old_stages) and (steps_dir / old_dirs[finished] / "step.json").is_file():
         finished += 1
     for i in range(finished):
         if i >= len(new_stages) or old_stages[i] != new_stages[i]:
-            what = "the baseline" if i == 0 else f"step {i} ({_stage_dir(i, old_stages[i])[3:]})"
+            what = "the baseline" if i == 0 else f"step {i} ({old_dirs[i][3:]})"
             change = ("removed" if i >= len(new_stages) else
                       _first_difference(old_stages[i], new_stages[i], "" if i == 0 else f"steps.{i - 1}"))
             return (f"--resume: {what} already finished with other settings ({change}); only steps after "
                     f"the last finished one may change; restore it or start a new --out")
     for i in range(finished, len(old_stages)):
         if i >= len(new_stages) or old_stages[i] != new_stages[i]:
-            stale = steps_dir / _stage_dir(i, old_stages[i])
+            stale = steps_dir / old_dirs[i]
             if stale.is_dir() and any(p.is_file() for p in stale.rglob("*")):
                 what = "the baseline" if i == 0 else f"step {i} ({stale.name[3:]})"
                 change = ("removed" if i >= len(new_stages) else
