@@ -15,7 +15,8 @@ the val split, one per channel group). Each pruned model is fine-tuned the same 
 eager PyTorch and, exported to ONNX by torchslim's exporter, in ONNX Runtime (CPU provider).
 Curves already in ``--out/sensitivity.json`` (an earlier run on the same baseline) are reused.
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
-the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine).
+the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine, into
+``--out/structured-timeN.json``).
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
 """
 
@@ -155,7 +156,13 @@ def main() -> None:
         row["macs_x"] = round(row["macs"] / dense_macs, 3)
         row["params_x"] = round(row["params"] / rows[0]["params"], 3)
         row["accuracy_drop_pt"] = round(100 * (rows[0]["accuracy"] - row["accuracy"]), 2)
-    write_json(args.out / "structured.json", {"threads": args.threads, "rows": rows})
+    if args.time_only:  # each re-timing kept beside the run's own record: structured-time1.json, ...
+        target = next(args.out / f"structured-time{n}.json" for n in range(1, 1000)
+                      if not (args.out / f"structured-time{n}.json").exists())
+    else:
+        target = args.out / "structured.json"
+    write_json(target, {"threads": args.threads, "rows": rows})
+    print(f"wrote {target}")
     print("| model | test acc before fine-tune | test acc | drop (pt) | params x | MACs x | latency bs1 x "
           "| latency bs16 x | ORT bs1 x | ORT bs16 x |")
     print("|---|---|---|---|---|---|---|---|---|---|")

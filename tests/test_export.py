@@ -70,6 +70,33 @@ def test_onnx_check_of_outputs_near_zero_warns_with_the_cosine(tmp_path, digits_
     assert "of zero" not in caplog.text
 
 
+def test_bias_free_convs_export_so_onnx_runtime_fuses_their_batchnorm(tmp_path):
+    """The dynamo exporter gives a bias-free conv a zero bias cast like the graph input (CastLike):
+    rewritten to a Cast, the bias folds at load and ONNX Runtime fuses Conv + BatchNormalization
+    (its optimized graph, saved, has none left); the outputs are unchanged."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 10, 10)
+    path = export_onnx(model, (x,), tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "CastLike" not in ops and ops.count("BatchNormalization") == 2
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert "BatchNormalization" not in fused and "Conv" in fused
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, model(x).detach(), atol=1e-5, rtol=1e-4)
+
+
 def test_hf_model_exports_to_onnx(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
