@@ -51,6 +51,12 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _shapes(m: nn.Module) -> list[tuple[int, ...]]:
+    """Every parameter's shape in module order: equal lists are the same network, whose latency
+    differs only by timing noise."""
+    return [tuple(p.shape) for p in m.parameters()]
+
+
 def removed(m: nn.Module, dense: nn.Module, granularity: str) -> float:
     """The sparsity reached: the fraction of attention heads removed (``head``), or of conv filters and
     linear neurons, the classifier's outputs left out (``channel``; tools round ``r * n`` to whole
@@ -181,6 +187,8 @@ def main() -> int:
                                  "latency_bs16_ratio": round(lat[16][tool] / lat[16]["dense"], 3),
                                  "dense_ms_bs1": round(lat[1]["dense"], 2), "dense_ms_bs16": round(lat[16]["dense"], 2),
                                  "prune_s": round(prune_s[tool], 2)})
+                    if tool == "torchslim" and "torch-pruning" in variants:  # the same network, layer by layer?
+                        rows[-1]["same_shapes_as_tp"] = _shapes(m) == _shapes(variants["torch-pruning"])
                     print(json.dumps(rows[-1]), flush=True)
                 for tool, why in failed.items():
                     rows.append({"model": name, "granularity": granularity, "ratio": ratio, "scope": scope,

@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--oneshot", action="store_true", help="the same plans without fine-tuning, BatchNorm "
                     "statistics re-estimated on 512 training examples (to --out/oneshot.json)")
     ap.add_argument("--time-only", action="store_true", help="only re-time the models of a previous run in --out")
+    ap.add_argument("--round-to", type=int, default=1, help="every plan keeps channel counts that are "
+                    "multiples of this (round_to; 8: the block width of ONNX Runtime's AVX2 conv kernels)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -121,15 +123,16 @@ def main() -> None:
     curves = str(args.out / "sensitivity.json") if (args.out / "sensitivity.json").exists() else None
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
         uniform = run(f"uniform {sparsity:.0%} (scope layer)",
-                      MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft))
+                      MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft,
+                                           round_to=args.round_to))
         if i == 0:
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
-                                                               scope="global", finetune=ft))
+                                                               scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
         # the curves are measured once (first row) and read back from sensitivity.json after
         run(f"sensitivity, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
             MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
-                                 sensitivity=curves, finetune=ft))
+                                 sensitivity=curves, finetune=ft, round_to=args.round_to))
         curves = str(args.out / "sensitivity.json")
     if args.oneshot:
         write_json(args.out / "oneshot.json", {"threads": args.threads, "rows": rows})
