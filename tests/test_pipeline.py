@@ -283,6 +283,9 @@ def test_step_folders_carry_the_step_names_of_metrics(tmp_path):
     r = Recipe.from_dict(recipe)
     assert _stage_dirs(_stages(r.to_dict())) == folders
     assert [OutputDir(r, tmp_path, tmp_path, False)._dir(i).name for i in range(4)] == folders
+    long = Recipe.from_dict({**recipe, "steps": [prune] * 101})        # three-digit step numbers
+    dirs = [OutputDir(long, tmp_path, tmp_path, False)._dir(i).name for i in range(102)]
+    assert dirs == _stage_dirs(_stages(long.to_dict())) and dirs[101] == "101-prune-magnitude-101"
 
 
 def test_drop_checkpoints_keeps_only_step_rows_and_model_folder_is_not_private(tmp_path):

@@ -256,6 +256,27 @@ def test_threshold_that_removes_nothing_says_so(granularity, caplog):
     assert "removed no" not in caplog.text
 
 
+def test_threshold_channel_rounds_that_end_with_nothing_left_under_alpha_do_not_warn(digits_task, caplog):
+    """Iterative threshold by channels: round 1 removes the one small filter, round 2 (weights as
+    good as unchanged: lr 1e-12) finds nothing under alpha. The step removed something: no warning."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.sign(torch.randn_like(p)))
+        m[2].weight[0].mul_(0.1), m[4].weight[:, :16].mul_(0.1)   # channel 0's filter and its 16 inputs of the fc
+    cfg = ThresholdPruneConfig.from_dict({"alpha": 0.5, "granularity": "channel", "schedule": "iterative",
+                                          "iterations": 2, "targets": ["2"],
+                                          "finetune": {"epochs": 1, "lr": 1e-12, "weight_decay": 0.0,
+                                                       "loggers": []}})
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        pruned = torchslim.apply(m, cfg, task=digits_task)
+    assert pruned[2].out_channels == 3
+    rounds = [r.getMessage() for r in caplog.records if "channel pruning round" in r.getMessage()]
+    assert [x.split(": ")[1] for x in rounds] == ["17 of 18 output channels kept"] * 2   # round 2 removed nothing
+    assert "removed no channel" not in caplog.text
+
+
 def test_threshold_masks_hold_through_fine_tuning(trained_digits, digits_task):
     """Fine-tuning after threshold pruning keeps the masks drawn on the trained weights: the
     rule is not applied again to the fine-tuned ones (that would prune untrained)."""

@@ -216,7 +216,7 @@ def step_name(recipe: Recipe, index: int) -> str:
     appended when the same verb and method come again, so names stay unique."""
     if index == 0:
         return "baseline"
-    names = [step_dirname(i, s)[3:] for i, s in enumerate(recipe.steps, start=1)]
+    names = [step_dirname(i, s).split("-", 1)[1] for i, s in enumerate(recipe.steps, start=1)]  # past "NN-"
     name = names[index - 1]
     repeat = names[:index].count(name)
     return name if repeat == 1 else f"{name}-{repeat}"

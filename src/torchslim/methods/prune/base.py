@@ -250,9 +250,16 @@ class PruneConfig(MethodConfig):
         ``N:M``: every weight named in ``targets`` has rows that split into groups of M
         (:func:`nm_weights`). ``ratios: sensitivity`` with a curves file: its layers are modules
         (or weights) of this model, so curves of another model are refused before any training."""
+        self._check_units(model)
         if self.ratios == "sensitivity" and self.sensitivity is not None:
             from .curves import check_layers_exist, load_curves
-            check_layers_exist(load_curves(self.sensitivity), self.sensitivity, model)
+            try:
+                data = load_curves(self.sensitivity)
+            except UserError:
+                return  # check_ready reports an unreadable file
+            check_layers_exist(data, self.sensitivity, model)
+
+    def _check_units(self, model: nn.Module) -> None:
         if parse_nm(self.granularity) is not None:
             nm_weights(model, self)
             return

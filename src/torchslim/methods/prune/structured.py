@@ -418,16 +418,14 @@ def choose(plans: list[_Plan], ratio: float, config: PruneConfig, session) -> No
     if getattr(type(config), "SPARSITY_IS_RESULT", False):  # the config's own rule (threshold) decides
         masks = config.keep_masks([p.scores for p in plans], ratio)
         removals = [min(int((~m).sum()), p.units - f) for p, m, f in zip(plans, masks, floors)]
-        if not any(removals):
-            session.warn("nothing_removed", f"{config.CRITERION} channel pruning removed no channel: "
-                                            f"{config.kept_everything()}")
         collapsed += [p.name for p, m in zip(plans, masks) if not bool(m.any())]
     else:
         for i in [*own, *(rest if config.scope == "layer" else [])]:
             p, original_units = plans[i], plans[i].original // plans[i].per_group
-            want = units_kept(min(own.get(i, ratio), 1.0), original_units)
-            if want < 1:
-                collapsed.append(p.name)
+            r = min(own.get(i, ratio), 1.0)
+            want = units_kept(r, original_units)
+            if want < 1 and round(r * original_units) >= original_units:  # asked for all of them, not
+                collapsed.append(p.name)                                  # a floor of a tiny group
             removals[i] = max(p.units - max(want, floors[i]), 0)
         if config.scope == "global" and rest:
             got, empty = _global_removals([plans[i] for i in rest], [floors[i] for i in rest], ratio, config, session)
@@ -711,13 +709,18 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
     original = _channels(model)
     report: dict[str, Any] = {"skipped": {}, "kept": {}}
     ratios = round_ratios(config)
+    trains = config.finetune is not None and config.finetune.epochs > 0
     for r, ratio in enumerate(ratios, 1):
         prune_round(model, ratio, config, session, entry, inputs, targets, ignore, original, report)
-        now = _channels(model)   # said before the fine-tune's epochs, not after them
-        log.info("%s channel pruning%s: %d of %d output channels kept", entry.name,
-                 f" round {r}/{len(ratios)}" if len(ratios) > 1 else "",
-                 sum(now.get(n, 0) for n in original), sum(original.values()))
+        if trains or len(ratios) > 1:  # said before the fine-tune's epochs (the summary follows them)
+            now = _channels(model)
+            log.info("%s channel pruning%s: %d of %d output channels kept", entry.name,
+                     f" round {r}/{len(ratios)}" if len(ratios) > 1 else "",
+                     sum(now.get(n, 0) for n in original), sum(original.values()))
         finetune_round(model, config, session, r)
+    if config.SPARSITY_IS_RESULT and _channels(model) == original:   # the whole step, not one round
+        session.warn("nothing_removed", f"{config.CRITERION} channel pruning removed no channel: "
+                                        f"{config.kept_everything()}")
     _report(model, original, report, entry, config, session)
     return model
 
