@@ -69,12 +69,15 @@ def apply_step(model: nn.Module, step: Step, ctx: StepContext) -> nn.Module:
     return out
 
 
-def step_dirname(index: int, step: Step | None) -> str:
-    if step is None:
-        return "00-baseline"
-    if step.method == "default":
-        return f"{index:02d}-{step.verb}"
-    return f"{index:02d}-{step.verb}-{step.method}"
+def unique_step_names(steps: list[tuple[str, str]]) -> list[str]:
+    """Names of steps given as ``(verb, method)``: ``verb-method`` (``verb`` for the default
+    method), with ``-2``, ``-3`` appended when the same verb and method come again."""
+    names, seen = [], {}
+    for verb, method in steps:
+        name = verb if method == "default" else f"{verb}-{method}"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
 
 
 def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, Task]:
@@ -216,10 +219,7 @@ def step_name(recipe: Recipe, index: int) -> str:
     appended when the same verb and method come again, so names stay unique."""
     if index == 0:
         return "baseline"
-    names = [step_dirname(i, s).split("-", 1)[1] for i, s in enumerate(recipe.steps, start=1)]  # past "NN-"
-    name = names[index - 1]
-    repeat = names[:index].count(name)
-    return name if repeat == 1 else f"{name}-{repeat}"
+    return unique_step_names([(s.verb, s.method) for s in recipe.steps[:index]])[-1]
 
 
 class RunObserver:
@@ -543,15 +543,12 @@ def _stages(resolved: dict[str, Any]) -> list[Any]:
 
 def _stage_dirs(stages: list[Any]) -> list[str]:
     """The step folders of a resolved recipe's stages, named as :meth:`OutputDir._dir` names them:
-    ``NN-`` and the step's :func:`step_name` (``-2``, ``-3`` on a repeated verb and method)."""
-    dirs, seen = ["00-baseline"], {}
-    for index, stage in enumerate(stages[1:], start=1):
+    ``NN-`` and the step's :func:`step_name`."""
+    steps = []
+    for stage in stages[1:]:
         ((verb, body),) = stage.items()
-        method = body.get("method", "default") if isinstance(body, dict) else "default"
-        name = verb if method == "default" else f"{verb}-{method}"
-        seen[name] = seen.get(name, 0) + 1
-        dirs.append(f"{index:02d}-{name}" + (f"-{seen[name]}" if seen[name] > 1 else ""))
-    return dirs
+        steps.append((verb, body.get("method", "default") if isinstance(body, dict) else "default"))
+    return ["00-baseline"] + [f"{i:02d}-{n}" for i, n in enumerate(unique_step_names(steps), start=1)]
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str:
@@ -588,7 +585,7 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
         finished += 1
     for i in range(finished):
         if i >= len(new_stages) or old_stages[i] != new_stages[i]:
-            what = "the baseline" if i == 0 else f"step {i} ({old_dirs[i][3:]})"
+            what = "the baseline" if i == 0 else f"step {i} ({old_dirs[i].split('-', 1)[1]})"
             change = ("removed" if i >= len(new_stages) else
                       _first_difference(old_stages[i], new_stages[i], "" if i == 0 else f"steps.{i - 1}"))
             return (f"--resume: {what} already finished with other settings ({change}); only steps after "
@@ -597,7 +594,7 @@ def reconcile_resume(recipe: Recipe, partial: Path) -> str | None:
         if i >= len(new_stages) or old_stages[i] != new_stages[i]:
             stale = steps_dir / old_dirs[i]
             if stale.is_dir() and any(p.is_file() for p in stale.rglob("*")):
-                what = "the baseline" if i == 0 else f"step {i} ({stale.name[3:]})"
+                what = "the baseline" if i == 0 else f"step {i} ({stale.name.split('-', 1)[1]})"
                 change = ("removed" if i >= len(new_stages) else
                           _first_difference(old_stages[i], new_stages[i], "" if i == 0 else f"steps.{i - 1}"))
                 return (f"--resume: {what} was interrupted with other settings ({change}); resume with "

@@ -255,4 +255,3 @@ def prune_weights(model: nn.Module, config: PruneConfig, ctx, entry: CriterionEn
         ctx.warn("nothing_removed", f"{entry.name} pruning removed no weight: {config.kept_everything()}")
     report_sparsity(model, names, masker, config, ctx, entry.name)
     return model
-
