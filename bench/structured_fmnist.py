@@ -17,6 +17,8 @@ Curves already in ``--out/sensitivity.json`` (an earlier run on the same baselin
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
 the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine, into
 ``--out/structured-timeN.json``).
+``--sensitivity-steps N``: curves that account for recovery, each cut trained N steps before it
+is evaluated (``sensitivity_steps``).
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
 """
 
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--time-only", action="store_true", help="only re-time the models of a previous run in --out")
     ap.add_argument("--round-to", type=int, default=1, help="every plan keeps channel counts that are "
                     "multiples of this (round_to; 8: the block width of ONNX Runtime's AVX2 conv kernels)")
+    ap.add_argument("--sensitivity-steps", type=int, default=0, help="curves with each cut trained this many "
+                    "SGD steps before it is evaluated (sensitivity_steps; 0: one-shot curves)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -121,6 +125,11 @@ def main() -> None:
                        for i, r in enumerate(rows) if i > 0})
     # curves measured by an earlier run of the same baseline are read back (they take the longest to measure)
     curves = str(args.out / "sensitivity.json") if (args.out / "sensitivity.json").exists() else None
+    if curves is not None and not args.time_only:
+        steps = json.loads(Path(curves).read_text()).get("finetune_steps", 0)
+        if steps != args.sensitivity_steps:
+            raise SystemExit(f"{curves} holds curves measured with {steps} fine-tune steps per cut, not "
+                             f"--sensitivity-steps {args.sensitivity_steps}: use another --out")
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
         uniform = run(f"uniform {sparsity:.0%} (scope layer)",
                       MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft,
@@ -132,7 +141,8 @@ def main() -> None:
         # the curves are measured once (first row) and read back from sensitivity.json after
         run(f"sensitivity, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
             MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
-                                 sensitivity=curves, finetune=ft, round_to=args.round_to))
+                                 sensitivity=curves, sensitivity_steps=0 if curves else args.sensitivity_steps,
+                                 finetune=ft, round_to=args.round_to))
         curves = str(args.out / "sensitivity.json")
     if args.oneshot:
         write_json(args.out / "oneshot.json", {"threads": args.threads, "rows": rows})

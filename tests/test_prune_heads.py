@@ -124,6 +124,19 @@ def test_threshold_keeps_the_heads_above_alpha_times_the_largest():
     assert pruned[0].q_proj.weight[:, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
 
 
+def test_threshold_by_heads_that_removes_nothing_says_so(caplog):
+    """Every head scoring the same: none is under alpha * max, and the step says to raise alpha."""
+    import logging
+    from torchslim.methods.prune.threshold import ThresholdPruneConfig
+    model = nn.Sequential(nn.MultiheadAttention(8, 4, batch_first=True))
+    with torch.no_grad():
+        model[0].in_proj_weight.fill_(1.0), model[0].out_proj.weight.fill_(1.0)
+    with caplog.at_level(logging.WARNING, logger="torchslim"):
+        pruned = torchslim.apply(model, ThresholdPruneConfig(granularity="head", alpha=0.6))
+    assert pruned[0].num_heads == 4
+    assert "removed no head" in caplog.text and "raise alpha" in caplog.text
+
+
 def test_taylor_head_scores_are_gradient_times_weight_over_the_data():
     """Taylor (Molchanov et al. 2019): |sum of grad * weight| over a head's q/k/v rows and output
     columns, the gradient of the summed loss over the 256 calibration examples, computed here

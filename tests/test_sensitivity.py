@@ -241,3 +241,44 @@ def test_ratios_sensitivity_reaches_a_budget_the_summed_curves_overcount(tmp_pat
     assert 1 - count_macs(planned, x) / dense == pytest.approx(target, abs=0.005)
     assert session.info["metrics"]["sensitivity_budget"]["planned"] > 1.0
     assert not [w for w in session.warnings if w["code"] == "sensitivity_budget"]
+
+
+def test_curves_with_a_short_finetune_per_cut_measure_recovery(trained_digits, digits_task):
+    """finetune_steps: each cut trained N seeded SGD steps before it is evaluated (NetAdapt)."""
+    from torchslim.session import Session
+    from torchslim.train.trainer import short_finetune
+    cfg = MagnitudePruneConfig(targets=("0",))
+    oneshot = sensitivity.analyze(trained_digits, digits_task, cfg, points=(0.9,), split="val")
+    tuned = sensitivity.analyze(trained_digits, digits_task, cfg, points=(0.9,), split="val", finetune_steps=30,
+                                finetune_lr=0.02)
+    assert oneshot["finetune_steps"] == 0 and "finetune" not in oneshot
+    assert tuned["finetune_steps"] == 30 and tuned["finetune"]["lr"] == 0.02
+    # the point recomputed by hand: prune, re-estimate BatchNorm, 30 steps, evaluate
+    alone = copy.deepcopy(trained_digits)
+    w = alone[0].weight.data
+    w.view(-1)[w.abs().view(-1).argsort()[:round(0.9 * w.numel())]] = 0.0
+    Session(task=digits_task).recalibrate_batchnorm(alone, 512)
+    short_finetune(alone, digits_task, 30, lr=0.02)
+    assert not alone.training
+    assert tuned["layers"]["0"]["points"][0] == [0.9, pytest.approx(digits_task.evaluate(alone, "val"))]
+    # training recovers what the cut took (the first conv at 90% is the digits CNN's worst cut)
+    assert tuned["layers"]["0"]["points"][0][1] > oneshot["layers"]["0"]["points"][0][1] + 0.01
+    assert not bool((trained_digits[0].weight == 0).any())   # the input untouched
+    with pytest.raises(RecipeError, match="finetune_steps must be >= 0"):
+        sensitivity.analyze(trained_digits, digits_task, cfg, points=(0.5,), finetune_steps=-1)
+
+
+def test_sensitivity_steps_in_a_step_and_its_bad_input(tmp_path, trained_digits, digits_task):
+    from torchslim.session import Session
+    from torchslim.methods.prune.dispatch import run_prune
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity", sensitivity_steps=5, targets=("0", "6"))
+    run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    assert session.info["metrics"]["sensitivity"]["finetune_steps"] == 5
+    with pytest.raises(RecipeError, match="sensitivity_steps: read with ratios: sensitivity only"):
+        MagnitudePruneConfig(sensitivity_steps=5)
+    with pytest.raises(RecipeError, match="measured already"):
+        MagnitudePruneConfig(ratios="sensitivity", sensitivity="x.json", sensitivity_steps=5)
+    r = subprocess.run([sys.executable, "-m", "torchslim.cli", "sensitivity", "zoo:digits-cnn", "--task", "digits",
+                        "--out", str(tmp_path), "--finetune-steps", "-3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "integer >= 0" in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -148,6 +149,26 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {clip(text, 80)!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {clip(text, 80)!r}")
+    return value
+
+
 def _points(text: str) -> tuple[float, ...]:
     try:
         pts = tuple(float(x) for x in text.split(",") if x.strip())
@@ -182,7 +203,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     config.check_targets(model)
     config.check_model(model)
     data = sensitivity.analyze(model, task, config, method=entry.key, points=args.points, split=args.split,
-                               recalibrate_bn=args.recalibrate_bn)
+                               recalibrate_bn=args.recalibrate_bn, finetune_steps=args.finetune_steps,
+                               finetune_lr=args.finetune_lr)
     chance = task.chance_level(args.split)
     if chance is not None and data["baseline"] <= chance + 0.02:
         log.warning("the model scores %.4f on %s, about chance (%.4f): an untrained model's curves are noise; "
@@ -432,8 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split evaluated (default val: keep test for the final figures)")
     s.add_argument("--targets", action="append", help="layers analysed (names or re: patterns; default all)")
     s.add_argument("--ignore", action="append", help="layers left out (names or re: patterns)")
-    s.add_argument("--recalibrate-bn", type=int, default=512, metavar="N",
+    s.add_argument("--recalibrate-bn", type=_nonnegative_int, default=512, metavar="N",
                    help="re-estimate BatchNorm statistics on N training examples after each pruning (0: off)")
+    s.add_argument("--finetune-steps", type=_nonnegative_int, default=0, metavar="N",
+                   help="train each cut N SGD steps before evaluating it, so the curves show what a layer "
+                        "recovers from (NetAdapt's short-term fine-tune; for plans fine-tuned afterwards; "
+                        "default 0: one-shot curves)")
+    s.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR",
+                   help="learning rate of --finetune-steps (SGD, momentum 0.9, constant; default 0.01)")
     s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--output", help="which output is the prediction (index or name) for tuple/mapping outputs")

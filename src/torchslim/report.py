@@ -1001,7 +1001,9 @@ def sensitivity_figure(data: dict[str, Any]):
         ax.axhline(base, color="grey", ls="--", lw=1)
     ax.set_xlabel(f"{data.get('granularity', 'weight')} sparsity of the layer alone (%)")
     ax.set_ylabel(f"{data.get('metric', 'metric')} on {data.get('split', 'val')}")
-    ax.set_title(f"Sensitivity ({data.get('method', 'prune')})")
+    steps = data.get("finetune_steps") or 0
+    ax.set_title(f"Sensitivity ({data.get('method', 'prune')}, "
+                 + (f"each cut fine-tuned {steps} steps)" if steps else "one-shot)"))
     if drawn <= 20:
         ax.legend(fontsize=7, ncol=2)
     return fig

@@ -499,3 +499,52 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, **kwa
     True
     """
     return Trainer(model, task, config or TrainConfig(), **kwargs).fit()
+
+
+def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, batch_size: int = 64,
+                   momentum: float = 0.9, seed: int = 0) -> nn.Module:
+    """``steps`` SGD steps (momentum, constant ``lr``) of ``task``'s loss on its training split,
+    in place, on one process, with no checkpoint and no log: the "short-term fine-tune" NetAdapt
+    gives each candidate before measuring its accuracy (Yang et al., "NetAdapt", ECCV 2018,
+    sec. 3.2), used by sensitivity curves that account for recovery. Batches are drawn from a
+    shuffle seeded with ``seed`` (the training split cycled when ``steps`` passes its end). The
+    model is left in eval mode; returns it.
+
+    Raises
+    ------
+    UserError
+        When the training split is empty.
+    TrainingDivergedError
+        When the loss becomes NaN or infinite (``lr`` too high).
+    """
+    if steps <= 0:
+        return model
+    dataset = task.split("train")
+    if len(dataset) == 0:
+        raise UserError(f"short fine-tune: the training split of task {task.spec!r} is empty")
+    device = _device_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, collate_fn=task.collate,
+                        drop_last=len(dataset) > batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    model.train()
+    done = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout
+        while done < steps:
+            for batch in loader:
+                batch = to_device(batch, device)
+                loss = task.loss(task.forward(model, batch), batch)
+                if not torch.isfinite(loss):
+                    model.eval()
+                    raise TrainingDivergedError(f"short fine-tune: the loss became {loss.item()} at step "
+                                                f"{done + 1}/{steps}; lower the learning rate (lr {lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done += 1
+                if done >= steps:
+                    break
+    model.eval()
+    return model

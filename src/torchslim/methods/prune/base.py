@@ -158,6 +158,10 @@ class PruneConfig(MethodConfig):
                              "metric loss")
     sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
                                                "sensitivity` (default: measured in the step on the val split)")
+    sensitivity_steps: int = option(0, low=0, doc="ratios sensitivity measured in the step: SGD steps each cut is "
+                                                  "trained before it is evaluated, so the curves show what a layer "
+                                                  "recovers from (NetAdapt's short-term fine-tune; `torchslim "
+                                                  "sensitivity --finetune-steps`); 0: one-shot curves")
     budget: str = option("params", choices=("params", "macs"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
                              "(granularity channel, head: of the whole model's, measured)")
@@ -354,8 +358,14 @@ class PruneConfig(MethodConfig):
             if self.budget == "macs" and self.granularity == "weight":
                 raise RecipeError(f"{cls}.budget: macs needs granularity channel or head: zeroed single weights "
                                   "leave every MAC of dense execution (use budget: params)")
+            if self.sensitivity is not None and self.sensitivity_steps:
+                raise RecipeError(f"{cls}.sensitivity_steps: the curves of {self.sensitivity} are measured already; "
+                                  "measure them with torchslim sensitivity --finetune-steps N, or leave "
+                                  "sensitivity: out to measure them in the step")
         elif self.sensitivity is not None:
             raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
+        elif self.sensitivity_steps:
+            raise RecipeError(f"{cls}.sensitivity_steps: read with ratios: sensitivity only")
         elif self.budget != "params":
             raise RecipeError(f"{cls}.budget: {self.budget} is read with ratios: sensitivity only (with ratios: "
                               "uniform, sparsity is the fraction of units removed)")

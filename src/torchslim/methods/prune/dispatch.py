@@ -66,7 +66,8 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     from . import sensitivity as sens
     task = session.require_task("prune.ratios: sensitivity")
     method = f"prune.{config.name}"
-    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, layer_sparsity={}, budget="params")
+    uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, sensitivity_steps=0, layer_sparsity={},
+                                  budget="params")
     if config.sensitivity is not None:
         data = sens.load_curves(config.sensitivity)
         check_granularity(data, config.sensitivity, config.granularity)
@@ -87,7 +88,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
                               f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
         data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
     else:
-        data = sens.analyze(model, task, uniform, method=method, split="val")
+        data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps)
     cap = min(config.max_layer_sparsity, 0.95)
     ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
     metrics = session.info.setdefault("metrics", {})

@@ -417,6 +417,8 @@ def prune_heads(model: nn.Module, config, session, entry: CriterionEntry) -> nn.
                                    "the next lowest heads elsewhere went instead")
     kept = {s.name: s.heads for s in attention_sites(model, config.targets, config.ignore)}
     total, left = sum(original), sum(kept.values())
+    if config.SPARSITY_IS_RESULT and left == total:   # the threshold rule kept every head
+        session.warn("nothing_removed", f"{config.CRITERION} head pruning removed no head: {config.kept_everything()}")
     log.info("%s head pruning: %d of %d heads removed (%s, %s); heads kept per module: %s", entry.name,
              total - left, total, config.scope, config.schedule, ", ".join(f"{n} {k}" for n, k in kept.items()))
     session.info.setdefault("metrics", {})["heads_kept"] = kept

@@ -1,9 +1,13 @@
 """Sensitivity analysis: how the task metric falls as each layer alone is pruned.
 
 For every layer the pruning config targets, a copy of the model is pruned at several
-sparsities with only that layer targeted (one-shot, no fine-tuning, BatchNorm statistics
-re-estimated as the pipeline does) and evaluated on a held-out split (``val`` by default: the
-test split stays untouched for the final figures). The curves say which layers tolerate
+sparsities with only that layer targeted (one-shot, BatchNorm statistics re-estimated as the
+pipeline does) and evaluated on a held-out split (``val`` by default: the test split stays
+untouched for the final figures). One-shot curves measure the damage of a cut before any
+training; with ``finetune_steps`` each cut is first trained a few hundred steps (NetAdapt's
+short-term fine-tune, Yang et al. 2018, sec. 3.2), so the curves say what a layer can recover
+from, which is what a plan fine-tuned afterwards needs (a cut cheap before training may be one
+training cannot undo). The curves say which layers tolerate
 pruning; :func:`~torchslim.methods.prune.primitives.allocate_ratios` turns them into
 non-uniform per-layer sparsities for a global budget (Han et al. 2015, sec. 4; Li et al. 2017,
 sec. 4.1 for filters).
@@ -11,7 +15,7 @@ sec. 4.1 for filters).
 The result is a JSON-ready mapping (``sensitivity.json``, schema 1)::
 
     {"schema": 1, "method": "prune.magnitude", "granularity": "channel", "split": "val",
-     "metric": "accuracy", "baseline": 0.97,
+     "metric": "accuracy", "baseline": 0.97, "finetune_steps": 0,
      "layers": {"features.0": {"params": 896, "weights": 864, "macs": 110592,
                                "points": [[0.1, 0.97], [0.3, 0.96], ...]}, ...}}
 
@@ -73,7 +77,8 @@ def layer_names(model: nn.Module, config: PruneConfig, inputs: tuple) -> list[st
 
 def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
             points: Sequence[float] = DEFAULT_POINTS, split: str = "val", recalibrate_bn: int = 512,
-            layers: Sequence[str] | None = None) -> dict[str, Any]:
+            layers: Sequence[str] | None = None, finetune_steps: int = 0, finetune_lr: float = 0.01,
+            finetune_batch_size: int = 64) -> dict[str, Any]:
     """Per-layer sensitivity curves of ``model`` on ``task`` (see the module doc).
 
     Parameters
@@ -86,14 +91,19 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     split : the split evaluated (``val``, ``test``, ``train``).
     recalibrate_bn : training examples for BatchNorm re-estimation after each pruning (0: off).
     layers : module names to analyse (default: every layer ``config`` targets).
+    finetune_steps : SGD steps on the train split after each cut, before it is evaluated
+        (:func:`~torchslim.train.trainer.short_finetune`: momentum 0.9, constant ``finetune_lr``,
+        batches of ``finetune_batch_size``, the same seeded batches for every cut); 0: one-shot.
 
     Returns the mapping described in the module doc; metric values are the task's metric
-    (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split``.
+    (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split`` (and as many
+    short fine-tunes of ``finetune_steps`` steps).
 
     Raises
     ------
     RecipeError
-        For points outside (0, 1), or a config that cannot prune a layer alone.
+        For points outside (0, 1), a negative ``finetune_steps``, or a config that cannot prune a
+        layer alone.
     UserError
         For a task without data or metric.
     """
@@ -102,6 +112,9 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     bad = [p for p in points if not 0.0 < float(p) < 1.0]
     if bad or not points:
         raise RecipeError(f"sensitivity: points must be sparsities in (0, 1), got {list(points)}")
+    if finetune_steps < 0 or not finetune_lr > 0:
+        raise RecipeError(f"sensitivity: finetune_steps must be >= 0 and finetune_lr > 0, got {finetune_steps} "
+                          f"and {finetune_lr}")
     if parse_nm(config.granularity) is not None:
         raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
     if config.granularity == "layer":
@@ -123,21 +136,27 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     out: dict[str, Any] = {"schema": SCHEMA, "method": method, "granularity": config.granularity,
                            "criterion": getattr(config, "name", name), "split": split,
                            "metric": task.metric_name, "baseline": baseline, "points": [float(p) for p in points],
-                           "layers": {}}
+                           "finetune_steps": int(finetune_steps), "layers": {}}
+    if finetune_steps:
+        out["finetune"] = {"lr": float(finetune_lr), "batch_size": int(finetune_batch_size), "momentum": 0.9}
     if config.granularity in MEASURED_COST:
         out["model"] = {"params": count_params(model)[0], "macs": count_macs(model, inputs)}
     quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out)
+        _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out,
+             (finetune_steps, finetune_lr, finetune_batch_size))
     finally:
         quiet.setLevel(level)
     return out
 
 
-def _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out) -> None:
+def _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out,
+         finetune) -> None:
     from ...api import apply_
+    from ...train.trainer import short_finetune
+    steps, lr, batch_size = finetune
     inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
     with Progress(len(names) * len(points), "sensitivity", unit="eval") as bar:
         for layer in names:
@@ -148,6 +167,8 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
                 pruned = apply_(copy.deepcopy(model), cfg, task=task, method=method)
                 if recalibrate_bn:
                     session.recalibrate_batchnorm(pruned, recalibrate_bn)
+                if steps:
+                    short_finetune(pruned, task, steps, lr=lr, batch_size=batch_size)
                 metric = task.evaluate(pruned, split)
                 curve.append([float(p), float(metric) if metric is not None and math.isfinite(metric) else None])
                 if "model" in out:  # what pruning this layer's units took from the whole model
