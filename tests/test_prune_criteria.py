@@ -374,3 +374,50 @@ def test_magnitude_is_unchanged_by_the_mask_rule_hook():
     cut = torch.cat(ws).sort().values[round(0.5 * sum(w.numel() for w in ws)) - 1]
     for i, w in zip((1, 3, 5), ws):
         assert torch.equal((pruned[i].weight == 0).reshape(-1), w <= cut)
+
+
+def test_a_registered_criterion_is_a_method_by_name(tmp_path):
+    """register_criterion(name, fn) makes prune.NAME: a recipe step, torchslim methods, config_for."""
+    from torchslim.methods.prune.criteria import _CRITERIA, _CONFIGS
+    from torchslim.prune import config_for
+    from torchslim.registry import _REGISTRY, list_methods
+    from torchslim.prune import register_criterion
+
+    @register_criterion("test-last-first")
+    def last_first(group):
+        """Keeps the last units: scores 1 .. n."""
+        return torch.arange(1, group.units + 1).float()
+
+    try:
+        assert [e.key for e in list_methods("prune.test-last-*")] == ["prune.test-last-first"]
+        model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        w = model[0].weight.detach().clone()
+        pruned = torchslim.apply(model, config_for("test-last-first")(granularity="channel", sparsity=0.5,
+                                                                         targets=("0",)), task="shape:1x6x6")
+        assert torch.equal(pruned[0].weight, w[4:]) and pruned[2].in_channels == 4
+        torch.manual_seed(0)
+        recipe = {"model": "zoo:digits-cnn", "task": "shape:1x8x8", "measure": {"latency": False},
+                  "steps": [{"prune": {"method": "test-last-first", "granularity": "channel", "sparsity": 0.5,
+                                       "targets": ["0"]}}]}
+        torch.manual_seed(0)
+        metrics = torchslim.compress(recipe, tmp_path / "run")
+        torch.manual_seed(0)
+        dense = torchslim.build_model("zoo:digits-cnn")
+        back = torchslim.load(tmp_path / "run" / "model")
+        n = dense[0].out_channels
+        assert metrics["steps"][-1]["method"] == "test-last-first"
+        assert torch.equal(back[0].weight, dense[0].weight[n - n // 2:])    # the last half kept
+        # registered again: the new function ranks, under the same method
+        register_criterion("test-last-first", lambda g: torch.arange(g.units, 0, -1).float())
+        again = torchslim.apply(model, config_for("test-last-first")(granularity="channel", sparsity=0.5,
+                                                                        targets=("0",)), task="shape:1x6x6")
+        assert torch.equal(again[0].weight, w[:4])
+        with pytest.raises(ValueError, match="lower-case letters"):
+            register_criterion("Bad Name", last_first)
+        with pytest.raises(RecipeError, match="no method was made"):
+            config_for("magnitude")
+        with pytest.raises(RecipeError, match="unknown method 'test-last-firs'"):
+            torchslim.compress({**recipe, "steps": [{"prune": {"method": "test-last-firs"}}]}, tmp_path / "run2")
+    finally:
+        _CRITERIA.pop("test-last-first", None), _CONFIGS.pop("test-last-first", None)
+        _REGISTRY.pop("prune.test-last-first", None)

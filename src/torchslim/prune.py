@@ -9,7 +9,7 @@ Examples
 
 from .methods.prune.activation import ActivationPruneConfig
 from .methods.prune.base import PruneConfig
-from .methods.prune.criteria import Group, register_criterion
+from .methods.prune.criteria import Group, config_for, register_criterion
 from .methods.prune.entropy import EntropyPruneConfig
 from .methods.prune.magnitude import GradualSchedule, MagnitudePruneConfig, MaskPlugin
 from .methods.prune.random import RandomPruneConfig
@@ -19,4 +19,4 @@ from .methods.prune.threshold import ThresholdPruneConfig
 
 __all__ = ["PruneConfig", "MagnitudePruneConfig", "ThresholdPruneConfig", "TaylorPruneConfig",
            "ActivationPruneConfig", "EntropyPruneConfig", "RandomPruneConfig", "MaskPlugin", "GradualSchedule",
-           "Group", "register_criterion", "register_pruner"]
+           "Group", "register_criterion", "config_for", "register_pruner"]

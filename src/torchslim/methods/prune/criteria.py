@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,21 +90,88 @@ GRANULARITIES = ("weight", "channel", "head", "layer", "N:M")
 
 
 def register_criterion(name: str, fn: Criterion | None = None, *, needs: Sequence[str] = (),
-                       granularities: Sequence[str] = GRANULARITIES) -> Callable:
+                       granularities: Sequence[str] = GRANULARITIES, method: bool = True) -> Callable:
     """Register ``fn(group) -> Tensor[units]`` as criterion ``name`` (usable as a decorator).
 
     ``needs``: any of ``"grads"``, ``"activations"``; ``granularities``: where it applies.
-    Registering a name again replaces the earlier criterion.
+    Registering a name again replaces the earlier criterion. With ``method`` (the default) a
+    name no method has yet also becomes the pruning method ``prune.NAME``: ``prune: {method:
+    NAME, ...}`` in a recipe, ``torchslim methods``, and in Python
+    ``config_for(NAME)(sparsity=0.5, ...)`` (every field of :class:`~.base.PruneConfig`).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``needs`` entry or granularity, or a ``name`` that is not a method name.
+
+    Examples
+    --------
+    >>> @register_criterion("first-heavy", method=False)     # method=False: no prune.first-heavy
+    ... def first_heavy(group):
+    ...     "Keeps the first units."
+    ...     return torch.arange(group.units, 0, -1).float()
+    >>> get_criterion("first-heavy").fn(Group(units=3, weights=[torch.ones(3, 2)]))
+    tensor([3., 2., 1.])
     """
     bad = [n for n in needs if n not in NEEDS]
     if bad:
         raise ValueError(f"register_criterion: unknown needs {bad}; accepted: {', '.join(NEEDS)}")
+    wrong = [g for g in granularities if g not in GRANULARITIES]
+    if wrong:
+        raise ValueError(f"register_criterion: unknown granularities {wrong}; accepted: {', '.join(GRANULARITIES)}")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+        raise ValueError(f"register_criterion: name {name!r} must be lower-case letters, digits, '-' or '_', "
+                         "starting with a letter (it becomes the method name prune.NAME)")
 
     def deco(f: Criterion) -> Criterion:
         summary = ((f.__doc__ or "").strip().splitlines() or [""])[0]
         _CRITERIA[name] = CriterionEntry(name, f, tuple(needs), tuple(granularities), summary)
+        if method:
+            _criterion_method(name, summary)
         return f
     return deco(fn) if fn is not None else deco
+
+
+#: config classes of the methods :func:`register_criterion` made, by criterion name
+_CONFIGS: dict[str, type] = {}
+
+
+def _criterion_method(name: str, summary: str) -> None:
+    """``prune.NAME`` for a criterion registered by a user: a PruneConfig subclass ranking with it."""
+    from ...registry import _load_builtin, _REGISTRY, register_method
+    from .base import PruneConfig
+    from .dispatch import run_prune
+    _load_builtin()          # the built-in methods first: their names are theirs
+    key = f"prune.{name}"
+    if key in _REGISTRY and name not in _CONFIGS:
+        return               # a method of its own (prune.magnitude ranks with the criterion now registered)
+    title = "".join(part.capitalize() for part in re.split(r"[-_]", name))
+    cls = dataclass(frozen=True)(type(f"{title}PruneConfig", (PruneConfig,), {
+        "__doc__": f"Prune by the registered criterion {name!r}: {summary or 'a user criterion'}",
+        "__module__": __name__, "CRITERION": name}))
+    _CONFIGS[name] = cls
+
+    def handler(model, config, ctx):
+        return run_prune(model, config, ctx, name)
+    handler.__doc__ = f"Pruning ranked by the registered criterion {name!r}."
+    _REGISTRY.pop(key, None)  # registered again: the new class replaces the old
+    register_method(key, cls)(handler)
+
+
+def config_for(name: str) -> type:
+    """The config class of ``prune.NAME`` for a criterion :func:`register_criterion` registered
+    (the built-in ones: ``MagnitudePruneConfig`` and the others of :mod:`torchslim.prune`).
+
+    Raises
+    ------
+    RecipeError
+        For a name registered with ``method=False`` or not registered at all.
+    """
+    if name not in _CONFIGS:
+        raise RecipeError(f"prune: no method was made for criterion {name!r}{did_you_mean(name, list(_CONFIGS))}; "
+                          "register it with register_criterion(name, fn) (built-in criteria have their own "
+                          "configs in torchslim.prune)")
+    return _CONFIGS[name]
 
 
 def get_criterion(name: str) -> CriterionEntry:
@@ -153,7 +221,7 @@ def lp_norm(group: Group, p: int = 1) -> torch.Tensor:
     return total
 
 
-@register_criterion("magnitude")
+@register_criterion("magnitude", method=False)
 def magnitude(group: Group) -> torch.Tensor:
     """L1 norm of each unit's weights (Han et al. 2015 for single weights; Li et al. 2017 for filters)."""
     return lp_norm(group, 1)
@@ -173,13 +241,13 @@ def _require(group: Group, what: str, name: str):
     return value
 
 
-@register_criterion("threshold", granularities=("weight", "channel", "head", "layer"))
+@register_criterion("threshold", granularities=("weight", "channel", "head", "layer"), method=False)
 def threshold(group: Group) -> torch.Tensor:
     """L1 norm of each unit's weights, kept when >= alpha * the largest in its layer (Han et al. 2015)."""
     return lp_norm(group, 1)
 
 
-@register_criterion("random")
+@register_criterion("random", method=False)
 def random(group: Group, seed: int = 0) -> torch.Tensor:
     """Uniform random scores in [0, 1): the control every criterion should beat.
 
@@ -191,7 +259,7 @@ def random(group: Group, seed: int = 0) -> torch.Tensor:
     return torch.rand(group.units, generator=gen)
 
 
-@register_criterion("taylor", needs=("grads",))
+@register_criterion("taylor", needs=("grads",), method=False)
 def taylor(group: Group) -> torch.Tensor:
     """First-order Taylor importance |sum over a unit's members of grad * weight| (Molchanov et al. 2019).
 
@@ -210,7 +278,7 @@ def taylor(group: Group) -> torch.Tensor:
     return total.abs()
 
 
-@register_criterion("activation", needs=("activations",), granularities=(*WITH_OUTPUTS, "layer"))
+@register_criterion("activation", needs=("activations",), granularities=(*WITH_OUTPUTS, "layer"), method=False)
 def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     """Mean |activation| of each unit on calibration data, or 1 - APoZ (Hu et al. 2016).
 
@@ -230,7 +298,7 @@ def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     return _require(group, "activations", "activation").float().abs().mean(dim=0).cpu()
 
 
-@register_criterion("entropy", needs=("activations",), granularities=WITH_OUTPUTS)
+@register_criterion("entropy", needs=("activations",), granularities=WITH_OUTPUTS, method=False)
 def entropy(group: Group, bins: int = 16) -> torch.Tensor:
     """Entropy of each unit's pooled activation over calibration examples (Luo & Wu 2017).
 
