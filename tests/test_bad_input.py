@@ -588,3 +588,22 @@ def test_metric_drop_advice_fits_the_step(config, advice):
     assert [w["code"] for w in found] == ["metric_drop"]
     assert advice in found[0]["message"] and "0.4000 lost" in found[0]["message"]
     assert ("finetune:" in found[0]["message"]) == ("finetune" in config)
+
+
+@pytest.mark.parametrize("key", ["ignore", "targets"])
+def test_a_pattern_matching_nothing_is_reported_once_under_its_own_key(tmp_path, capsys, key):
+    """Channel pruning checks its targets again (the classes it handles): a pattern that matches
+    no module is one error, named by the key that holds it."""
+    recipe = write(tmp_path, GOOD.replace("sparsity: 0.5}", f"sparsity: 0.5, granularity: channel, {key}: ['re:fc.*']}}"))
+    code, _, err = run_cli(["compress", recipe, "--dry-run"], capsys)
+    assert code == 2 and err.count("matches no module") == 1, err
+    assert f"steps.0.prune.{key}: pattern 're:fc.*'" in err
+
+
+def test_sensitivity_refuses_what_it_cannot_vary_before_building_anything(tmp_path, capsys):
+    for args, needle in ((["--granularity", "layer"], "drops a layer whole"),
+                         (["--method", "threshold"], "no sparsity to vary"),
+                         (["--granularity", "2:4"], "N:M pattern")):
+        code, _, err = run_cli(["sensitivity", "zoo:digits-cnn", "--task", "digits", "--out", tmp_path / "s", *args],
+                               capsys)
+        assert_clean_error(code, err, tmp_path / "s", needle)

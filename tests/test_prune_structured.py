@@ -419,3 +419,30 @@ def test_feed_forward_neurons_of_a_bert_are_removed_and_the_rest_computes_the_sa
         torch.testing.assert_close(out, ref(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
         torchslim.save(pruned, tmp_path / "a")
         assert torch.equal(torchslim.load(tmp_path / "a")(input_ids=ids).last_hidden_state, out)
+
+
+def test_recurrent_layers_are_reported_skipped_and_not_counted(caplog):
+    """A GRU picked by the default pattern keeps its hidden units: a skip with its reason in the
+    row (the report's table); the kept-channel count leaves out the classifier kept whole."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.c1 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+            self.rnn, self.fc = nn.GRU(16, 24, batch_first=True), nn.Linear(24, 10)
+
+        def forward(self, x):
+            y, _ = self.rnn(torch.relu(self.c1(torch.relu(self.c0(x)))).mean(2).transpose(1, 2))
+            return self.fc(y[:, -1])
+
+    session = Session(task=build_task("shape:1x8x8"))
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        from torchslim.methods.prune.criteria import get_criterion
+        from torchslim.methods.prune.structured import prune_channels
+        m = prune_channels(Net(), MagnitudePruneConfig(granularity="channel", sparsity=0.5), session,
+                           get_criterion("magnitude"))
+    assert m.c0.out_channels == 8 and m.c1.in_channels == 8 and m.rnn.input_size == 16 and m.fc.out_features == 10
+    skipped = {s["module"]: s["reason"] for s in session.info["metrics"]["skipped"]}
+    assert "hidden units of recurrent layers" in skipped["rnn"]
+    assert "reshape the graph cannot map" in skipped["c1"]          # its channels reach the GRU through a transpose
+    assert "8 of 16 output channels kept" in caplog.text          # c0 alone: c1 (skipped) and fc (the output) not counted
+    assert "patterns pick Conv/Linear" in caplog.text and "_ConvNd" not in caplog.text

@@ -188,12 +188,18 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .specs import build_model, build_task
 
     entry = get_method("prune", args.method)
+    if getattr(entry.config_cls, "SPARSITY_IS_RESULT", False):
+        from .errors import RecipeError
+        raise RecipeError(f"sensitivity --method {args.method}: the {args.method} rule decides how much it removes "
+                          "(alpha), so it has no sparsity to vary; use a ranking criterion (magnitude, taylor, "
+                          "activation, entropy, random)")
     fields = {"granularity": args.granularity}
     if args.targets:
         fields["targets"] = args.targets
     if args.ignore:
         fields["ignore"] = args.ignore
     config = entry.config_cls.from_dict(fields, where=f"prune.{args.method}")
+    sensitivity.check_config(config)
     task = build_task(args.task, args.data_dir)
     torch.manual_seed(0)
     model = build_model(args.model, weights=args.weights, output=parse_selector(args.output, "--output"))

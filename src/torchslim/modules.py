@@ -85,7 +85,7 @@ def select_modules(
     targets, ignore = tuple(targets), tuple(ignore)
     named = [(n, m) for n, m in model.named_modules() if n]
     check_patterns(model, (*targets, *ignore), what)
-    kind_names = "/".join(k.__name__ for k in kinds)
+    kind_names = "/".join(dict.fromkeys(k.__name__.lstrip("_").replace("ConvNd", "Conv") for k in kinds))
 
     def outside_kinds(m: nn.Module) -> str | None:
         return None if isinstance(m, kinds) else f"only {kind_names} modules are handled"

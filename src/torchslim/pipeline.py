@@ -133,14 +133,16 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
             except UserError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
         if names_known:
+            found = len(problems.errors)
             for key, patterns in step.config.target_patterns().items():
                 with problems.check():
                     check_patterns(model, patterns, f"{where}.{key}")
-            with problems.check():
-                try:
-                    step.config.check_targets(model)  # a named module of a class the method refuses
-                except UserError as exc:
-                    raise type(exc)(f"{where}: {exc}") from None
+            if len(problems.errors) == found:  # a pattern that matches nothing is reported once, above
+                with problems.check():
+                    try:
+                        step.config.check_targets(model)  # a named module of a class the method refuses
+                    except UserError as exc:
+                        raise type(exc)(f"{where}: {exc}") from None
         if model is not None:
             with problems.check():
                 try:

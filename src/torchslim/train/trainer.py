@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import distributed as tsdist
 from ..errors import ArtifactError, UserError
 from ..fileio import atomic_path
-from ..modules import eval_mode
+from ..modules import eval_mode, weight_names
 from ..progress import Progress, emit
 from ..specs.tasks import Task, _device_of, to_device
 from .config import TrainConfig
@@ -502,13 +502,15 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, **kwa
 
 
 def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, batch_size: int = 64,
-                   momentum: float = 0.9, seed: int = 0) -> nn.Module:
+                   momentum: float = 0.9, seed: int = 0, hold_zeros: bool = True) -> nn.Module:
     """``steps`` SGD steps (momentum, constant ``lr``) of ``task``'s loss on its training split,
     in place, on one process, with no checkpoint and no log: the "short-term fine-tune" NetAdapt
     gives each candidate before measuring its accuracy (Yang et al., "NetAdapt", ECCV 2018,
     sec. 3.2), used by sensitivity curves that account for recovery. Batches are drawn from a
-    shuffle seeded with ``seed`` (the training split cycled when ``steps`` passes its end). The
-    model is left in eval mode; returns it.
+    shuffle seeded with ``seed`` (the training split cycled when ``steps`` passes its end). With
+    ``hold_zeros`` every weight tensor (:func:`~torchslim.modules.weight_names`; not biases or
+    norm scales) keeps its zeros after each step, so pruned weights do not grow back. The model
+    is left in eval mode; returns it.
 
     Raises
     ------
@@ -528,6 +530,8 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
                         drop_last=len(dataset) > batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    held = [(w, w != 0) for m in model.modules() for w in (getattr(m, n) for n in weight_names(m))
+            if hold_zeros and w.requires_grad and bool((w == 0).any())]
     model.train()
     done = 0
     with torch.random.fork_rng(devices=[]):
@@ -543,6 +547,9 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                with torch.no_grad():
+                    for w, keep in held:
+                        w.mul_(keep)
                 done += 1
                 if done >= steps:
                     break

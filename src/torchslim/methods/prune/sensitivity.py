@@ -75,6 +75,21 @@ def layer_names(model: nn.Module, config: PruneConfig, inputs: tuple) -> list[st
     return names
 
 
+def check_config(config: PruneConfig) -> None:
+    """RecipeError for a config a sensitivity analysis cannot vary: an N:M pattern, granularity
+    ``layer``, or a rule whose sparsity is its result (``threshold``)."""
+    if parse_nm(config.granularity) is not None:
+        raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
+    if config.granularity == "layer":
+        raise RecipeError("sensitivity: granularity layer drops a layer whole, so its curve would be one point; "
+                          "analyse granularity head, channel or weight (or compare single-layer drops with "
+                          "prune: {granularity: layer, targets: [NAME]} runs)")
+    if config.SPARSITY_IS_RESULT:
+        raise RecipeError(f"sensitivity: the {config.name} rule decides how much it removes (alpha), so it has no "
+                          "sparsity to vary; analyse with a ranking criterion (magnitude, taylor, activation, "
+                          "entropy, random)")
+
+
 def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
             points: Sequence[float] = DEFAULT_POINTS, split: str = "val", recalibrate_bn: int = 512,
             layers: Sequence[str] | None = None, finetune_steps: int = 0, finetune_lr: float = 0.01,
@@ -93,7 +108,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     layers : module names to analyse (default: every layer ``config`` targets).
     finetune_steps : SGD steps on the train split after each cut, before it is evaluated
         (:func:`~torchslim.train.trainer.short_finetune`: momentum 0.9, constant ``finetune_lr``,
-        batches of ``finetune_batch_size``, the same seeded batches for every cut); 0: one-shot.
+        batches of ``finetune_batch_size``, the same seeded batches for every cut; the zeros of
+        every weight tensor held, so pruned weights do not grow back); 0: one-shot.
 
     Returns the mapping described in the module doc; metric values are the task's metric
     (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split`` (and as many
@@ -115,12 +131,7 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     if finetune_steps < 0 or not finetune_lr > 0:
         raise RecipeError(f"sensitivity: finetune_steps must be >= 0 and finetune_lr > 0, got {finetune_steps} "
                           f"and {finetune_lr}")
-    if parse_nm(config.granularity) is not None:
-        raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
-    if config.granularity == "layer":
-        raise RecipeError("sensitivity: granularity layer drops a layer whole, so its curve would be one point; "
-                          "analyse granularity head, channel or weight (or compare single-layer drops with "
-                          "prune: {granularity: layer, targets: [NAME]} runs)")
+    check_config(config)
     verb, _, name = method.partition(".")
     entry = get_method(verb, name)
     if not isinstance(config, entry.config_cls):

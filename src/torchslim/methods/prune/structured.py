@@ -656,6 +656,14 @@ def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, repor
 
 
 # -- the schedule ---------------------------------------------------------------------------
+def _counted(model: nn.Module, original: dict[str, int], report: dict[str, Any]) -> tuple[int, int]:
+    """(kept, before): output channels of the layers the step could prune, now and before (the
+    layers left whole on purpose, such as the classifier, and the skipped ones not counted)."""
+    now = _channels(model)
+    names = [n for n in original if n not in report["kept"] and n not in report["skipped"]]
+    return sum(now.get(n, 0) for n in names), sum(original[n] for n in names)
+
+
 def _channels(model: nn.Module) -> dict[str, int]:
     return {n: (m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
             for n, m in model.named_modules() if isinstance(m, ROOT_KINDS)}
@@ -707,16 +715,14 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
     ignore = {n for n, _ in model.named_modules() if n and n not in targets
               and any(matches(n, p) for p in config.ignore)}
     original = _channels(model)
-    report: dict[str, Any] = {"skipped": {}, "kept": {}}
+    report: dict[str, Any] = {"skipped": _recurrent_skips(model, config), "kept": {}}
     ratios = round_ratios(config)
     trains = config.finetune is not None and config.finetune.epochs > 0
     for r, ratio in enumerate(ratios, 1):
         prune_round(model, ratio, config, session, entry, inputs, targets, ignore, original, report)
         if trains or len(ratios) > 1:  # said before the fine-tune's epochs (the summary follows them)
-            now = _channels(model)
             log.info("%s channel pruning%s: %d of %d output channels kept", entry.name,
-                     f" round {r}/{len(ratios)}" if len(ratios) > 1 else "",
-                     sum(now.get(n, 0) for n in original), sum(original.values()))
+                     f" round {r}/{len(ratios)}" if len(ratios) > 1 else "", *_counted(model, original, report))
         finetune_round(model, config, session, r)
     if config.SPARSITY_IS_RESULT and _channels(model) == original:   # the whole step, not one round
         session.warn("nothing_removed", f"{config.CRITERION} channel pruning removed no channel: "
@@ -725,11 +731,21 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
     return model
 
 
+def _recurrent_skips(model: nn.Module, config: PruneConfig) -> dict[str, str]:
+    """Recurrent layers (LSTM/GRU/RNN) the step's patterns pick: their hidden units are not
+    removed, so they are reported as skipped, with the reason."""
+    return {n: f"a {type(m).__name__}: channel pruning removes the outputs of Conv and Linear layers, not the "
+               "hidden units of recurrent layers; left unchanged"
+            for n, m in model.named_modules()
+            if n and isinstance(m, nn.RNNBase) and not any(matches(n, p) for p in config.ignore)
+            and any(matches(n, p) for p in config.targets)}
+
+
 def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], entry: CriterionEntry,
             config: PruneConfig, session) -> None:
     now = _channels(model)
     layer_channels = {n: [now[n], c] for n, c in original.items() if n in now}
-    total0, total = sum(original.values()), sum(now.get(n, 0) for n in original)
+    total, total0 = _counted(model, original, report)
     asked = (f"alpha {config.alpha:g}" if config.SPARSITY_IS_RESULT and hasattr(config, "alpha")
              else f"{100 * config.sparsity:.0f}%")
     log.info("%s channel pruning (%s, %s): %d of %d output channels kept; %s", entry.name, config.scope,

@@ -207,8 +207,11 @@ def report_sparsity(model: nn.Module, names: list[str], masker: MaskPlugin, conf
     per_layer = {n.removesuffix(".weight"): float((w == 0).float().mean()) for n, w in zip(names, ws)}
     overall = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
     how = f"{config.granularity} pattern" if config.granularity != "weight" else config.scope
-    log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, how,
-             f", {len(masker.fixed)} with their own" if masker.fixed else "", len(names),
+    if config.granularity == "weight" and masker.fixed and len(masker.fixed) >= len(names):
+        how, own = "each layer its own sparsity", ""     # a ratios: sensitivity plan, or layer_sparsity for all
+    else:
+        own = f", {len(masker.fixed)} with their own" if masker.fixed else ""
+    log.info("%s pruning: %.1f%% sparsity (%s%s) over %d weight tensors: %s", what, 100 * overall, how, own, len(names),
              ", ".join(f"{n} {100 * v:.1f}%" for n, v in per_layer.items()))
     for n, v in per_layer.items():
         if v >= COLLAPSE:
