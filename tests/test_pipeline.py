@@ -133,6 +133,12 @@ def test_export_cli_from_a_run_dir(demo_run, tmp_path):
     with torch.no_grad():
         want = torchslim.load(out / "model")(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the run's model/ folder alone: the task comes from the run's metrics.json beside it
+    again = tmp_path / "model-dir.onnx"
+    r = subprocess.run([sys.executable, "-m", "torchslim", "export", str(out / "model"), "--format", "onnx",
+                        "--out", str(again)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == target.read_bytes()
 
 
 def test_apply_underscore_works_in_place():
