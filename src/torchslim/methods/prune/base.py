@@ -149,8 +149,10 @@ class PruneConfig(MethodConfig):
                                           "(taylor, activation, entropy)")
     finetune: TrainConfig | None = option(None, doc="training after (gradual: during) pruning")
     targets: tuple[str, ...] = option(("re:.*",), doc="module names (any module with weights) or re: patterns "
-                                                     "(they pick Linear, Conv, ConvTranspose, MultiheadAttention, "
-                                                     "LSTM/GRU/RNN)")
+                                                     "(granularity weight: they pick Linear, Conv, ConvTranspose, "
+                                                     "MultiheadAttention, LSTM/GRU/RNN; channel: Conv and Linear "
+                                                     "and classes given a pruner; head: attention modules; layer: "
+                                                     "residual blocks)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
     ratios: str = option("uniform", choices=("uniform", "sensitivity"),
                          doc="uniform: sparsity as scope says; sensitivity (granularity weight, channel, head): per-layer "
