@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -64,6 +65,9 @@ def main() -> None:
                     "multiples of this (round_to; 8: the block width of ONNX Runtime's AVX2 conv kernels)")
     ap.add_argument("--sensitivity-steps", type=int, default=0, help="curves with each cut trained this many "
                     "SGD steps before it is evaluated (sensitivity_steps; 0: one-shot curves)")
+    ap.add_argument("--sensitivity-lr", type=float, default=0.01, help="learning rate of --sensitivity-steps")
+    ap.add_argument("--plans", choices=("all", "sensitivity"), default="all", help="sensitivity: only the "
+                    "sensitivity plans (the uniform plan pruned to find their MACs target, not fine-tuned)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -131,10 +135,14 @@ def main() -> None:
             raise SystemExit(f"{curves} holds curves measured with {steps} fine-tune steps per cut, not "
                              f"--sensitivity-steps {args.sensitivity_steps}: use another --out")
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
-        uniform = run(f"uniform {sparsity:.0%} (scope layer)",
-                      MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft,
-                                           round_to=args.round_to))
-        if i == 0:
+        uniform_cfg = MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft,
+                                           round_to=args.round_to)
+        if args.plans == "sensitivity":   # the uniform plan's MACs only: pruned, not fine-tuned, no row
+            thin = torchslim.apply(dense, dataclasses.replace(uniform_cfg, finetune=None), task=task)
+            uniform = {"macs": count_macs(thin, x1)}
+        else:
+            uniform = run(f"uniform {sparsity:.0%} (scope layer)", uniform_cfg)
+        if i == 0 and args.plans == "all":
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
@@ -142,7 +150,7 @@ def main() -> None:
         run(f"sensitivity, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
             MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
                                  sensitivity=curves, sensitivity_steps=0 if curves else args.sensitivity_steps,
-                                 finetune=ft, round_to=args.round_to))
+                                 sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))
         curves = str(args.out / "sensitivity.json")
     if args.oneshot:
         write_json(args.out / "oneshot.json", {"threads": args.threads, "rows": rows})

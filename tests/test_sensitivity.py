@@ -275,9 +275,12 @@ def test_sensitivity_steps_in_a_step_and_its_bad_input(tmp_path, trained_digits,
     from torchslim.session import Session
     from torchslim.methods.prune.dispatch import run_prune
     session = Session(task=digits_task)
-    cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity", sensitivity_steps=5, targets=("0", "6"))
+    cfg = MagnitudePruneConfig(sparsity=0.7, ratios="sensitivity", sensitivity_steps=5, sensitivity_lr=0.005,
+                               targets=("0", "6"))
     run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
     assert session.info["metrics"]["sensitivity"]["finetune_steps"] == 5
+    assert session.info["metrics"]["sensitivity"]["finetune"] == {"lr": 0.005, "batch_size": 64, "momentum": 0.9,
+                                                                   "schedule": "cosine"}
     with pytest.raises(RecipeError, match="sensitivity_steps: read with ratios: sensitivity only"):
         MagnitudePruneConfig(sensitivity_steps=5)
     with pytest.raises(RecipeError, match="measured already"):

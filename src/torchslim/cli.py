@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recovers from (NetAdapt's short-term fine-tune; for plans fine-tuned afterwards; "
                         "default 0: one-shot curves)")
     s.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR",
-                   help="learning rate of --finetune-steps (SGD, momentum 0.9, constant; default 0.01)")
+                   help="peak learning rate of --finetune-steps (SGD, momentum 0.9, cosine to 0; default 0.01)")
     s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--output", help="which output is the prediction (index or name) for tuple/mapping outputs")

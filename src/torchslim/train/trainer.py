@@ -502,8 +502,10 @@ def train(model: nn.Module, task: Task, config: TrainConfig | None = None, **kwa
 
 
 def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, batch_size: int = 64,
-                   momentum: float = 0.9, seed: int = 0, hold_zeros: bool = True) -> nn.Module:
-    """``steps`` SGD steps (momentum, constant ``lr``) of ``task``'s loss on its training split,
+                   momentum: float = 0.9, seed: int = 0, hold_zeros: bool = True,
+                   schedule: str = "cosine") -> nn.Module:
+    """``steps`` SGD steps (momentum; ``lr`` decayed to 0 by a cosine over the steps, or kept
+    ``constant``) of ``task``'s loss on its training split,
     in place, on one process, with no checkpoint and no log: the "short-term fine-tune" NetAdapt
     gives each candidate before measuring its accuracy (Yang et al., "NetAdapt", ECCV 2018,
     sec. 3.2), used by sensitivity curves that account for recovery. Batches are drawn from a
@@ -530,6 +532,10 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
                         drop_last=len(dataset) > batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    # decayed to 0, the steps end in a minimum: a constant rate leaves the model wherever its
+    # last noisy step took it, and every point of a curve moves by that noise
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))) if schedule == "cosine" else 1.0)
     held = [(w, w != 0) for m in model.modules() for w in (getattr(m, n) for n in weight_names(m))
             if hold_zeros and w.requires_grad and bool((w == 0).any())]
     model.train()
@@ -547,6 +553,7 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 with torch.no_grad():
                     for w, keep in held:
                         w.mul_(keep)

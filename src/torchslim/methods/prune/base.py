@@ -164,6 +164,8 @@ class PruneConfig(MethodConfig):
                                                   "trained before it is evaluated, so the curves show what a layer "
                                                   "recovers from (NetAdapt's short-term fine-tune; `torchslim "
                                                   "sensitivity --finetune-steps`); 0: one-shot curves")
+    sensitivity_lr: float = option(0.01, low=0.0, low_open=True, doc="sensitivity_steps: peak learning rate of "
+                                                                     "those steps (SGD, momentum 0.9, cosine to 0)")
     budget: str = option("params", choices=("params", "macs"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
                              "(granularity channel, head: of the whole model's, measured)")

@@ -88,7 +88,8 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
                               f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
         data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
     else:
-        data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps)
+        data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps,
+                            finetune_lr=config.sensitivity_lr)
     cap = min(config.max_layer_sparsity, 0.95)
     ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
     metrics = session.info.setdefault("metrics", {})

@@ -107,7 +107,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     recalibrate_bn : training examples for BatchNorm re-estimation after each pruning (0: off).
     layers : module names to analyse (default: every layer ``config`` targets).
     finetune_steps : SGD steps on the train split after each cut, before it is evaluated
-        (:func:`~torchslim.train.trainer.short_finetune`: momentum 0.9, constant ``finetune_lr``,
+        (:func:`~torchslim.train.trainer.short_finetune`: momentum 0.9, ``finetune_lr`` decayed to 0
+        by a cosine,
         batches of ``finetune_batch_size``, the same seeded batches for every cut; the zeros of
         every weight tensor held, so pruned weights do not grow back); 0: one-shot.
 
@@ -149,7 +150,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
                            "metric": task.metric_name, "baseline": baseline, "points": [float(p) for p in points],
                            "finetune_steps": int(finetune_steps), "layers": {}}
     if finetune_steps:
-        out["finetune"] = {"lr": float(finetune_lr), "batch_size": int(finetune_batch_size), "momentum": 0.9}
+        out["finetune"] = {"lr": float(finetune_lr), "batch_size": int(finetune_batch_size), "momentum": 0.9,
+                           "schedule": "cosine"}
     if config.granularity in MEASURED_COST:
         out["model"] = {"params": count_params(model)[0], "macs": count_macs(model, inputs)}
     quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
