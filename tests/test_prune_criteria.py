@@ -273,7 +273,7 @@ def test_threshold_channel_rounds_that_end_with_nothing_left_under_alpha_do_not_
         pruned = torchslim.apply(m, cfg, task=digits_task)
     assert pruned[2].out_channels == 3
     rounds = [r.getMessage() for r in caplog.records if "channel pruning round" in r.getMessage()]
-    assert [x.split(": ")[1] for x in rounds] == ["17 of 18 output channels kept"] * 2   # round 2 removed nothing
+    assert [x.split(": ")[1] for x in rounds] == ["3 of 4 output channels kept"] * 2   # layer 2 alone; round 2 removed nothing
     assert "removed no channel" not in caplog.text
 
 
@@ -378,7 +378,7 @@ def test_magnitude_is_unchanged_by_the_mask_rule_hook():
 
 def test_a_registered_criterion_is_a_method_by_name(tmp_path):
     """register_criterion(name, fn) makes prune.NAME: a recipe step, torchslim methods, config_for."""
-    from torchslim.methods.prune.criteria import _CRITERIA, _CONFIGS
+    from torchslim.methods.prune.criteria import _CRITERIA
     from torchslim.prune import config_for
     from torchslim.registry import _REGISTRY, list_methods
     from torchslim.prune import register_criterion
@@ -414,10 +414,19 @@ def test_a_registered_criterion_is_a_method_by_name(tmp_path):
         assert torch.equal(again[0].weight, w[:4])
         with pytest.raises(ValueError, match="lower-case letters"):
             register_criterion("Bad Name", last_first)
-        with pytest.raises(RecipeError, match="no method was made"):
-            config_for("magnitude")
+        assert config_for("magnitude") is MagnitudePruneConfig          # a built-in method's own class
+        with pytest.raises(RecipeError, match="unknown method 'test-last-firs'"):
+            config_for("test-last-firs")
+        register_criterion("Not A Method", last_first, method=False)        # any name without a method
+        # a plugin's own method for the criterion replaces the one made for it
+        from torchslim.registry import register_method
+
+        class Own(MagnitudePruneConfig):
+            pass
+        register_method("prune.test-last-first", Own)(lambda model, config, ctx: model)
+        assert config_for("test-last-first") is Own
         with pytest.raises(RecipeError, match="unknown method 'test-last-firs'"):
             torchslim.compress({**recipe, "steps": [{"prune": {"method": "test-last-firs"}}]}, tmp_path / "run2")
     finally:
-        _CRITERIA.pop("test-last-first", None), _CONFIGS.pop("test-last-first", None)
+        _CRITERIA.pop("test-last-first", None), _CRITERIA.pop("Not A Method", None)
         _REGISTRY.pop("prune.test-last-first", None)

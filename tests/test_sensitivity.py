@@ -258,11 +258,16 @@ def test_curves_with_a_short_finetune_per_cut_measure_recovery(trained_digits, d
     w = alone[0].weight.data
     w.view(-1)[w.abs().view(-1).argsort()[:round(0.9 * w.numel())]] = 0.0
     Session(task=digits_task).recalibrate_batchnorm(alone, 512)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
     short_finetune(alone, digits_task, 30, lr=0.02)
-    assert not alone.training
+    assert torch.equal(torch.get_rng_state(), state)        # the caller's random state untouched
+    assert not alone.training and all(p.grad is None for p in alone.parameters())
     # the pruned weights stayed pruned through the steps (the point is the layer at 90%)
     assert float((alone[0].weight == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
-    assert float((alone[2].weight == 0).float().mean()) == 0.0 and alone[2].weight.grad is not None
+    assert float((alone[2].weight == 0).float().mean()) == 0.0
+    with pytest.raises(ValueError, match="schedule must be cosine or constant"):
+        short_finetune(alone, digits_task, 3, schedule="linear")
     assert tuned["layers"]["0"]["points"][0] == [0.9, pytest.approx(digits_task.evaluate(alone, "val"))]
     # training recovers what the cut took (the first conv at 90% is the digits CNN's worst cut)
     assert tuned["layers"]["0"]["points"][0][1] > oneshot["layers"]["0"]["points"][0][1] + 0.01

@@ -272,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             task_spec = _task_of_run(d)
     elif (d / "manifest.json").is_file():
         art, out, task_spec = d, d.parent / "onnx" / "model.onnx", args.task
-        if task_spec is None and (d.parent / "metrics.json").is_file():   # RUN/model: the run's task
+        if task_spec is None and d.name == "model" and (d.parent / "metrics.json").is_file():   # RUN/model
             task_spec = _task_of_run(d.parent)
     else:
         raise UserError(f"{d}: neither a run directory (with model/) nor an artifact (with manifest.json)")

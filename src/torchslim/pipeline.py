@@ -133,11 +133,13 @@ def preflight(recipe: Recipe, data_dir: str | None = None) -> tuple[nn.Module, T
             except UserError as exc:
                 raise type(exc)(f"{where}: {exc}") from None
         if names_known:
-            found = len(problems.errors)
+            unmatched = False
             for key, patterns in step.config.target_patterns().items():
+                found = len(problems.errors)
                 with problems.check():
                     check_patterns(model, patterns, f"{where}.{key}")
-            if len(problems.errors) == found:  # a pattern that matches nothing is reported once, above
+                unmatched |= key in ("targets", "ignore") and len(problems.errors) > found
+            if not unmatched:  # check_targets reads targets and ignore again: a bad pattern is said once, above
                 with problems.check():
                     try:
                         step.config.check_targets(model)  # a named module of a class the method refuses

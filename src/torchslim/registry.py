@@ -61,7 +61,9 @@ def register_method(key: str, config_cls: type[MethodConfig]) -> Callable:
         raise TypeError(f"{key}: config class must derive from MethodConfig")
 
     def deco(handler: Callable) -> Callable:
-        if key in _REGISTRY and _REGISTRY[key].handler is not handler:
+        if key in _REGISTRY and _REGISTRY[key].handler is not handler \
+                and not getattr(_REGISTRY[key].config_cls, "MADE_FOR_CRITERION", False):
+            # (a method register_criterion made for a criterion gives way to one written for it)
             raise ValueError(f"method {key!r} is already registered")
         doc = (handler.__doc__ or config_cls.__doc__ or "").strip().splitlines()
         _REGISTRY[key] = MethodEntry(verb, name, config_cls, handler, doc[0] if doc else "")

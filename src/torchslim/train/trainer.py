@@ -512,15 +512,21 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
     shuffle seeded with ``seed`` (the training split cycled when ``steps`` passes its end). With
     ``hold_zeros`` every weight tensor (:func:`~torchslim.modules.weight_names`; not biases or
     norm scales) keeps its zeros after each step, so pruned weights do not grow back. The model
-    is left in eval mode; returns it.
+    is left in eval mode, without gradients; the caller's random state (CPU, and the model's GPU)
+    is as it was; returns the model.
 
     Raises
     ------
+    ValueError
+        For a ``batch_size`` below 1 or an unknown ``schedule``.
     UserError
         When the training split is empty.
     TrainingDivergedError
         When the loss becomes NaN or infinite (``lr`` too high).
     """
+    if schedule not in ("cosine", "constant") or batch_size < 1:
+        raise ValueError(f"short_finetune: schedule must be cosine or constant and batch_size >= 1, got "
+                         f"{schedule!r} and {batch_size}")
     if steps <= 0:
         return model
     dataset = task.split("train")
@@ -540,8 +546,12 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
             if hold_zeros and w.requires_grad and bool((w == 0).any())]
     model.train()
     done = 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout
+    gpu = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.random.default_generator.manual_seed(seed)  # dropout, on the CPU and the model's GPU alone
+        if gpu:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         while done < steps:
             for batch in loader:
                 batch = to_device(batch, device)
@@ -560,5 +570,6 @@ def short_finetune(model: nn.Module, task: Task, steps: int, lr: float = 0.01, b
                 done += 1
                 if done >= steps:
                     break
+    opt.zero_grad(set_to_none=True)
     model.eval()
     return model

@@ -119,12 +119,15 @@ def register_criterion(name: str, fn: Criterion | None = None, *, needs: Sequenc
     wrong = [g for g in granularities if g not in GRANULARITIES]
     if wrong:
         raise ValueError(f"register_criterion: unknown granularities {wrong}; accepted: {', '.join(GRANULARITIES)}")
-    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+    if method and not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise ValueError(f"register_criterion: name {name!r} must be lower-case letters, digits, '-' or '_', "
-                         "starting with a letter (it becomes the method name prune.NAME)")
+                         "starting with a letter (it becomes the method name prune.NAME; method=False makes none)")
 
     def deco(f: Criterion) -> Criterion:
         summary = ((f.__doc__ or "").strip().splitlines() or [""])[0]
+        if method:   # the built-in methods and plugins first: a plugin loaded later must not replace f
+            from ...registry import _load_builtin
+            _load_builtin()
         _CRITERIA[name] = CriterionEntry(name, f, tuple(needs), tuple(granularities), summary)
         if method:
             _criterion_method(name, summary)
@@ -132,24 +135,18 @@ def register_criterion(name: str, fn: Criterion | None = None, *, needs: Sequenc
     return deco(fn) if fn is not None else deco
 
 
-#: config classes of the methods :func:`register_criterion` made, by criterion name
-_CONFIGS: dict[str, type] = {}
-
-
 def _criterion_method(name: str, summary: str) -> None:
     """``prune.NAME`` for a criterion registered by a user: a PruneConfig subclass ranking with it."""
-    from ...registry import _load_builtin, _REGISTRY, register_method
+    from ...registry import _REGISTRY, register_method
     from .base import PruneConfig
     from .dispatch import run_prune
-    _load_builtin()          # the built-in methods first: their names are theirs
     key = f"prune.{name}"
-    if key in _REGISTRY and name not in _CONFIGS:
+    if key in _REGISTRY and not getattr(_REGISTRY[key].config_cls, "MADE_FOR_CRITERION", False):
         return               # a method of its own (prune.magnitude ranks with the criterion now registered)
     title = "".join(part.capitalize() for part in re.split(r"[-_]", name))
     cls = dataclass(frozen=True)(type(f"{title}PruneConfig", (PruneConfig,), {
         "__doc__": f"Prune by the registered criterion {name!r}: {summary or 'a user criterion'}",
-        "__module__": __name__, "CRITERION": name}))
-    _CONFIGS[name] = cls
+        "__module__": __name__, "CRITERION": name, "MADE_FOR_CRITERION": True}))
 
     def handler(model, config, ctx):
         return run_prune(model, config, ctx, name)
@@ -159,19 +156,17 @@ def _criterion_method(name: str, summary: str) -> None:
 
 
 def config_for(name: str) -> type:
-    """The config class of ``prune.NAME`` for a criterion :func:`register_criterion` registered
-    (the built-in ones: ``MagnitudePruneConfig`` and the others of :mod:`torchslim.prune`).
+    """The config class of the method ``prune.NAME``: the one :func:`register_criterion` made for
+    a user's criterion, a plugin's own, or a built-in one (``config_for("magnitude")`` is
+    ``MagnitudePruneConfig``).
 
     Raises
     ------
     RecipeError
-        For a name registered with ``method=False`` or not registered at all.
+        For a name no method has (a criterion registered with ``method=False``, or none).
     """
-    if name not in _CONFIGS:
-        raise RecipeError(f"prune: no method was made for criterion {name!r}{did_you_mean(name, list(_CONFIGS))}; "
-                          "register it with register_criterion(name, fn) (built-in criteria have their own "
-                          "configs in torchslim.prune)")
-    return _CONFIGS[name]
+    from ...registry import get_method
+    return get_method("prune", name).config_cls
 
 
 def get_criterion(name: str) -> CriterionEntry:

@@ -129,9 +129,9 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     bad = [p for p in points if not 0.0 < float(p) < 1.0]
     if bad or not points:
         raise RecipeError(f"sensitivity: points must be sparsities in (0, 1), got {list(points)}")
-    if finetune_steps < 0 or not finetune_lr > 0:
-        raise RecipeError(f"sensitivity: finetune_steps must be >= 0 and finetune_lr > 0, got {finetune_steps} "
-                          f"and {finetune_lr}")
+    if finetune_steps < 0 or not finetune_lr > 0 or finetune_batch_size < 1:
+        raise RecipeError(f"sensitivity: finetune_steps must be >= 0, finetune_lr > 0 and finetune_batch_size >= 1, "
+                          f"got {finetune_steps}, {finetune_lr} and {finetune_batch_size}")
     check_config(config)
     verb, _, name = method.partition(".")
     entry = get_method(verb, name)

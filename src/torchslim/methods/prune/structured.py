@@ -657,10 +657,11 @@ def _prune_checked(graph: _Graph, plan: _Plan, inputs: tuple, want: tuple, repor
 
 # -- the schedule ---------------------------------------------------------------------------
 def _counted(model: nn.Module, original: dict[str, int], report: dict[str, Any]) -> tuple[int, int]:
-    """(kept, before): output channels of the layers the step could prune, now and before (the
-    layers left whole on purpose, such as the classifier, and the skipped ones not counted)."""
+    """(kept, before): output channels of the layers the step targets, now and before; not counted:
+    the ignored ones, those left whole on purpose (the classifier) and those skipped and unchanged."""
     now = _channels(model)
-    names = [n for n in original if n not in report["kept"] and n not in report["skipped"]]
+    names = [n for n in report["counted"] if n not in report["kept"]
+             and not (n in report["skipped"] and now.get(n) == original[n])]
     return sum(now.get(n, 0) for n in names), sum(original[n] for n in names)
 
 
@@ -715,7 +716,8 @@ def _prune_channels(model: nn.Module, config: PruneConfig, session, entry: Crite
     ignore = {n for n, _ in model.named_modules() if n and n not in targets
               and any(matches(n, p) for p in config.ignore)}
     original = _channels(model)
-    report: dict[str, Any] = {"skipped": _recurrent_skips(model, config), "kept": {}}
+    report: dict[str, Any] = {"skipped": _recurrent_skips(model, config), "kept": {},
+                              "counted": [n for n in original if n in targets and n not in ignore]}
     ratios = round_ratios(config)
     trains = config.finetune is not None and config.finetune.epochs > 0
     for r, ratio in enumerate(ratios, 1):
