@@ -216,7 +216,7 @@ def test_custom_criterion_and_registered_pruner():
 
     torchslim.prune.register_pruner(Scale, ScalePruner())
     if "test-first" not in _CRITERIA:  # keeps the first half of the channels: scores n-1 .. 0
-        register_criterion("test-first", lambda g: torch.arange(g.units, 0, -1).float(), method=False)
+        register_criterion("test-first", lambda g: torch.arange(g.units, 0, -1).float())
     from torchslim.methods.prune.criteria import get_criterion
     from torchslim.methods.prune.structured import prune_channels
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ Examples
 
 from .methods.prune.activation import ActivationPruneConfig
 from .methods.prune.base import PruneConfig
-from .methods.prune.criteria import Group, config_for, register_criterion
+from .methods.prune.criteria import Group
+from .methods.prune.custom import config_for, register_criterion
 from .methods.prune.entropy import EntropyPruneConfig
 from .methods.prune.magnitude import GradualSchedule, MagnitudePruneConfig, MaskPlugin
 from .methods.prune.random import RandomPruneConfig

@@ -7,8 +7,8 @@ or attention heads. A criterion returns one score per unit; higher means more im
 the lowest-scoring units are removed. Criteria that need data say so (``needs``), and the
 pruning step then fills ``grads`` / ``activations`` / ``zeros`` from calibration batches.
 
-Register your own with :func:`register_criterion`; ``prune: {method: NAME}`` then uses it with
-every granularity its ``needs`` allow.
+Register your own with :func:`torchslim.prune.register_criterion` (:mod:`.custom`); ``prune:
+{method: NAME}`` then uses it with every granularity its ``needs`` allow.
 
 Examples
 --------
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,23 +89,22 @@ GRANULARITIES = ("weight", "channel", "head", "layer", "N:M")
 
 
 def register_criterion(name: str, fn: Criterion | None = None, *, needs: Sequence[str] = (),
-                       granularities: Sequence[str] = GRANULARITIES, method: bool = True) -> Callable:
+                       granularities: Sequence[str] = GRANULARITIES) -> Callable:
     """Register ``fn(group) -> Tensor[units]`` as criterion ``name`` (usable as a decorator).
 
     ``needs``: any of ``"grads"``, ``"activations"``; ``granularities``: where it applies.
-    Registering a name again replaces the earlier criterion. With ``method`` (the default) a
-    name no method has yet also becomes the pruning method ``prune.NAME``: ``prune: {method:
-    NAME, ...}`` in a recipe, ``torchslim methods``, and in Python
-    ``config_for(NAME)(sparsity=0.5, ...)`` (every field of :class:`~.base.PruneConfig`).
+    Registering a name again replaces the earlier criterion. This registers the criterion alone;
+    :func:`torchslim.prune.register_criterion` (:mod:`.custom`) also makes it the method
+    ``prune.NAME``.
 
     Raises
     ------
     ValueError
-        For an unknown ``needs`` entry or granularity, or a ``name`` that is not a method name.
+        For an unknown ``needs`` entry or granularity.
 
     Examples
     --------
-    >>> @register_criterion("first-heavy", method=False)     # method=False: no prune.first-heavy
+    >>> @register_criterion("first-heavy")
     ... def first_heavy(group):
     ...     "Keeps the first units."
     ...     return torch.arange(group.units, 0, -1).float()
@@ -119,54 +117,12 @@ def register_criterion(name: str, fn: Criterion | None = None, *, needs: Sequenc
     wrong = [g for g in granularities if g not in GRANULARITIES]
     if wrong:
         raise ValueError(f"register_criterion: unknown granularities {wrong}; accepted: {', '.join(GRANULARITIES)}")
-    if method and not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-        raise ValueError(f"register_criterion: name {name!r} must be lower-case letters, digits, '-' or '_', "
-                         "starting with a letter (it becomes the method name prune.NAME; method=False makes none)")
 
     def deco(f: Criterion) -> Criterion:
         summary = ((f.__doc__ or "").strip().splitlines() or [""])[0]
-        if method:   # the built-in methods and plugins first: a plugin loaded later must not replace f
-            from ...registry import _load_builtin
-            _load_builtin()
         _CRITERIA[name] = CriterionEntry(name, f, tuple(needs), tuple(granularities), summary)
-        if method:
-            _criterion_method(name, summary)
         return f
     return deco(fn) if fn is not None else deco
-
-
-def _criterion_method(name: str, summary: str) -> None:
-    """``prune.NAME`` for a criterion registered by a user: a PruneConfig subclass ranking with it."""
-    from ...registry import _REGISTRY, register_method
-    from .base import PruneConfig
-    from .dispatch import run_prune
-    key = f"prune.{name}"
-    if key in _REGISTRY and not getattr(_REGISTRY[key].config_cls, "MADE_FOR_CRITERION", False):
-        return               # a method of its own (prune.magnitude ranks with the criterion now registered)
-    title = "".join(part.capitalize() for part in re.split(r"[-_]", name))
-    cls = dataclass(frozen=True)(type(f"{title}PruneConfig", (PruneConfig,), {
-        "__doc__": f"Prune by the registered criterion {name!r}: {summary or 'a user criterion'}",
-        "__module__": __name__, "CRITERION": name, "MADE_FOR_CRITERION": True}))
-
-    def handler(model, config, ctx):
-        return run_prune(model, config, ctx, name)
-    handler.__doc__ = f"Pruning ranked by the registered criterion {name!r}."
-    _REGISTRY.pop(key, None)  # registered again: the new class replaces the old
-    register_method(key, cls)(handler)
-
-
-def config_for(name: str) -> type:
-    """The config class of the method ``prune.NAME``: the one :func:`register_criterion` made for
-    a user's criterion, a plugin's own, or a built-in one (``config_for("magnitude")`` is
-    ``MagnitudePruneConfig``).
-
-    Raises
-    ------
-    RecipeError
-        For a name no method has (a criterion registered with ``method=False``, or none).
-    """
-    from ...registry import get_method
-    return get_method("prune", name).config_cls
 
 
 def get_criterion(name: str) -> CriterionEntry:
@@ -216,7 +172,7 @@ def lp_norm(group: Group, p: int = 1) -> torch.Tensor:
     return total
 
 
-@register_criterion("magnitude", method=False)
+@register_criterion("magnitude")
 def magnitude(group: Group) -> torch.Tensor:
     """L1 norm of each unit's weights (Han et al. 2015 for single weights; Li et al. 2017 for filters)."""
     return lp_norm(group, 1)
@@ -236,13 +192,13 @@ def _require(group: Group, what: str, name: str):
     return value
 
 
-@register_criterion("threshold", granularities=("weight", "channel", "head", "layer"), method=False)
+@register_criterion("threshold", granularities=("weight", "channel", "head", "layer"))
 def threshold(group: Group) -> torch.Tensor:
     """L1 norm of each unit's weights, kept when >= alpha * the largest in its layer (Han et al. 2015)."""
     return lp_norm(group, 1)
 
 
-@register_criterion("random", method=False)
+@register_criterion("random")
 def random(group: Group, seed: int = 0) -> torch.Tensor:
     """Uniform random scores in [0, 1): the control every criterion should beat.
 
@@ -254,7 +210,7 @@ def random(group: Group, seed: int = 0) -> torch.Tensor:
     return torch.rand(group.units, generator=gen)
 
 
-@register_criterion("taylor", needs=("grads",), method=False)
+@register_criterion("taylor", needs=("grads",))
 def taylor(group: Group) -> torch.Tensor:
     """First-order Taylor importance |sum over a unit's members of grad * weight| (Molchanov et al. 2019).
 
@@ -273,7 +229,7 @@ def taylor(group: Group) -> torch.Tensor:
     return total.abs()
 
 
-@register_criterion("activation", needs=("activations",), granularities=(*WITH_OUTPUTS, "layer"), method=False)
+@register_criterion("activation", needs=("activations",), granularities=(*WITH_OUTPUTS, "layer"))
 def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     """Mean |activation| of each unit on calibration data, or 1 - APoZ (Hu et al. 2016).
 
@@ -293,7 +249,7 @@ def activation(group: Group, statistic: str = "mean") -> torch.Tensor:
     return _require(group, "activations", "activation").float().abs().mean(dim=0).cpu()
 
 
-@register_criterion("entropy", needs=("activations",), granularities=WITH_OUTPUTS, method=False)
+@register_criterion("entropy", needs=("activations",), granularities=WITH_OUTPUTS)
 def entropy(group: Group, bins: int = 16) -> torch.Tensor:
     """Entropy of each unit's pooled activation over calibration examples (Luo & Wu 2017).
 
