@@ -188,11 +188,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .specs import build_model, build_task
 
     entry = get_method("prune", args.method)
-    if getattr(entry.config_cls, "SPARSITY_IS_RESULT", False):
-        from .errors import RecipeError
-        raise RecipeError(f"sensitivity --method {args.method}: the {args.method} rule decides how much it removes "
-                          "(alpha), so it has no sparsity to vary; use a ranking criterion (magnitude, taylor, "
-                          "activation, entropy, random)")
+    sensitivity.check_ranking(entry.config_cls, args.method)   # before threshold's config asks for alpha
     fields = {"granularity": args.granularity}
     if args.targets:
         fields["targets"] = args.targets

@@ -75,19 +75,26 @@ def layer_names(model: nn.Module, config: PruneConfig, inputs: tuple) -> list[st
     return names
 
 
+def check_ranking(config_cls: type, name: str) -> None:
+    """RecipeError when the criterion of ``config_cls`` (method ``name``) is a rule whose sparsity
+    is its result (``threshold``): a curve needs a sparsity to vary. Checked on the class, before
+    a config (threshold's needs ``alpha``) is built."""
+    if getattr(config_cls, "SPARSITY_IS_RESULT", False):
+        raise RecipeError(f"sensitivity: the {name} rule decides how much it removes (alpha), so it has no "
+                          "sparsity to vary; analyse with a ranking criterion (magnitude, taylor, activation, "
+                          "entropy, random)")
+
+
 def check_config(config: PruneConfig) -> None:
     """RecipeError for a config a sensitivity analysis cannot vary: an N:M pattern, granularity
     ``layer``, or a rule whose sparsity is its result (``threshold``)."""
+    check_ranking(type(config), config.name)
     if parse_nm(config.granularity) is not None:
         raise RecipeError("sensitivity: an N:M pattern has one sparsity (1 - N/M); analyse granularity weight")
     if config.granularity == "layer":
         raise RecipeError("sensitivity: granularity layer drops a layer whole, so its curve would be one point; "
                           "analyse granularity head, channel or weight (or compare single-layer drops with "
                           "prune: {granularity: layer, targets: [NAME]} runs)")
-    if config.SPARSITY_IS_RESULT:
-        raise RecipeError(f"sensitivity: the {config.name} rule decides how much it removes (alpha), so it has no "
-                          "sparsity to vary; analyse with a ranking criterion (magnitude, taylor, activation, "
-                          "entropy, random)")
 
 
 def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
