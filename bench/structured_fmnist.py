@@ -17,6 +17,8 @@ Curves already in ``--out/sensitivity.json`` (an earlier run on the same baselin
 Test accuracy before and after the fine-tune; the curves and every row go to ``--out/structured.json``,
 the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quieter machine, into
 ``--out/structured-timeN.json``).
+``--allocation equal_drop,knapsack``: a sensitivity plan per allocation (``knapsack`` weighs each cut by
+the MACs it removes).
 ``--sensitivity-steps N``: curves that account for recovery, each cut trained N steps before it
 is evaluated (``sensitivity_steps``).
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
@@ -66,6 +68,9 @@ def main() -> None:
     ap.add_argument("--sensitivity-steps", type=int, default=0, help="curves with each cut trained this many "
                     "SGD steps before it is evaluated (sensitivity_steps; 0: one-shot curves)")
     ap.add_argument("--sensitivity-lr", type=float, default=0.01, help="learning rate of --sensitivity-steps")
+    ap.add_argument("--allocation", default="equal_drop",
+                    help="how the sensitivity plans turn curves into ratios (allocation: equal_drop, knapsack; "
+                         "comma-separated: a plan for each, from the same curves)")
     ap.add_argument("--plans", choices=("all", "sensitivity"), default="all", help="sensitivity: only the "
                     "sensitivity plans (the uniform plan pruned to find their MACs target, not fine-tuned)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
@@ -147,11 +152,13 @@ def main() -> None:
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
         # the curves are measured once (first row) and read back from sensitivity.json after
-        run(f"sensitivity, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
-            MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
-                                 sensitivity=curves, sensitivity_steps=0 if curves else args.sensitivity_steps,
-                                 sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))
-        curves = str(args.out / "sensitivity.json")
+        for allocation in args.allocation.split(","):
+            run(f"sensitivity ({allocation}), MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
+                MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
+                                     allocation=allocation, sensitivity=curves,
+                                     sensitivity_steps=0 if curves else args.sensitivity_steps,
+                                     sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))
+            curves = str(args.out / "sensitivity.json")
     if args.oneshot:
         write_json(args.out / "oneshot.json", {"threads": args.threads, "rows": rows})
         print("| plan | test acc, no fine-tune (BN re-estimated) | params x | MACs x |\n|---|---|---|---|")

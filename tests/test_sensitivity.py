@@ -61,6 +61,34 @@ def test_allocation_prefers_the_insensitive_layer_and_meets_the_budget():
         allocate_ratios(curves, {"flat": 300, "steep": 100}, baseline=0.9, budget=0.95, max_sparsity=0.9)
 
 
+def _predicted(curves, r, baseline):
+    return sum(max(0.0, baseline - interpolate_curve(curves[n], v)) for n, v in r.items())
+
+
+def test_knapsack_allocation_weighs_each_cut_by_what_it_removes():
+    # "wide" removes 4x the cost of "narrow" per unit of sparsity and is a little more sensitive:
+    # equal_drop (same drop for both) cuts them alike; the knapsack cuts "wide", the cheaper drop per
+    # unit of budget, and predicts less loss for the same budget
+    curves = {"wide": [(0.0, 0.9), (0.9, 0.81)], "narrow": [(0.0, 0.9), (0.9, 0.84)]}
+    costs = {"wide": 400, "narrow": 100}
+    eq = allocate_ratios(curves, costs, baseline=0.9, budget=0.4, max_sparsity=0.9)
+    ks = allocate_ratios(curves, costs, baseline=0.9, budget=0.4, max_sparsity=0.9, allocation="knapsack")
+    for r in (eq, ks):  # both meet the budget: 40% of 500
+        assert r["wide"] * 400 + r["narrow"] * 100 == pytest.approx(200, rel=1e-3)
+    assert ks == {"wide": 0.5, "narrow": 0.0}
+    # the knapsack's loss: 0.5 * 0.09 / 0.9 = 0.05; equal_drop's: both at drop t, 0.9t/0.09 * 400 + 0.9t/0.06 *
+    # 100 = 200 -> t = 0.037 each
+    assert _predicted(curves, ks, 0.9) == pytest.approx(0.05, abs=1e-4)
+    assert _predicted(curves, eq, 0.9) == pytest.approx(2 * 0.2 / 5.5556, abs=1e-3)
+    assert _predicted(curves, ks, 0.9) < _predicted(curves, eq, 0.9)
+    # a curve that dips and recovers is not trusted past the dip; a layer at -inf (a failed point) stops there
+    dip = {"a": [(0.0, 1.0), (0.3, 0.5), (0.9, 1.0)], "b": [(0.0, 1.0), (0.5, 0.95), (0.6, -math.inf)]}
+    r = allocate_ratios(dip, {"a": 100, "b": 100}, 1.0, 0.25, max_sparsity=0.9, allocation="knapsack")
+    assert r["b"] == pytest.approx(0.5, abs=0.01) and r["a"] == pytest.approx(0.0, abs=0.01)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        allocate_ratios(curves, costs, baseline=0.9, budget=0.4, allocation="greedy")
+
+
 def test_bad_points_and_nm_are_refused(trained_digits, digits_task):
     with pytest.raises(RecipeError, match=r"points must be sparsities in \(0, 1\)"):
         sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(), points=(0.5, 1.0))
@@ -118,6 +146,10 @@ def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
         MagnitudePruneConfig(budget="macs")
     with pytest.raises(RecipeError, match="budget: macs needs granularity channel or head"):
         MagnitudePruneConfig(budget="macs", ratios="sensitivity")
+    with pytest.raises(RecipeError, match="allocation: knapsack is read with ratios: sensitivity only"):
+        MagnitudePruneConfig(allocation="knapsack")
+    with pytest.raises(RecipeError, match="allocation"):
+        MagnitudePruneConfig(ratios="sensitivity", allocation="greedy")
     with pytest.raises(RecipeError, match="granularity layer drops a layer whole"):
         sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="layer"), points=(0.5,))
     (tmp_path / "bad.json").write_text("{}")
@@ -213,6 +245,14 @@ def test_ratios_sensitivity_for_channels_meets_the_measured_macs_budget(tmp_path
         assert kept == max(math.floor((1 - r) * orig + 1e-9), 1)   # at least r of them went
     assert len(set(ratios.values())) > 1                       # not the uniform plan
     assert digits_task.evaluate(planned, "val") >= digits_task.evaluate(uniform, "val")
+    # the knapsack allocation: another plan from the same curves, the same measured budget
+    session = Session(task=digits_task)
+    knapsack = run_prune(copy.deepcopy(trained_digits), MagnitudePruneConfig(
+        granularity="channel", sparsity=target, budget="macs", ratios="sensitivity", sensitivity=str(path),
+        allocation="knapsack"), session, "magnitude")
+    assert 1 - count_macs(knapsack, x) / dense == pytest.approx(target, abs=0.005)
+    assert set(session.info["metrics"]["sensitivity_ratios"]) == set(ratios)
+    assert session.info["metrics"]["sensitivity_ratios"] != ratios
 
 
 def test_ratios_sensitivity_reaches_a_budget_the_summed_curves_overcount(tmp_path, digits_task):

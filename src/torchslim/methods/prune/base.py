@@ -169,6 +169,11 @@ class PruneConfig(MethodConfig):
     budget: str = option("params", choices=("params", "macs"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
                              "(granularity channel, head: of the whole model's, measured)")
+    allocation: str = option("equal_drop", choices=("equal_drop", "knapsack"),
+                             doc="ratios sensitivity: how curves become ratios. equal_drop: every layer pruned "
+                                 "to the same predicted metric drop (Han et al. 2015); knapsack: the least summed "
+                                 "predicted drop for the budget, each cut weighed by what it removes (Aflalo et "
+                                 "al. 2020)")
     layer_sparsity: dict[str, float] = option(
         default_factory=dict, low=0.0, high=1.0, high_open=True,
         doc="granularity weight, channel or head: {module name or re: pattern: sparsity} for layers pruned to their own "
@@ -368,6 +373,8 @@ class PruneConfig(MethodConfig):
                                   "sensitivity: out to measure them in the step")
         elif self.sensitivity is not None:
             raise RecipeError(f"{cls}.sensitivity: curves are read with ratios: sensitivity only")
+        elif self.allocation != "equal_drop":
+            raise RecipeError(f"{cls}.allocation: {self.allocation} is read with ratios: sensitivity only")
         elif self.sensitivity_steps:
             raise RecipeError(f"{cls}.sensitivity_steps: read with ratios: sensitivity only")
         elif self.budget != "params":

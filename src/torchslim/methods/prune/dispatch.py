@@ -67,7 +67,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     task = session.require_task("prune.ratios: sensitivity")
     method = f"prune.{config.name}"
     uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, sensitivity_steps=0, layer_sparsity={},
-                                  budget="params")
+                                  allocation="equal_drop", budget="params")
     if config.sensitivity is not None:
         data = sens.load_curves(config.sensitivity)
         check_granularity(data, config.sensitivity, config.granularity)
@@ -91,12 +91,13 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
         data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps,
                             finetune_lr=config.sensitivity_lr)
     cap = min(config.max_layer_sparsity, 0.95)
-    ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap)
+    ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap,
+                                     allocation=config.allocation)
     metrics = session.info.setdefault("metrics", {})
     metrics["sensitivity"] = data
     if config.granularity in sens.MEASURED_COST and entry is not None:
         ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap,
-                                                               config.budget)
+                                                               config.budget, config.allocation)
     metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
     return _planned(uniform, ratios)
@@ -108,7 +109,8 @@ def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
 
 
 def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: CriterionEntry, data: dict,
-                   ratios: dict[str, float], cap: float, cost: str, tolerance: float = 0.005,
+                   ratios: dict[str, float], cap: float, cost: str, allocation: str = "equal_drop",
+                   tolerance: float = 0.005,
                    trials: int = 12) -> tuple[dict[str, float], dict]:
     """Channel and head plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
     asked fraction of the model's params or MACs (bisection on ``b``; the removal grows with it)."""
@@ -155,7 +157,7 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
             # need a planned budget past 1 (ratios_from_curves refuses one beyond every curve's end)
             planned = (lo + hi) / 2 if hi is not None else planned + (target - measured) * 1.5 + 1e-3
             try:
-                r = sens.ratios_from_curves(data, planned, cost, max_sparsity=cap)
+                r = sens.ratios_from_curves(data, planned, cost, max_sparsity=cap, allocation=allocation)
             except RecipeError:  # beyond what the curves can remove: the largest plan is the answer
                 hi = planned
                 continue

@@ -144,22 +144,37 @@ def interpolate_curve(points: list[tuple[float, float]], sparsity: float) -> flo
     return pts[-1][1]
 
 
+ALLOCATIONS = ("equal_drop", "knapsack")
+
+
 def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
                     costs: dict[str, float | list[tuple[float, float]]], baseline: float,
                     budget: float, max_sparsity: float = 0.95, tol: float = 1e-6,
-                    total: float | None = None) -> dict[str, float]:
+                    total: float | None = None, allocation: str = "equal_drop") -> dict[str, float]:
     """Per-layer sparsities that remove ``budget`` (a fraction of ``total``, by default the summed
     linear ``costs``) at the least predicted metric loss, from per-layer sensitivity curves.
 
-    Each layer gets the largest sparsity whose interpolated metric stays within ``t`` of
-    ``baseline`` (capped at ``max_sparsity``), with the tolerance ``t`` found by bisection as the
-    smallest one meeting the budget: insensitive layers are pruned hard, sensitive ones lightly
-    (the per-layer thresholding of Han et al. 2015, sec. 4, and Distiller's sensitivity
-    analysis). A layer's cost is a number (what its sparsity removes in proportion: its
-    parameters or MACs) or a measured curve ``[(sparsity, cost removed), ...]`` (channel pruning
-    also shrinks the layers that read the channels, so what goes is measured, not proportional).
-    Higher metric = better. Raises ValueError when even ``max_sparsity`` everywhere cannot meet
-    the budget.
+    ``allocation="equal_drop"``: each layer gets the largest sparsity whose interpolated metric
+    stays within ``t`` of ``baseline`` (capped at ``max_sparsity``), with the tolerance ``t`` found
+    by bisection as the smallest one meeting the budget: insensitive layers are pruned hard,
+    sensitive ones lightly, whatever each cut removes (the per-layer thresholding of Han et al.
+    2015, sec. 4, and Distiller's sensitivity analysis).
+
+    ``allocation="knapsack"``: the sparsities minimizing the summed predicted drops
+    ``sum_l drop_l(s_l)`` subject to ``sum_l cost_l(s_l) >= budget * total``, a multiple-choice
+    knapsack over a grid of sparsities (the budgeted pruning of Aflalo et al. 2020, "Knapsack
+    Pruning with Inner Distillation", and Shen et al. 2022, HALP, eq. 3), solved by Lagrangian
+    relaxation (Everett 1963): for a price ``lam`` each layer takes the sparsity maximizing
+    ``lam * cost_l(s) - drop_l(s)``, and ``lam`` is bisected to the smallest price meeting the
+    budget. A layer whose cut removes much (early, high-resolution convs for MACs) is cut harder
+    than one as sensitive that removes little. ``drop_l`` is the running maximum of ``baseline -
+    metric`` along the curve (a dip that recovers is not trusted).
+
+    A layer's cost is a number (what its sparsity removes in proportion: its parameters or MACs)
+    or a measured curve ``[(sparsity, cost removed), ...]`` (channel pruning also shrinks the
+    layers that read the channels, so what goes is measured, not proportional). Higher metric =
+    better. Raises ValueError when even ``max_sparsity`` everywhere cannot meet the budget, or for
+    an unknown ``allocation``.
 
     Examples
     --------
@@ -167,7 +182,19 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
     >>> r = allocate_ratios(curves, {"a": 100, "b": 100}, baseline=1.0, budget=0.5, max_sparsity=0.9)
     >>> r["a"] > r["b"], round(r["a"] * 100 + r["b"] * 100) >= 100
     (True, True)
+
+    Two layers as sensitive, one removing 10x the cost per unit of sparsity: the knapsack cuts it
+    alone, equal_drop cuts both alike.
+
+    >>> curves = {"big": [(0.0, 1.0), (0.9, 0.9)], "small": [(0.0, 1.0), (0.9, 0.9)]}
+    >>> allocate_ratios(curves, {"big": 1000, "small": 100}, 1.0, 0.5, max_sparsity=0.9, allocation="knapsack")
+    {'big': 0.55, 'small': 0.0}
+    >>> {k: round(v, 2) for k, v in allocate_ratios(curves, {"big": 1000, "small": 100}, 1.0, 0.5,
+    ...                                              max_sparsity=0.9).items()}
+    {'big': 0.5, 'small': 0.5}
     """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     def cost_at(name: str, s: float) -> float:
         c = costs[name]
         return s * float(c) if isinstance(c, (int, float)) else interpolate_curve([(0.0, 0.0), *c], s)
@@ -197,14 +224,11 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
     if removed({n: max_sparsity for n in curves}) + tol < budget:
         raise ValueError(f"cannot remove {budget:.0%}: pruning every layer to {max_sparsity:.0%} removes "
                          f"{removed({n: max_sparsity for n in curves}):.1%}")
-    lo, hi = 0.0, max(abs(baseline - m) for pts in curves.values() for _, m in pts) + 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if removed(ratios_for(mid)) + tol >= budget:
-            hi = mid
-        else:
-            lo = mid
-    r = ratios_for(hi)
+    if allocation == "knapsack":
+        r = _knapsack(curves, cost_at, total, baseline, budget, grid, tol)
+    else:
+        hi = max(abs(baseline - m) for pts in curves.values() for _, m in pts) + 1.0
+        r = ratios_for(_smallest(lambda t: removed(ratios_for(t)) + tol >= budget, 0.0, hi, 60))
     # the tolerance grid overshoots: trim the least sensitive layers' excess back to the budget
     for name in sorted(curves, key=lambda n: -r[n]):
         if removed(r) <= budget + tol:
@@ -223,6 +247,52 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
                 low = mid
         r[name] = hi_s
     return {n: round(v, 6) for n, v in r.items()}
+
+
+def _smallest(meets, lo: float, hi: float, iterations: int) -> float:
+    """Bisection: the smallest value in ``[lo, hi]`` for which the monotone ``meets`` holds, to
+    within ``(hi - lo) / 2**iterations`` (``hi`` when nothing smaller does)."""
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _knapsack(curves: dict[str, list[tuple[float, float]]], cost_at, total: float, baseline: float,
+              budget: float, grid: list[float], tol: float) -> dict[str, float]:
+    """The Lagrangian solution of :func:`allocate_ratios`' knapsack on ``grid``: the smallest price
+    of removed cost whose per-layer choices remove at least ``budget`` of ``total``."""
+    import numpy as np
+    names = list(curves)
+    s = np.asarray(grid)
+    drops, gains = [], []
+    for n in names:
+        d = np.asarray([baseline - interpolate_curve(curves[n], v) for v in grid], dtype=float)
+        d = np.maximum.accumulate(np.nan_to_num(d, nan=np.inf, posinf=np.inf))   # -inf metric: never taken
+        drops.append(np.maximum(d, 0.0))
+        gains.append(np.asarray([cost_at(n, v) for v in grid], dtype=float) / total)
+    drops_a, gains_a = np.vstack(drops), np.vstack(gains)
+
+    def pick(lam: float) -> np.ndarray:
+        # the first (smallest-sparsity) maximizer of lam * gain - drop in every row
+        return np.argmax(np.where(np.isfinite(drops_a), lam * gains_a - drops_a, -np.inf), axis=1)
+
+    def removed(idx: np.ndarray) -> float:
+        return float(gains_a[np.arange(len(names)), idx].sum())
+
+    def meets(lam: float) -> bool:
+        return removed(pick(lam)) + tol >= budget
+
+    lo, hi = 0.0, 1.0
+    while not meets(hi) and hi < 1e12:
+        lo, hi = hi, hi * 4
+    idx = pick(_smallest(meets, lo, hi, 80))
+    if removed(idx) + tol < budget:  # unreachable by any price (infinite drops): the cap everywhere
+        idx = np.full(len(names), len(grid) - 1)
+    return {n: float(s[i]) for n, i in zip(names, idx)}
 
 
 # -- statistics of activations (data criteria) ---------------------------------------------

@@ -207,11 +207,12 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
 
 
 def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params",
-                       max_sparsity: float = 0.95) -> dict[str, float]:
+                       max_sparsity: float = 0.95, allocation: str = "equal_drop") -> dict[str, float]:
     """Per-layer sparsities from curves for a global ``budget``: the fraction of ``cost``
     (``params`` or ``macs``) removed, of the layers' summed cost, or for curves that record what
     each point removed (granularity channel and head, ``removed``), of the whole model's; see
-    :func:`primitives.allocate_ratios`. The predicted removal adds the layers' own; coupled cuts
+    :func:`primitives.allocate_ratios` (``allocation``: ``equal_drop`` or ``knapsack``). The
+    predicted removal adds the layers' own; coupled cuts
     overlap, so :func:`~.dispatch.sensitivity_ratios` measures the plan and corrects it."""
     from .primitives import allocate_ratios
     if cost not in ("params", "macs"):
@@ -228,7 +229,8 @@ def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params"
             costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
     total = float(data["model"][cost]) if measured else None
     try:
-        return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity, total=total)
+        return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity, total=total,
+                               allocation=allocation)
     except ValueError as exc:
         raise RecipeError(f"sensitivity ratios: {exc}") from None
 
