@@ -21,6 +21,8 @@ the models to ``--out/model-N`` (``--time-only`` re-times them, e.g. on a quiete
 the MACs it removes).
 ``--sensitivity-steps N``: curves that account for recovery, each cut trained N steps before it
 is evaluated (``sensitivity_steps``).
+``--plans netadapt --adapt-rounds R``: plans found by NetAdapt (``ratios: netadapt``) at the uniform
+plans' MACs instead, each round's candidates trained ``--sensitivity-steps`` steps.
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
 """
 
@@ -71,8 +73,10 @@ def main() -> None:
     ap.add_argument("--allocation", default="equal_drop",
                     help="how the sensitivity plans turn curves into ratios (allocation: equal_drop, knapsack; "
                          "comma-separated: a plan for each, from the same curves)")
-    ap.add_argument("--plans", choices=("all", "sensitivity"), default="all", help="sensitivity: only the "
-                    "sensitivity plans (the uniform plan pruned to find their MACs target, not fine-tuned)")
+    ap.add_argument("--plans", choices=("all", "sensitivity", "netadapt"), default="all", help="sensitivity / "
+                    "netadapt: only those plans (the uniform plan pruned to find their MACs target, not fine-tuned)")
+    ap.add_argument("--adapt-rounds", type=int, default=10, help="--plans netadapt: rounds (adapt_rounds); "
+                    "candidates trained --sensitivity-steps steps at --sensitivity-lr")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -118,7 +122,8 @@ def main() -> None:
                "macs": count_macs(pruned, x1), "cpu_s": round(time.process_time() - t0, 1),
                "layer_channels": info.get("layer_channels"), "skipped": info.get("skipped"),
                "sensitivity_ratios": info.get("sensitivity_ratios"),
-               "sensitivity_budget": info.get("sensitivity_budget"), "warnings": session.warnings}
+               "sensitivity_budget": info.get("sensitivity_budget"), "netadapt": info.get("netadapt"),
+               "warnings": session.warnings}
         if "sensitivity" in info and cfg.sensitivity is None:
             write_json(args.out / "sensitivity.json", info["sensitivity"])
         rows.append(row)
@@ -142,7 +147,7 @@ def main() -> None:
     for i, sparsity in enumerate([] if args.time_only else [float(v) for v in args.sparsities.split(",")]):
         uniform_cfg = MagnitudePruneConfig(granularity="channel", sparsity=sparsity, scope="layer", finetune=ft,
                                            round_to=args.round_to)
-        if args.plans == "sensitivity":   # the uniform plan's MACs only: pruned, not fine-tuned, no row
+        if args.plans != "all":   # the uniform plan's MACs only: pruned, not fine-tuned, no row
             thin = torchslim.apply(dense, dataclasses.replace(uniform_cfg, finetune=None), task=task)
             uniform = {"macs": count_macs(thin, x1)}
         else:
@@ -151,6 +156,13 @@ def main() -> None:
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
+        if args.plans == "netadapt":
+            run(f"netadapt ({args.adapt_rounds} rounds, {args.sensitivity_steps} steps), MACs of uniform "
+                f"{sparsity:.0%} ({target:.3f} removed)",
+                MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="netadapt",
+                                     adapt_rounds=args.adapt_rounds, sensitivity_steps=args.sensitivity_steps,
+                                     sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))
+            continue
         # the curves are measured once (first row) and read back from sensitivity.json after
         for allocation in args.allocation.split(","):
             run(f"sensitivity ({allocation}), MACs of uniform {sparsity:.0%} ({target:.3f} removed)",

@@ -142,7 +142,7 @@ def test_ratios_sensitivity_bad_input(tmp_path, trained_digits, digits_task):
         MagnitudePruneConfig(ratios="sensitivity", granularity="layer")
     with pytest.raises(RecipeError, match="ratios: sensitivity only"):
         MagnitudePruneConfig(sensitivity="x.json")
-    with pytest.raises(RecipeError, match="budget: macs is read with ratios: sensitivity only"):
+    with pytest.raises(RecipeError, match="budget: macs is read with ratios: sensitivity or netadapt only"):
         MagnitudePruneConfig(budget="macs")
     with pytest.raises(RecipeError, match="budget: macs needs granularity channel or head"):
         MagnitudePruneConfig(budget="macs", ratios="sensitivity")
@@ -326,7 +326,7 @@ def test_sensitivity_steps_in_a_step_and_its_bad_input(tmp_path, trained_digits,
     assert session.info["metrics"]["sensitivity"]["finetune_steps"] == 5
     assert session.info["metrics"]["sensitivity"]["finetune"] == {"lr": 0.005, "batch_size": 64, "momentum": 0.9,
                                                                    "schedule": "cosine"}
-    with pytest.raises(RecipeError, match="sensitivity_steps: read with ratios: sensitivity only"):
+    with pytest.raises(RecipeError, match="sensitivity_steps: read with ratios: sensitivity or netadapt only"):
         MagnitudePruneConfig(sensitivity_steps=5)
     with pytest.raises(RecipeError, match="measured already"):
         MagnitudePruneConfig(ratios="sensitivity", sensitivity="x.json", sensitivity_steps=5)

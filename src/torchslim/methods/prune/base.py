@@ -154,10 +154,15 @@ class PruneConfig(MethodConfig):
                                                      "and classes given a pruner; head: attention modules; layer: "
                                                      "residual blocks)")
     ignore: tuple[str, ...] = option((), doc="module names or re: patterns left untouched")
-    ratios: str = option("uniform", choices=("uniform", "sensitivity"),
+    ratios: str = option("uniform", choices=("uniform", "sensitivity", "netadapt"),
                          doc="uniform: sparsity as scope says; sensitivity (granularity weight, channel, head): per-layer "
                              "sparsities from sensitivity curves that remove the budget at the least predicted "
-                             "metric loss")
+                             "metric loss; netadapt (granularity channel): per-group sparsities found by NetAdapt, "
+                             "rounds of single-group cuts each measured after sensitivity_steps SGD steps (Yang et "
+                             "al. 2018)")
+    adapt_rounds: int = option(10, low=1, doc="ratios netadapt: rounds, each cutting one group to a smaller target "
+                                              "(the budget reached geometrically); about rounds x groups short "
+                                              "fine-tunes")
     sensitivity: str | None = option(None, doc="ratios sensitivity: a sensitivity.json from `torchslim "
                                                "sensitivity` (default: measured in the step on the val split)")
     sensitivity_steps: int = option(0, low=0, doc="ratios sensitivity measured in the step: SGD steps each cut is "
@@ -356,7 +361,21 @@ class PruneConfig(MethodConfig):
             raise RecipeError(f"{cls}.finetune.early_stopping: not available with schedule "
                               "gradual: epochs are pruned to different sparsities, so the best one is an "
                               "early, denser epoch; set early_stopping: 0 or use schedule: oneshot/iterative")
-        if self.ratios == "sensitivity":
+        if self.ratios == "netadapt":
+            if self.granularity != "channel":
+                raise RecipeError(f"{cls}.ratios: netadapt adapts channel groups (granularity channel), not "
+                                  f"{self.granularity!r}")
+            if self.layer_sparsity:
+                raise RecipeError(f"{cls}.ratios: netadapt sets every group's sparsity; leave layer_sparsity out")
+            if self.SPARSITY_IS_RESULT:
+                raise RecipeError(f"{cls}.ratios: netadapt needs a ranking criterion, not the {self.name} rule")
+            if self.sensitivity is not None or self.allocation != "equal_drop":
+                raise RecipeError(f"{cls}.ratios: netadapt measures its own candidates; sensitivity and allocation "
+                                  "are read with ratios: sensitivity only")
+            if not self.sparsity > 0:
+                raise RecipeError(f"{cls}.sparsity: ratios: netadapt needs the fraction of the model's {self.budget} "
+                                  "to remove, above 0")
+        elif self.ratios == "sensitivity":
             if self.layer_sparsity:
                 raise RecipeError(f"{cls}.ratios: sensitivity sets every layer's sparsity; leave layer_sparsity out")
             if self.SPARSITY_IS_RESULT:
@@ -376,10 +395,12 @@ class PruneConfig(MethodConfig):
         elif self.allocation != "equal_drop":
             raise RecipeError(f"{cls}.allocation: {self.allocation} is read with ratios: sensitivity only")
         elif self.sensitivity_steps:
-            raise RecipeError(f"{cls}.sensitivity_steps: read with ratios: sensitivity only")
+            raise RecipeError(f"{cls}.sensitivity_steps: read with ratios: sensitivity or netadapt only")
         elif self.budget != "params":
-            raise RecipeError(f"{cls}.budget: {self.budget} is read with ratios: sensitivity only (with ratios: "
+            raise RecipeError(f"{cls}.budget: {self.budget} is read with ratios: sensitivity or netadapt only (with ratios: "
                               "uniform, sparsity is the fraction of units removed)")
+        if self.adapt_rounds != 10 and self.ratios != "netadapt":
+            raise RecipeError(f"{cls}.adapt_rounds: read with ratios: netadapt only")
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:
             raise RecipeError(f"{cls}.layer_sparsity: the {self.name} rule decides how much each layer loses; "
                               "per-layer sparsities need a ranking criterion (magnitude, taylor, random)")

@@ -1,0 +1,153 @@
+"""NetAdapt: per-group channel ratios found by measuring, round after round, which single
+group's cut costs the least accuracy after a short fine-tune (Yang et al., "NetAdapt:
+Platform-Aware Neural Network Adaptation for Mobile Applications", ECCV 2018, Algorithm 1).
+
+Each round sets a smaller resource target (the model's MACs or params, falling geometrically from
+the dense model's to ``(1 - budget)`` of it over ``rounds`` rounds). Every channel group proposes
+one candidate: the model of the previous round with just enough of that group's lowest-ranked
+channels removed to meet the target (groups that cannot meet it without losing every channel
+propose none). Each candidate gets its BatchNorm statistics re-estimated and ``steps`` SGD steps
+(:func:`~torchslim.train.trainer.short_finetune`, NetAdapt's short-term fine-tune), then is
+evaluated on the ``val`` split; the best one is the next round's model. Unlike curves of each
+group cut alone from the dense model (:mod:`.sensitivity`), every round measures the cuts on the
+model as already adapted, so cuts that only hurt together are seen.
+
+The result is the kept fraction of every group's channels: ``ratios: netadapt`` prunes the step's
+model to those ratios with the step's criterion, then its ``finetune`` trains it (NetAdapt's
+long-term fine-tune). Cost: about ``rounds * groups`` short fine-tunes and evaluations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Any
+
+from torch import nn
+
+from ...errors import RecipeError
+from ...measure import count_macs, count_params
+from ...progress import Progress
+from ...session import Session
+from ...specs.tasks import Task, to_device
+from .base import PruneConfig
+
+log = logging.getLogger("torchslim.netadapt")
+
+
+def _units(model: nn.Module, root: str) -> int:
+    m = model.get_submodule(root)
+    return int(getattr(m, "out_channels", None) or getattr(m, "out_features"))
+
+
+def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method: str, budget: float,
+                    cost: str = "macs", rounds: int = 10, steps: int = 100, lr: float = 0.01,
+                    batch_size: int = 64, split: str = "val", recalibrate_bn: int = 512
+                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Per-group channel sparsities for granularity ``channel`` that remove ``budget`` (a fraction
+    in (0, 1)) of ``model``'s ``cost`` (``macs`` or ``params``), found by NetAdapt (module doc).
+
+    ``config`` chooses the groups (``targets``/``ignore``) and ranks channels (criterion of
+    ``method``); its sparsity, scope and fine-tune are replaced. ``model`` is not changed.
+
+    Returns ``({group root: sparsity}, history)``: the fraction of each group's output channels
+    removed (0 for groups never chosen), and one entry per round ``{"round", "group", "removed",
+    "kept", "metric", "size"}`` (``size``: the chosen model's cost as a fraction of the dense
+    model's; ``metric`` on ``split`` after the short fine-tune). Fewer rounds than asked when no
+    group can meet a round's target (the last entry says so).
+
+    Raises
+    ------
+    RecipeError
+        For a budget outside (0, 1), rounds < 1, steps < 0, lr <= 0, or a config that is not
+        granularity channel.
+    UserError
+        For a task without data or metric.
+    """
+    from ...api import apply_
+    from ...train.trainer import short_finetune
+    from .sensitivity import layer_names
+
+    if not 0.0 < budget < 1.0 or rounds < 1 or steps < 0 or not lr > 0 or cost not in ("macs", "params"):
+        raise RecipeError(f"netadapt: needs 0 < budget < 1, rounds >= 1, steps >= 0, lr > 0 and cost macs or params; "
+                          f"got {budget}, {rounds}, {steps}, {lr} and {cost!r}")
+    if config.granularity != "channel":
+        raise RecipeError(f"netadapt: adapts channel groups (granularity channel), not {config.granularity!r}")
+    inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
+
+    def size(m: nn.Module) -> float:
+        return float(count_macs(m, inputs) if cost == "macs" else count_params(m)[0])
+
+    work = copy.deepcopy(model).eval()
+    groups = layer_names(work, config, inputs)
+    original = {g: _units(work, g) for g in groups}
+    dense = size(work)
+    session = Session(task=task)
+
+    def cut(m: nn.Module, group: str, n: int, remove: int) -> nn.Module:
+        cfg = dataclasses.replace(config, targets=(group,), ignore=(), sparsity=remove / n, scope="layer",
+                                  schedule="oneshot", finetune=None, layer_sparsity={}, round_to=1)
+        return apply_(copy.deepcopy(m), cfg, task=task, method=method)
+
+    def proposal(group: str, target: float) -> tuple[nn.Module, int] | None:
+        """``work`` with the fewest channels of ``group`` removed that meets ``target``."""
+        n = _units(work, group)
+        if n <= 1:
+            return None
+        now = size(work)
+        one = cut(work, group, n, 1)
+        per_channel = now - size(one)
+        if per_channel <= 0:
+            return None
+        remove = max(1, math.ceil((now - target) / per_channel - 1e-9))
+        while remove < n:
+            cand = one if remove == 1 else cut(work, group, n, remove)
+            if size(cand) <= target:
+                return cand, remove
+            remove += 1
+        return None
+
+    history: list[dict[str, Any]] = []
+    quiet = logging.getLogger("torchslim.methods.prune")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with Progress(rounds, "netadapt", unit="round") as bar:
+            for r in range(1, rounds + 1):
+                target = dense * (1.0 - budget) ** (r / rounds)
+                best = None
+                for g in groups:
+                    found = proposal(g, target)
+                    if found is None:
+                        continue
+                    cand, removed = found
+                    if recalibrate_bn:
+                        session.recalibrate_batchnorm(cand, recalibrate_bn)
+                    if steps:
+                        short_finetune(cand, task, steps, lr=lr, batch_size=batch_size)
+                    metric = task.evaluate(cand, split)
+                    metric = -math.inf if metric is None or not math.isfinite(metric) else float(metric)
+                    key = (metric, -size(cand))
+                    if best is None or key > best[0]:
+                        best = (key, g, removed, cand)
+                if best is None:
+                    history.append({"round": r, "group": None, "stopped": f"no group can meet {target / dense:.1%} "
+                                                                          f"of the dense model's {cost}"})
+                    log.warning("netadapt: round %d: no group can meet %.1f%% of the model's %s; stopped",
+                                r, 100 * target / dense, cost)
+                    break
+                (metric, _), g, removed, work = best
+                history.append({"round": r, "group": g, "removed": removed, "kept": _units(work, g),
+                                "metric": metric, "size": round(size(work) / dense, 6)})
+                log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %.4f, %s %.1f%%", r, rounds, g,
+                         removed, _units(work, g), split, metric, cost, 100 * size(work) / dense)
+                bar.update(group=g, metric=round(metric, 4))
+    finally:
+        quiet.setLevel(level)
+    ratios = {g: 1.0 - _units(work, g) / original[g] for g in groups}  # unrounded: floor((1 - r) n) = kept
+    return ratios, history
+
+
+__all__ = ["netadapt_ratios"]

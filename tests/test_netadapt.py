@@ -1,0 +1,98 @@
+"""ratios: netadapt: per-group channel ratios found by rounds of measured single-group cuts."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.errors import RecipeError
+from torchslim.measure import count_macs
+from torchslim.methods.prune.adapt import netadapt_ratios
+from torchslim.methods.prune.dispatch import run_prune
+from torchslim.methods.prune.magnitude import MagnitudePruneConfig
+from torchslim.methods.prune.threshold import ThresholdPruneConfig
+from torchslim.session import Session
+
+
+def _cut(model, group, remove, task):
+    n = model.get_submodule(group).out_channels if hasattr(model.get_submodule(group), "out_channels") \
+        else model.get_submodule(group).out_features
+    return torchslim.apply(model, MagnitudePruneConfig(granularity="channel", targets=(group,), sparsity=remove / n,
+                                                       scope="layer"), task=task)
+
+
+def test_one_round_picks_the_best_cut_that_meets_the_target(trained_digits, digits_task):
+    """One round, no fine-tune: every group's smallest cut meeting 80% of the MACs is found here
+    independently, and NetAdapt must choose the one scoring best on val."""
+    x = digits_task.example_inputs(1)
+    dense = count_macs(trained_digits, x)
+    before = copy.deepcopy(trained_digits.state_dict())
+    ratios, history = netadapt_ratios(trained_digits, digits_task, MagnitudePruneConfig(granularity="channel"),
+                                      method="prune.magnitude", budget=0.2, rounds=1, steps=0)
+    assert all(torch.equal(v, trained_digits.state_dict()[k]) for k, v in before.items())  # input unchanged
+    scores = {}
+    for group, n in (("0", 32), ("2", 64), ("6", 128)):
+        for remove in range(1, n):   # the fewest channels whose removal leaves <= 80% of the MACs
+            cand = _cut(trained_digits, group, remove, digits_task)
+            if count_macs(cand, x) <= 0.8 * dense:
+                scores[group] = (digits_task.evaluate(cand, "val"), remove)
+                break
+    best = max(scores, key=lambda g: scores[g][0])
+    assert len(history) == 1 and history[0]["group"] == best
+    assert history[0]["removed"] == scores[best][1] and history[0]["metric"] == pytest.approx(scores[best][0])
+    assert history[0]["size"] <= 0.8
+    assert set(ratios) == {"0", "2", "6"} and ratios[best] > 0
+    assert all(v == 0 for g, v in ratios.items() if g != best)
+
+
+def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_digits, digits_task):
+    x = digits_task.example_inputs(1)
+    dense = count_macs(trained_digits, x)
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.6, budget="macs", ratios="netadapt", adapt_rounds=3,
+                               sensitivity_steps=10)
+    pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    history = session.info["metrics"]["netadapt"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    for h in history:   # each round meets its geometric target: 0.4 ** (r / 3) of the MACs
+        assert h["size"] <= 0.4 ** (h["round"] / 3) + 1e-9
+    # the step prunes the model to the kept counts NetAdapt ended with
+    removed = 1 - count_macs(pruned, x) / dense
+    assert removed == pytest.approx(1 - history[-1]["size"], abs=1e-6) and removed >= 0.6 - 1e-9
+    ratios = session.info["metrics"]["sensitivity_ratios"]
+    for g, r in ratios.items():
+        orig = trained_digits.get_submodule(g)
+        orig = getattr(orig, "out_channels", None) or orig.out_features
+        kept = pruned.get_submodule(g)
+        kept = getattr(kept, "out_channels", None) or kept.out_features
+        assert kept == max(math.floor((1 - r) * orig + 1e-6), 1)
+    assert not session.warnings
+
+
+def test_netadapt_stops_when_no_group_can_meet_a_round(trained_digits, digits_task):
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.99, budget="macs", ratios="netadapt",
+                               adapt_rounds=1)
+    run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    assert [w["code"] for w in session.warnings] == ["netadapt_stopped"]
+    assert "stopped after 0 of 1 rounds" in session.warnings[0]["message"]
+    assert session.info["metrics"]["sensitivity_ratios"] == {"0": 0.0, "2": 0.0, "6": 0.0}
+
+
+def test_netadapt_bad_input():
+    with pytest.raises(RecipeError, match="netadapt adapts channel groups"):
+        MagnitudePruneConfig(ratios="netadapt", sparsity=0.5)
+    with pytest.raises(RecipeError, match="adapt_rounds: read with ratios: netadapt only"):
+        MagnitudePruneConfig(granularity="channel", adapt_rounds=3)
+    with pytest.raises(RecipeError, match="netadapt needs a ranking criterion"):
+        ThresholdPruneConfig(granularity="channel", ratios="netadapt", alpha=0.5)
+    with pytest.raises(RecipeError, match="above 0"):
+        MagnitudePruneConfig(granularity="channel", ratios="netadapt", sparsity=0.0)
+    with pytest.raises(RecipeError, match="sensitivity and allocation"):
+        MagnitudePruneConfig(granularity="channel", ratios="netadapt", sparsity=0.5, allocation="knapsack")
+    with pytest.raises(RecipeError, match="adapt_rounds"):
+        MagnitudePruneConfig(granularity="channel", ratios="netadapt", sparsity=0.5, adapt_rounds=0)
