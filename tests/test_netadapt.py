@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -56,14 +57,16 @@ def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_di
     cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.6, budget="macs", ratios="netadapt", adapt_rounds=3,
                                sensitivity_steps=10)
     pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
-    history = session.info["metrics"]["netadapt"]
+    record = session.info["metrics"]["netadapt"]
+    history = record["rounds"]
+    assert record["cost"] == "macs" and record["target"] == 0.6
     assert [h["round"] for h in history] == [1, 2, 3]
     for h in history:   # each round meets its geometric target: 0.4 ** (r / 3) of the MACs
         assert h["size"] <= 0.4 ** (h["round"] / 3) + 1e-9
     # the step prunes the model to the kept counts NetAdapt ended with
     removed = 1 - count_macs(pruned, x) / dense
     assert removed == pytest.approx(1 - history[-1]["size"], abs=1e-6) and removed >= 0.6 - 1e-9
-    ratios = session.info["metrics"]["sensitivity_ratios"]
+    ratios = record["ratios"]
     for g, r in ratios.items():
         orig = trained_digits.get_submodule(g)
         orig = getattr(orig, "out_channels", None) or orig.out_features
@@ -73,14 +76,33 @@ def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_di
     assert not session.warnings
 
 
-def test_netadapt_stops_when_no_group_can_meet_a_round(trained_digits, digits_task):
-    session = Session(task=digits_task)
+def test_netadapt_refuses_a_budget_out_of_reach_one_group_per_round(trained_digits, digits_task):
     cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.99, budget="macs", ratios="netadapt",
                                adapt_rounds=1)
-    run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
-    assert [w["code"] for w in session.warnings] == ["netadapt_stopped"]
-    assert "stopped after 0 of 1 rounds" in session.warnings[0]["message"]
-    assert session.info["metrics"]["sensitivity_ratios"] == {"0": 0.0, "2": 0.0, "6": 0.0}
+    with pytest.raises(RecipeError, match=r"round 1 of 1: no channel group can bring the model to 1\.0% of its "
+                                          r"macs alone.*more adapt_rounds or a smaller sparsity"):
+        run_prune(copy.deepcopy(trained_digits), cfg, Session(task=digits_task), "magnitude")
+    with pytest.raises(RecipeError, match="no channel group to adapt"):   # the classifier alone: no group
+        run_prune(copy.deepcopy(trained_digits), dataclasses.replace(cfg, targets=("9",)),
+                  Session(task=digits_task), "magnitude")
+
+
+def test_netadapt_keeps_max_layer_sparsity_and_round_to(trained_digits, digits_task):
+    """Candidates keep what the step's final prune would keep: at least 1 - max_layer_sparsity of
+    each group, in multiples of round_to, so the step meets the budget the rounds met."""
+    x = digits_task.example_inputs(1)
+    dense = count_macs(trained_digits, x)
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.5, budget="macs", ratios="netadapt", adapt_rounds=3,
+                               max_layer_sparsity=0.6, round_to=8)
+    pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    record = session.info["metrics"]["netadapt"]
+    for g, n in (("0", 32), ("2", 64), ("6", 128)):
+        layer = pruned.get_submodule(g)
+        kept = getattr(layer, "out_channels", None) or layer.out_features
+        assert kept % 8 == 0 and kept >= 0.4 * n and record["ratios"][g] <= 0.6
+    assert 1 - count_macs(pruned, x) / dense == pytest.approx(1 - record["rounds"][-1]["size"], abs=1e-6)
+    assert record["rounds"][-1]["size"] <= 0.5
 
 
 def test_netadapt_bad_input():

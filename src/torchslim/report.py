@@ -37,7 +37,7 @@ _STANDARD_KEYS = frozenset({"name", "verb", "method", "params", "nonzero_params"
                             # shown in their own sections: latency table and plot, header, banner,
                             # per-layer tables, training curves
                             "latency", "runtime", "onnx_latency_ms", "onnx_latency", "input_shapes",
-                            "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped",
+                            "warnings", "layers", "layer_sparsity", "training", "sensitivity", "skipped", "netadapt",
                             "ingredients", "base", "greedy", "spectra", "quantized_layers",
                             "quantized_layers_input"})
 # Files make_plots owns in plots/; a stale one (e.g. metric.png of a run now without a metric) is
@@ -1020,6 +1020,33 @@ def skipped_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return (["step", "module", "reason"], rows) if rows else ([], [])
 
 
+def netadapt_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The rounds of a ``ratios: netadapt`` step (``netadapt: {cost, rounds: [{round, group,
+    removed, kept, metric, size}]}``): the group each round cut, its channels, the candidate's
+    val metric after its short fine-tune and the model's remaining cost. Empty when none.
+
+    Examples
+    --------
+    >>> netadapt_rows({"steps": [{"name": "prune", "netadapt": {"cost": "macs", "rounds": [
+    ...     {"round": 1, "group": "0", "removed": 8, "kept": 24, "metric": 0.97, "size": 0.77}]}}]})[1]
+    [['prune', '1', '0', '8', '24', '0.9700', '77.0% of macs']]
+    """
+    rows = []
+    for i, s in enumerate(metrics.get("steps") or []):
+        found = s.get("netadapt") if isinstance(s, dict) else None
+        if not (isinstance(found, dict) and isinstance(found.get("rounds"), list)):
+            continue
+        for r in found["rounds"]:
+            if isinstance(r, dict):
+                metric, size = _num(r.get("metric")), _num(r.get("size"))
+                rows.append([_step_name(s, i), str(r.get("round", "?")), str(r.get("group", "?")),
+                             str(r.get("removed", "?")), str(r.get("kept", "?")),
+                             "-" if metric is None else f"{metric:.4f}",
+                             "-" if size is None else f"{100 * size:.1f}% of {found.get('cost', 'cost')}"])
+    return (["step", "round", "group cut", "channels removed", "kept", "val metric (short fine-tune)",
+             "model left"], rows) if rows else ([], [])
+
+
 def ingredient_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The models a merge step merged (``ingredients: [{model, metric}]``, ``base``) with each
     one's test metric, and for a greedy soup whether it went in and the soup's metric on its
@@ -1133,6 +1160,7 @@ def _table_sections(metrics: dict[str, Any]) -> list[tuple[str, str, tuple[list[
             ("quantized", "Quantized layers", quantized_layer_rows(metrics), _quantized_note(metrics)),
             ("layer-sparsity", "Per-layer sparsity by step", layer_sparsity_rows(metrics), _SPARSITY_NOTE),
             ("skipped", "Skipped modules", skipped_rows(metrics), _SKIPPED_NOTE),
+            ("netadapt", "NetAdapt rounds", netadapt_rows(metrics), _NETADAPT_NOTE),
             ("ingredients", "Merged models", ingredient_rows(metrics), _MERGE_NOTE)]
 
 
@@ -1175,6 +1203,9 @@ _QUANT_NOTE = ("Each layer a quantize step replaced. Output SQNR: 10 log10(sum y
 _MERGE_NOTE = ("The models a merge step combined, each measured alone on the test split; the merged "
                "model's own figures are the step's row above. The current model is the one entering the "
                "step (with torchslim merge, the first MODEL: the baseline row).")
+_NETADAPT_NOTE = ("Each round cut the channel group whose candidate scored best on the val split after its "
+                  "short fine-tune (ratios: netadapt); the step then pruned the model to the channels the last "
+                  "round kept and fine-tuned it.")
 _SKIPPED_NOTE = ("Modules a step could not handle and left unchanged, with the reason; the model still "
                  "runs and the other modules were processed.")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import RecipeError
+from ...errors import RecipeError, UserError
 from ...measure import count_macs, count_params
 from ...progress import Progress
 from ...session import Session
@@ -38,8 +38,13 @@ log = logging.getLogger("torchslim.netadapt")
 
 
 def _units(model: nn.Module, root: str) -> int:
+    """Output channels of the group root ``root`` (a conv, a linear, or a class given a pruner)."""
+    from .roots import _PRUNERS
     m = model.get_submodule(root)
-    return int(getattr(m, "out_channels", None) or getattr(m, "out_features"))
+    for cls in type(m).__mro__:
+        if cls in _PRUNERS:
+            return int(_PRUNERS[cls].get_out_channels(m))
+    return int(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
 
 
 def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method: str, budget: float,
@@ -55,14 +60,17 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     Returns ``({group root: sparsity}, history)``: the fraction of each group's output channels
     removed (0 for groups never chosen), and one entry per round ``{"round", "group", "removed",
     "kept", "metric", "size"}`` (``size``: the chosen model's cost as a fraction of the dense
-    model's; ``metric`` on ``split`` after the short fine-tune). Fewer rounds than asked when no
-    group can meet a round's target (the last entry says so).
+    model's; ``metric`` on ``split`` after the short fine-tune, None if not finite; the best as the task says:
+    ``higher_is_better``). A group keeps at least ``1 - config.max_layer_sparsity`` of its
+    original channels, and with ``config.round_to`` a multiple of it (groups narrower than it: any count),
+    so the step's final prune keeps exactly what the rounds kept.
 
     Raises
     ------
     RecipeError
-        For a budget outside (0, 1), rounds < 1, steps < 0, lr <= 0, or a config that is not
-        granularity channel.
+        For a budget outside (0, 1), rounds < 1, steps < 0, lr <= 0, a config that is not
+        granularity channel, no channel group to adapt, or a round no group can meet (the budget
+        is out of reach one group per round: more rounds or a smaller budget).
     UserError
         For a task without data or metric.
     """
@@ -82,9 +90,16 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
 
     work = copy.deepcopy(model).eval()
     groups = layer_names(work, config, inputs)
+    if not groups:
+        raise RecipeError("netadapt: no channel group to adapt (targets/ignore leave none, or only output layers)")
+    if task.evaluate(work, split) is None:
+        raise UserError(f"netadapt: task {task.spec!r} has no metric on its {split!r} split")
     original = {g: _units(work, g) for g in groups}
+    # the fewest channels a group may keep: max_layer_sparsity of its original count, at least 1
+    floor = {g: max(1, math.ceil((1.0 - config.max_layer_sparsity) * n - 1e-9)) for g, n in original.items()}
     dense = size(work)
     session = Session(task=task)
+    sign = 1.0 if task.higher_is_better else -1.0
 
     def cut(m: nn.Module, group: str, n: int, remove: int) -> nn.Module:
         cfg = dataclasses.replace(config, targets=(group,), ignore=(), sparsity=remove / n, scope="layer",
@@ -92,21 +107,23 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
         return apply_(copy.deepcopy(m), cfg, task=task, method=method)
 
     def proposal(group: str, target: float) -> tuple[nn.Module, int] | None:
-        """``work`` with the fewest channels of ``group`` removed that meets ``target``."""
+        """``work`` with the fewest channels of ``group`` removed that meets ``target``, keeping
+        a count the final prune keeps too (``floor``, ``round_to``)."""
         n = _units(work, group)
-        if n <= 1:
+        allowed = [k for k in range(n - 1, floor[group] - 1, -1)]
+        if 1 < config.round_to <= original[group]:  # the final prune rounds to a multiple (round_kept)
+            allowed = [k for k in allowed if k % config.round_to == 0]
+        if not allowed:
             return None
         now = size(work)
-        one = cut(work, group, n, 1)
-        per_channel = now - size(one)
+        per_channel = now - size(cut(work, group, n, 1))  # what one channel costs, to start near the answer
         if per_channel <= 0:
             return None
-        remove = max(1, math.ceil((now - target) / per_channel - 1e-9))
-        while remove < n:
-            cand = one if remove == 1 else cut(work, group, n, remove)
+        guess = n - math.ceil((now - target) / per_channel - 1e-9)
+        for kept in [k for k in allowed if k <= guess + 1] or allowed[-1:]:
+            cand = cut(work, group, n, n - kept)
             if size(cand) <= target:
-                return cand, remove
-            remove += 1
+                return cand, n - kept
         return None
 
     history: list[dict[str, Any]] = []
@@ -128,22 +145,24 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
                     if steps:
                         short_finetune(cand, task, steps, lr=lr, batch_size=batch_size)
                     metric = task.evaluate(cand, split)
-                    metric = -math.inf if metric is None or not math.isfinite(metric) else float(metric)
-                    key = (metric, -size(cand))
+                    metric = None if metric is None or not math.isfinite(metric) else float(metric)
+                    key = (-math.inf if metric is None else sign * metric, -size(cand))
                     if best is None or key > best[0]:
-                        best = (key, g, removed, cand)
+                        best = (key, g, removed, cand, metric)
                 if best is None:
-                    history.append({"round": r, "group": None, "stopped": f"no group can meet {target / dense:.1%} "
-                                                                          f"of the dense model's {cost}"})
-                    log.warning("netadapt: round %d: no group can meet %.1f%% of the model's %s; stopped",
-                                r, 100 * target / dense, cost)
-                    break
-                (metric, _), g, removed, work = best
+                    raise RecipeError(
+                        f"netadapt: round {r} of {rounds}: no channel group can bring the model to "
+                        f"{target / dense:.1%} of its {cost} alone (each keeps at least 1 - max_layer_sparsity of "
+                        f"its channels{', in multiples of round_to' if config.round_to > 1 else ''}); the budget "
+                        f"{budget:.1%} is out of reach one group per round: give more adapt_rounds or a smaller "
+                        "sparsity")
+                _, g, removed, work, metric = best
                 history.append({"round": r, "group": g, "removed": removed, "kept": _units(work, g),
                                 "metric": metric, "size": round(size(work) / dense, 6)})
-                log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %.4f, %s %.1f%%", r, rounds, g,
-                         removed, _units(work, g), split, metric, cost, 100 * size(work) / dense)
-                bar.update(group=g, metric=round(metric, 4))
+                log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %s, %s %.1f%%", r, rounds, g,
+                         removed, _units(work, g), split, "nan" if metric is None else f"{metric:.4f}", cost,
+                         100 * size(work) / dense)
+                bar.update(group=g)
     finally:
         quiet.setLevel(level)
     ratios = {g: 1.0 - _units(work, g) / original[g] for g in groups}  # unrounded: floor((1 - r) n) = kept

@@ -129,7 +129,8 @@ class PruneConfig(MethodConfig):
     """
 
     sparsity: float = option(0.5, low=0.0, high=1.0, high_open=True,
-                             doc="fraction removed (of weights, channels, heads or layers)")
+                             doc="fraction removed (of weights, channels, heads or layers; with ratios sensitivity "
+                                 "or netadapt: of the budget, params or MACs)")
     granularity: str = option("weight", doc="weight | channel | head | layer | N:M (e.g. 2:4)")
     scope: str = option("global", choices=("global", "layer"),
                         doc="global: one ranking over all targets; layer: the same sparsity per layer")
@@ -168,12 +169,15 @@ class PruneConfig(MethodConfig):
     sensitivity_steps: int = option(0, low=0, doc="ratios sensitivity measured in the step: SGD steps each cut is "
                                                   "trained before it is evaluated, so the curves show what a layer "
                                                   "recovers from (NetAdapt's short-term fine-tune; `torchslim "
-                                                  "sensitivity --finetune-steps`); 0: one-shot curves")
+                                                  "sensitivity --finetune-steps`); 0: one-shot curves. ratios netadapt: the "
+                                                  "steps each round's candidates are trained (0: none; NetAdapt "
+                                                  "used a short fine-tune, e.g. 100)")
     sensitivity_lr: float = option(0.01, low=0.0, low_open=True, doc="sensitivity_steps: peak learning rate of "
                                                                      "those steps (SGD, momentum 0.9, cosine to 0)")
     budget: str = option("params", choices=("params", "macs"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
-                             "(granularity channel, head: of the whole model's, measured)")
+                             "(granularity channel, head: of the whole model's, measured); ratios netadapt: of the "
+                             "whole model's")
     allocation: str = option("equal_drop", choices=("equal_drop", "knapsack"),
                              doc="ratios sensitivity: how curves become ratios. equal_drop: every layer pruned "
                                  "to the same predicted metric drop (Han et al. 2015); knapsack: the least summed "

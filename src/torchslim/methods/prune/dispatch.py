@@ -109,20 +109,17 @@ def netadapt_plan(model: nn.Module, config: PruneConfig, session) -> PruneConfig
     """``config`` with ``ratios: netadapt`` resolved into ``layer_sparsity``: each channel group's
     sparsity found by :func:`~.adapt.netadapt_ratios` on a copy of ``model`` for a budget of
     ``config.sparsity`` of the model's ``budget`` (params or MACs), in ``adapt_rounds`` rounds of
-    candidates trained ``sensitivity_steps`` steps at ``sensitivity_lr``. The rounds
-    (``netadapt``) and the ratios (``sensitivity_ratios``) go into the step's row."""
+    candidates trained ``sensitivity_steps`` steps at ``sensitivity_lr``. The rounds and the
+    ratios go into the step's row (``netadapt: {cost, target, rounds, ratios}``)."""
     from .adapt import netadapt_ratios
     task = session.require_task("prune.ratios: netadapt")
     uniform = dataclasses.replace(config, ratios="uniform", sensitivity_steps=0, adapt_rounds=10, budget="params")
     ratios, history = netadapt_ratios(model, task, uniform, method=f"prune.{config.name}", budget=config.sparsity,
                                       cost=config.budget, rounds=config.adapt_rounds,
                                       steps=config.sensitivity_steps, lr=config.sensitivity_lr)
-    if history and history[-1].get("group") is None:
-        session.warn("netadapt_stopped", f"ratios: netadapt: {history[-1]['stopped']}; stopped after "
-                                         f"{len(history) - 1} of {config.adapt_rounds} rounds")
-    metrics = session.info.setdefault("metrics", {})
-    metrics["netadapt"] = history
-    metrics["sensitivity_ratios"] = {k: round(v, 6) for k, v in ratios.items()}
+    session.info.setdefault("metrics", {})["netadapt"] = {
+        "cost": config.budget, "target": config.sparsity, "rounds": history,
+        "ratios": {k: round(v, 6) for k, v in ratios.items()}}
     return _planned(uniform, ratios)
 
 

@@ -226,11 +226,13 @@ def allocate_ratios(curves: dict[str, list[tuple[float, float]]],
                          f"{removed({n: max_sparsity for n in curves}):.1%}")
     if allocation == "knapsack":
         r = _knapsack(curves, cost_at, total, baseline, budget, grid, tol)
+        order: list[str] = []            # meets the budget to within one grid step: nothing to trim
     else:
         hi = max(abs(baseline - m) for pts in curves.values() for _, m in pts) + 1.0
         r = ratios_for(_smallest(lambda t: removed(ratios_for(t)) + tol >= budget, 0.0, hi, 60))
+        order = sorted(curves, key=lambda n: -r[n])
     # the tolerance grid overshoots: trim the least sensitive layers' excess back to the budget
-    for name in sorted(curves, key=lambda n: -r[n]):
+    for name in order:
         if removed(r) <= budget + tol:
             break
         keep, low = r[name], 0.0
@@ -264,7 +266,8 @@ def _smallest(meets, lo: float, hi: float, iterations: int) -> float:
 def _knapsack(curves: dict[str, list[tuple[float, float]]], cost_at, total: float, baseline: float,
               budget: float, grid: list[float], tol: float) -> dict[str, float]:
     """The Lagrangian solution of :func:`allocate_ratios`' knapsack on ``grid``: the smallest price
-    of removed cost whose per-layer choices remove at least ``budget`` of ``total``."""
+    of removed cost whose per-layer choices remove at least ``budget`` of ``total``, the layers
+    whose choice jumps at that price moved only as far as the budget needs (to one grid step)."""
     import numpy as np
     names = list(curves)
     s = np.asarray(grid)
@@ -289,10 +292,34 @@ def _knapsack(curves: dict[str, list[tuple[float, float]]], cost_at, total: floa
     lo, hi = 0.0, 1.0
     while not meets(hi) and hi < 1e12:
         lo, hi = hi, hi * 4
-    idx = pick(_smallest(meets, lo, hi, 80))
-    if removed(idx) + tol < budget:  # unreachable by any price (infinite drops): the cap everywhere
-        idx = np.full(len(names), len(grid) - 1)
-    return {n: float(s[i]) for n, i in zip(names, idx)}
+    hi = _smallest(meets, lo, hi, 80)
+    below, above = pick(lo if lo < hi else 0.0), pick(hi)
+    if removed(above) + tol < budget:  # unreachable by any price (infinite drops): the cap everywhere
+        return {n: float(s[-1]) for n in names}
+    # the price where the choices jump past the budget: from the choices just under it, layers move
+    # to their choice above it, the least drop per removed cost first, until the budget is met (the
+    # last one only as far as needed), so no layer is cut past what the budget needs
+    idx = below.copy()
+    rows = np.arange(len(names))
+    moves = [k for k in rows if above[k] != below[k]]
+    moves.sort(key=lambda k: (drops_a[k, above[k]] - drops_a[k, below[k]])
+               / max(gains_a[k, above[k]] - gains_a[k, below[k]], 1e-12))
+    for k in moves:
+        if removed(idx) + tol >= budget:
+            break
+        lo_i, hi_i = int(below[k]), int(above[k])
+        step = 1 if hi_i > lo_i else -1
+        for j in range(lo_i + step, hi_i + step, step):   # the first grid point that meets it
+            idx[k] = j
+            if removed(idx) + tol >= budget:
+                break
+    out = {n: float(s[i]) for n, i in zip(names, idx)}
+    if moves and idx[k] != below[k]:  # the last layer moved: between its last two grid points, as far as needed
+        rest = removed(idx) - gains_a[k, idx[k]]
+        a, b = float(s[idx[k] - step]), float(s[idx[k]])
+        out[names[k]] = _smallest(lambda v: rest + cost_at(names[k], a + (b - a) * v) / total >= budget,
+                                  0.0, 1.0, 40) * (b - a) + a
+    return out
 
 
 # -- statistics of activations (data criteria) ---------------------------------------------
