@@ -32,6 +32,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-out/structured"))
     ap.add_argument("--epochs", type=int, default=4, help="baseline training when --baseline is not given")
     ap.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
+    ap.add_argument("--seed", type=int, default=0, help="seed of every fine-tune (shuffling; another seed "
+                    "shows how far a plan's accuracy moves by chance)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--oneshot", action="store_true", help="the same plans without fine-tuning, BatchNorm "
@@ -80,6 +83,9 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
+    # one line per NetAdapt round on stderr
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("torchslim.netadapt").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     task = build_task("fashion-mnist")
@@ -93,7 +99,7 @@ def main() -> None:
         torchslim.save(dense, args.out / "baseline")
     x1 = task.example_inputs(1)
     dense_macs = count_macs(dense, x1)
-    ft = None if args.oneshot else TrainConfig(**{**FINETUNE, "epochs": args.finetune_epochs},
+    ft = None if args.oneshot else TrainConfig(**{**FINETUNE, "epochs": args.finetune_epochs, "seed": args.seed},
                                                distill=DistillTerm(teacher="baseline", temperature=4.0, alpha=0.5))
     rows = [{"name": "dense", "accuracy": None if args.time_only else task.evaluate(dense),
              "params": count_params(dense)[0], "macs": dense_macs}]
