@@ -80,6 +80,8 @@ def main() -> None:
                     "netadapt: only those plans (the uniform plan pruned to find their MACs target, not fine-tuned)")
     ap.add_argument("--adapt-rounds", type=int, default=10, help="--plans netadapt: rounds (adapt_rounds); "
                     "candidates trained --sensitivity-steps steps at --sensitivity-lr")
+    ap.add_argument("--plan-from", type=Path, default=None, help="--plans netadapt: the ratios NetAdapt found "
+                    "in this earlier --out (its search is deterministic), only fine-tuned again (e.g. --seed)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -162,6 +164,13 @@ def main() -> None:
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
+        if args.plans == "netadapt" and args.plan_from is not None:
+            found = json.loads((args.plan_from / "structured.json").read_text())["rows"][1]
+            ratios = found["netadapt"]["ratios"] if isinstance(found["netadapt"], dict) else found["sensitivity_ratios"]
+            run(f"netadapt plan of {args.plan_from.name}, MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
+                MagnitudePruneConfig(granularity="channel", sparsity=0.0, scope="layer", finetune=ft,
+                                     layer_sparsity={k: v for k, v in ratios.items() if v > 0}))
+            continue
         if args.plans == "netadapt":
             run(f"netadapt ({args.adapt_rounds} rounds, {args.sensitivity_steps} steps), MACs of uniform "
                 f"{sparsity:.0%} ({target:.3f} removed)",
