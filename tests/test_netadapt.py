@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -50,7 +51,8 @@ def test_one_round_picks_the_best_cut_that_meets_the_target(trained_digits, digi
     assert all(v == 0 for g, v in ratios.items() if g != best)
 
 
-def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_digits, digits_task):
+def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_digits, digits_task, caplog):
+    caplog.set_level(logging.INFO)
     x = digits_task.example_inputs(1)
     dense = count_macs(trained_digits, x)
     session = Session(task=digits_task)
@@ -74,6 +76,9 @@ def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_di
         kept = getattr(kept, "out_channels", None) or kept.out_features
         assert kept == max(math.floor((1 - r) * orig + 1e-6), 1)
     assert not session.warnings
+    # the step's summary names the plan, not the 0% the plan leaves as the default sparsity
+    summary = [r.getMessage() for r in caplog.records if "channel pruning (layer" in r.getMessage()]
+    assert summary and f"(layer, {sum(1 for r in ratios.values() if r > 0)} per-layer sparsities)" in summary[-1]
 
 
 def test_netadapt_refuses_a_budget_out_of_reach_one_group_per_round(trained_digits, digits_task):

@@ -750,6 +750,8 @@ def _report(model: nn.Module, original: dict[str, int], report: dict[str, Any], 
     total, total0 = _counted(model, original, report)
     asked = (f"alpha {config.alpha:g}" if config.SPARSITY_IS_RESULT and hasattr(config, "alpha")
              else f"{100 * config.sparsity:.0f}%")
+    if config.layer_sparsity:   # a plan (ratios: sensitivity / netadapt) or the user's own per-layer sparsities
+        asked = f"{len(config.layer_sparsity)} per-layer sparsities" + (f", {asked} elsewhere" if config.sparsity else "")
     log.info("%s channel pruning (%s, %s): %d of %d output channels kept; %s", entry.name, config.scope,
              asked, total, total0,
              ", ".join(f"{n} {k}/{c}" for n, (k, c) in layer_channels.items() if k != c) or "nothing removed")
