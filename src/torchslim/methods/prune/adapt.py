@@ -106,24 +106,25 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
                                   schedule="oneshot", finetune=None, layer_sparsity={}, round_to=1)
         return apply_(copy.deepcopy(m), cfg, task=task, method=method)
 
-    def proposal(group: str, target: float) -> tuple[nn.Module, int] | None:
-        """``work`` with the fewest channels of ``group`` removed that meets ``target``, keeping
-        a count the final prune keeps too (``floor``, ``round_to``)."""
+    def proposal(group: str, now: float, target: float) -> tuple[nn.Module, int, float] | None:
+        """``work`` (of cost ``now``) with the fewest channels of ``group`` removed that meets
+        ``target``, keeping a count the final prune keeps too (``floor``, ``round_to``); with
+        how many went and its cost."""
         n = _units(work, group)
-        allowed = [k for k in range(n - 1, floor[group] - 1, -1)]
+        allowed = list(range(n - 1, floor[group] - 1, -1))
         if 1 < config.round_to <= original[group]:  # the final prune rounds to a multiple (round_kept)
             allowed = [k for k in allowed if k % config.round_to == 0]
         if not allowed:
             return None
-        now = size(work)
         per_channel = now - size(cut(work, group, n, 1))  # what one channel costs, to start near the answer
         if per_channel <= 0:
             return None
         guess = n - math.ceil((now - target) / per_channel - 1e-9)
         for kept in [k for k in allowed if k <= guess + 1] or allowed[-1:]:
             cand = cut(work, group, n, n - kept)
-            if size(cand) <= target:
-                return cand, n - kept
+            left = size(cand)
+            if left <= target:
+                return cand, n - kept, left
         return None
 
     history: list[dict[str, Any]] = []
@@ -134,19 +135,20 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
         with Progress(rounds, "netadapt", unit="round") as bar:
             for r in range(1, rounds + 1):
                 target = dense * (1.0 - budget) ** (r / rounds)
+                now = size(work)
                 best = None
                 for g in groups:
-                    found = proposal(g, target)
+                    found = proposal(g, now, target)
                     if found is None:
                         continue
-                    cand, removed = found
+                    cand, removed, left = found
                     if recalibrate_bn:
                         session.recalibrate_batchnorm(cand, recalibrate_bn)
                     if steps:
                         short_finetune(cand, task, steps, lr=lr, batch_size=batch_size)
                     metric = task.evaluate(cand, split)
                     metric = None if metric is None or not math.isfinite(metric) else float(metric)
-                    key = (-math.inf if metric is None else sign * metric, -size(cand))
+                    key = (-math.inf if metric is None else sign * metric, -left)
                     if best is None or key > best[0]:
                         best = (key, g, removed, cand, metric)
                 if best is None:
@@ -156,12 +158,12 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
                         f"its channels{', in multiples of round_to' if config.round_to > 1 else ''}); the budget "
                         f"{budget:.1%} is out of reach one group per round: give more adapt_rounds or a smaller "
                         "sparsity")
-                _, g, removed, work, metric = best
+                (_, left), g, removed, work, metric = best
                 history.append({"round": r, "group": g, "removed": removed, "kept": _units(work, g),
-                                "metric": metric, "size": round(size(work) / dense, 6)})
+                                "metric": metric, "size": round(-left / dense, 6)})
                 log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %s, %s %.1f%%", r, rounds, g,
                          removed, _units(work, g), split, "nan" if metric is None else f"{metric:.4f}", cost,
-                         100 * size(work) / dense)
+                         100 * -left / dense)
                 bar.update(group=g)
     finally:
         quiet.setLevel(level)
