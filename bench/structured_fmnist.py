@@ -24,6 +24,9 @@ is evaluated (``sensitivity_steps``).
 ``--plans netadapt --adapt-rounds R``: plans found by NetAdapt (``ratios: netadapt``) at the uniform
 plans' MACs instead, each round's candidates trained ``--sensitivity-steps`` steps.
 ``--oneshot``: the same plans with no fine-tuning (BatchNorm re-estimated), where the allocation alone decides.
+``--budget latency``: the sensitivity plans (or NetAdapt) ask the latency the uniform plan removed
+instead of its MACs: ``budget: latency`` at batch 16 in eager PyTorch, the uniform plan's latency
+fraction timed here first (dense and uniform in turns, the median of 5 turns); curves timed too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torchslim
 from _timing import OrtSession, latency  # bench/_timing.py
 from torchslim.fileio import write_json
 from torchslim.measure import count_macs, count_params
+from torchslim.methods.prune.cost import model_cost
 from torchslim.onnx_io import export_onnx
 from torchslim.prune import MagnitudePruneConfig
 from torchslim.registry import get_method
@@ -82,6 +86,9 @@ def main() -> None:
                     "candidates trained --sensitivity-steps steps at --sensitivity-lr")
     ap.add_argument("--plan-from", type=Path, default=None, help="--plans netadapt: the ratios NetAdapt found "
                     "in this earlier --out (its search is deterministic), only fine-tuned again (e.g. --seed)")
+    ap.add_argument("--budget", choices=("macs", "latency"), default="macs",
+                    help="what the sensitivity / netadapt plans match of the uniform plan: its MACs, or its latency "
+                         "at batch 16 in eager PyTorch (budget: latency, latency_batch_size: 16)")
     ap.add_argument("--sparsities", default="0.5,0.7", help="uniform channel sparsities, each with a "
                     "sensitivity plan at its MACs (the first also ranked globally)")
     args = ap.parse_args()
@@ -164,6 +171,16 @@ def main() -> None:
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs
+        timed = {}
+        if args.budget == "latency":   # the latency the uniform plan removed, timed in turns with the dense model
+            thin = models.get(uniform.get("name")) or torchslim.apply(
+                dense, dataclasses.replace(uniform_cfg, finetune=None), task=task)
+            clock = model_cost(task, "latency", latency_batch_size=16)
+            turns = sorted(clock(thin) / clock(dense) for _ in range(5))
+            target = 1.0 - turns[2]
+            timed = {"budget": "latency", "latency_batch_size": 16}
+            print(f"uniform {sparsity:.0%}: latency at batch 16 {turns[2]:.3f}x of dense (turns {turns})", flush=True)
+        what = "latency" if timed else "MACs"
         if args.plans == "netadapt" and args.plan_from is not None:
             found = json.loads((args.plan_from / "structured.json").read_text())["rows"][1]
             ratios = found["netadapt"]["ratios"] if isinstance(found["netadapt"], dict) else found["sensitivity_ratios"]
@@ -172,16 +189,18 @@ def main() -> None:
                                      layer_sparsity={k: v for k, v in ratios.items() if v > 0}))
             continue
         if args.plans == "netadapt":
-            run(f"netadapt ({args.adapt_rounds} rounds, {args.sensitivity_steps} steps), MACs of uniform "
+            run(f"netadapt ({args.adapt_rounds} rounds, {args.sensitivity_steps} steps), {what} of uniform "
                 f"{sparsity:.0%} ({target:.3f} removed)",
-                MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="netadapt",
+                MagnitudePruneConfig(granularity="channel", sparsity=target, ratios="netadapt",
+                                     **({"budget": "macs"} | timed),
                                      adapt_rounds=args.adapt_rounds, sensitivity_steps=args.sensitivity_steps,
                                      sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))
             continue
         # the curves are measured once (first row) and read back from sensitivity.json after
         for allocation in args.allocation.split(","):
-            run(f"sensitivity ({allocation}), MACs of uniform {sparsity:.0%} ({target:.3f} removed)",
-                MagnitudePruneConfig(granularity="channel", sparsity=target, budget="macs", ratios="sensitivity",
+            run(f"sensitivity ({allocation}), {what} of uniform {sparsity:.0%} ({target:.3f} removed)",
+                MagnitudePruneConfig(granularity="channel", sparsity=target, ratios="sensitivity",
+                                     **({"budget": "macs"} | timed),
                                      allocation=allocation, sensitivity=curves,
                                      sensitivity_steps=0 if curves else args.sensitivity_steps,
                                      sensitivity_lr=args.sensitivity_lr, finetune=ft, round_to=args.round_to))

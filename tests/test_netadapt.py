@@ -123,3 +123,32 @@ def test_netadapt_bad_input():
         MagnitudePruneConfig(granularity="channel", ratios="netadapt", sparsity=0.5, allocation="knapsack")
     with pytest.raises(RecipeError, match="adapt_rounds"):
         MagnitudePruneConfig(granularity="channel", ratios="netadapt", sparsity=0.5, adapt_rounds=0)
+
+
+def test_bisection_finds_the_largest_count_meeting_the_target():
+    from torchslim.methods.prune.adapt import _bisect
+    made = []
+
+    def make(kept):
+        made.append(kept)
+        return kept
+
+    allowed = list(range(63, 0, -1))      # 64 channels: keep 63 ... 1
+    model, removed, left = _bisect(allowed, make, float, 20.5, 64)
+    assert (model, removed, left) == (20, 44, 20.0)
+    assert len(made) <= 8                  # the smallest count, then log2(63) halvings
+    assert _bisect(allowed, make, lambda k: k + 100.0, 20.5, 64) is None   # nothing meets it
+
+
+def test_netadapt_for_a_latency_budget_times_every_round(trained_digits, digits_task):
+    x = digits_task.example_inputs(1)
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.3, budget="latency", latency_batch_size=8,
+                               ratios="netadapt", adapt_rounds=2)
+    pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    record = session.info["metrics"]["netadapt"]
+    assert record["cost"] == "latency" and record["latency"]["batch_size"] == 8
+    assert [h["round"] for h in record["rounds"]] == [1, 2]
+    for h in record["rounds"]:   # each round's model, as timed then, met its target
+        assert h["size"] <= 0.7 ** (h["round"] / 2) + 1e-9
+    assert count_macs(pruned, x) < count_macs(trained_digits, x)

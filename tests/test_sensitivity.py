@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import subprocess
@@ -333,3 +334,95 @@ def test_sensitivity_steps_in_a_step_and_its_bad_input(tmp_path, trained_digits,
     r = subprocess.run([sys.executable, "-m", "torchslim.cli", "sensitivity", "zoo:digits-cnn", "--task", "digits",
                         "--out", str(tmp_path), "--finetune-steps", "-3"], capture_output=True, text=True)
     assert r.returncode == 2 and "integer >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- budget: latency ------------------------------------------------------------------------------
+def _two_group_curves(latency_a, latency_b):
+    """Curves of two channel groups: ``a`` loses accuracy fast, ``b`` slowly; the fourth value of
+    each ``removed`` row (milliseconds) is given, the MACs column is the same for both."""
+    pts = (0.25, 0.5, 0.75)
+    rows = {}
+    for name, drops, lat in (("a", (0.02, 0.1, 0.3), latency_a), ("b", (0.0, 0.01, 0.05), latency_b)):
+        rows[name] = {"params": 100, "weights": 90, "macs": 1000,
+                      "points": [[p, 0.9 - d] for p, d in zip(pts, drops)],
+                      "removed": [[p, 100 * p, 1000 * p, t] for p, t in zip(pts, lat)]}
+    return {"schema": 1, "granularity": "channel", "baseline": 0.9, "layers": rows,
+            "model": {"params": 200, "macs": 2000, "latency_ms": 10.0},
+            "latency": {"batch_size": 1, "runtime": "eager", "threads": 1}}
+
+
+def test_latency_budget_reads_the_timed_column_and_holds_it_monotone():
+    # timed removal proportional to the MACs removed: the same plan as a MACs budget
+    data = _two_group_curves((1.25, 2.5, 3.75), (1.25, 2.5, 3.75))
+    assert sensitivity.ratios_from_curves(data, 0.3, "latency") == sensitivity.ratios_from_curves(data, 0.3, "macs")
+    # a deeper cut measured as removing less (noise) counts as much as the smaller cut before it
+    noisy = _two_group_curves((1.25, 2.5, 3.75), (2.0, 1.5, 4.0))
+    held = _two_group_curves((1.25, 2.5, 3.75), (2.0, 2.0, 4.0))
+    for budget in (0.15, 0.3, 0.5):
+        assert sensitivity.ratios_from_curves(noisy, budget, "latency") == \
+            sensitivity.ratios_from_curves(held, budget, "latency")
+    # group b is the cheap one in time as well as in accuracy: the plan cuts it deeper
+    ratios = sensitivity.ratios_from_curves(held, 0.3, "latency")
+    assert ratios["b"] > ratios["a"]
+    # curves measured without timing cannot plan a latency budget
+    untimed = _two_group_curves((1, 2, 3), (1, 2, 3))
+    del untimed["model"]["latency_ms"]
+    for row in untimed["layers"].values():
+        row["removed"] = [r[:3] for r in row["removed"]]
+    with pytest.raises(RecipeError, match="hold no latency"):
+        sensitivity.ratios_from_curves(untimed, 0.3, "latency")
+
+
+def test_channel_curves_timed_for_a_latency_budget(tmp_path, trained_digits, digits_task):
+    from torchslim.measure import count_macs
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="channel"),
+                               points=(0.25, 0.75), split="val", latency=(4, "eager"))
+    assert data["latency"] == {"batch_size": 4, "runtime": "eager", "threads": torch.get_num_threads()}
+    assert data["model"]["latency_ms"] > 0
+    for row in data["layers"].values():   # sparsity, params, MACs and milliseconds removed per point
+        assert [len(r) for r in row["removed"]] == [4, 4]
+        assert all(math.isfinite(r[3]) for r in row["removed"])
+    path = sensitivity.write(data, tmp_path)
+    x = digits_task.example_inputs(1)
+    session = Session(task=digits_task)
+    cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.4, ratios="sensitivity", budget="latency",
+                               latency_batch_size=4, sensitivity=str(path))
+    planned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    budget = session.info["metrics"]["sensitivity_budget"]
+    timed = budget["latency"]
+    assert budget["cost"] == "latency" and budget["target"] == 0.4
+    assert timed["batch_size"] == 4 and timed["runtime"] == "eager" and timed["dense_ms"] > 0
+    assert timed["planned_ms"] == pytest.approx(timed["dense_ms"] * (1 - budget["measured"]), rel=1e-3)
+    assert count_macs(planned, x) < count_macs(trained_digits, x)   # channels really went
+    # the same file for a budget timed at another batch size: planned, and flagged
+    session = Session(task=digits_task)
+    run_prune(copy.deepcopy(trained_digits), dataclasses.replace(cfg, latency_batch_size=8), session, "magnitude")
+    assert any("timed at batch 4" in w["message"] for w in session.warnings)
+    # a MACs file cannot plan for time
+    untimed = sensitivity.write(sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(
+        granularity="channel"), points=(0.5,), split="val"), tmp_path / "untimed")
+    with pytest.raises(RecipeError, match="hold no latency"):
+        run_prune(copy.deepcopy(trained_digits), dataclasses.replace(cfg, sensitivity=str(untimed)),
+                  Session(task=digits_task), "magnitude")
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"granularity": "weight", "ratios": "sensitivity", "budget": "latency"}, "latency needs granularity"),
+    ({"granularity": "channel", "ratios": "sensitivity", "latency_batch_size": 16}, "read with budget: latency"),
+    ({"granularity": "channel", "ratios": "sensitivity", "budget": "latency", "latency_runtime": "nope"},
+     "unknown runtime"),
+    ({"granularity": "channel", "budget": "latency"}, "read with ratios: sensitivity or netadapt"),
+])
+def test_latency_budget_bad_input(fields, match):
+    with pytest.raises(RecipeError, match=match):
+        MagnitudePruneConfig.from_dict(fields, where="prune.magnitude")
+
+
+def test_cli_latency_curves_need_channels_or_heads(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torchslim", "sensitivity", "zoo:digits-cnn", "--task", "digits",
+                        "--latency-batch-size", "4", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "error:" in r.stderr and "latency is measured for granularity channel" in r.stderr
+    assert not (tmp_path / "sensitivity.json").exists()

@@ -206,7 +206,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     config.check_model(model)
     data = sensitivity.analyze(model, task, config, method=entry.key, points=args.points, split=args.split,
                                recalibrate_bn=args.recalibrate_bn, finetune_steps=args.finetune_steps,
-                               finetune_lr=args.finetune_lr)
+                               finetune_lr=args.finetune_lr,
+                               latency=(args.latency_batch_size, args.latency_runtime)
+                               if args.latency_batch_size else None)
     chance = task.chance_level(args.split)
     if chance is not None and data["baseline"] <= chance + 0.02:
         log.warning("the model scores %.4f on %s, about chance (%.4f): an untrained model's curves are noise; "
@@ -216,6 +218,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for name, row in data["layers"].items():
         _out(f"{(name or '(model)')[:40]:40s} " + " ".join(
             f"{m:7.4f}" if m is not None else "    nan" for _, m in row["points"]))
+    if "latency" in data:
+        _out(f"latency of the model: {data['model']['latency_ms']:.3f} ms at batch {data['latency']['batch_size']} on "
+             f"{data['latency']['runtime']} ({data['latency']['threads']} threads); the milliseconds each point "
+             "removed are in the file")
     _out(f"baseline {data['metric']} on {data['split']}: {data['baseline']:.4f}; wrote {path} and "
          f"{path.with_suffix('.png')}")
     return 0
@@ -466,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 0: one-shot curves)")
     s.add_argument("--finetune-lr", type=_positive_float, default=0.01, metavar="LR",
                    help="peak learning rate of --finetune-steps (SGD, momentum 0.9, cosine to 0; default 0.01)")
+    s.add_argument("--latency-batch-size", type=_nonnegative_int, default=0, metavar="N",
+                   help="granularity channel or head: also time the model and every point's pruned copy at "
+                        "batch N, for a recipe's budget: latency (default 0: not timed)")
+    s.add_argument("--latency-runtime", default="eager", metavar="NAME",
+                   help="runtime timed with --latency-batch-size (eager, compile, onnxruntime, ...; default eager)")
     s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--output", help="which output is the prediction (index or name) for tuple/mapping outputs")

@@ -2,8 +2,8 @@
 group's cut costs the least accuracy after a short fine-tune (Yang et al., "NetAdapt:
 Platform-Aware Neural Network Adaptation for Mobile Applications", ECCV 2018, Algorithm 1).
 
-Each round sets a smaller resource target (the model's MACs or params, falling geometrically from
-the dense model's to ``(1 - budget)`` of it over ``rounds`` rounds). Every channel group proposes
+Each round sets a smaller resource target (the model's MACs, params or measured latency, falling
+geometrically from the dense model's to ``(1 - budget)`` of it over ``rounds`` rounds). Every channel group proposes
 one candidate: the model of the previous round with just enough of that group's lowest-ranked
 channels removed to meet the target (groups that cannot meet it without losing every channel
 propose none). Each candidate gets its BatchNorm statistics re-estimated and ``steps`` SGD steps
@@ -28,7 +28,6 @@ from typing import Any
 from torch import nn
 
 from ...errors import RecipeError, UserError
-from ...measure import count_macs, count_params
 from ...progress import Progress
 from ...session import Session
 from ...specs.tasks import Task, to_device
@@ -49,10 +48,16 @@ def _units(model: nn.Module, root: str) -> int:
 
 def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method: str, budget: float,
                     cost: str = "macs", rounds: int = 10, steps: int = 100, lr: float = 0.01,
-                    batch_size: int = 64, split: str = "val", recalibrate_bn: int = 512
+                    batch_size: int = 64, split: str = "val", recalibrate_bn: int = 512,
+                    latency_batch_size: int = 1, latency_runtime: str = "eager"
                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Per-group channel sparsities for granularity ``channel`` that remove ``budget`` (a fraction
-    in (0, 1)) of ``model``'s ``cost`` (``macs`` or ``params``), found by NetAdapt (module doc).
+    in (0, 1)) of ``model``'s ``cost`` (``macs``, ``params`` or ``latency``: milliseconds per
+    forward pass of ``latency_batch_size`` examples on ``latency_runtime``, measured, see
+    :func:`~.cost.model_cost`), found by NetAdapt (module doc). With latency, a group's proposal
+    is found by bisection over its allowed channel counts, each candidate timed (about
+    log2(channels) timings per group and round), and every round's model is timed anew, so the
+    targets follow the machine as it runs.
 
     ``config`` chooses the groups (``targets``/``ignore``) and ranks channels (criterion of
     ``method``); its sparsity, scope and fine-tune are replaced. ``model`` is not changed.
@@ -78,15 +83,18 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     from ...train.trainer import short_finetune
     from .sensitivity import layer_names
 
-    if not 0.0 < budget < 1.0 or rounds < 1 or steps < 0 or not lr > 0 or cost not in ("macs", "params"):
-        raise RecipeError(f"netadapt: needs 0 < budget < 1, rounds >= 1, steps >= 0, lr > 0 and cost macs or params; "
-                          f"got {budget}, {rounds}, {steps}, {lr} and {cost!r}")
+    from .cost import COSTS, RelativeCost
+    if not 0.0 < budget < 1.0 or rounds < 1 or steps < 0 or not lr > 0 or cost not in COSTS:
+        raise RecipeError(f"netadapt: needs 0 < budget < 1, rounds >= 1, steps >= 0, lr > 0 and cost macs, params "
+                          f"or latency; got {budget}, {rounds}, {steps}, {lr} and {cost!r}")
     if config.granularity != "channel":
         raise RecipeError(f"netadapt: adapts channel groups (granularity channel), not {config.granularity!r}")
-    inputs = to_device(task.example_inputs(1), next(model.parameters()).device)
+    device = next(model.parameters()).device
+    inputs = to_device(task.example_inputs(1), device)
 
-    def size(m: nn.Module) -> float:
-        return float(count_macs(m, inputs) if cost == "macs" else count_params(m)[0])
+    # the cost as a fraction of the dense model's (latency: the two timed in turns at every call)
+    size = RelativeCost(task, cost, model, device=device, latency_batch_size=latency_batch_size,
+                        latency_runtime=latency_runtime)
 
     work = copy.deepcopy(model).eval()
     groups = layer_names(work, config, inputs)
@@ -97,7 +105,6 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     original = {g: _units(work, g) for g in groups}
     # the fewest channels a group may keep: max_layer_sparsity of its original count, at least 1
     floor = {g: max(1, math.ceil((1.0 - config.max_layer_sparsity) * n - 1e-9)) for g, n in original.items()}
-    dense = size(work)
     session = Session(task=task)
     sign = 1.0 if task.higher_is_better else -1.0
 
@@ -116,6 +123,8 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
             allowed = [k for k in allowed if k % config.round_to == 0]
         if not allowed:
             return None
+        if cost == "latency":  # timed: one channel's time is below the noise, so bisect on the counts
+            return _bisect(allowed, lambda kept: cut(work, group, n, n - kept), size, target, n)
         per_channel = now - size(cut(work, group, n, 1))  # what one channel costs, to start near the answer
         if per_channel <= 0:
             return None
@@ -134,8 +143,8 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     try:
         with Progress(rounds, "netadapt", unit="round") as bar:
             for r in range(1, rounds + 1):
-                target = dense * (1.0 - budget) ** (r / rounds)
-                now = size(work)
+                target = (1.0 - budget) ** (r / rounds)
+                now = size(work) if cost != "latency" else 1.0  # (latency proposals bisect instead)
                 best = None
                 for g in groups:
                     found = proposal(g, now, target)
@@ -154,21 +163,42 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
                 if best is None:
                     raise RecipeError(
                         f"netadapt: round {r} of {rounds}: no channel group can bring the model to "
-                        f"{target / dense:.1%} of its {cost} alone (each keeps at least 1 - max_layer_sparsity of "
+                        f"{target:.1%} of its {cost} alone (each keeps at least 1 - max_layer_sparsity of "
                         f"its channels{', in multiples of round_to' if config.round_to > 1 else ''}); the budget "
                         f"{budget:.1%} is out of reach one group per round: give more adapt_rounds or a smaller "
                         "sparsity")
                 (_, left), g, removed, work, metric = best
                 history.append({"round": r, "group": g, "removed": removed, "kept": _units(work, g),
-                                "metric": metric, "size": round(-left / dense, 6)})
+                                "metric": metric, "size": round(-left, 6)})
                 log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %s, %s %.1f%%", r, rounds, g,
                          removed, _units(work, g), split, "nan" if metric is None else f"{metric:.4f}", cost,
-                         100 * -left / dense)
+                         100 * -left)
                 bar.update(group=g)
     finally:
         quiet.setLevel(level)
     ratios = {g: 1.0 - _units(work, g) / original[g] for g in groups}  # unrounded: floor((1 - r) n) = kept
     return ratios, history
+
+
+def _bisect(allowed: list[int], make, size, target: float, n: int) -> tuple[nn.Module, int, float] | None:
+    """The largest kept count of ``allowed`` (descending) whose model ``make(kept)`` costs at most
+    ``target`` (``size``), by bisection (the cost taken to fall as channels go); None if even the
+    smallest count does not meet it."""
+    last = make(allowed[-1])
+    left = size(last)
+    if left > target:
+        return None
+    best = (last, n - allowed[-1], left)
+    lo, hi = 0, len(allowed) - 1  # allowed[hi] meets the target; counts before lo are not known to
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cand = make(allowed[mid])
+        got = size(cand)
+        if got <= target:
+            best, hi = (cand, n - allowed[mid], got), mid
+        else:
+            lo = mid + 1
+    return best
 
 
 __all__ = ["netadapt_ratios"]

@@ -174,10 +174,15 @@ class PruneConfig(MethodConfig):
                                                   "used a short fine-tune, e.g. 100)")
     sensitivity_lr: float = option(0.01, low=0.0, low_open=True, doc="sensitivity_steps: peak learning rate of "
                                                                      "those steps (SGD, momentum 0.9, cosine to 0)")
-    budget: str = option("params", choices=("params", "macs"),
+    budget: str = option("params", choices=("params", "macs", "latency"),
                          doc="ratios sensitivity: sparsity is this fraction of the targeted layers' params or MACs "
                              "(granularity channel, head: of the whole model's, measured); ratios netadapt: of the "
-                             "whole model's")
+                             "whole model's. latency (granularity channel, head for sensitivity; channel for "
+                             "netadapt): of the whole model's forward time, measured at latency_batch_size on "
+                             "latency_runtime (NetAdapt, Yang et al. 2018)")
+    latency_batch_size: int = option(1, low=1, doc="budget latency: batch size of the timed forward pass")
+    latency_runtime: str = option("eager", doc="budget latency: the runtime timed (eager, compile, onnxruntime, ...; "
+                                               "as measure: runtime)")
     allocation: str = option("equal_drop", choices=("equal_drop", "knapsack"),
                              doc="ratios sensitivity: how curves become ratios. equal_drop: every layer pruned "
                                  "to the same predicted metric drop (Han et al. 2015); knapsack: the least summed "
@@ -404,6 +409,14 @@ class PruneConfig(MethodConfig):
         elif self.budget != "params":
             raise RecipeError(f"{cls}.budget: {self.budget} is read with ratios: sensitivity or netadapt only (with ratios: "
                               "uniform, sparsity is the fraction of units removed)")
+        if self.budget == "latency":
+            if self.granularity not in ("channel", "head"):
+                raise RecipeError(f"{cls}.budget: latency needs granularity channel or head (ratios sensitivity) or "
+                                  f"channel (netadapt): zeroed single weights leave a dense model's time as it was")
+            from .cost import check_runtime
+            check_runtime(self.latency_runtime, f"{cls}.latency_runtime")
+        elif self.latency_batch_size != 1 or self.latency_runtime != "eager":
+            raise RecipeError(f"{cls}.latency_batch_size, latency_runtime: read with budget: latency only")
         if self.adapt_rounds != 10 and self.ratios != "netadapt":
             raise RecipeError(f"{cls}.adapt_rounds: read with ratios: netadapt only")
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:

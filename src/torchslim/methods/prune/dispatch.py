@@ -69,7 +69,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     task = session.require_task("prune.ratios: sensitivity")
     method = f"prune.{config.name}"
     uniform = dataclasses.replace(config, ratios="uniform", sensitivity=None, sensitivity_steps=0, layer_sparsity={},
-                                  allocation="equal_drop", budget="params")
+                                  allocation="equal_drop", **_NO_BUDGET)
     if config.sensitivity is not None:
         data = sens.load_curves(config.sensitivity)
         check_granularity(data, config.sensitivity, config.granularity)
@@ -89,9 +89,16 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
             raise RecipeError(f"prune.sensitivity: {config.sensitivity} has no curve for "
                               f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
         data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
+        timed = data.get("latency") or {}
+        if config.budget == "latency" and timed and (timed.get("batch_size"), timed.get("runtime")) != (
+                config.latency_batch_size, config.latency_runtime):
+            session.warn("sensitivity_mismatch", f"{config.sensitivity} was timed at batch {timed.get('batch_size')} "
+                                                 f"on {timed.get('runtime')}, this step's budget at batch "
+                                                 f"{config.latency_batch_size} on {config.latency_runtime}")
     else:
+        latency = (config.latency_batch_size, config.latency_runtime) if config.budget == "latency" else None
         data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps,
-                            finetune_lr=config.sensitivity_lr)
+                            finetune_lr=config.sensitivity_lr, latency=latency)
     cap = min(config.max_layer_sparsity, 0.95)
     ratios = sens.ratios_from_curves(data, config.sparsity, config.budget, max_sparsity=cap,
                                      allocation=config.allocation)
@@ -99,7 +106,7 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     metrics["sensitivity"] = data
     if config.granularity in sens.MEASURED_COST and entry is not None:
         ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap,
-                                                               config.budget, config.allocation)
+                                                               config.budget, config.allocation, config)
     metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
     return _planned(uniform, ratios)
@@ -113,14 +120,28 @@ def netadapt_plan(model: nn.Module, config: PruneConfig, session) -> PruneConfig
     ratios go into the step's row (``netadapt: {cost, target, rounds, ratios}``)."""
     from .adapt import netadapt_ratios
     task = session.require_task("prune.ratios: netadapt")
-    uniform = dataclasses.replace(config, ratios="uniform", sensitivity_steps=0, adapt_rounds=10, budget="params")
+    uniform = dataclasses.replace(config, ratios="uniform", sensitivity_steps=0, adapt_rounds=10, **_NO_BUDGET)
     ratios, history = netadapt_ratios(model, task, uniform, method=f"prune.{config.name}", budget=config.sparsity,
                                       cost=config.budget, rounds=config.adapt_rounds,
-                                      steps=config.sensitivity_steps, lr=config.sensitivity_lr)
-    session.info.setdefault("metrics", {})["netadapt"] = {
-        "cost": config.budget, "target": config.sparsity, "rounds": history,
-        "ratios": {k: round(v, 6) for k, v in ratios.items()}}
+                                      steps=config.sensitivity_steps, lr=config.sensitivity_lr,
+                                      latency_batch_size=config.latency_batch_size,
+                                      latency_runtime=config.latency_runtime)
+    row = {"cost": config.budget, "target": config.sparsity, "rounds": history,
+           "ratios": {k: round(v, 6) for k, v in ratios.items()}}
+    if config.budget == "latency":
+        row["latency"] = _latency_setting(config)
+    session.info.setdefault("metrics", {})["netadapt"] = row
     return _planned(uniform, ratios)
+
+
+#: the plan's budget fields back at their defaults (the planned config prunes to fixed ratios)
+_NO_BUDGET = {"budget": "params", "latency_batch_size": 1, "latency_runtime": "eager"}
+
+
+def _latency_setting(config: PruneConfig) -> dict:
+    import torch
+    return {"batch_size": config.latency_batch_size, "runtime": config.latency_runtime,
+            "threads": torch.get_num_threads()}
 
 
 def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
@@ -130,14 +151,15 @@ def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:
 
 def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: CriterionEntry, data: dict,
                    ratios: dict[str, float], cap: float, cost: str, allocation: str = "equal_drop",
-                   tolerance: float = 0.005,
+                   config: PruneConfig | None = None, tolerance: float | None = None,
                    trials: int = 12) -> tuple[dict[str, float], dict]:
     """Channel and head plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
-    asked fraction of the model's params or MACs (bisection on ``b``; the removal grows with it)."""
+    asked fraction of the model's params, MACs or latency (bisection on ``b``; the removal grows with
+    it). Within ``tolerance`` of the asked fraction: half a point counted, two points timed (a
+    latency moves by about that from one measurement to the next)."""
     import copy
     import logging
 
-    from ...measure import count_macs, count_params
     from ...session import Session
     from . import sensitivity as sens
     if uniform.granularity == "head":
@@ -145,19 +167,23 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     else:
         from .structured import prune_channels as prune
 
+    from .cost import RelativeCost
     target = uniform.sparsity
-    inputs = to_device(session.task.example_inputs(1), session.device)
-
-    def size(m: nn.Module) -> float:
-        return float(count_params(m)[0] if cost == "params" else count_macs(m, inputs))
-
-    before = float(data["model"][cost]) if "model" in data else size(model)
+    if tolerance is None:
+        tolerance = 0.02 if cost == "latency" else 0.005
+    # latency: the model timed in turns with each trial (the curves' figure is from another moment)
+    fraction = RelativeCost(session.task, cost, model, device=session.device,
+                            latency_batch_size=config.latency_batch_size if config is not None else 1,
+                            latency_runtime=config.latency_runtime if config is not None else "eager")
+    times = {}
 
     def measure(r: dict[str, float]) -> float:
         trial = copy.deepcopy(model)
         cfg = dataclasses.replace(_planned(uniform, r), schedule="oneshot", finetune=None)
         prune(trial, cfg, Session(task=session.task, device=session.device), entry)
-        return 1.0 - size(trial) / before
+        removed = 1.0 - fraction(trial)
+        times[removed] = fraction.last
+        return removed
 
     quiet = logging.getLogger("torchslim.methods.prune")
     level = quiet.level
@@ -190,4 +216,8 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     if best[0] > tolerance:
         session.warn("sensitivity_budget", f"ratios: sensitivity: the closest plan removes {measured:.1%} of the "
                                            f"model's {cost}, asked {target:.1%}")
-    return r, {"cost": cost, "target": target, "planned": round(planned, 6), "measured": round(measured, 6)}
+    out = {"cost": cost, "target": target, "planned": round(planned, 6), "measured": round(measured, 6)}
+    if cost == "latency" and config is not None:   # the chosen plan's two timings, taken in turns
+        dense_ms, planned_ms = times[measured]
+        out["latency"] = {**_latency_setting(config), "dense_ms": round(dense_ms, 4), "planned_ms": round(planned_ms, 4)}
+    return r, out

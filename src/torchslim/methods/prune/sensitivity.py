@@ -22,7 +22,11 @@ The result is a JSON-ready mapping (``sensitivity.json``, schema 1)::
 For granularity ``channel`` (one curve per channel group, named by its root layer) and ``head``
 the mapping also holds ``"model": {"params": P, "macs": M}`` and, per layer, ``"removed": [[0.1,
 params removed, MACs removed], ...]``: what each point took from the whole model, measured
-(pruning a group's channels also shrinks the layers that read them).
+(pruning a group's channels also shrinks the layers that read them). Analysed with ``latency``
+(a batch size and a runtime), the model's forward time goes in as well: ``"model": {...,
+"latency_ms": T}``, ``"latency": {"batch_size": B, "runtime": "eager", "threads": N}`` and a
+fourth value per point, the milliseconds it removed: ``T`` times the fraction of the model's time
+the pruned copy saved, the two timed in turns (measured, so it can be below 0 by noise).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def check_config(config: PruneConfig) -> None:
 def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
             points: Sequence[float] = DEFAULT_POINTS, split: str = "val", recalibrate_bn: int = 512,
             layers: Sequence[str] | None = None, finetune_steps: int = 0, finetune_lr: float = 0.01,
-            finetune_batch_size: int = 64) -> dict[str, Any]:
+            finetune_batch_size: int = 64, latency: tuple[int, str] | None = None) -> dict[str, Any]:
     """Per-layer sensitivity curves of ``model`` on ``task`` (see the module doc).
 
     Parameters
@@ -118,6 +122,9 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
         by a cosine,
         batches of ``finetune_batch_size``, the same seeded batches for every cut; the zeros of
         every weight tensor held, so pruned weights do not grow back); 0: one-shot.
+    latency : ``(batch size, runtime)``: granularity channel and head also time the model and
+        every point's pruned copy (one-shot, before any short fine-tune), for ``budget: latency``
+        plans (:func:`~.cost.model_cost`); None: not timed.
 
     Returns the mapping described in the module doc; metric values are the task's metric
     (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split`` (and as many
@@ -126,8 +133,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
     Raises
     ------
     RecipeError
-        For points outside (0, 1), a negative ``finetune_steps``, or a config that cannot prune a
-        layer alone.
+        For points outside (0, 1), a negative ``finetune_steps``, a config that cannot prune a
+        layer alone, or ``latency`` with granularity weight.
     UserError
         For a task without data or metric.
     """
@@ -140,6 +147,9 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
         raise RecipeError(f"sensitivity: finetune_steps must be >= 0, finetune_lr > 0 and finetune_batch_size >= 1, "
                           f"got {finetune_steps}, {finetune_lr} and {finetune_batch_size}")
     check_config(config)
+    if latency is not None and config.granularity not in MEASURED_COST:
+        raise RecipeError(f"sensitivity: latency is measured for granularity channel and head (a dense model with "
+                          f"zeroed weights runs as long), not {config.granularity!r}")
     verb, _, name = method.partition(".")
     entry = get_method(verb, name)
     if not isinstance(config, entry.config_cls):
@@ -161,19 +171,29 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
                            "schedule": "cosine"}
     if config.granularity in MEASURED_COST:
         out["model"] = {"params": count_params(model)[0], "macs": count_macs(model, inputs)}
+    timer = None
+    if latency is not None:
+        import torch
+
+        from .cost import RelativeCost, check_runtime
+        batch, runtime = int(latency[0]), str(latency[1])
+        check_runtime(runtime, "sensitivity latency")
+        timer = RelativeCost(task, "latency", model, latency_batch_size=batch, latency_runtime=runtime)
+        out["latency"] = {"batch_size": batch, "runtime": runtime, "threads": torch.get_num_threads()}
+        out["model"]["latency_ms"] = timer.size(model)
     quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
         _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out,
-             (finetune_steps, finetune_lr, finetune_batch_size))
+             (finetune_steps, finetune_lr, finetune_batch_size), timer)
     finally:
         quiet.setLevel(level)
     return out
 
 
 def _run(model, task, config, method, names, points, split, recalibrate_bn, summary, session, out,
-         finetune) -> None:
+         finetune, timer=None) -> None:
     from ...api import apply_
     from ...train.trainer import short_finetune
     steps, lr, batch_size = finetune
@@ -187,13 +207,15 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
                 pruned = apply_(copy.deepcopy(model), cfg, task=task, method=method)
                 if recalibrate_bn:
                     session.recalibrate_batchnorm(pruned, recalibrate_bn)
+                took = None if timer is None else out["model"]["latency_ms"] * (1.0 - timer(pruned))
                 if steps:
                     short_finetune(pruned, task, steps, lr=lr, batch_size=batch_size)
                 metric = task.evaluate(pruned, split)
                 curve.append([float(p), float(metric) if metric is not None and math.isfinite(metric) else None])
                 if "model" in out:  # what pruning this layer's units took from the whole model
                     removed.append([float(p), out["model"]["params"] - count_params(pruned)[0],
-                                    out["model"]["macs"] - count_macs(pruned, inputs)])
+                                    out["model"]["macs"] - count_macs(pruned, inputs)]
+                                   + ([round(took, 6)] if took is not None else []))
                 bar.update(layer=layer, sparsity=p)
             row = summary.get(layer, {})
             module = model.get_submodule(layer)
@@ -210,24 +232,34 @@ def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params"
                        max_sparsity: float = 0.95, allocation: str = "equal_drop") -> dict[str, float]:
     """Per-layer sparsities from curves for a global ``budget``: the fraction of ``cost``
     (``params`` or ``macs``) removed, of the layers' summed cost, or for curves that record what
-    each point removed (granularity channel and head, ``removed``), of the whole model's; see
+    each point removed (granularity channel and head, ``removed``), of the whole model's
+    (``latency``: of its measured forward time, for curves analysed with ``latency``; a point's
+    removal is held at or above the previous point's, so timing noise never makes a deeper cut
+    look free); see
     :func:`primitives.allocate_ratios` (``allocation``: ``equal_drop`` or ``knapsack``). The
     predicted removal adds the layers' own; coupled cuts
     overlap, so :func:`~.dispatch.sensitivity_ratios` measures the plan and corrects it."""
     from .primitives import allocate_ratios
-    if cost not in ("params", "macs"):
-        raise RecipeError(f"sensitivity budget: cost must be params or macs, got {cost!r}")
+    if cost not in ("params", "macs", "latency"):
+        raise RecipeError(f"sensitivity budget: cost must be params, macs or latency, got {cost!r}")
     curves, costs = {}, {}
     measured = "model" in data and all("removed" in row for row in data["layers"].values())
-    column = 1 if cost == "params" else 2
+    column = {"params": 1, "macs": 2, "latency": 3}[cost]
+    if cost == "latency" and not (measured and "latency_ms" in data["model"]
+                                  and all(len(r) > 3 for row in data["layers"].values() for r in row["removed"])):
+        raise RecipeError("sensitivity budget: latency needs curves timed as they were measured (granularity channel "
+                          "or head, torchslim sensitivity --latency-batch-size N); these curves hold no latency")
     for name, row in data["layers"].items():
         pts = [(0.0, data["baseline"])] + [(p, m if m is not None else -math.inf) for p, m in row["points"]]
         curves[name] = pts
         if measured:  # what each point took from the whole model (coupled layers included)
-            costs[name] = [(r[0], float(r[column])) for r in row["removed"]]
+            costs[name], top = [], 0.0
+            for r in row["removed"]:  # never less than a smaller cut's (measured latency is noisy)
+                top = max(top, float(r[column]))
+                costs[name].append((r[0], top))
         else:  # params: the weights pruning removes (biases stay), where the file records them
             costs[name] = float((row.get("weights") if cost == "params" else None) or row.get(cost) or 0)
-    total = float(data["model"][cost]) if measured else None
+    total = float(data["model"]["latency_ms" if cost == "latency" else cost]) if measured else None
     try:
         return allocate_ratios(curves, costs, data["baseline"], budget, max_sparsity=max_sparsity, total=total,
                                allocation=allocation)
