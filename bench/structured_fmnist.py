@@ -86,6 +86,7 @@ def main() -> None:
                     "candidates trained --sensitivity-steps steps at --sensitivity-lr")
     ap.add_argument("--plan-from", type=Path, default=None, help="--plans netadapt: the ratios NetAdapt found "
                     "in this earlier --out (its search is deterministic), only fine-tuned again (e.g. --seed)")
+    ap.add_argument("--skip-global", action="store_true", help="no row ranked globally")
     ap.add_argument("--budget", choices=("macs", "latency"), default="macs",
                     help="what the sensitivity / netadapt plans match of the uniform plan: its MACs, or its latency "
                          "at batch 16 in eager PyTorch (budget: latency, latency_batch_size: 16)")
@@ -167,7 +168,7 @@ def main() -> None:
             uniform = {"macs": count_macs(thin, x1)}
         else:
             uniform = run(f"uniform {sparsity:.0%} (scope layer)", uniform_cfg)
-        if i == 0 and args.plans == "all":
+        if i == 0 and args.plans == "all" and not args.skip_global:
             run(f"global {sparsity:.0%}", MagnitudePruneConfig(granularity="channel", sparsity=sparsity,
                                                                scope="global", finetune=ft, round_to=args.round_to))
         target = 1.0 - uniform["macs"] / dense_macs

@@ -381,7 +381,16 @@ def test_demo_resumes_and_trust_flag_is_offered(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["measure", f"artifact:{tmp_path / 'art'}", "--task", "digits",
                               "--batch-sizes", "1", "--trust-code"], capsys)
     assert code == 0, err
-    monkeypatch.delenv(TRUST_ENV, raising=False)   # the flag set it for this process only
+    # the flag trusted code for that call only: the next in-process call is refused again
+    assert TRUST_ENV not in os.environ
+    code, _, err = run_cli(["measure", f"artifact:{tmp_path / 'art'}", "--task", "digits",
+                            "--batch-sizes", "1"], capsys)
+    assert_clean_error(code, err, None, "pass --trust-code (command line)")
+    # -q silences progress bars for its call only
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    code, _, err = run_cli(["methods", "-q"], capsys)
+    assert code == 0, err
+    assert "TQDM_DISABLE" not in os.environ
 
 
 def _alias_bomb() -> str:

@@ -543,6 +543,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "compress" and not args.dry_run and not args.out:
         parser.error("compress: --out DIR is required (or use --dry-run)")
+    from .artifact import TRUST_ENV
+
+    # the process's settings as they were: restored when this call ends, so an in-process caller's
+    # next call (or its own code) is not left trusting code or without progress bars
+    saved = {key: os.environ.get(key) for key in (TRUST_ENV, "TQDM_DISABLE")}
+    try:
+        return _run(args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if args.quiet and saved["TQDM_DISABLE"] is None and "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.enable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.trust_code:
         from .artifact import TRUST_ENV
 
