@@ -156,7 +156,10 @@ def main() -> None:
     # curves measured by an earlier run of the same baseline are read back (they take the longest to measure)
     curves = str(args.out / "sensitivity.json") if (args.out / "sensitivity.json").exists() else None
     if curves is not None and not args.time_only:
-        steps = json.loads(Path(curves).read_text()).get("finetune_steps", 0)
+        stored = json.loads(Path(curves).read_text())
+        steps = stored.get("finetune_steps", 0)
+        if args.budget == "latency" and "latency_ms" not in stored.get("model", {}):
+            raise SystemExit(f"{curves} holds curves that were not timed; --budget latency needs another --out")
         if steps != args.sensitivity_steps:
             raise SystemExit(f"{curves} holds curves measured with {steps} fine-tune steps per cut, not "
                              f"--sensitivity-steps {args.sensitivity_steps}: use another --out")

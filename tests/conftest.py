@@ -56,3 +56,24 @@ def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most 4 (each holds its own torch and models)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, 4))
+
+
+@pytest.fixture
+def fake_latency(monkeypatch, digits_task):
+    """Latency budgets on a clock that does not depend on the machine: a forward pass of the
+    digits model "takes" 1 ms plus 1 ms per million MACs of one example, times the batch (a fixed
+    overhead, so the fraction of time a cut saves is smaller than the fraction of MACs). Returns
+    the list of figures handed out, one per timing."""
+    import torchslim.methods.prune.cost as cost
+    from torchslim.measure import Timing, count_macs
+
+    x = digits_task.example_inputs(1)
+    calls: list[float] = []
+
+    def fake(model, task, runtime="eager", batch_sizes=(1,), **kwargs):
+        ms = 1.0 + count_macs(model, x) / 1e6
+        calls.append(ms)
+        return {str(b): Timing(ms * b, 0.0, ms * b, 10, 1) for b in batch_sizes}
+
+    monkeypatch.setattr(cost, "measure_runtime_latency", fake)
+    return calls

@@ -386,11 +386,16 @@ def test_demo_resumes_and_trust_flag_is_offered(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["measure", f"artifact:{tmp_path / 'art'}", "--task", "digits",
                             "--batch-sizes", "1"], capsys)
     assert_clean_error(code, err, None, "pass --trust-code (command line)")
-    # -q silences progress bars for its call only
+    # -q silences progress bars for its call only; a setting of the caller's own stays as it was
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     code, _, err = run_cli(["methods", "-q"], capsys)
     assert code == 0, err
     assert "TQDM_DISABLE" not in os.environ
+    monkeypatch.setenv("TQDM_DISABLE", "yes")
+    monkeypatch.setenv(TRUST_ENV, "1")
+    code, _, err = run_cli(["methods", "-q"], capsys)
+    assert code == 0, err
+    assert os.environ["TQDM_DISABLE"] == "yes" and os.environ[TRUST_ENV] == "1"
 
 
 def _alias_bomb() -> str:

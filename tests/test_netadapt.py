@@ -140,15 +140,28 @@ def test_bisection_finds_the_largest_count_meeting_the_target():
     assert _bisect(allowed, make, lambda k: k + 100.0, 20.5, 64) is None   # nothing meets it
 
 
-def test_netadapt_for_a_latency_budget_times_every_round(trained_digits, digits_task):
+def test_netadapt_for_a_latency_budget_plans_on_the_timed_cost(trained_digits, digits_task, fake_latency):
+    """On a clock with a fixed overhead (conftest ``fake_latency``), removing 30% of the time takes
+    more than 30% of the MACs: a plan that fell back to counting MACs would stop short."""
     x = digits_task.example_inputs(1)
+    dense_macs = count_macs(trained_digits, x)
+
+    def clock(m):
+        return 1.0 + count_macs(m, x) / 1e6
+
     session = Session(task=digits_task)
     cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.3, budget="latency", latency_batch_size=8,
                                ratios="netadapt", adapt_rounds=2)
     pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
     record = session.info["metrics"]["netadapt"]
-    assert record["cost"] == "latency" and record["latency"]["batch_size"] == 8
+    assert record["cost"] == "latency" and fake_latency   # timed, on the fake clock
+    timed = record["latency"]
+    assert timed["batch_size"] == 8 and timed["runtime"] == "eager" and timed["unstable"] == 0
+    assert timed["dense_ms"] == pytest.approx(8 * clock(trained_digits), rel=1e-6)
+    assert timed["planned_ms"] == pytest.approx(8 * clock(pruned), rel=1e-6)
+    assert timed["measured"] == pytest.approx(1 - clock(pruned) / clock(trained_digits), abs=1e-6)
     assert [h["round"] for h in record["rounds"]] == [1, 2]
-    for h in record["rounds"]:   # each round's model, as timed then, met its target
+    for h in record["rounds"]:   # each round met its target on that clock
         assert h["size"] <= 0.7 ** (h["round"] / 2) + 1e-9
-    assert count_macs(pruned, x) < count_macs(trained_digits, x)
+    assert timed["measured"] >= 0.3 - 1e-9 and not session.warnings
+    assert 1 - count_macs(pruned, x) / dense_macs > 0.3 / (1 - 1 / clock(trained_digits)) - 1e-9

@@ -361,6 +361,12 @@ def test_latency_budget_reads_the_timed_column_and_holds_it_monotone():
     for budget in (0.15, 0.3, 0.5):
         assert sensitivity.ratios_from_curves(noisy, budget, "latency") == \
             sensitivity.ratios_from_curves(held, budget, "latency")
+    # points in any order (torchslim sensitivity --points 0.75,0.5,0.25): the same plan
+    shuffled = _two_group_curves((1.25, 2.5, 3.75), (2.0, 1.5, 4.0))
+    for row in shuffled["layers"].values():
+        row["points"], row["removed"] = row["points"][::-1], row["removed"][::-1]
+    for cost in ("latency", "macs"):
+        assert sensitivity.ratios_from_curves(shuffled, 0.3, cost) == sensitivity.ratios_from_curves(noisy, 0.3, cost)
     # group b is the cheap one in time as well as in accuracy: the plan cuts it deeper
     ratios = sensitivity.ratios_from_curves(held, 0.3, "latency")
     assert ratios["b"] > ratios["a"]
@@ -407,6 +413,9 @@ def test_channel_curves_timed_for_a_latency_budget(tmp_path, trained_digits, dig
     with pytest.raises(RecipeError, match="hold no latency"):
         run_prune(copy.deepcopy(trained_digits), dataclasses.replace(cfg, sensitivity=str(untimed)),
                   Session(task=digits_task), "magnitude")
+    with pytest.raises(RecipeError, match="were not timed"):   # and a recipe says so at preflight
+        dataclasses.replace(cfg, sensitivity=str(untimed)).check_ready(digits_task)
+    cfg.check_ready(digits_task)
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -421,8 +430,51 @@ def test_latency_budget_bad_input(fields, match):
         MagnitudePruneConfig.from_dict(fields, where="prune.magnitude")
 
 
-def test_cli_latency_curves_need_channels_or_heads(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torchslim", "sensitivity", "zoo:digits-cnn", "--task", "digits",
-                        "--latency-batch-size", "4", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and "error:" in r.stderr and "latency is measured for granularity channel" in r.stderr
+@pytest.mark.parametrize("extra, match", [
+    (["--latency-batch-size", "4"], "latency is measured for granularity channel"),
+    (["--granularity", "channel", "--latency-runtime", "onnxruntime"], "read with --latency-batch-size"),
+    (["--granularity", "channel", "--latency-batch-size", "4", "--latency-runtime", "compile"],
+     "compile cannot time"),
+    (["--granularity", "channel", "--latency-batch-size", "4", "--latency-runtime", "eagr"], "unknown runtime"),
+])
+def test_cli_latency_curves_bad_input(tmp_path, capsys, extra, match):
+    from torchslim.cli import main
+    code = main(["sensitivity", "zoo:digits-cnn", "--task", "digits", "--out", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and match in err, err
     assert not (tmp_path / "sensitivity.json").exists()
+
+
+def test_latency_budget_plans_on_the_timed_cost(tmp_path, trained_digits, digits_task, fake_latency):
+    """On a clock with a fixed overhead (conftest ``fake_latency``) a latency plan must remove more
+    MACs than a MACs plan of the same fraction, and reach its budget on that clock."""
+    from torchslim.measure import count_macs
+    from torchslim.methods.prune.dispatch import run_prune
+    from torchslim.session import Session
+
+    x = digits_task.example_inputs(1)
+
+    def clock(m):
+        return 1.0 + count_macs(m, x) / 1e6
+
+    data = sensitivity.analyze(trained_digits, digits_task, MagnitudePruneConfig(granularity="channel"),
+                               points=(0.25, 0.5, 0.75), split="val", latency=(2, "eager"))
+    assert data["model"]["latency_ms"] == pytest.approx(2 * clock(trained_digits))
+    for row in data["layers"].values():   # on this clock, the ms a cut removes is 2 ms per million MACs
+        for _, _, macs, ms in row["removed"]:
+            assert ms == pytest.approx(2 * macs / 1e6, rel=1e-6, abs=1e-9)
+    path = sensitivity.write(data, tmp_path)
+    plans = {}
+    for budget in ("macs", "latency"):
+        session = Session(task=digits_task)
+        fields = {"latency_batch_size": 2} if budget == "latency" else {}
+        planned = run_prune(copy.deepcopy(trained_digits), MagnitudePruneConfig(
+            granularity="channel", sparsity=0.3, ratios="sensitivity", budget=budget, sensitivity=str(path),
+            **fields), session, "magnitude")
+        plans[budget] = (planned, session.info["metrics"]["sensitivity_budget"], session.warnings)
+    planned, record, warnings = plans["latency"]
+    removed = 1 - clock(planned) / clock(trained_digits)
+    assert removed == pytest.approx(0.3, abs=0.02) and not warnings
+    assert record["measured"] == pytest.approx(removed, abs=1e-6)
+    assert record["latency"]["planned_ms"] == pytest.approx(2 * clock(planned), rel=1e-6)
+    assert count_macs(planned, x) < count_macs(plans["macs"][0], x)   # more MACs go for the same fraction

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from ._version import __version__
-from .errors import UserError, did_you_mean, first_line
+from .errors import RecipeError, UserError, did_you_mean, first_line
 
 log = logging.getLogger("torchslim")
 
@@ -196,6 +196,19 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         fields["ignore"] = args.ignore
     config = entry.config_cls.from_dict(fields, where=f"prune.{args.method}")
     sensitivity.check_config(config)
+    if args.latency_runtime != "eager" and not args.latency_batch_size:
+        raise RecipeError("--latency-runtime: read with --latency-batch-size N only (the curves are timed at batch N)")
+    if args.latency_batch_size:   # said before the model is built
+        from .methods.prune.cost import check_runtime
+        from .recipe import MAX_BATCH
+        if args.latency_batch_size > MAX_BATCH:
+            raise RecipeError(f"--latency-batch-size: at most {MAX_BATCH}, got {args.latency_batch_size}")
+        if config.granularity not in sensitivity.MEASURED_COST:
+            raise RecipeError(f"sensitivity: latency is measured for granularity channel and head (a dense model "
+                              f"with zeroed weights runs as long), not {config.granularity!r}")
+        check_runtime(args.latency_runtime, "--latency-runtime")
+        from .runtime import runtime_class
+        runtime_class(args.latency_runtime).check_available()
     task = build_task(args.task, args.data_dir)
     torch.manual_seed(0)
     model = build_model(args.model, weights=args.weights, output=parse_selector(args.output, "--output"))
@@ -548,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     # the process's settings as they were: restored when this call ends, so an in-process caller's
     # next call (or its own code) is not left trusting code or without progress bars
     saved = {key: os.environ.get(key) for key in (TRUST_ENV, "TQDM_DISABLE")}
+    tf = sys.modules.get("transformers")
+    bars = tf.utils.logging.is_progress_bar_enabled() if tf is not None else not saved["TQDM_DISABLE"]
     try:
         return _run(args)
     finally:
@@ -556,8 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if args.quiet and saved["TQDM_DISABLE"] is None and "transformers" in sys.modules:
-            sys.modules["transformers"].utils.logging.enable_progress_bar()
+        tf = sys.modules.get("transformers")
+        if tf is not None and bars != tf.utils.logging.is_progress_bar_enabled():
+            (tf.utils.logging.enable_progress_bar if bars else tf.utils.logging.disable_progress_bar)()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 from ...config import MethodConfig, option
 from ...errors import RecipeError, UserError
 from ...modules import check_patterns, matches, select_modules, weight_names
+from ...recipe import MAX_BATCH
 from ...train.config import TrainConfig
 from .criteria import get_criterion
 from .primitives import global_masks, layer_masks, nm_mask
@@ -180,9 +181,11 @@ class PruneConfig(MethodConfig):
                              "whole model's. latency (granularity channel, head for sensitivity; channel for "
                              "netadapt): of the whole model's forward time, measured at latency_batch_size on "
                              "latency_runtime (NetAdapt, Yang et al. 2018)")
-    latency_batch_size: int = option(1, low=1, doc="budget latency: batch size of the timed forward pass")
-    latency_runtime: str = option("eager", doc="budget latency: the runtime timed (eager, compile, onnxruntime, ...; "
-                                               "as measure: runtime)")
+    latency_batch_size: int = option(1, low=1, high=MAX_BATCH, doc="budget latency: batch size of the timed forward "
+                                                                   "pass")
+    latency_runtime: str = option("eager", doc="budget latency: the runtime timed (eager, onnxruntime, sparse, ...; "
+                                               "as measure: runtime; not compile, which recompiles for every "
+                                               "candidate)")
     allocation: str = option("equal_drop", choices=("equal_drop", "knapsack"),
                              doc="ratios sensitivity: how curves become ratios. equal_drop: every layer pruned "
                                  "to the same predicted metric drop (Han et al. 2015); knapsack: the least summed "
@@ -250,9 +253,15 @@ class PruneConfig(MethodConfig):
     def check_ready(self, task=None) -> None:
         super().check_ready(task)
         self.check_data(task)
+        if self.budget == "latency":  # onnxruntime not installed: said now, not after the curves
+            from ...runtime import runtime_class
+            runtime_class(self.latency_runtime).check_available()
         if self.ratios == "sensitivity" and self.sensitivity is not None:
-            from .curves import check_granularity, load_curves
-            check_granularity(load_curves(self.sensitivity), self.sensitivity, self.granularity)
+            from .curves import check_granularity, check_timed, load_curves
+            data = load_curves(self.sensitivity)
+            check_granularity(data, self.sensitivity, self.granularity)
+            if self.budget == "latency":
+                check_timed(data, self.sensitivity)
         elif self.ratios == "sensitivity" and task is not None:
             try:
                 task.split("val")

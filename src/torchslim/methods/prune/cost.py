@@ -57,9 +57,11 @@ def model_cost(task: Task, cost: str, *, device=None, latency_batch_size: int = 
         raise RecipeError(f"latency_batch_size must be >= 1, got {latency_batch_size}")
 
     def latency(m: nn.Module) -> float:
-        timings = measure_runtime_latency(m, task, latency_runtime, batch_sizes=(latency_batch_size,),
-                                          min_run_time=MIN_RUN_TIME)
-        return float(timings[str(latency_batch_size)].median_ms)
+        timing = measure_runtime_latency(m, task, latency_runtime, batch_sizes=(latency_batch_size,),
+                                         min_run_time=MIN_RUN_TIME)[str(latency_batch_size)]
+        latency.unstable += int(timing.unstable)
+        return float(timing.median_ms)
+    latency.unstable = 0  # timings whose spread stayed above measure.UNSTABLE_ABOVE in every attempt
     return latency
 
 
@@ -67,9 +69,11 @@ class RelativeCost:
     """``model -> its cost as a fraction of reference's`` (see :func:`model_cost` for the costs).
 
     Counted costs divide by the reference's count, taken once. Latency times the reference
-    again right before each model, so the two timings are taken in turns and a machine that
-    slows down or speeds up over a long search moves both (``last``: the two milliseconds of
-    the latest call, reference first).
+    again with each model, in turns (reference first on one call, last on the next, so a
+    warm-up or clock boost does not favour one side), and a machine that slows down or speeds
+    up over a long search moves both. ``last``: the two milliseconds of the latest call,
+    reference first; ``unstable``: how many timings stayed noisy (see
+    :func:`~torchslim.measure.time_fn`).
 
     Examples
     --------
@@ -85,19 +89,52 @@ class RelativeCost:
         self.timed = cost == "latency"
         self.last: tuple[float, float] | None = None
         self._fixed = None if self.timed else self.size(reference)
+        self._calls = 0
+
+    @property
+    def unstable(self) -> int:
+        return getattr(self.size, "unstable", 0)
 
     def __call__(self, model: nn.Module) -> float:
-        ref = self.size(self.reference) if self.timed else self._fixed
-        got = self.size(model)
+        if not self.timed:
+            ref, got = self._fixed, self.size(model)
+        elif self._calls % 2 == 0:
+            ref = self.size(self.reference)
+            got = self.size(model)
+        else:
+            got = self.size(model)
+            ref = self.size(self.reference)
+        self._calls += 1
         self.last = (ref, got)
         return got / ref if ref > 0 else float("inf")
 
+    def median(self, model: nn.Module, turns: int = 3) -> float:
+        """The median of ``turns`` calls (latency; a counted cost is exact, one call), with
+        ``last`` set to the median call's two milliseconds."""
+        if not self.timed:
+            return self(model)
+        calls = []
+        for _ in range(turns):
+            calls.append((self(model), self.last))
+        calls.sort(key=lambda c: c[0])
+        fraction, self.last = calls[len(calls) // 2]
+        return fraction
+
 
 def check_runtime(name: str, where: str) -> None:
-    """RecipeError unless ``name`` is a registered runtime (``where`` names the field)."""
-    from ...runtime import list_runtimes
-    if name not in list_runtimes():
-        raise RecipeError(f"{where}: unknown runtime {name!r}; available: {', '.join(list_runtimes())}")
+    """RecipeError unless ``name`` is a registered runtime a plan can time candidate after
+    candidate (``where`` names the field). ``compile`` is refused: every candidate has other
+    shapes, and ``torch.compile`` recompiles for each until its recompile limit, then runs them
+    eagerly while the figure would still say compiled."""
+    from ...runtime import runtime_class
+    try:
+        runtime_class(name)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    if name == "compile":
+        raise RecipeError(f"{where}: compile cannot time a search's candidates (each has new shapes, so "
+                          "torch.compile recompiles until its limit and then runs eagerly); plan on eager or "
+                          "onnxruntime and measure the result with measure: {runtime: compile}")
 
 
 __all__ = ["COSTS", "MIN_RUN_TIME", "RelativeCost", "check_runtime", "model_cost"]

@@ -33,6 +33,23 @@ def check_granularity(data: dict[str, Any], path: str | Path, granularity: str) 
                           f"torchslim sensitivity --granularity {granularity}")
 
 
+def timed(data: dict[str, Any]) -> bool:
+    """Whether curves ``data`` were timed (``analyze(latency=...)``): the model's milliseconds and
+    a fourth value, the milliseconds removed, in every point's ``removed`` row."""
+    rows = data.get("layers", {}).values()
+    return (isinstance(data.get("model"), dict) and "latency_ms" in data["model"]
+            and all(isinstance(row, dict) and "removed" in row and all(len(r) > 3 for r in row["removed"])
+                    for row in rows))
+
+
+def check_timed(data: dict[str, Any], path: str | Path) -> None:
+    """RecipeError unless curves ``data`` read from ``path`` can plan a ``budget: latency``."""
+    if not timed(data):
+        raise RecipeError(f"prune.sensitivity: {path} holds curves that were not timed, so they cannot plan "
+                          "budget: latency; measure them with torchslim sensitivity --granularity channel (or "
+                          "head) --latency-batch-size N")
+
+
 def check_layers_exist(data: dict[str, Any], path: str | Path, model: Any) -> None:
     """RecipeError when curves of ``data`` (read from ``path``) name layers ``model`` does not
     have (a module or a weight tensor): curves of another model. Curves missing for some of the

@@ -59,11 +59,11 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     (params or MACs). The curves go into the step's row (``sensitivity``), where the report
     plots them.
 
-    Granularity ``channel`` and ``head``: the budget is a fraction of the whole model's params or
-    MACs. The curves predict what each group's (attention module's) cut removes alone; cuts of
-    coupled groups overlap, so the plan is pruned on a copy, measured, and the planned budget
-    corrected by bisection until the measured removal is within half a point of the asked one
-    (``sensitivity_budget`` in the row).
+    Granularity ``channel`` and ``head``: the budget is a fraction of the whole model's params,
+    MACs or latency (timed, :mod:`.cost`). The curves predict what each group's (attention
+    module's) cut removes alone; cuts of coupled groups overlap, so the plan is pruned on a copy,
+    measured, and the planned budget corrected by bisection until the measured removal is within
+    half a point of the asked one (two points timed; ``sensitivity_budget`` in the row).
     """
     from . import sensitivity as sens
     task = session.require_task("prune.ratios: sensitivity")
@@ -90,11 +90,13 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
                               f"{', '.join(missing[:8])}; rerun torchslim sensitivity with these targets")
         data = {**data, "layers": {k: v for k, v in data["layers"].items() if k in layers}}
         timed = data.get("latency") or {}
-        if config.budget == "latency" and timed and (timed.get("batch_size"), timed.get("runtime")) != (
-                config.latency_batch_size, config.latency_runtime):
+        now = _latency_setting(config)
+        if config.budget == "latency" and timed and [timed.get(k) for k in ("batch_size", "runtime", "threads")] != [
+                now[k] for k in ("batch_size", "runtime", "threads")]:
             session.warn("sensitivity_mismatch", f"{config.sensitivity} was timed at batch {timed.get('batch_size')} "
-                                                 f"on {timed.get('runtime')}, this step's budget at batch "
-                                                 f"{config.latency_batch_size} on {config.latency_runtime}")
+                                                 f"on {timed.get('runtime')} with {timed.get('threads')} threads, "
+                                                 f"this step's budget at batch {now['batch_size']} on {now['runtime']} "
+                                                 f"with {now['threads']}: the fractions may differ")
     else:
         latency = (config.latency_batch_size, config.latency_runtime) if config.budget == "latency" else None
         data = sens.analyze(model, task, uniform, method=method, split="val", finetune_steps=config.sensitivity_steps,
@@ -115,9 +117,11 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
 def netadapt_plan(model: nn.Module, config: PruneConfig, session) -> PruneConfig:
     """``config`` with ``ratios: netadapt`` resolved into ``layer_sparsity``: each channel group's
     sparsity found by :func:`~.adapt.netadapt_ratios` on a copy of ``model`` for a budget of
-    ``config.sparsity`` of the model's ``budget`` (params or MACs), in ``adapt_rounds`` rounds of
-    candidates trained ``sensitivity_steps`` steps at ``sensitivity_lr``. The rounds and the
-    ratios go into the step's row (``netadapt: {cost, target, rounds, ratios}``)."""
+    ``config.sparsity`` of the model's ``budget`` (params, MACs or latency), in ``adapt_rounds``
+    rounds of candidates trained ``sensitivity_steps`` steps at ``sensitivity_lr``. The rounds and
+    the ratios go into the step's row (``netadapt: {cost, target, rounds, ratios}``; latency:
+    ``latency`` too, the setting and the final plan timed again, with a warning when it is more
+    than two points from the budget)."""
     from .adapt import netadapt_ratios
     task = session.require_task("prune.ratios: netadapt")
     uniform = dataclasses.replace(config, ratios="uniform", sensitivity_steps=0, adapt_rounds=10, **_NO_BUDGET)
@@ -125,11 +129,15 @@ def netadapt_plan(model: nn.Module, config: PruneConfig, session) -> PruneConfig
                                       cost=config.budget, rounds=config.adapt_rounds,
                                       steps=config.sensitivity_steps, lr=config.sensitivity_lr,
                                       latency_batch_size=config.latency_batch_size,
-                                      latency_runtime=config.latency_runtime)
+                                      latency_runtime=config.latency_runtime, record=(timing := {}))
     row = {"cost": config.budget, "target": config.sparsity, "rounds": history,
            "ratios": {k: round(v, 6) for k, v in ratios.items()}}
     if config.budget == "latency":
-        row["latency"] = _latency_setting(config)
+        row["latency"] = {**_latency_setting(config), **timing}
+        if abs(timing["measured"] - config.sparsity) > 0.02:
+            session.warn("netadapt_budget", f"ratios: netadapt: the plan, timed again, removes {timing['measured']:.1%} "
+                                            f"of the model's latency, asked {config.sparsity:.1%} (timing noise: "
+                                            f"{timing['dense_ms']:.3f} ms dense, {timing['planned_ms']:.3f} ms planned)")
     session.info.setdefault("metrics", {})["netadapt"] = row
     return _planned(uniform, ratios)
 
@@ -156,7 +164,8 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     """Channel and head plans measured on a copy: the planned budget ``b`` whose pruned copy removes the
     asked fraction of the model's params, MACs or latency (bisection on ``b``; the removal grows with
     it). Within ``tolerance`` of the asked fraction: half a point counted, two points timed (a
-    latency moves by about that from one measurement to the next)."""
+    latency moves by about that from one measurement to the next; the chosen plan is timed again,
+    the median of 3 pairs, and that figure is the one recorded)."""
     import copy
     import logging
 
@@ -175,23 +184,19 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
     fraction = RelativeCost(session.task, cost, model, device=session.device,
                             latency_batch_size=config.latency_batch_size if config is not None else 1,
                             latency_runtime=config.latency_runtime if config is not None else "eager")
-    times = {}
-
-    def measure(r: dict[str, float]) -> float:
+    def measure(r: dict[str, float]) -> tuple[float, nn.Module]:
         trial = copy.deepcopy(model)
         cfg = dataclasses.replace(_planned(uniform, r), schedule="oneshot", finetune=None)
         prune(trial, cfg, Session(task=session.task, device=session.device), entry)
-        removed = 1.0 - fraction(trial)
-        times[removed] = fraction.last
-        return removed
+        return 1.0 - fraction(trial), trial
 
     quiet = logging.getLogger("torchslim.methods.prune")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         lo, hi = 0.0, None
-        planned, measured = target, measure(ratios)
-        best = (abs(measured - target), planned, ratios, measured)
+        planned, (measured, trial) = target, measure(ratios)
+        best = (abs(measured - target), planned, ratios, measured, trial)
         for _ in range(trials):
             if best[0] <= tolerance:
                 break
@@ -207,17 +212,20 @@ def _measured_plan(model: nn.Module, uniform: PruneConfig, session, entry: Crite
             except RecipeError:  # beyond what the curves can remove: the largest plan is the answer
                 hi = planned
                 continue
-            measured = measure(r)
+            measured, trial = measure(r)
             if abs(measured - target) < best[0]:
-                best = (abs(measured - target), planned, r, measured)
+                best = (abs(measured - target), planned, r, measured, trial)
     finally:
         quiet.setLevel(level)
-    _, planned, r, measured = best
-    if best[0] > tolerance:
+    _, planned, r, measured, trial = best
+    if cost == "latency":  # chosen as the closest of single timings: its figure is taken again
+        measured = 1.0 - fraction.median(trial)
+    if abs(measured - target) > tolerance:
         session.warn("sensitivity_budget", f"ratios: sensitivity: the closest plan removes {measured:.1%} of the "
                                            f"model's {cost}, asked {target:.1%}")
     out = {"cost": cost, "target": target, "planned": round(planned, 6), "measured": round(measured, 6)}
     if cost == "latency" and config is not None:   # the chosen plan's two timings, taken in turns
-        dense_ms, planned_ms = times[measured]
-        out["latency"] = {**_latency_setting(config), "dense_ms": round(dense_ms, 4), "planned_ms": round(planned_ms, 4)}
+        dense_ms, planned_ms = fraction.last
+        out["latency"] = {**_latency_setting(config), "dense_ms": round(dense_ms, 6),
+                          "planned_ms": round(planned_ms, 6), "unstable": fraction.unstable}
     return r, out

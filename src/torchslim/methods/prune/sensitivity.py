@@ -49,7 +49,7 @@ from ...session import Session
 from ...specs.tasks import Task, to_device
 from ...modules import weight_names
 from .base import PruneConfig, parse_nm
-from .curves import SCHEMA, load_curves  # noqa: F401 (public here too)
+from .curves import SCHEMA, load_curves, timed  # noqa: F401 (public here too)
 
 log = logging.getLogger("torchslim.sensitivity")  # outside the pruning loggers silenced below
 
@@ -128,7 +128,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
 
     Returns the mapping described in the module doc; metric values are the task's metric
     (higher is better). Cost: ``len(layers) * len(points)`` evaluations of ``split`` (and as many
-    short fine-tunes of ``finetune_steps`` steps).
+    short fine-tunes of ``finetune_steps`` steps); with ``latency``, twice as many timings (each
+    point's copy and the model in turns, each at least :data:`~.cost.MIN_RUN_TIME` seconds).
 
     Raises
     ------
@@ -223,7 +224,7 @@ def _run(model, task, config, method, names, points, split, recalibrate_bn, summ
             out["layers"][layer] = {"params": row.get("params"), "weights": weights, "macs": row.get("macs"),
                                     "points": curve}
             if removed:
-                out["layers"][layer]["removed"] = removed  # [[sparsity, params, MACs], ...]
+                out["layers"][layer]["removed"] = removed  # [[sparsity, params, MACs(, ms)], ...]
             log.info("sensitivity %s: %s", layer, ", ".join(f"{p:.0%} {m:.4f}" if m is not None else f"{p:.0%} nan"
                                                           for p, m in curve))
 
@@ -245,8 +246,7 @@ def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params"
     curves, costs = {}, {}
     measured = "model" in data and all("removed" in row for row in data["layers"].values())
     column = {"params": 1, "macs": 2, "latency": 3}[cost]
-    if cost == "latency" and not (measured and "latency_ms" in data["model"]
-                                  and all(len(r) > 3 for row in data["layers"].values() for r in row["removed"])):
+    if cost == "latency" and not (measured and timed(data)):
         raise RecipeError("sensitivity budget: latency needs curves timed as they were measured (granularity channel "
                           "or head, torchslim sensitivity --latency-batch-size N); these curves hold no latency")
     for name, row in data["layers"].items():
@@ -254,7 +254,7 @@ def ratios_from_curves(data: dict[str, Any], budget: float, cost: str = "params"
         curves[name] = pts
         if measured:  # what each point took from the whole model (coupled layers included)
             costs[name], top = [], 0.0
-            for r in row["removed"]:  # never less than a smaller cut's (measured latency is noisy)
+            for r in sorted(row["removed"], key=lambda r: r[0]):  # never less than a smaller cut's (timing noise)
                 top = max(top, float(r[column]))
                 costs[name].append((r[0], top))
         else:  # params: the weights pruning removes (biases stay), where the file records them
