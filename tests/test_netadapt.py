@@ -51,17 +51,25 @@ def test_one_round_picks_the_best_cut_that_meets_the_target(trained_digits, digi
     assert all(v == 0 for g, v in ratios.items() if g != best)
 
 
-def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_digits, digits_task, caplog):
+def test_ratios_netadapt_step_meets_the_budget_and_records_the_rounds(trained_digits, digits_task, caplog,
+                                                                       monkeypatch):
+    from torchslim.progress import PERIOD_ENV, listen
     caplog.set_level(logging.INFO)
+    monkeypatch.setenv(PERIOD_ENV, "0")   # every progress update an event
+    events = []
     x = digits_task.example_inputs(1)
     dense = count_macs(trained_digits, x)
     session = Session(task=digits_task)
     cfg = MagnitudePruneConfig(granularity="channel", sparsity=0.6, budget="macs", ratios="netadapt", adapt_rounds=3,
                                sensitivity_steps=10)
-    pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
+    with listen(events.append):
+        pruned = run_prune(copy.deepcopy(trained_digits), cfg, session, "magnitude")
     record = session.info["metrics"]["netadapt"]
     history = record["rounds"]
     assert record["cost"] == "macs" and record["target"] == 0.6
+    # progress per candidate: 3 rounds x 3 groups
+    done = [(e["done"], e["total"], e["round"]) for e in events if e.get("desc") == "netadapt"]
+    assert done[-1] == (9, 9, 3) and len(done) == 9
     assert [h["round"] for h in history] == [1, 2, 3]
     for h in history:   # each round meets its geometric target: 0.4 ** (r / 3) of the MACs
         assert h["size"] <= 0.4 ** (h["round"] / 3) + 1e-9

@@ -144,13 +144,15 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        with Progress(rounds, "netadapt", unit="round") as bar:
+        # one update per candidate: a round of a big model (groups x short fine-tunes) is long
+        with Progress(rounds * len(groups), "netadapt", unit="candidate") as bar:
             for r in range(1, rounds + 1):
                 target = (1.0 - budget) ** (r / rounds)
                 now = size(work) if cost != "latency" else 1.0  # (latency proposals bisect instead)
                 best = None
                 for g in groups:
                     found = proposal(g, now, target)
+                    bar.update(round=r, group=g)
                     if found is None:
                         continue
                     cand, removed, left = found
@@ -176,7 +178,6 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
                 log.info("netadapt round %d/%d: %s -%d channels (%d kept), %s %s, %s %.1f%%", r, rounds, g,
                          removed, _units(work, g), split, "nan" if metric is None else f"{metric:.4f}", cost,
                          100 * -left)
-                bar.update(group=g)
     finally:
         quiet.setLevel(level)
     ratios = {g: 1.0 - _units(work, g) / original[g] for g in groups}  # unrounded: floor((1 - r) n) = kept
