@@ -146,6 +146,11 @@ def test_bisection_finds_the_largest_count_meeting_the_target():
     assert (model, removed, left) == (20, 44, 20.0)
     assert len(made) <= 8                  # the smallest count, then log2(63) halvings
     assert _bisect(allowed, make, lambda k: k + 100.0, 20.5, 64) is None   # nothing meets it
+    # a noisy figure made 24 kept look within the target; the steadier one confirms 20 after 4 tries
+    noisy = lambda k: 20.0 if k == 24 else float(k)   # noqa: E731
+    assert _bisect(allowed, make, noisy, 20.5, 64) == (24, 40, 20.0)   # without confirm: fooled
+    assert _bisect(allowed, make, noisy, 20.5, 64, confirm=float, tries=5) == (20, 44, 20.0)
+    assert _bisect(allowed, make, noisy, 20.5, 64, confirm=float, tries=3) is None   # 24, 23, 22: none
 
 
 def test_netadapt_for_a_latency_budget_plans_on_the_timed_cost(trained_digits, digits_task, fake_latency):

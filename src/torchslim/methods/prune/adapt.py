@@ -58,8 +58,8 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     :func:`~.cost.model_cost`), found by NetAdapt (module doc). With latency, a group's proposal
     is found by bisection over its allowed channel counts, each candidate timed in turns with the
     dense model (about log2(channels) pairs of timings per group and round), so the fractions
-    follow the machine as it runs; a proposal is accepted on one such pair, so the final model
-    is timed again (the median of 3 pairs) into ``record``: ``{"measured": fraction of the dense
+    follow the machine as it runs; the count found is confirmed by the median of 3 pairs (or the
+    next smaller counts are), and the final model is timed again so into ``record``: ``{"measured": fraction of the dense
     model's time removed, "dense_ms", "planned_ms", "unstable": timings that stayed noisy}``.
 
     ``config`` chooses the groups (``targets``/``ignore``) and ranks channels (criterion of
@@ -127,7 +127,7 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
         if not allowed:
             return None
         if cost == "latency":  # timed: one channel's time is below the noise, so bisect on the counts
-            return _bisect(allowed, lambda kept: cut(work, group, n, n - kept), size, target, n)
+            return _bisect(allowed, lambda kept: cut(work, group, n, n - kept), size, target, n, confirm=size.median)
         per_channel = now - size(cut(work, group, n, 1))  # what one channel costs, to start near the answer
         if per_channel <= 0:
             return None
@@ -188,10 +188,16 @@ def netadapt_ratios(model: nn.Module, task: Task, config: PruneConfig, *, method
     return ratios, history
 
 
-def _bisect(allowed: list[int], make, size, target: float, n: int) -> tuple[nn.Module, int, float] | None:
+def _bisect(allowed: list[int], make, size, target: float, n: int, confirm=None,
+            tries: int = 3) -> tuple[nn.Module, int, float] | None:
     """The largest kept count of ``allowed`` (descending) whose model ``make(kept)`` costs at most
     ``target`` (``size``), by bisection (the cost taken to fall as channels go); None if even the
-    smallest count does not meet it."""
+    smallest count does not meet it.
+
+    ``confirm`` (a steadier, dearer figure: the median of several timings): the count found is
+    accepted only if ``confirm`` also puts it within ``target``; otherwise the next ``tries - 1``
+    smaller counts are confirmed in turn (a bisection on noisy timings ends on a count that looked
+    fast by chance), and None if none is. The figure returned is ``confirm``'s."""
     last = make(allowed[-1])
     left = size(last)
     if left > target:
@@ -206,7 +212,14 @@ def _bisect(allowed: list[int], make, size, target: float, n: int) -> tuple[nn.M
             best, hi = (cand, n - allowed[mid], got), mid
         else:
             lo = mid + 1
-    return best
+    if confirm is None:
+        return best
+    for i in range(hi, min(hi + tries, len(allowed))):
+        cand = best[0] if i == hi else make(allowed[i])
+        got = confirm(cand)
+        if got <= target:
+            return cand, n - allowed[i], got
+    return None
 
 
 __all__ = ["netadapt_ratios"]
