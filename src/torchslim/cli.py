@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="granularity channel or head: also time the model and every point's pruned copy at "
                         "batch N, for a recipe's budget: latency (default 0: not timed)")
     s.add_argument("--latency-runtime", default="eager", metavar="NAME",
-                   help="runtime timed with --latency-batch-size (eager, compile, onnxruntime, ...; default eager)")
+                   help="runtime timed with --latency-batch-size (eager, onnxruntime, sparse; not compile, which "
+                        "recompiles for every pruned copy; default eager)")
     s.add_argument("--weights", help="local weights file (safetensors or state_dict)")
     s.add_argument("--data-dir", help="data directory")
     s.add_argument("--output", help="which output is the prediction (index or name) for tuple/mapping outputs")

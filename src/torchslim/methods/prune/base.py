@@ -425,7 +425,9 @@ class PruneConfig(MethodConfig):
             from .cost import check_runtime
             check_runtime(self.latency_runtime, f"{cls}.latency_runtime")
         elif self.latency_batch_size != 1 or self.latency_runtime != "eager":
-            raise RecipeError(f"{cls}.latency_batch_size, latency_runtime: read with budget: latency only")
+            given = [f for f, default in (("latency_batch_size", 1), ("latency_runtime", "eager"))
+                     if getattr(self, f) != default]
+            raise RecipeError(f"{cls}.{', '.join(given)}: read with budget: latency only")
         if self.adapt_rounds != 10 and self.ratios != "netadapt":
             raise RecipeError(f"{cls}.adapt_rounds: read with ratios: netadapt only")
         if self.layer_sparsity and self.SPARSITY_IS_RESULT:

@@ -126,11 +126,12 @@ def check_runtime(name: str, where: str) -> None:
     candidate (``where`` names the field). ``compile`` is refused: every candidate has other
     shapes, and ``torch.compile`` recompiles for each until its recompile limit, then runs them
     eagerly while the figure would still say compiled."""
-    from ...runtime import runtime_class
-    try:
-        runtime_class(name)
-    except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+    from ...errors import did_you_mean
+    from ...runtime import list_runtimes
+    timed = [r for r in list_runtimes() if r != "compile"]
+    if name not in list_runtimes():
+        raise RecipeError(f"{where}: unknown runtime {name!r}{did_you_mean(str(name), timed)}; runtimes a plan can "
+                          f"time: {', '.join(timed)}")
     if name == "compile":
         raise RecipeError(f"{where}: compile cannot time a search's candidates (each has new shapes, so "
                           "torch.compile recompiles until its limit and then runs eagerly); plan on eager or "

@@ -7,6 +7,7 @@ imports them back.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from torch import nn
 
@@ -15,6 +16,8 @@ from ...specs.tasks import to_device
 from .base import PruneConfig, parse_nm
 from .criteria import CriterionEntry, get_criterion
 from .curves import check_granularity
+
+log = logging.getLogger("torchslim.sensitivity")
 
 
 def run_prune(model: nn.Module, config: PruneConfig, session, criterion: str | CriterionEntry) -> nn.Module:
@@ -109,6 +112,12 @@ def sensitivity_ratios(model: nn.Module, config: PruneConfig, session, entry: Cr
     if config.granularity in sens.MEASURED_COST and entry is not None:
         ratios, metrics["sensitivity_budget"] = _measured_plan(model, uniform, session, entry, data, ratios, cap,
                                                                config.budget, config.allocation, config)
+        found = metrics["sensitivity_budget"]
+        timed = found.get("latency")
+        log.info("ratios: sensitivity: the plan removes %.1f%% of the model's %s (asked %.1f%%)%s", 100 * found["measured"],
+                 config.budget, 100 * found["target"],
+                 f": {timed['dense_ms']:.3f} -> {timed['planned_ms']:.3f} ms at batch {timed['batch_size']} on "
+                 f"{timed['runtime']}" if timed else "")
     metrics["sensitivity_ratios"] = ratios
     # the layers the budget leaves dense get sparsity 0 (and the gradual ramp starts from 0)
     return _planned(uniform, ratios)
