@@ -199,14 +199,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if args.latency_runtime != "eager" and not args.latency_batch_size:
         raise RecipeError("--latency-runtime: read with --latency-batch-size N only (the curves are timed at batch N)")
     if args.latency_batch_size:   # said before the model is built
-        from .methods.prune.cost import check_runtime
         from .recipe import MAX_BATCH
         if args.latency_batch_size > MAX_BATCH:
             raise RecipeError(f"--latency-batch-size: at most {MAX_BATCH}, got {args.latency_batch_size}")
-        if config.granularity not in sensitivity.MEASURED_COST:
-            raise RecipeError(f"sensitivity: latency is measured for granularity channel and head (a dense model "
-                              f"with zeroed weights runs as long), not {config.granularity!r}")
-        check_runtime(args.latency_runtime, "--latency-runtime")
+        sensitivity.check_latency(config, args.latency_runtime)
         from .runtime import runtime_class
         runtime_class(args.latency_runtime).check_available()
     task = build_task(args.task, args.data_dir)

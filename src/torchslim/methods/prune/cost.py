@@ -121,6 +121,13 @@ class RelativeCost:
         return fraction
 
 
+def latency_setting(batch_size: int, runtime: str) -> dict:
+    """How a latency is timed, as the records say it: ``{"batch_size", "runtime", "threads"}``
+    (the intra-op threads in force now)."""
+    import torch
+    return {"batch_size": int(batch_size), "runtime": str(runtime), "threads": torch.get_num_threads()}
+
+
 def check_runtime(name: str, where: str) -> None:
     """RecipeError unless ``name`` is a registered runtime a plan can time candidate after
     candidate (``where`` names the field). ``compile`` is refused: every candidate has other
@@ -138,4 +145,4 @@ def check_runtime(name: str, where: str) -> None:
                           "onnxruntime and measure the result with measure: {runtime: compile}")
 
 
-__all__ = ["COSTS", "MIN_RUN_TIME", "RelativeCost", "check_runtime", "model_cost"]
+__all__ = ["COSTS", "MIN_RUN_TIME", "RelativeCost", "check_runtime", "latency_setting", "model_cost"]

@@ -156,9 +156,8 @@ _NO_BUDGET = {"budget": "params", "latency_batch_size": 1, "latency_runtime": "e
 
 
 def _latency_setting(config: PruneConfig) -> dict:
-    import torch
-    return {"batch_size": config.latency_batch_size, "runtime": config.latency_runtime,
-            "threads": torch.get_num_threads()}
+    from .cost import latency_setting
+    return latency_setting(config.latency_batch_size, config.latency_runtime)
 
 
 def _planned(uniform: PruneConfig, ratios: dict[str, float]) -> PruneConfig:

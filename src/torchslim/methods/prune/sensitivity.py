@@ -101,6 +101,17 @@ def check_config(config: PruneConfig) -> None:
                           "prune: {granularity: layer, targets: [NAME]} runs)")
 
 
+def check_latency(config: PruneConfig, runtime: str) -> None:
+    """RecipeError unless curves of ``config`` can be timed on ``runtime``: granularity channel or
+    head (a dense model with zeroed weights runs as long) and a runtime a search can time
+    (:func:`~.cost.check_runtime`)."""
+    from .cost import check_runtime
+    if config.granularity not in MEASURED_COST:
+        raise RecipeError(f"sensitivity: latency is measured for granularity channel and head (a dense model with "
+                          f"zeroed weights runs as long), not {config.granularity!r}")
+    check_runtime(runtime, "sensitivity latency")
+
+
 def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = "prune.magnitude",
             points: Sequence[float] = DEFAULT_POINTS, split: str = "val", recalibrate_bn: int = 512,
             layers: Sequence[str] | None = None, finetune_steps: int = 0, finetune_lr: float = 0.01,
@@ -148,9 +159,8 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
         raise RecipeError(f"sensitivity: finetune_steps must be >= 0, finetune_lr > 0 and finetune_batch_size >= 1, "
                           f"got {finetune_steps}, {finetune_lr} and {finetune_batch_size}")
     check_config(config)
-    if latency is not None and config.granularity not in MEASURED_COST:
-        raise RecipeError(f"sensitivity: latency is measured for granularity channel and head (a dense model with "
-                          f"zeroed weights runs as long), not {config.granularity!r}")
+    if latency is not None:
+        check_latency(config, latency[1])
     verb, _, name = method.partition(".")
     entry = get_method(verb, name)
     if not isinstance(config, entry.config_cls):
@@ -174,13 +184,10 @@ def analyze(model: nn.Module, task: Task, config: PruneConfig, *, method: str = 
         out["model"] = {"params": count_params(model)[0], "macs": count_macs(model, inputs)}
     timer = None
     if latency is not None:
-        import torch
-
-        from .cost import RelativeCost, check_runtime
+        from .cost import RelativeCost, latency_setting
         batch, runtime = int(latency[0]), str(latency[1])
-        check_runtime(runtime, "sensitivity latency")
         timer = RelativeCost(task, "latency", model, latency_batch_size=batch, latency_runtime=runtime)
-        out["latency"] = {"batch_size": batch, "runtime": runtime, "threads": torch.get_num_threads()}
+        out["latency"] = latency_setting(batch, runtime)
         out["model"]["latency_ms"] = timer.size(model)
     quiet = logging.getLogger("torchslim.methods.prune")  # not one summary line per evaluation
     level = quiet.level
